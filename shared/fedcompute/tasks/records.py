@@ -1,0 +1,272 @@
+"""Records stored in Firestore and the state machines that move them (pure, no I/O).
+
+Firestore layout::
+
+    populations/{pop}                                   population (task id allocation)
+    populations/{pop}/tasks/{task_id}                   TaskRecord
+    .../tasks/{task_id}/iterations/{n}                  IterationRecord (round n, n >= 1)
+    .../iterations/{n}/assignments/{assignment_id}      AssignmentRecord
+    .../iterations/{n}/slots/{k}                        live-assignment slot k (over-selection cap)
+    .../iterations/{n}/rejections/{event_id}            rejected upload, for operations views
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcompute.errors import PreconditionFailedError
+
+
+class TaskKind(str, enum.Enum):
+    TRAINING = "TRAINING"
+    EVALUATION = "EVALUATION"
+
+
+class TaskStatus(str, enum.Enum):
+    """ODP task statuses (PROTOCOL.md field numbers live in task_management.proto)."""
+
+    CREATED = "CREATED"
+    OPEN = "OPEN"
+    COMPLETED = "COMPLETED"
+    CANCELED = "CANCELED"
+    FAILED = "FAILED"
+
+    @property
+    def is_active(self) -> bool:
+        return self in (TaskStatus.CREATED, TaskStatus.OPEN)
+
+
+class IterationStatus(str, enum.Enum):
+    COLLECTING = "COLLECTING"
+    AGGREGATING = "AGGREGATING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+
+
+class AssignmentStatus(str, enum.Enum):
+    ASSIGNED = "ASSIGNED"
+    LOCAL_COMPLETED = "LOCAL_COMPLETED"
+    UPLOAD_COMPLETED = "UPLOAD_COMPLETED"
+    LOCAL_FAILED = "LOCAL_FAILED"
+    LOCAL_NOT_ELIGIBLE = "LOCAL_NOT_ELIGIBLE"
+    LOCAL_FAILED_EXAMPLE_GENERATION = "LOCAL_FAILED_EXAMPLE_GENERATION"
+    LOCAL_FAILED_MODEL_COMPUTATION = "LOCAL_FAILED_MODEL_COMPUTATION"
+    LOCAL_FAILED_OPS_ERROR = "LOCAL_FAILED_OPS_ERROR"
+    LOCAL_TIMEOUT = "LOCAL_TIMEOUT"
+    UPLOAD_TIMEOUT = "UPLOAD_TIMEOUT"
+    UPLOAD_REJECTED = "UPLOAD_REJECTED"
+
+    @property
+    def is_live(self) -> bool:
+        """Live assignments hold a slot of the round's over-selection cap."""
+        return self in (AssignmentStatus.ASSIGNED, AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOAD_COMPLETED)
+
+    @property
+    def is_failure(self) -> bool:
+        return not self.is_live
+
+
+class ReportedResult(str, enum.Enum):
+    """ReportResultRequest.Result values a device may send (UNKNOWN is refused)."""
+
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    NOT_ELIGIBLE = "NOT_ELIGIBLE"
+    FAILED_EXAMPLE_GENERATION = "FAILED_EXAMPLE_GENERATION"
+    FAILED_MODEL_COMPUTATION = "FAILED_MODEL_COMPUTATION"
+    FAILED_OPS_ERROR = "FAILED_OPS_ERROR"
+
+
+_RESULT_TO_STATUS = {
+    ReportedResult.COMPLETED: AssignmentStatus.LOCAL_COMPLETED,
+    ReportedResult.FAILED: AssignmentStatus.LOCAL_FAILED,
+    ReportedResult.NOT_ELIGIBLE: AssignmentStatus.LOCAL_NOT_ELIGIBLE,
+    ReportedResult.FAILED_EXAMPLE_GENERATION: AssignmentStatus.LOCAL_FAILED_EXAMPLE_GENERATION,
+    ReportedResult.FAILED_MODEL_COMPUTATION: AssignmentStatus.LOCAL_FAILED_MODEL_COMPUTATION,
+    ReportedResult.FAILED_OPS_ERROR: AssignmentStatus.LOCAL_FAILED_OPS_ERROR,
+}
+
+
+def status_after_report(current: AssignmentStatus, result: ReportedResult) -> AssignmentStatus:
+    """New assignment status when a device reports ``result``.
+
+    Only an ASSIGNED assignment accepts a report. A repeated COMPLETED report on a
+    LOCAL_COMPLETED assignment is a client retry and keeps the status (the caller hands
+    out a fresh upload session for the same, write-once object).
+    """
+    target = _RESULT_TO_STATUS[result]
+    if current == AssignmentStatus.ASSIGNED:
+        return target
+    if current == AssignmentStatus.LOCAL_COMPLETED and result == ReportedResult.COMPLETED:
+        return current
+    raise PreconditionFailedError(
+        f"assignment is {current.value}; a {result.value} report is only accepted for an ASSIGNED assignment",
+        hint="check in again with create-task-assignment to get a new assignment",
+    )
+
+
+def max_live_assignments(report_goal: int, over_selection_rate: float) -> int:
+    """ODP's cap on live assignments: floor(report_goal × (1 + over_selection_rate))."""
+    from fedcompute.config.spec import max_aggregation_size
+
+    return max_aggregation_size(report_goal, over_selection_rate)
+
+
+@dataclass(frozen=True)
+class TensorSpecRecord:
+    """Name, shape and dtype of one model weight tensor (validates uploads without TF)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TensorSpecRecord":
+        return cls(name=data["name"], shape=tuple(int(d) for d in data["shape"]), dtype=data["dtype"])
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task (training or evaluation) of a population."""
+
+    population: str
+    task_id: int
+    kind: TaskKind
+    status: TaskStatus
+    report_goal: int
+    over_selection_rate: float
+    total_rounds: int
+    min_client_version: str = "0"
+    max_client_version: str = "999999999"
+    traffic_weight: float = 1.0
+    min_separation: int = 0
+    current_round: int = 0
+    status_reason: str = ""
+    created_time: float = 0.0
+    started_time: float = 0.0
+    stop_time: float = 0.0
+    client_plan_uri: str = ""
+    server_phase_uri: str = ""
+    init_checkpoint_uri: str = ""
+    # Evaluation tasks: which training task, and how checkpoints are picked.
+    source_population: str = ""
+    source_task_id: int = 0
+    checkpoint_selector: str = ""
+    # Weight tensors of a training update, to validate uploads before counting them.
+    update_spec: tuple[TensorSpecRecord, ...] = ()
+    # Metric names the devices report (sufficient statistics).
+    metrics: tuple[str, ...] = ()
+    # Privacy ledger.
+    epsilon_spent: float = 0.0
+    dp: dict[str, Any] = field(default_factory=dict)
+    # Server-private secret from which per-round noise seeds are derived (never published).
+    noise_secret: str = ""
+    correlation_id: str = ""
+
+    @property
+    def max_assignments(self) -> int:
+        return max_live_assignments(self.report_goal, self.over_selection_rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["kind"] = self.kind.value
+        data["status"] = self.status.value
+        data["update_spec"] = [spec.to_dict() for spec in self.update_spec]
+        data["metrics"] = list(self.metrics)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["kind"] = TaskKind(values["kind"])
+        values["status"] = TaskStatus(values["status"])
+        values["update_spec"] = tuple(TensorSpecRecord.from_dict(s) for s in values.get("update_spec", ()))
+        values["metrics"] = tuple(values.get("metrics", ()))
+        values["dp"] = dict(values.get("dp") or {})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TaskRecord":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    """One round of a task."""
+
+    population: str
+    task_id: int
+    round_number: int
+    status: IterationStatus
+    report_goal: int
+    max_assignments: int
+    created_time: float = 0.0
+    aggregating_time: float = 0.0
+    completed_time: float = 0.0
+    round_ready_published: bool = False
+    # Evaluation rounds: which training round's checkpoint they evaluate.
+    evaluated_round: int = 0
+    status_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IterationRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["status"] = IterationStatus(values["status"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "IterationRecord":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class AssignmentRecord:
+    """One device's assignment to one round."""
+
+    assignment_id: str
+    population: str
+    task_id: int
+    round_number: int
+    status: AssignmentStatus
+    client_version: str
+    slot: int
+    created_time: float
+    updated_time: float
+    status_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AssignmentRecord":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["status"] = AssignmentStatus(values["status"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "AssignmentRecord":
+        return dataclasses.replace(self, **changes)
+
+
+def compare_versions(a: str, b: str) -> int:
+    """Compare ODP version codes numerically: -1, 0 or 1."""
+    ia, ib = int(a), int(b)
+    return (ia > ib) - (ia < ib)
+
+
+def client_version_allowed(version_code: str, min_version: str, max_version: str) -> bool:
+    """True when min <= version <= max (all decimal integers)."""
+    return compare_versions(version_code, min_version) >= 0 and compare_versions(version_code, max_version) <= 0

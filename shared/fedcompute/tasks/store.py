@@ -1,0 +1,579 @@
+"""Persistence of tasks, rounds and assignments.
+
+:class:`TaskStore` is the port the services use; :class:`FirestoreTaskStore` is the real
+adapter (Firestore, or its emulator) and :class:`InMemoryTaskStore` the fake used by unit
+tests. Both implement the same conditional-write semantics:
+
+* creates are create-if-absent (idempotent on ids);
+* status moves are conditional on the current status (lost races raise
+  :class:`PreconditionFailedError`);
+* the hot path (many devices reporting at once) never writes one shared document: each
+  assignment and each slot is its own document, counts come from aggregation queries, and
+  only the rare round flips (close, complete) run in transactions.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
+from fedcompute.tasks.records import (
+    AssignmentRecord,
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    TaskKind,
+    TaskRecord,
+    TaskStatus,
+)
+
+
+class AcceptOutcome(str):
+    """Result of :meth:`TaskStore.accept_upload` (a string constant)."""
+
+
+ACCEPTED = AcceptOutcome("ACCEPTED")
+DUPLICATE = AcceptOutcome("DUPLICATE")  # already UPLOAD_COMPLETED
+ROUND_CLOSED = AcceptOutcome("ROUND_CLOSED")  # round no longer COLLECTING
+NOT_UPLOADABLE = AcceptOutcome("NOT_UPLOADABLE")  # assignment not LOCAL_COMPLETED
+UNKNOWN_ASSIGNMENT = AcceptOutcome("UNKNOWN_ASSIGNMENT")
+
+
+@dataclass(frozen=True)
+class RoundKey:
+    population: str
+    task_id: int
+    round_number: int
+
+
+class TaskStore(Protocol):
+    """What the services need from storage. See module docstring for semantics."""
+
+    # Tasks
+    def create_task(
+        self, population: str, build: Callable[[int], TaskRecord], *, exclusive_training: bool = True
+    ) -> TaskRecord: ...
+    def get_task(self, population: str, task_id: int) -> TaskRecord | None: ...
+    def list_tasks(self, population: str | None = None) -> list[TaskRecord]: ...
+    def update_task(
+        self, population: str, task_id: int, changes: dict[str, Any], *, expected: Iterable[TaskStatus] | None = None
+    ) -> TaskRecord: ...
+    def delete_task(self, population: str, task_id: int) -> None: ...
+
+    # Iterations
+    def create_iteration(self, record: IterationRecord) -> bool: ...
+    def get_iteration(self, population: str, task_id: int, round_number: int) -> IterationRecord | None: ...
+    def list_iterations(self, population: str, task_id: int) -> list[IterationRecord]: ...
+    def update_iteration(
+        self, key: RoundKey, changes: dict[str, Any], *, expected: Iterable[IterationStatus]
+    ) -> IterationRecord: ...
+    def finish_round(
+        self,
+        key: RoundKey,
+        iteration_changes: dict[str, Any],
+        task_changes: dict[str, Any],
+        next_iteration: IterationRecord | None,
+    ) -> bool: ...
+
+    # Assignments
+    def claim_slot(self, key: RoundKey, slot: int, assignment_id: str) -> bool: ...
+    def release_slot(self, key: RoundKey, slot: int, assignment_id: str) -> None: ...
+    def claimed_slots(self, key: RoundKey) -> set[int]: ...
+    def create_assignment(self, record: AssignmentRecord) -> None: ...
+    def get_assignment(self, key: RoundKey, assignment_id: str) -> AssignmentRecord | None: ...
+    def transition_assignment(
+        self,
+        key: RoundKey,
+        assignment_id: str,
+        *,
+        expected: Iterable[AssignmentStatus],
+        new_status: AssignmentStatus,
+        reason: str = "",
+    ) -> AssignmentRecord: ...
+    def accept_upload(self, key: RoundKey, assignment_id: str) -> AcceptOutcome: ...
+    def count_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> int: ...
+    def list_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> list[AssignmentRecord]: ...
+    def record_rejection(self, key: RoundKey, event_id: str, data: dict[str, Any]) -> bool: ...
+    def list_rejections(self, key: RoundKey) -> list[dict[str, Any]]: ...
+
+
+def _check_exclusive(existing: Iterable[TaskRecord], new: TaskRecord) -> None:
+    if new.kind != TaskKind.TRAINING:
+        return
+    for task in existing:
+        if task.kind == TaskKind.TRAINING and task.status.is_active:
+            raise ConflictError(
+                f"population {new.population!r} already has an active training task {task.task_id} "
+                f"({task.status.value})",
+                hint=f"cancel it first (fedcompute task cancel --population {new.population} --task {task.task_id}) "
+                "or use another population_name",
+            )
+
+
+# --------------------------------------------------------------------------------------
+# In-memory fake (unit tests). Thread-safe so concurrency tests can drive it.
+# --------------------------------------------------------------------------------------
+
+
+class InMemoryTaskStore:
+    """A dict-backed :class:`TaskStore` with the same semantics as the Firestore one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._tasks: dict[tuple[str, int], TaskRecord] = {}
+        self._iterations: dict[tuple[str, int, int], IterationRecord] = {}
+        self._assignments: dict[tuple[str, int, int, str], AssignmentRecord] = {}
+        self._slots: dict[tuple[str, int, int, int], str] = {}
+        self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
+
+    def create_task(self, population, build, *, exclusive_training=True):
+        with self._lock:
+            existing = [t for (p, _), t in self._tasks.items() if p == population]
+            new_id = max((t.task_id for t in existing), default=0) + 1
+            record = build(new_id)
+            if exclusive_training:
+                _check_exclusive(existing, record)
+            self._tasks[(population, new_id)] = record
+            return record
+
+    def get_task(self, population, task_id):
+        with self._lock:
+            return self._tasks.get((population, task_id))
+
+    def list_tasks(self, population=None):
+        with self._lock:
+            return sorted(
+                (t for (p, _), t in self._tasks.items() if population is None or p == population),
+                key=lambda t: (t.population, t.task_id),
+            )
+
+    def update_task(self, population, task_id, changes, *, expected=None):
+        with self._lock:
+            task = self._tasks.get((population, task_id))
+            if task is None:
+                raise NotFoundError(f"task {population}/{task_id} does not exist")
+            if expected is not None and task.status not in set(expected):
+                raise PreconditionFailedError(f"task {population}/{task_id} is {task.status.value}")
+            updated = TaskRecord.from_dict({**task.to_dict(), **_plain(changes)})
+            self._tasks[(population, task_id)] = updated
+            return updated
+
+    def delete_task(self, population, task_id):
+        with self._lock:
+            self._tasks.pop((population, task_id), None)
+            for store in (self._iterations, self._assignments, self._slots, self._rejections):
+                for k in [k for k in store if k[0] == population and k[1] == task_id]:
+                    del store[k]
+
+    def create_iteration(self, record):
+        with self._lock:
+            k = (record.population, record.task_id, record.round_number)
+            if k in self._iterations:
+                return False
+            self._iterations[k] = record
+            return True
+
+    def get_iteration(self, population, task_id, round_number):
+        with self._lock:
+            return self._iterations.get((population, task_id, round_number))
+
+    def list_iterations(self, population, task_id):
+        with self._lock:
+            return sorted(
+                (i for k, i in self._iterations.items() if k[:2] == (population, task_id)),
+                key=lambda i: i.round_number,
+            )
+
+    def update_iteration(self, key, changes, *, expected):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number)
+            it = self._iterations.get(k)
+            if it is None:
+                raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
+            if it.status not in set(expected):
+                raise PreconditionFailedError(f"round {key.round_number} is {it.status.value}")
+            updated = IterationRecord.from_dict({**it.to_dict(), **_plain(changes)})
+            self._iterations[k] = updated
+            return updated
+
+    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number)
+            it = self._iterations.get(k)
+            if it is None or it.status != IterationStatus.AGGREGATING:
+                return False
+            self._iterations[k] = IterationRecord.from_dict({**it.to_dict(), **_plain(iteration_changes)})
+            task = self._tasks[(key.population, key.task_id)]
+            self._tasks[(key.population, key.task_id)] = TaskRecord.from_dict({**task.to_dict(), **_plain(task_changes)})
+            if next_iteration is not None:
+                nk = (next_iteration.population, next_iteration.task_id, next_iteration.round_number)
+                self._iterations.setdefault(nk, next_iteration)
+            return True
+
+    def claim_slot(self, key, slot, assignment_id):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, slot)
+            if k in self._slots:
+                return False
+            self._slots[k] = assignment_id
+            return True
+
+    def release_slot(self, key, slot, assignment_id):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, slot)
+            if self._slots.get(k) == assignment_id:
+                del self._slots[k]
+
+    def claimed_slots(self, key):
+        with self._lock:
+            return {k[3] for k in self._slots if k[:3] == (key.population, key.task_id, key.round_number)}
+
+    def create_assignment(self, record):
+        with self._lock:
+            k = (record.population, record.task_id, record.round_number, record.assignment_id)
+            if k in self._assignments:
+                raise ConflictError(f"assignment {record.assignment_id} already exists")
+            self._assignments[k] = record
+
+    def get_assignment(self, key, assignment_id):
+        with self._lock:
+            return self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
+
+    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason=""):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, assignment_id)
+            rec = self._assignments.get(k)
+            if rec is None:
+                raise NotFoundError(f"assignment {assignment_id} does not exist in round {key.round_number}")
+            if rec.status not in set(expected):
+                raise PreconditionFailedError(f"assignment {assignment_id} is {rec.status.value}")
+            updated = rec.replace(status=new_status, updated_time=time.time(), status_reason=reason)
+            self._assignments[k] = updated
+            return updated
+
+    def accept_upload(self, key, assignment_id):
+        with self._lock:
+            it = self._iterations.get((key.population, key.task_id, key.round_number))
+            rec = self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
+            return _accept_decision(it, rec, lambda: self._assignments.__setitem__(
+                (key.population, key.task_id, key.round_number, assignment_id),
+                rec.replace(status=AssignmentStatus.UPLOAD_COMPLETED, updated_time=time.time()),
+            ))
+
+    def count_assignments(self, key, status=None):
+        return len(self.list_assignments(key, status))
+
+    def list_assignments(self, key, status=None):
+        with self._lock:
+            return sorted(
+                (
+                    a
+                    for k, a in self._assignments.items()
+                    if k[:3] == (key.population, key.task_id, key.round_number) and (status is None or a.status == status)
+                ),
+                key=lambda a: a.assignment_id,
+            )
+
+    def record_rejection(self, key, event_id, data):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, event_id)
+            if k in self._rejections:
+                return False
+            self._rejections[k] = dict(data)
+            return True
+
+    def list_rejections(self, key):
+        with self._lock:
+            return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
+
+
+def _accept_decision(
+    iteration: IterationRecord | None, assignment: AssignmentRecord | None, commit: Callable[[], None]
+) -> AcceptOutcome:
+    if assignment is None:
+        return UNKNOWN_ASSIGNMENT
+    if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
+        return DUPLICATE
+    if iteration is None or iteration.status != IterationStatus.COLLECTING:
+        return ROUND_CLOSED
+    if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
+        return NOT_UPLOADABLE
+    commit()
+    return ACCEPTED
+
+
+def _plain(changes: dict[str, Any]) -> dict[str, Any]:
+    """Enum values to strings, so changes merge into ``to_dict()`` output."""
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in changes.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Firestore adapter
+# --------------------------------------------------------------------------------------
+
+
+class FirestoreTaskStore:
+    """:class:`TaskStore` on Firestore (``google.cloud.firestore.Client``, passed in)."""
+
+    def __init__(self, client: Any, root: str = "populations") -> None:
+        self._db = client
+        self._root = root
+
+    # -- references --------------------------------------------------------------------
+    def _population(self, population: str):
+        return self._db.collection(self._root).document(population)
+
+    def _task(self, population: str, task_id: int):
+        return self._population(population).collection("tasks").document(str(task_id))
+
+    def _iteration(self, population: str, task_id: int, round_number: int):
+        return self._task(population, task_id).collection("iterations").document(str(round_number))
+
+    def _round(self, key: RoundKey):
+        return self._iteration(key.population, key.task_id, key.round_number)
+
+    def _assignment(self, key: RoundKey, assignment_id: str):
+        return self._round(key).collection("assignments").document(assignment_id)
+
+    def _slot(self, key: RoundKey, slot: int):
+        return self._round(key).collection("slots").document(str(slot))
+
+    # -- tasks -------------------------------------------------------------------------
+    def create_task(self, population, build, *, exclusive_training=True):
+        from google.cloud import firestore
+
+        population_ref = self._population(population)
+
+        @firestore.transactional
+        def allocate(transaction):
+            snapshot = population_ref.get(transaction=transaction)
+            data = snapshot.to_dict() if snapshot.exists else {}
+            new_id = int(data.get("max_task_id", 0)) + 1
+            record = build(new_id)
+            if exclusive_training and record.kind == TaskKind.TRAINING:
+                active = data.get("active_training_task_id")
+                if active:
+                    current = self._task(population, int(active)).get(transaction=transaction)
+                    if current.exists:
+                        _check_exclusive([TaskRecord.from_dict(current.to_dict())], record)
+            update = {"name": population, "max_task_id": new_id}
+            if record.kind == TaskKind.TRAINING:
+                update["active_training_task_id"] = new_id
+            transaction.set(population_ref, update, merge=True)
+            transaction.create(self._task(population, new_id), record.to_dict())
+            return record
+
+        return allocate(self._db.transaction())
+
+    def get_task(self, population, task_id):
+        snapshot = self._task(population, task_id).get()
+        return TaskRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
+
+    def list_tasks(self, population=None):
+        if population is not None:
+            docs = self._population(population).collection("tasks").stream()
+        else:
+            docs = self._db.collection_group("tasks").stream()
+        records = [TaskRecord.from_dict(d.to_dict()) for d in docs]
+        return sorted(records, key=lambda t: (t.population, t.task_id))
+
+    def update_task(self, population, task_id, changes, *, expected=None):
+        from google.cloud import firestore
+
+        ref = self._task(population, task_id)
+        allowed = None if expected is None else {s.value for s in expected}
+
+        @firestore.transactional
+        def apply(transaction):
+            snapshot = ref.get(transaction=transaction)
+            if not snapshot.exists:
+                raise NotFoundError(f"task {population}/{task_id} does not exist")
+            data = snapshot.to_dict()
+            if allowed is not None and data["status"] not in allowed:
+                raise PreconditionFailedError(f"task {population}/{task_id} is {data['status']}")
+            transaction.update(ref, _plain(changes))
+            return TaskRecord.from_dict({**data, **_plain(changes)})
+
+        return apply(self._db.transaction())
+
+    def delete_task(self, population, task_id):
+        ref = self._task(population, task_id)
+        self._db.recursive_delete(ref)
+        population_ref = self._population(population)
+        snapshot = population_ref.get()
+        if snapshot.exists and snapshot.to_dict().get("active_training_task_id") == task_id:
+            population_ref.update({"active_training_task_id": 0})
+
+    # -- iterations --------------------------------------------------------------------
+    def create_iteration(self, record):
+        from google.api_core import exceptions
+
+        try:
+            self._iteration(record.population, record.task_id, record.round_number).create(record.to_dict())
+            return True
+        except exceptions.Conflict:
+            return False
+
+    def get_iteration(self, population, task_id, round_number):
+        snapshot = self._iteration(population, task_id, round_number).get()
+        return IterationRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
+
+    def list_iterations(self, population, task_id):
+        docs = self._task(population, task_id).collection("iterations").stream()
+        return sorted((IterationRecord.from_dict(d.to_dict()) for d in docs), key=lambda i: i.round_number)
+
+    def update_iteration(self, key, changes, *, expected):
+        from google.cloud import firestore
+
+        ref = self._round(key)
+        allowed = {s.value for s in expected}
+
+        @firestore.transactional
+        def apply(transaction):
+            snapshot = ref.get(transaction=transaction)
+            if not snapshot.exists:
+                raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
+            data = snapshot.to_dict()
+            if data["status"] not in allowed:
+                raise PreconditionFailedError(f"round {key.round_number} is {data['status']}")
+            transaction.update(ref, _plain(changes))
+            return IterationRecord.from_dict({**data, **_plain(changes)})
+
+        return apply(self._db.transaction())
+
+    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
+        from google.cloud import firestore
+
+        iteration_ref = self._round(key)
+        task_ref = self._task(key.population, key.task_id)
+
+        @firestore.transactional
+        def apply(transaction):
+            snapshot = iteration_ref.get(transaction=transaction)
+            if not snapshot.exists or snapshot.to_dict()["status"] != IterationStatus.AGGREGATING.value:
+                return False
+            next_ref = None
+            if next_iteration is not None:
+                next_ref = self._iteration(next_iteration.population, next_iteration.task_id, next_iteration.round_number)
+                if next_ref.get(transaction=transaction).exists:
+                    next_ref = None
+            transaction.update(iteration_ref, _plain(iteration_changes))
+            if task_changes:
+                transaction.update(task_ref, _plain(task_changes))
+            if next_ref is not None:
+                transaction.create(next_ref, next_iteration.to_dict())
+            return True
+
+        return apply(self._db.transaction())
+
+    # -- assignments -------------------------------------------------------------------
+    def claim_slot(self, key, slot, assignment_id):
+        from google.api_core import exceptions
+
+        try:
+            self._slot(key, slot).create({"assignment_id": assignment_id, "time": time.time()})
+            return True
+        except exceptions.Conflict:
+            return False
+
+    def release_slot(self, key, slot, assignment_id):
+        ref = self._slot(key, slot)
+        snapshot = ref.get()
+        if snapshot.exists and snapshot.to_dict().get("assignment_id") == assignment_id:
+            from google.api_core import exceptions
+
+            try:
+                ref.delete(option=self._db.write_option(last_update_time=snapshot.update_time))
+            except exceptions.FailedPrecondition:
+                pass  # someone else released/reclaimed it meanwhile
+
+    def claimed_slots(self, key):
+        return {int(d.id) for d in self._round(key).collection("slots").select([]).stream()}
+
+    def create_assignment(self, record):
+        from google.api_core import exceptions
+
+        key = RoundKey(record.population, record.task_id, record.round_number)
+        try:
+            self._assignment(key, record.assignment_id).create(record.to_dict())
+        except exceptions.Conflict as error:
+            raise ConflictError(f"assignment {record.assignment_id} already exists") from error
+
+    def get_assignment(self, key, assignment_id):
+        snapshot = self._assignment(key, assignment_id).get()
+        return AssignmentRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
+
+    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason=""):
+        from google.api_core import exceptions
+
+        ref = self._assignment(key, assignment_id)
+        snapshot = ref.get()
+        if not snapshot.exists:
+            raise NotFoundError(f"assignment {assignment_id} does not exist in round {key.round_number}")
+        data = snapshot.to_dict()
+        if data["status"] not in {s.value for s in expected}:
+            raise PreconditionFailedError(f"assignment {assignment_id} is {data['status']}")
+        changes = {"status": new_status.value, "updated_time": time.time(), "status_reason": reason}
+        try:
+            # Conditional on the version we read: a concurrent move makes this fail.
+            ref.update(changes, option=self._db.write_option(last_update_time=snapshot.update_time))
+        except exceptions.FailedPrecondition as error:
+            raise PreconditionFailedError(f"assignment {assignment_id} changed concurrently") from error
+        return AssignmentRecord.from_dict({**data, **changes})
+
+    def accept_upload(self, key, assignment_id):
+        from google.cloud import firestore
+
+        iteration_ref = self._round(key)
+        assignment_ref = self._assignment(key, assignment_id)
+
+        # Reading the round in the same transaction as the assignment write makes the
+        # round's close (a transaction writing the round) serialize against accepts:
+        # once a round is AGGREGATING, no further upload can be accepted into it.
+        @firestore.transactional
+        def apply(transaction):
+            it = iteration_ref.get(transaction=transaction)
+            rec = assignment_ref.get(transaction=transaction)
+            iteration = IterationRecord.from_dict(it.to_dict()) if it.exists else None
+            assignment = AssignmentRecord.from_dict(rec.to_dict()) if rec.exists else None
+            return _accept_decision(
+                iteration,
+                assignment,
+                lambda: transaction.update(
+                    assignment_ref,
+                    {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": time.time()},
+                ),
+            )
+
+        return apply(self._db.transaction(max_attempts=20))
+
+    def _assignments_query(self, key, status):
+        query = self._round(key).collection("assignments")
+        if status is not None:
+            from google.cloud.firestore_v1.base_query import FieldFilter
+
+            query = query.where(filter=FieldFilter("status", "==", status.value))
+        return query
+
+    def count_assignments(self, key, status=None):
+        result = self._assignments_query(key, status).count(alias="n").get()
+        return int(result[0][0].value)
+
+    def list_assignments(self, key, status=None):
+        docs = self._assignments_query(key, status).stream()
+        return sorted((AssignmentRecord.from_dict(d.to_dict()) for d in docs), key=lambda a: a.assignment_id)
+
+    def record_rejection(self, key, event_id, data):
+        from google.api_core import exceptions
+
+        try:
+            self._round(key).collection("rejections").document(event_id).create(dict(data))
+            return True
+        except exceptions.Conflict:
+            return False
+
+    def list_rejections(self, key):
+        return [d.to_dict() for d in self._round(key).collection("rejections").stream()]
