@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["support.stack_plugin"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # google-api-core / google-auth warn about Python 3.11 and grpcio support dates on

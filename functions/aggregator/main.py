@@ -15,20 +15,30 @@ from typing import Any
 
 import functions_framework
 
-from fedcompute.adapters.clients import ProcessClients
+from fedcompute.adapters.events import decode_round_event
+from fedcompute.errors import InvalidRequestError
+from fedcompute.runtime import Runtime
+from fedcompute.services import aggregator as service
 from fedcompute.web import configure_logging, decode_pubsub_event, dispatch_event
 
 NAME = "aggregator"
 
 configure_logging()
 logger = logging.getLogger(NAME)
-RUNTIME = ProcessClients()  # settings + clients, created on first use, once per process
+RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
 
 
 def handle_event(cloud_event: Any) -> None:
-    """Handle one ``round-ready`` message (placeholder until aggregation is wired in)."""
+    """Aggregate the round named by one ``round-ready`` message (idempotent per round)."""
     message = decode_pubsub_event(cloud_event)
-    logger.info("round-ready message %s attributes=%s (no aggregation handler yet)", message.message_id, message.attributes)
+    try:
+        key = decode_round_event(message.data)
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidRequestError(f"round-ready message {message.message_id} is malformed: {error}") from error
+    deps = RUNTIME.deps()
+    outcome = service.aggregate_round(deps.store, deps.blobs, deps.events, deps.settings, key)
+    logger.info("round %s/%s/%s: %s (task %s)", key.population, key.task_id, key.round_number, outcome.status,
+                outcome.task_status or "-")
 
 
 @functions_framework.cloud_event

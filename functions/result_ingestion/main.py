@@ -15,23 +15,34 @@ from typing import Any
 
 import functions_framework
 
-from fedcompute.adapters.clients import ProcessClients
+from fedcompute.runtime import Runtime
+from fedcompute.services import ingestion
+from fedcompute.services.aggregator import make_upload_validator
 from fedcompute.web import configure_logging, dispatch_event, storage_object_from_event
 
 NAME = "result_ingestion"
 
 configure_logging()
 logger = logging.getLogger(NAME)
-RUNTIME = ProcessClients()  # settings + clients, created on first use, once per process
+RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
+VALIDATE = make_upload_validator()
 
 
 def handle_event(cloud_event: Any) -> None:
-    """Handle one storage event (placeholder until ingestion is wired in)."""
+    """Ingest one finalized upload (idempotent; rejections are logged, never raised)."""
     obj = storage_object_from_event(cloud_event)
     if obj is None:
         logger.info("ignoring non-finalize storage event %s", cloud_event["id"])
         return
-    logger.info("object finalized: gs://%s/%s#%s (no ingestion handler yet)", obj.bucket, obj.name, obj.generation)
+    deps = RUNTIME.deps()
+    result = ingestion.ingest_upload(
+        deps.store, deps.blobs, deps.events, deps.settings,
+        ingestion.ObjectFinalized(event_id=str(cloud_event["id"]), bucket=obj.bucket, name=obj.name,
+                                  size=obj.size, generation=obj.generation),
+        validate=VALIDATE,
+    )
+    logger.info("ingestion of gs://%s/%s: %s %s (count %d%s)", obj.bucket, obj.name, result.outcome, result.reason,
+                result.count, ", round closed" if result.round_closed else "")
 
 
 @functions_framework.cloud_event

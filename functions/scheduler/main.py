@@ -12,20 +12,24 @@ from typing import Any
 
 import functions_framework
 
-from fedcompute.adapters.clients import ProcessClients
+from fedcompute.runtime import Runtime
+from fedcompute.services import scheduler as service
 from fedcompute.web import configure_logging, decode_pubsub_event, dispatch_event
 
 NAME = "scheduler"
 
 configure_logging()
 logger = logging.getLogger(NAME)
-RUNTIME = ProcessClients()  # settings + clients, created on first use, once per process
+RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
 
 
 def handle_event(cloud_event: Any) -> None:
-    """Handle one ``scheduler-tick`` message (placeholder until the sweeps are wired in)."""
+    """One housekeeping pass per ``scheduler-tick`` message (every action is conditional)."""
     message = decode_pubsub_event(cloud_event)
-    logger.info("scheduler tick %s attributes=%s (no sweep handler yet)", message.message_id, message.attributes)
+    deps = RUNTIME.deps()
+    report = service.tick(deps.store, deps.events, timeouts=service.Timeouts.from_env())
+    logger.info("scheduler tick %s: %d local timeouts, %d upload timeouts, %d rounds re-published",
+                message.message_id, report.local_timeouts, report.upload_timeouts, len(report.republished))
 
 
 @functions_framework.cloud_event

@@ -453,6 +453,14 @@ class StorageObject(NamedTuple):
     bucket: str
     name: str
     generation: str
+    size: int = 0
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def storage_object_from_event(cloud_event: Any) -> StorageObject | None:
@@ -469,7 +477,8 @@ def storage_object_from_event(cloud_event: Any) -> StorageObject | None:
         data = _event_data(cloud_event)
         if not isinstance(data, dict) or not data.get("bucket") or not data.get("name"):
             raise InvalidRequestError("storage event without bucket/name in its data")
-        return StorageObject(str(data["bucket"]), str(data["name"]), str(data.get("generation", "")))
+        return StorageObject(str(data["bucket"]), str(data["name"]), str(data.get("generation", "")),
+                             _int(data.get("size")))
     payload, attributes, _ = decode_pubsub_event(cloud_event)
     if attributes.get("eventType") != "OBJECT_FINALIZE":
         return None
@@ -479,7 +488,12 @@ def storage_object_from_event(cloud_event: Any) -> StorageObject | None:
             "OBJECT_FINALIZE notification without bucketId/objectId attributes",
             hint="notifications must use payload format JSON_API_V1",
         )
-    return StorageObject(bucket, name, attributes.get("objectGeneration", ""))
+    size = 0
+    try:  # JSON_API_V1 notifications carry the object resource as the payload
+        size = _int(json.loads(payload).get("size")) if payload else 0
+    except (ValueError, AttributeError):
+        size = 0
+    return StorageObject(bucket, name, attributes.get("objectGeneration", ""), size)
 
 
 def is_health_event(cloud_event: Any) -> bool:

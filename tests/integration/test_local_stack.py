@@ -28,7 +28,7 @@ CLOUDEVENT_FUNCTIONS = [n for n in ALL_FUNCTIONS if FUNCTION_SPECS[n].signature_
 
 
 if TYPE_CHECKING:
-    from conftest import StackHandle  # the local_stack fixture's value (tests/integration/conftest.py)
+    from support.stack_plugin import StackHandle  # the local_stack fixture's value
 
 
 def assert_nothing_left(stack: LocalStack, processes: list[psutil.Process]) -> None:

@@ -281,12 +281,14 @@ def test_decode_pubsub_event_rejects_other_events() -> None:
 def test_storage_object_from_pubsub_notification_and_eventarc() -> None:
     attributes = {"eventType": "OBJECT_FINALIZE", "bucketId": "fcp-gradient", "objectId": "p/1/2/d/a/gradient",
                   "objectGeneration": "17", "payloadFormat": "JSON_API_V1"}
-    assert web.storage_object_from_event(pubsub_event(b"{}", attributes)) == ("fcp-gradient", "p/1/2/d/a/gradient", "17")
+    assert web.storage_object_from_event(pubsub_event(b"{}", attributes)) == ("fcp-gradient", "p/1/2/d/a/gradient", "17", 0)
+    sized = web.storage_object_from_event(pubsub_event(b'{"size": "1234"}', attributes))
+    assert sized.size == 1234
     deleted = dict(attributes, eventType="OBJECT_DELETE")
     assert web.storage_object_from_event(pubsub_event(b"{}", deleted)) is None
     direct = CloudEvent({"type": web.STORAGE_OBJECT_FINALIZED, "source": "//storage.googleapis.com/projects/_/buckets/b"},
-                        {"bucket": "b", "name": "o", "generation": "5"})
-    assert web.storage_object_from_event(direct) == web.StorageObject("b", "o", "5")
+                        {"bucket": "b", "name": "o", "generation": "5", "size": "42"})
+    assert web.storage_object_from_event(direct) == web.StorageObject("b", "o", "5", 42)
 
 
 def test_health_events() -> None:

@@ -86,7 +86,7 @@ class PlanCache:
         with self._lock:
             if url not in self._checkpoints:
                 spec = [(w.name, w.shape, w.dtype) for w in plan.weights]
-                named = decode_bundle(client.download(url), expected_spec=spec)
+                named, _ = decode_bundle(client.download(url), expected_spec=spec)
                 if len(self._checkpoints) > 8:  # keep the few most recent rounds
                     self._checkpoints.pop(next(iter(self._checkpoints)))
                 self._checkpoints[url] = [np.asarray(a) for _, a in named]

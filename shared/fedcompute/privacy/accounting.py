@@ -304,33 +304,47 @@ def calibrate_noise_multiplier(
         return _epsilon(mech, z, q, n, d) - target
 
     tol = NOISE_MULTIPLIER_STEP / 10
+    try:
+        root = _calibrate_root(mech, make_event, target, q, n, d, tol)
+    except (ValueError, ArithmeticError, dp_accounting.mechanism_calibration.NoBracketIntervalFoundError,
+            dp_accounting.mechanism_calibration.NoOptimumFoundError) as err:
+        raise ArtifactBuildError(
+            f"could not calibrate the noise multiplier of {mech.value} to ε = {target:g} over {n} rounds: {err}",
+            hint=f"set {_F_NOISE} explicitly",
+        ) from err
+    return _snap_up(gap, root)
+
+
+def _calibrate_root(
+    mech: DpMechanism, make_event: Callable[[float], Any], target: float, q: float, n: int, d: float, tol: float
+) -> float:
+    """A root of ε(z) = target within ``tol`` (not yet on the step grid)."""
+    import dp_accounting
+    from dp_accounting import pld
+
     if mech.is_tree:
         # RDP is the exact accountant here and cheap: bracket by doubling from [0, 1].
-        root = dp_accounting.calibrate_dp_mechanism(
+        return float(dp_accounting.calibrate_dp_mechanism(
             _rdp_accountant_factory(mech), make_event, target, d,
             bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0), tol=tol,
-        )
-    else:
-        from dp_accounting import pld
+        ))
+    # Three stages, because building an exact PLD takes seconds: the RDP calibration
+    # (milliseconds) is a close, pessimistic estimate that brackets a calibration on a
+    # coarse PLD grid (~10x cheaper); _snap_up then settles the grid value on the exact PLD.
+    rdp_root = dp_accounting.calibrate_dp_mechanism(
+        _rdp_accountant_factory(mech), make_event, target, d,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0), tol=tol,
+    )
 
-        # Three stages, because building an exact PLD takes seconds: the RDP calibration
-        # (milliseconds) is a close, pessimistic estimate that brackets a calibration on a
-        # coarse PLD grid (~10x cheaper); _snap_up then settles the grid value on the exact PLD.
-        rdp_root = dp_accounting.calibrate_dp_mechanism(
-            _rdp_accountant_factory(mech), make_event, target, d,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0), tol=tol,
-        )
+    def coarse_gap(z: float) -> float:
+        return _gaussian_epsilon(z, q, n, d, PLD_SEARCH_DISCRETIZATION_INTERVAL) - target
 
-        def coarse_gap(z: float) -> float:
-            return _gaussian_epsilon(z, q, n, d, PLD_SEARCH_DISCRETIZATION_INTERVAL) - target
-
-        lo, hi = _bracket(coarse_gap, max(rdp_root, tol))
-        root = dp_accounting.calibrate_dp_mechanism(
-            lambda: pld.PLDAccountant(value_discretization_interval=PLD_SEARCH_DISCRETIZATION_INTERVAL),
-            make_event, target, d,
-            bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=tol,
-        )
-    return _snap_up(gap, root)
+    lo, hi = _bracket(coarse_gap, max(rdp_root, tol))
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: pld.PLDAccountant(value_discretization_interval=PLD_SEARCH_DISCRETIZATION_INTERVAL),
+        make_event, target, d,
+        bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=tol,
+    ))
 
 
 def _snap_up(gap: Callable[[float], float], root: float) -> float:

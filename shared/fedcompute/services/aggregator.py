@@ -163,8 +163,8 @@ def aggregate_round(
                                               metadata={"population": key.population, "task_id": str(key.task_id)})
     blobs.write(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number),
                 ckpt_bytes, create_only=True)
-    initial_client = decode_bundle(blobs.read(settings.model_bucket,
-                                              layout.client_checkpoint_path(key.population, key.task_id, 0)))
+    initial_client, _ = decode_bundle(blobs.read(settings.model_bucket,
+                                                 layout.client_checkpoint_path(key.population, key.task_id, 0)))
     trained = dict(new_state.named_weights())
     client_weights = [(name, trained.get(name, array)) for name, array in initial_client]
     blobs.write(settings.model_bucket, layout.client_checkpoint_path(key.population, key.task_id, key.round_number),

@@ -27,6 +27,19 @@ class Timeouts:
     upload: float = 15 * 60
     aggregation: float = 30 * 60
 
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Timeouts":
+        """Overrides from FEDCOMPUTE_{LOCAL_TRAINING,UPLOAD,AGGREGATION}_TIMEOUT_S."""
+        import os
+
+        e = os.environ if env is None else env
+        default = cls()
+        return cls(
+            local_training=float(e.get("FEDCOMPUTE_LOCAL_TRAINING_TIMEOUT_S", default.local_training)),
+            upload=float(e.get("FEDCOMPUTE_UPLOAD_TIMEOUT_S", default.upload)),
+            aggregation=float(e.get("FEDCOMPUTE_AGGREGATION_TIMEOUT_S", default.aggregation)),
+        )
+
 
 @dataclass
 class TickReport:

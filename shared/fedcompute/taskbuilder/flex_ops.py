@@ -175,11 +175,9 @@ def _flatbuffer_flex_kernels(tflite_model: bytes) -> dict[str, str]:
             op, node_def = custom[len("Flex"):], None
             try:
                 # Flex custom options: a flexbuffer vector [op name, serialized NodeDef].
-                values = flexbuffers.Loads(bytes(operator.customOptions))
-                raw = values[1]
-                node_def = node_def_pb2.NodeDef.FromString(
-                    raw if isinstance(raw, (bytes, bytearray)) else str(raw).encode("latin-1")
-                )
+                # Read the NodeDef as bytes (flexbuffers.Loads would decode it as UTF-8).
+                vector = flexbuffers.GetRoot(bytes(operator.customOptions)).AsVector
+                node_def = node_def_pb2.NodeDef.FromString(bytes(vector[1].AsStringBytes))
                 op = node_def.op or op
                 found = registry.get_ops_from_nodedef(node_def)
                 kernel = found[1] if found and found[1] else _best_effort_kernel(op, node_def)

@@ -1,0 +1,92 @@
+"""A task's artifacts as bytes, and publishing them at the ODP paths (no TensorFlow).
+
+The task builder produces :class:`TaskArtifacts` (from a SavedFunctionalModel); tests and
+tools can produce them from plain numpy weights with :func:`artifacts_from_weights`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedcompute import layout
+from fedcompute.adapters.blobs import BlobStore
+from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.settings import Settings
+
+
+@dataclass(frozen=True)
+class TaskArtifacts:
+    """Everything written under ``{pop}/{task}/0/`` for one task."""
+
+    server_phase: ServerPhase
+    checkpoint: bytes  # server checkpoint 0 (weights + optimizer + DP state)
+    client_checkpoint: bytes  # all model weights, for devices of round 1
+    client_plan: bytes = b""  # training tasks: zip (plan.json + saved_model/)
+    eval_plan: bytes = b""  # evaluation tasks
+    extra: dict[str, bytes] = field(default_factory=dict)  # e.g. TFLite models, by object name suffix
+
+    def objects(self, population: str, task_id: int) -> dict[str, bytes]:
+        """Object name -> bytes, at the ODP layout."""
+        out = {
+            layout.server_phase_path(population, task_id): self.server_phase.to_json().encode(),
+            layout.checkpoint_path(population, task_id, 0): self.checkpoint,
+            layout.client_checkpoint_path(population, task_id, 0): self.client_checkpoint,
+        }
+        if self.client_plan:
+            out[layout.client_plan_path(population, task_id)] = self.client_plan
+        if self.eval_plan:
+            out[layout.eval_plan_path(population, task_id)] = self.eval_plan
+        for suffix, data in self.extra.items():
+            out[f"{population}/{task_id}/0/s/0/{suffix}"] = data
+        return out
+
+
+def publish_artifacts(blobs: BlobStore, settings: Settings, population: str, task_id: int,
+                      artifacts: TaskArtifacts) -> list[str]:
+    """Write every artifact (create-only: a task's artifacts are immutable). Returns the names."""
+    written = []
+    for name, data in artifacts.objects(population, task_id).items():
+        blobs.write(settings.model_bucket, name, data, create_only=True)
+        written.append(name)
+    return written
+
+
+def artifacts_from_weights(
+    phase: ServerPhase,
+    weights: Sequence[np.ndarray],
+    *,
+    client_plan: bytes = b"",
+    eval_plan: bytes = b"",
+    extra: dict[str, bytes] | None = None,
+) -> TaskArtifacts:
+    """Checkpoint 0 and client checkpoint 0 for ``weights`` (in ``phase.weights`` order)."""
+    from fedcompute.learning import aggregation, checkpoint, server_optimizer
+    from fedcompute.learning.tensor_codec import encode_bundle
+
+    if len(weights) != len(phase.weights):
+        raise ValueError(f"{len(weights)} weight arrays for {len(phase.weights)} weight specs")
+    named = [(spec.name, np.asarray(w, dtype=spec.dtype)) for spec, w in zip(phase.weights, weights)]
+    trainable = [(spec.name, w) for spec, (_, w) in zip(phase.weights, named) if spec.trainable]
+    optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
+    dp = aggregation.build_dp_aggregator(aggregation.DpParams(
+        mechanism=phase.dp.type, clip_norm=phase.dp.clip_norm or None, noise_multiplier=phase.dp.noise_multiplier))
+    state = aggregation.initial_server_state(trainable, optimizer, dp)
+    return TaskArtifacts(
+        server_phase=phase,
+        checkpoint=checkpoint.encode_checkpoint(state, optimizer=optimizer),
+        client_checkpoint=encode_bundle(named),
+        client_plan=client_plan,
+        eval_plan=eval_plan,
+        extra=dict(extra or {}),
+    )
+
+
+def weight_specs(trainable: Sequence[np.ndarray], non_trainable: Sequence[np.ndarray] = ()) -> tuple[WeightSpec, ...]:
+    """Names ``trainable/<i>`` and ``non_trainable/<i>`` (functional models carry no names)."""
+    specs = [WeightSpec(f"trainable/{i}", tuple(np.shape(w)), str(np.asarray(w).dtype), True)
+             for i, w in enumerate(trainable)]
+    specs += [WeightSpec(f"non_trainable/{i}", tuple(np.shape(w)), str(np.asarray(w).dtype), False)
+              for i, w in enumerate(non_trainable)]
+    return tuple(specs)
