@@ -65,7 +65,7 @@ test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
 demo: setup
-	$(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --dp $(DP)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --dp $(DP)
 
 bench: setup
 	$(PY) -m benchmarks.run_all

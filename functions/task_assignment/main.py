@@ -79,9 +79,11 @@ def create_task_assignment(request: flask.Request, population: str) -> flask.Res
 def report_result(request: flask.Request, population: str, task_id: str, round_number: str,
                   assignment_id: str) -> flask.Response:
     body = parse_message(request, task_assignment_pb2.ReportResultRequest, max_bytes=MAX_REQUEST_BYTES)
-    known = task_assignment_pb2.ReportResultRequest.Result.values()
-    if body.result == task_assignment_pb2.ReportResultRequest.UNKNOWN or body.result not in known:
-        raise InvalidRequestError("result is UNKNOWN", hint="report COMPLETED, FAILED, NOT_ELIGIBLE or a FAILED_* code")
+    hint = "report COMPLETED, FAILED, NOT_ELIGIBLE or a FAILED_* code"
+    if body.result not in task_assignment_pb2.ReportResultRequest.Result.values():
+        raise InvalidRequestError(f"result {body.result} is not a ReportResultRequest.Result value", hint=hint)
+    if body.result == task_assignment_pb2.ReportResultRequest.UNKNOWN:
+        raise InvalidRequestError("result is UNKNOWN (or missing)", hint=hint)
     result = ReportedResult(task_assignment_pb2.ReportResultRequest.Result.Name(body.result))
     deps = RUNTIME.deps()
     outcome = service.report_result(deps.store, deps.blobs, deps.settings,

@@ -13,7 +13,9 @@ stays cheap. An API key is required when ``FEDCOMPUTE_API_KEY`` is set.
 """
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 import flask
 import functions_framework
@@ -33,6 +35,7 @@ RUNTIME = Runtime()  # settings, clients and adapters, created on first use, onc
 ROUTER = Router(NAME)
 # TensorFlow graph building is not safe to interleave within one process; builds are rare.
 BUILD_LOCK = threading.Lock()
+log = logging.getLogger(NAME)
 
 
 @ROUTER.route("GET", r"/healthz")
@@ -50,8 +53,17 @@ def _build(request: flask.Request, artifacts_only: bool) -> flask.Response:
     else:
         task_management = service.InProcessTaskManagement(deps.store, deps.blobs, deps.settings)
     with BUILD_LOCK:
+        started = time.perf_counter()
         outcome = service.build_task_group(body, blobs=deps.blobs, settings=deps.settings,
                                            task_management=task_management, artifacts_only=artifacts_only)
+        elapsed = time.perf_counter() - started
+    result = outcome.response.WhichOneof("result") or "task_group"
+    if result == "error_info":
+        result = task_builder_pb2.ErrorType.Enum.Name(outcome.response.error_info.error_type)
+    # One line per build with the per-step timings (the first build of a process also
+    # pays the TensorFlow import, inside load_model).
+    log.info("%s %r: %s in %.2f s, steps %s", "build-artifacts" if artifacts_only else "build-task-group",
+             body.task_config.population_name, result, elapsed, outcome.timings)
     return message_response(outcome.response, service.http_status_for_response(outcome.response), request)
 
 

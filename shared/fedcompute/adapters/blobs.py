@@ -12,7 +12,7 @@ import threading
 import urllib.parse
 from typing import Any, Protocol
 
-from fedcompute.errors import NotFoundError, TransientError
+from fedcompute.errors import NotFoundError, PreconditionFailedError, TransientError
 
 
 class BlobStore(Protocol):
@@ -90,9 +90,19 @@ class GcsBlobStore:
         """A resumable upload session for exactly this object, valid for one write.
 
         ``if_generation_match=0`` makes the session fail if the object already exists, so
-        a device can write its update once and nothing else (works on GCS and fake-gcs).
+        a device can write its update once and nothing else. fake-gcs-server ignores that
+        precondition on resumable uploads (measured: a second session's PUT overwrites), so
+        an existing object is also refused here, before a session is handed out.
+
+        Raises:
+            PreconditionFailedError: the object already exists.
         """
         blob = self._blob(bucket, name)
+        if blob.exists():
+            raise PreconditionFailedError(
+                f"gs://{bucket}/{name} was already uploaded; an update is written once",
+                hint="the upload is done: nothing to resend",
+            )
         blob.content_encoding = "gzip"
         url = blob.create_resumable_upload_session(
             content_type="application/octet-stream", if_generation_match=0, checksum=None
@@ -140,6 +150,8 @@ class InMemoryBlobStore:
     def create_upload_session(self, bucket, name):
         url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
         with self._lock:
+            if (bucket, name) in self.objects:
+                raise PreconditionFailedError(f"gs://{bucket}/{name} was already uploaded; an update is written once")
             self.sessions[url] = (bucket, name)
         return url, {"content-type": "application/octet-stream"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from fedcompute import __version__
 from fedcompute.errors import FedComputeError
@@ -20,6 +21,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 COMMAND_MODULES: tuple[str, ...] = (
     "fedcompute.cli.config_cmd",
     "fedcompute.cli.stack_cmd",
+    "fedcompute.cli.demo_cmd",
 )
 
 
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # google-api-core/google-auth warn about Python 3.11 and grpcio dates on every import.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

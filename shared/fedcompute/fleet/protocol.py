@@ -99,7 +99,8 @@ class DeviceHttpClient:
 
     def upload(self, instruction: task_assignment_pb2.UploadInstruction, payload: bytes) -> int:
         """gzip ``payload`` (as the instruction asks) and PUT it; returns the HTTP status."""
-        body = gzip.compress(payload, mtime=0)
+        # Level 1: ~5x faster than the default on float deltas for a ~1% larger body.
+        body = gzip.compress(payload, compresslevel=1, mtime=0)
         headers = dict(instruction.extra_request_headers)
         try:
             response = self._session.put(instruction.upload_location, data=body, headers=headers,

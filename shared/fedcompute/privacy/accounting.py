@@ -457,13 +457,17 @@ def check_dp(
     delta: float | None = None,
     population_size: int | None = None,
     raise_on_failure: bool = True,
+    explain_failure: bool = True,
 ) -> DpCheckResult:
     """The task builder's DP check.
 
     ``None`` means "unset in the config": target ε 10, δ = 1/population_size, population
     3,000,000; an unset noise multiplier is calibrated to the target. Raises
     :class:`DpBudgetExceededError` when ε exceeds the target (unless ``raise_on_failure``
-    is False, in which case the failed result is returned).
+    is False, in which case the failed result is returned). ``explain_failure=False``
+    (with ``raise_on_failure=False``) skips working out the noise multiplier and rounds
+    that would pass: seconds of PLD calibration that a caller who ignores the failure
+    (``--skip_dp_check``) does not need.
     """
     mech = DpMechanism.coerce(mechanism)
     population = DEFAULT_POPULATION_SIZE if population_size is None else population_size
@@ -503,6 +507,15 @@ def check_dp(
             message=(
                 f"DP check passed: ε = {_fmt_eps(eps)} ≤ target {target:g} at noise_multiplier "
                 f"{z:g} ({setting})"
+            ),
+            **common,
+        )
+    if not explain_failure and not raise_on_failure:
+        return DpCheckResult(
+            epsilon=eps, noise_multiplier=z, passed=False,
+            message=(
+                f"DP check failed: ε = {_fmt_eps(eps)} exceeds the target ε = {target:g} "
+                f"(noise_multiplier {z:g}, {setting})."
             ),
             **common,
         )

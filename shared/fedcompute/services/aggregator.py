@@ -25,7 +25,6 @@ from fedcompute.metric_names import NON_FINITE_METRIC, TRAIN_PREFIX
 from fedcompute.plans import ServerPhase
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
-    AssignmentStatus,
     IterationRecord,
     IterationStatus,
     TaskRecord,
@@ -124,13 +123,13 @@ def aggregate_round(
     optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
     dp = aggregation.build_dp_aggregator(aggregation.DpParams(
         mechanism=phase.dp.type, clip_norm=phase.dp.clip_norm or None, noise_multiplier=phase.dp.noise_multiplier))
-    accepted = store.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)  # sorted by id: stable order
+    accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
     spec = update_spec(task)
     metric_spec = metric_statistics_spec(task.metrics)
 
     def updates() -> Iterator[Any]:
-        for assignment in accepted:
-            name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment.assignment_id)
+        for assignment_id in accepted:
+            name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
             data = blobs.read(settings.gradient_bucket, name)
             try:
                 yield decode_client_update(data, expected_spec=spec, expected_metric_spec=metric_spec)
@@ -175,10 +174,23 @@ def aggregate_round(
     task_changes, next_iteration = _next_step(task, phase, key, epsilon, now())
     finished = store.finish_round(
         key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, task_changes, next_iteration)
-    if finished:
-        events.round_completed(key, task_status=task_changes.get("status", TaskStatus.OPEN).value)
-        log.info("round %s aggregated: %d reports, metrics %s", key, result.accepted, metrics)
+    if not finished:
+        # A concurrent run (a duplicated round-ready) completed the round first; outputs are
+        # create-only and identical, so this run only reports that the work was done.
+        log.info("round %s was completed by a concurrent run", key)
+        return AggregationOutcome("ALREADY_DONE", metrics)
+    events.round_completed(key, task_status=task_changes.get("status", TaskStatus.OPEN).value)
+    log.info("round %s aggregated: %d reports, metrics %s", key, result.accepted, metrics)
     return AggregationOutcome("AGGREGATED", metrics, task_changes.get("status", TaskStatus.OPEN).value)
+
+
+def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) -> int:
+    """Delete the round's device updates from the gradient bucket; returns how many."""
+    prefix = f"{key.population}/{key.task_id}/{key.round_number}/d/"
+    names = blobs.list(settings.gradient_bucket, prefix)
+    for name in names:
+        blobs.delete(settings.gradient_bucket, name)
+    return len(names)
 
 
 def _next_step(task: TaskRecord, phase: ServerPhase, key: RoundKey, epsilon: float,
@@ -188,7 +200,7 @@ def _next_step(task: TaskRecord, phase: ServerPhase, key: RoundKey, epsilon: flo
     done_reason = ""
     if key.round_number >= task.total_rounds:
         done_reason = f"completed num_max_training_rounds ({task.total_rounds})"
-    elif phase.dp.type not in ("", "NONE"):
+    elif phase.dp.type not in ("", "NONE") and phase.extra.get("enforce_privacy_budget", True):
         next_epsilon = epsilon_after(phase, key.round_number + 1)
         if next_epsilon > phase.target_epsilon:
             done_reason = (f"privacy budget reached: round {key.round_number + 1} would spend "

@@ -78,8 +78,12 @@ def ingest_upload(
     if assignment is None:
         return _reject(store, key, event, OUTCOME_UNKNOWN_ASSIGNMENT, f"no assignment {parsed.assignment_id}", now)
     if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
-        _close_if_goal_reached(store, events, task, key, now)
-        return IngestionResult(OUTCOME_DUPLICATE, "already counted")
+        # A redelivery. If the round closed, settle whether the first delivery counted
+        # (it may have crashed between accepting and finding out it was too late).
+        if iteration.status != IterationStatus.COLLECTING and store.accept_upload(key, parsed.assignment_id) == ROUND_CLOSED:
+            return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} closed before it counted", now)
+        count, closed = _close_if_goal_reached(store, events, task, key, now)
+        return IngestionResult(OUTCOME_DUPLICATE, "already counted", count, closed)
     if iteration.status != IterationStatus.COLLECTING:
         return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {iteration.status.value}", now)
     if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
@@ -119,7 +123,8 @@ def _close_if_goal_reached(
 ) -> tuple[int, bool]:
     """Close the round once the accepted count reaches the goal; publish round-ready.
 
-    Exactly one caller wins the COLLECTING -> AGGREGATING flip (a transaction). Publishing
+    Exactly one caller wins the COLLECTING -> AGGREGATING flip (a conditional write) and
+    then freezes the round's accepted set (:meth:`TaskStore.accepted_ids`). Publishing
     comes after the flip and is recorded with ``round_ready_published``; a crash between the
     two is repaired by any later ingestion of the round and by the scheduler tick
     (:func:`publish_pending_round_ready`). The aggregator is idempotent, so a repeated
@@ -132,6 +137,7 @@ def _close_if_goal_reached(
         store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now()},
                                expected=[IterationStatus.COLLECTING])
         log.info("round %s/%s/%s reached its goal (%d): closed", key.population, key.task_id, key.round_number, count)
+        store.accepted_ids(key)  # freeze now: uploads still in flight count only if already written
     except PreconditionFailedError:
         pass  # another instance closed it
     publish_pending_round_ready(store, events, key)

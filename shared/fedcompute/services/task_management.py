@@ -16,7 +16,7 @@ from google.protobuf import timestamp_pb2
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
-from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError
+from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
@@ -153,7 +153,14 @@ def open_task(
         return task
     if task.status != TaskStatus.CREATED:
         raise ConflictError(f"task {population}/{task_id} is {task.status.value}; only CREATED tasks can be opened")
-    phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(population, task_id)))
+    phase_path = layout.server_phase_path(population, task_id)
+    try:
+        phase = ServerPhase.from_json(blobs.read(settings.model_bucket, phase_path))
+    except NotFoundError as error:
+        raise PreconditionFailedError(
+            f"task {population}/{task_id} cannot open: gs://{settings.model_bucket}/{phase_path} does not exist",
+            hint="upload the task's artifacts first (the task builder does), then open it",
+        ) from error
     changes = {
         "status": TaskStatus.OPEN,
         "started_time": now(),

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.config import ValidatedConfig, validate_task_config
-from fedcompute.errors import ArtifactBuildError, FedComputeError, InvalidRequestError
+from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
 from fedcompute.plans import ClientPlan, DpParameters, ServerPhase, pack_plan
 from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_config_pb2, task_management_pb2
 from fedcompute.settings import Settings
@@ -59,6 +59,7 @@ class TaskManagementPort:
     def open_task(self, population: str, task_id: int) -> task_management_pb2.Task: ...
     def delete_task(self, population: str, task_id: int) -> None: ...
     def get_task(self, population: str, task_id: int) -> task_management_pb2.Task: ...
+    def cancel_task(self, population: str, task_id: int, reason: str = "") -> task_management_pb2.Task: ...
 
 
 @dataclass
@@ -202,6 +203,9 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                 dp.aggregator, noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm,
                 report_goal=spec.report_goal, rounds=spec.num_rounds, target_epsilon=spec.target_epsilon,
                 delta=spec.delta, population_size=spec.population_size, raise_on_failure=False,
+                # With --skip_dp_check the failure is not reported: skip the (slow) search
+                # for the noise multiplier that would pass.
+                explain_failure=not flags.skip_dp_check,
             )
         _fill_dp_report(report, dp_result)
         if not dp_result.passed and not flags.skip_dp_check:
@@ -294,12 +298,9 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                     training_task = opened
                 else:
                     eval_task = opened
-    except Exception:
+    except Exception as error:
         for task_id in reversed(created):
-            try:
-                task_management.delete_task(spec.population_name, task_id)
-            except FedComputeError as cleanup_error:  # keep the original error; say what is left
-                log.error("rollback of task %s/%s failed: %s", spec.population_name, task_id, cleanup_error)
+            _roll_back(task_management, spec.population_name, task_id, error)
         raise
     if training_task is not None:
         group.training_task.CopyFrom(training_task)
@@ -307,6 +308,28 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
         group.eval_task.CopyFrom(eval_task)
     outcome.response.task_group.CopyFrom(group)
     return outcome
+
+
+def _roll_back(tm: TaskManagementPort, population: str, task_id: int, cause: BaseException) -> None:
+    """Delete a task this build created; cancel it if it was already opened.
+
+    Task management only deletes CREATED tasks, so when the second task's open fails the
+    first one is OPEN: cancel it so no device is ever assigned to half a task group.
+    Cleanup errors are logged, never raised: the build's own error is the one to report.
+    """
+    try:
+        tm.delete_task(population, task_id)
+        return
+    except ConflictError:
+        pass
+    except FedComputeError as cleanup_error:
+        log.error("rollback of task %s/%s failed: %s", population, task_id, cleanup_error)
+        return
+    try:
+        tm.cancel_task(population, task_id, f"task build failed: {cause}")
+        log.warning("rollback: task %s/%s was already open; canceled it", population, task_id)
+    except FedComputeError as cleanup_error:
+        log.error("rollback of open task %s/%s failed: %s", population, task_id, cleanup_error)
 
 
 def _create(tm: TaskManagementPort, population: str, task: task_management_pb2.Task) -> task_management_pb2.Task:
@@ -387,6 +410,9 @@ def _server_phase(spec, specs, metrics, dp, noise, flags, report_goal, over_sele
         server_learning_rate=spec.server_learning_rate, report_goal=report_goal, over_selection_rate=over_selection,
         total_rounds=spec.num_rounds, population_size=spec.population_size, target_epsilon=spec.target_epsilon,
         delta=spec.delta, dp=params, weights=specs, metrics=metrics,
+        # --skip_dp_check opts out of the budget at build time; the ledger then records
+        # epsilon after every round but does not stop the task on it.
+        extra={"enforce_privacy_budget": not flags.skip_dp_check},
     )
 
 
@@ -458,6 +484,11 @@ class InProcessTaskManagement(TaskManagementPort):
         from fedcompute.services import task_management as tm
 
         return tm.task_to_proto(tm.get_task(self._store, population, task_id))
+
+    def cancel_task(self, population, task_id, reason=""):
+        from fedcompute.services import task_management as tm
+
+        return tm.task_to_proto(tm.cancel_task(self._store, population, task_id, reason))
 
 
 def http_status_for_response(response: task_builder_pb2.BuildTaskResponse) -> int:

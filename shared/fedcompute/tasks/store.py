@@ -8,18 +8,32 @@ tests. Both implement the same conditional-write semantics:
 * status moves are conditional on the current status (lost races raise
   :class:`PreconditionFailedError`);
 * the hot path (many devices reporting at once) never writes one shared document: each
-  assignment and each slot is its own document, counts come from aggregation queries, and
-  only the rare round flips (close, complete) run in transactions.
+  assignment and each slot is its own document, counts come from aggregation queries,
+  round status moves are optimistic conditional writes, and only completing a round (round,
+  task and next round together) runs in a transaction.
+
+Exactly-once counting without a hot transaction (Firestore): an upload is accepted by a
+conditional write of its assignment alone (LOCAL_COMPLETED -> UPLOAD_COMPLETED), then the
+round is re-read. If the round still collects, the upload counts: whoever closes the round
+later freezes a set that includes it. If the round closed meanwhile, the round's *accepted
+set* decides: it is frozen once, create-only, from the UPLOAD_COMPLETED assignments
+visible after the close (:meth:`TaskStore.accepted_ids`, which whoever needs it first
+creates). An upload outside that set was too late and its acceptance is undone. The
+aggregator aggregates exactly the frozen set, so every accepted report is aggregated and
+nothing else is. (Reading the round inside the accept transaction did the same, but under
+~100 concurrent uploads the Firestore emulator's lock manager aborted the round's writers
+with "Transaction lock timeout".)
 """
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
+from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError, TransientError
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
@@ -29,6 +43,14 @@ from fedcompute.tasks.records import (
     TaskRecord,
     TaskStatus,
 )
+
+
+_OPTIMISTIC_ATTEMPTS = 25
+
+
+def _backoff(attempt: int) -> None:
+    """Short jittered sleep between optimistic retries."""
+    time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
 
 
 class AcceptOutcome(str):
@@ -94,6 +116,7 @@ class TaskStore(Protocol):
         reason: str = "",
     ) -> AssignmentRecord: ...
     def accept_upload(self, key: RoundKey, assignment_id: str) -> AcceptOutcome: ...
+    def accepted_ids(self, key: RoundKey) -> list[str]: ...
     def count_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> int: ...
     def list_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> list[AssignmentRecord]: ...
     def record_rejection(self, key: RoundKey, event_id: str, data: dict[str, Any]) -> bool: ...
@@ -263,6 +286,15 @@ class InMemoryTaskStore:
                 rec.replace(status=AssignmentStatus.UPLOAD_COMPLETED, updated_time=time.time()),
             ))
 
+    def accepted_ids(self, key):
+        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
+        with self._lock:
+            it = self._iterations.get((key.population, key.task_id, key.round_number))
+            if it is None or it.status == IterationStatus.COLLECTING:
+                raise PreconditionFailedError(f"round {key.round_number} is still collecting: its accepted set "
+                                              "is not final")
+            return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
+
     def count_assignments(self, key, status=None):
         return len(self.list_assignments(key, status))
 
@@ -426,23 +458,28 @@ class FirestoreTaskStore:
         return sorted((IterationRecord.from_dict(d.to_dict()) for d in docs), key=lambda i: i.round_number)
 
     def update_iteration(self, key, changes, *, expected):
-        from google.cloud import firestore
+        # Optimistic (read, then write conditional on the version read) rather than a
+        # transaction: every ingestion past the goal tries to close the round and mark
+        # round-ready published, and contending transactions on one document time out.
+        from google.api_core import exceptions
 
         ref = self._round(key)
         allowed = {s.value for s in expected}
-
-        @firestore.transactional
-        def apply(transaction):
-            snapshot = ref.get(transaction=transaction)
+        for attempt in range(_OPTIMISTIC_ATTEMPTS):
+            snapshot = ref.get()
             if not snapshot.exists:
                 raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
             data = snapshot.to_dict()
             if data["status"] not in allowed:
                 raise PreconditionFailedError(f"round {key.round_number} is {data['status']}")
-            transaction.update(ref, _plain(changes))
+            try:
+                ref.update(_plain(changes), option=self._db.write_option(last_update_time=snapshot.update_time))
+            except exceptions.FailedPrecondition:
+                _backoff(attempt)  # changed since we read it: decide again on the new version
+                continue
             return IterationRecord.from_dict({**data, **_plain(changes)})
-
-        return apply(self._db.transaction())
+        raise TransientError(f"round {key.round_number} of task {key.population}/{key.task_id} kept changing "
+                             f"concurrently ({_OPTIMISTIC_ATTEMPTS} attempts)", hint="retry")
 
     def finish_round(self, key, iteration_changes, task_changes, next_iteration):
         from google.cloud import firestore
@@ -525,30 +562,73 @@ class FirestoreTaskStore:
         return AssignmentRecord.from_dict({**data, **changes})
 
     def accept_upload(self, key, assignment_id):
-        from google.cloud import firestore
+        """Count one upload exactly once; see the module docstring for why this is safe."""
+        from google.api_core import exceptions
 
-        iteration_ref = self._round(key)
-        assignment_ref = self._assignment(key, assignment_id)
+        ref = self._assignment(key, assignment_id)
+        for attempt in range(_OPTIMISTIC_ATTEMPTS):
+            snapshot = ref.get()
+            if not snapshot.exists:
+                return UNKNOWN_ASSIGNMENT
+            status = snapshot.to_dict()["status"]
+            if status == AssignmentStatus.UPLOAD_COMPLETED.value:
+                return self._settle_accept(key, assignment_id, DUPLICATE)
+            iteration = self.get_iteration(key.population, key.task_id, key.round_number)
+            if iteration is None or iteration.status != IterationStatus.COLLECTING:
+                return ROUND_CLOSED
+            if status != AssignmentStatus.LOCAL_COMPLETED.value:
+                return NOT_UPLOADABLE
+            try:
+                ref.update({"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": time.time()},
+                           option=self._db.write_option(last_update_time=snapshot.update_time))
+            except exceptions.FailedPrecondition:
+                _backoff(attempt)  # a concurrent delivery or a timeout moved it: decide again
+                continue
+            return self._settle_accept(key, assignment_id, ACCEPTED)
+        raise TransientError(f"assignment {assignment_id} kept changing concurrently", hint="retry")
 
-        # Reading the round in the same transaction as the assignment write makes the
-        # round's close (a transaction writing the round) serialize against accepts:
-        # once a round is AGGREGATING, no further upload can be accepted into it.
-        @firestore.transactional
-        def apply(transaction):
-            it = iteration_ref.get(transaction=transaction)
-            rec = assignment_ref.get(transaction=transaction)
-            iteration = IterationRecord.from_dict(it.to_dict()) if it.exists else None
-            assignment = AssignmentRecord.from_dict(rec.to_dict()) if rec.exists else None
-            return _accept_decision(
-                iteration,
-                assignment,
-                lambda: transaction.update(
-                    assignment_ref,
-                    {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": time.time()},
-                ),
-            )
+    def _settle_accept(self, key: RoundKey, assignment_id: str, outcome: AcceptOutcome) -> AcceptOutcome:
+        """``outcome`` if the UPLOAD_COMPLETED assignment counts; else undo it: ROUND_CLOSED.
 
-        return apply(self._db.transaction(max_attempts=20))
+        Read after the assignment's write: a round still COLLECTING closes later, and its
+        accepted set (listed after the close) includes this assignment.
+        """
+        iteration = self.get_iteration(key.population, key.task_id, key.round_number)
+        if iteration is not None and iteration.status == IterationStatus.COLLECTING:
+            return outcome
+        if assignment_id in set(self.accepted_ids(key)):
+            return outcome
+        try:
+            self.transition_assignment(key, assignment_id, expected=[AssignmentStatus.UPLOAD_COMPLETED],
+                                       new_status=AssignmentStatus.LOCAL_COMPLETED,
+                                       reason=f"upload arrived after round {key.round_number} closed")
+        except (PreconditionFailedError, NotFoundError):
+            pass  # a concurrent delivery of the same upload undid it already
+        return ROUND_CLOSED
+
+    def accepted_ids(self, key):
+        """The round's accepted set, frozen on first use after the round stopped collecting.
+
+        Create-only, so every caller (late accepts, the aggregator, its re-runs) sees the
+        same set. One document holds the ids: fine up to ~25,000 reports per round.
+        """
+        from google.api_core import exceptions
+
+        ref = self._round(key).collection("frozen").document("accepted")
+        snapshot = ref.get()
+        if snapshot.exists:
+            return list(snapshot.to_dict()["assignment_ids"])
+        iteration = self.get_iteration(key.population, key.task_id, key.round_number)
+        if iteration is None or iteration.status == IterationStatus.COLLECTING:
+            raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
+                                          "closed: its accepted set is not final")
+        query = self._assignments_query(key, AssignmentStatus.UPLOAD_COMPLETED).select([])
+        ids = sorted(doc.id for doc in query.stream())
+        try:
+            ref.create({"assignment_ids": ids, "time": time.time()})
+        except exceptions.Conflict:
+            return list(ref.get().to_dict()["assignment_ids"])
+        return ids
 
     def _assignments_query(self, key, status):
         query = self._round(key).collection("assignments")
