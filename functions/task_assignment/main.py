@@ -14,6 +14,7 @@ import flask
 import functions_framework
 from google.protobuf import duration_pb2
 
+from fedcompute import layout
 from fedcompute.errors import InvalidRequestError
 from fedcompute.proto import common_pb2, eligibility_pb2, task_assignment_pb2
 from fedcompute.runtime import Runtime
@@ -28,7 +29,7 @@ MAX_REQUEST_BYTES = 64 * 1024  # check-in and report messages are tiny
 configure_logging()
 RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
 ROUTER = Router(NAME)
-SEGMENT = r"[A-Za-z0-9_.\-]+"
+SEGMENT = layout.POPULATION_PATTERN
 
 
 @ROUTER.route("GET", r"/healthz")

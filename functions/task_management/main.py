@@ -16,6 +16,7 @@ import flask
 import functions_framework
 from google.protobuf import json_format
 
+from fedcompute import layout
 from fedcompute.proto import task_management_pb2
 from fedcompute.runtime import Runtime
 from fedcompute.services import task_management as service
@@ -34,7 +35,7 @@ NAME = "task_management"
 configure_logging()
 RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
 ROUTER = Router(NAME)
-POP = r"(?P<population>[A-Za-z0-9_.\-]+)"
+POP = rf"(?P<population>{layout.POPULATION_PATTERN})"
 TASK = r"(?P<task_id>[0-9]+)"
 
 

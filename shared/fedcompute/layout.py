@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_SEGMENT = r"[A-Za-z0-9_.\-]+"
+POPULATION_PATTERN = r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*"  # no leading dot: never "." or ".."
 GRADIENT_PATH_RE = re.compile(
-    rf"^(?P<population>{_SEGMENT})/(?P<task_id>[0-9]+)/(?P<round>[0-9]+)/d/(?P<assignment_id>[A-Za-z0-9\-]+)/gradient$"
+    rf"^(?P<population>{POPULATION_PATTERN})/(?P<task_id>[0-9]+)/(?P<round>[0-9]+)/d/(?P<assignment_id>[A-Za-z0-9\-]+)/gradient$"
 )
 
 

@@ -39,6 +39,7 @@ from fedcompute.services import scheduler as scheduler_service
 from fedcompute.stack.local import default_functions_dir, functions_framework_executable
 from fedcompute.stack.procs import free_port, start_process
 from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, TaskStatus
+from fedcompute.tasks.store import FirestoreTaskStore, RoundKey
 from support.tasks import (
     COMPLETED,
     DeviceRun,
@@ -309,8 +310,10 @@ def test_concurrent_reports_across_the_goal_are_counted_exactly_once(local_stack
     client = device(local_stack)
     capacity = task.record().max_assignments
     assert capacity == 104
+    check_in_started = time.monotonic()
     with ThreadPoolExecutor(16) as pool:
         assignments = list(pool.map(lambda _: check_in(client, task.population), range(capacity)))
+    check_in_s = time.monotonic() - check_in_started
     assert len({a.assignment_id for a in assignments}) == capacity
     extra = client.create_task_assignment(task.population, "1")  # the cap holds
     assert isinstance(extra, Rejected) and extra.reason == "NO_TASK_AVAILABLE"
@@ -364,13 +367,66 @@ def test_concurrent_reports_across_the_goal_are_counted_exactly_once(local_stack
     deliveries = len(log_lines(local_stack, "aggregator", f"round {round_name(task)}: "))
     assert task.record().status == TaskStatus.COMPLETED
     FIGURES["crowd"] = {
-        "devices": capacity, "uploaded": len(uploaded), "accepted": len(accepted),
+        "devices": capacity, "check_ins_s": round(check_in_s, 2), "uploaded": len(uploaded), "accepted": len(accepted),
         "late_uploads": len(uploaded) - len(accepted), "turned_away_at_report": len(turned_away),
         "reports_and_uploads_s": round(uploads_s, 2), "all_verdicts_s": round(verdicts_s, 2),
         "goal_to_checkpoint_s": round(iteration.completed_time - iteration.aggregating_time, 2),
         "round_ready_deliveries": deliveries, "redelivered_uploads": sum(len(v) > 1 for v in found.values()),
     }
     print(f"\n104-device round: {FIGURES['crowd']}")
+
+
+class CloseDuringAccept(FirestoreTaskStore):
+    """A FirestoreTaskStore on which another instance closes the round (and, with
+    ``freeze``, freezes its accepted set) right after an accept's first look at the round."""
+
+    def __init__(self, client: Any, key: RoundKey, *, freeze: bool) -> None:
+        super().__init__(client)
+        self.key, self.freeze, self.armed = key, freeze, True
+
+    def get_iteration(self, population: str, task_id: int, round_number: int):
+        iteration = super().get_iteration(population, task_id, round_number)
+        if self.armed:
+            self.armed = False
+            other = FirestoreTaskStore(self._db)
+            other.update_iteration(self.key, {"status": IterationStatus.AGGREGATING, "aggregating_time": time.time(),
+                                              "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
+            if self.freeze:
+                other.accepted_ids(self.key)
+        return iteration
+
+
+def test_an_accept_racing_the_close_counts_only_if_in_the_frozen_set(local_stack: StackHandle) -> None:
+    """The store's accept protocol on the emulator, with the race forced at its worst point."""
+    db = local_stack.clients.firestore
+    management = TaskManagementClient(local_stack.settings.task_management_url)
+    for freeze, expected_outcome in ((True, "ROUND_CLOSED"), (False, "ACCEPTED")):
+        task = create_numpy_task(local_stack, unique("race"), report_goal=2, rounds=1)
+        key, store, now = task.key(1), task.store, time.time()
+        ids = [f"{name}-{uuid.uuid4()}" for name in ("a", "b", "c")]
+        for slot, aid in enumerate(ids):
+            store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
+                                                     AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
+        assert [store.accept_upload(key, aid) for aid in ids[:2]] == ["ACCEPTED", "ACCEPTED"]
+        with pytest.raises(PreconditionFailedError, match="not closed"):
+            store.accepted_ids(key)  # no accepted set while the round collects
+        # c passes the "still collecting" check; the round closes before c's write lands.
+        outcome = CloseDuringAccept(db, key, freeze=freeze).accept_upload(key, ids[2])
+        assert outcome == expected_outcome, freeze
+        counted = ids if expected_outcome == "ACCEPTED" else ids[:2]
+        assert store.accepted_ids(key) == sorted(counted)
+        assert task.count(1) == len(counted)
+        late = store.get_assignment(key, ids[2])
+        if expected_outcome == "ROUND_CLOSED":  # undone: back to LOCAL_COMPLETED, not counted
+            assert late.status == AssignmentStatus.LOCAL_COMPLETED and "after round 1 closed" in late.status_reason
+            # A crash between the write and the undo leaves it UPLOAD_COMPLETED; the redelivery settles it.
+            store.transition_assignment(key, ids[2], expected=[AssignmentStatus.LOCAL_COMPLETED],
+                                        new_status=AssignmentStatus.UPLOAD_COMPLETED)
+            assert store.accept_upload(key, ids[2]) == "ROUND_CLOSED"
+            assert store.get_assignment(key, ids[2]).status == AssignmentStatus.LOCAL_COMPLETED
+        assert store.accept_upload(key, ids[0]) == "DUPLICATE"
+        assert store.accepted_ids(key) == sorted(counted)  # frozen: stable for every reader
+        management.cancel_task(task.population, task.task_id, "test over")
 
 
 class RecordingBlobs:
@@ -404,6 +460,7 @@ class NoCommitStore:
         return getattr(self.inner, name)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TensorFlow / tensorflow_privacy imports
 def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle) -> None:
     """DP noise included: the re-run (another process, via the scheduler) adds the same noise."""
     task = create_numpy_task(local_stack, unique("rerun"), report_goal=2, rounds=2, target_epsilon=1e6,

@@ -82,7 +82,7 @@ def ingest_upload(
         # (it may have crashed between accepting and finding out it was too late).
         if iteration.status != IterationStatus.COLLECTING and store.accept_upload(key, parsed.assignment_id) == ROUND_CLOSED:
             return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} closed before it counted", now)
-        count, closed = _close_if_goal_reached(store, events, task, key, now)
+        count, closed = _close_if_goal_reached(store, events, task, key, now, repair=True)
         return IngestionResult(OUTCOME_DUPLICATE, "already counted", count, closed)
     if iteration.status != IterationStatus.COLLECTING:
         return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {iteration.status.value}", now)
@@ -106,7 +106,7 @@ def ingest_upload(
         return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} closed meanwhile", now)
     if outcome == NOT_UPLOADABLE:
         return _reject(store, key, event, OUTCOME_NOT_UPLOADABLE, "assignment changed meanwhile", now)
-    count, closed = _close_if_goal_reached(store, events, task, key, now)
+    count, closed = _close_if_goal_reached(store, events, task, key, now, repair=outcome == DUPLICATE)
     if outcome == DUPLICATE:
         return IngestionResult(OUTCOME_DUPLICATE, "already counted", count, closed)
     assert outcome == ACCEPTED
@@ -119,28 +119,33 @@ def _key_tuple(key: RoundKey) -> tuple[str, int, int]:
 
 
 def _close_if_goal_reached(
-    store: TaskStore, events: RoundEvents, task: TaskRecord, key: RoundKey, now: Callable[[], float]
+    store: TaskStore, events: RoundEvents, task: TaskRecord, key: RoundKey, now: Callable[[], float],
+    *, repair: bool = False,
 ) -> tuple[int, bool]:
     """Close the round once the accepted count reaches the goal; publish round-ready.
 
     Exactly one caller wins the COLLECTING -> AGGREGATING flip (a conditional write) and
     then freezes the round's accepted set (:meth:`TaskStore.accepted_ids`). Publishing
     comes after the flip and is recorded with ``round_ready_published``; a crash between the
-    two is repaired by any later ingestion of the round and by the scheduler tick
-    (:func:`publish_pending_round_ready`). The aggregator is idempotent, so a repeated
-    publish is harmless.
+    two is repaired by a redelivered upload event (``repair``: the duplicate path) and by
+    the scheduler tick (:func:`publish_pending_round_ready`). Callers that lose the flip to
+    a concurrent one leave publishing to the winner: each extra round-ready runs a whole
+    aggregation (idempotent, so a duplicate is harmless, only wasteful).
     """
     count = store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)
     if count < task.report_goal:
         return count, False
+    won = False
     try:
         store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now()},
                                expected=[IterationStatus.COLLECTING])
+        won = True
         log.info("round %s/%s/%s reached its goal (%d): closed", key.population, key.task_id, key.round_number, count)
         store.accepted_ids(key)  # freeze now: uploads still in flight count only if already written
     except PreconditionFailedError:
-        pass  # another instance closed it
-    publish_pending_round_ready(store, events, key)
+        pass  # another instance closed it (and publishes round-ready)
+    if won or repair:
+        publish_pending_round_ready(store, events, key)
     return count, True
 
 

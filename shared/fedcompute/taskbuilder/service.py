@@ -192,7 +192,9 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
         model_dir = fetch_saved_model(request.saved_model, blobs, tmp / "model")
         loaded = model_check.load_functional_model_checked(model_dir)
     with _timed(timings, "model_check"):
-        checked = model_check.check_model(loaded, label_name=spec.label_name or None)
+        # The raw config's label_name: normalization fills in "y", which would let a type-2
+        # model without label_name build and then find no label in device examples.
+        checked = model_check.check_model(loaded, label_name=request.task_config.label_name or None)
     example_spec = ExampleSpec.from_input_spec((loaded.x_spec, loaded.y_spec), checked.label_name)
 
     dp_result = None
@@ -293,7 +295,7 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                 outcome.artifact_uris += _publish(blobs, settings, spec.population_name, eval_task.task_id,
                                                   eval_artifacts)
             for task_id in created:
-                opened = task_management.open_task(spec.population_name, task_id)
+                opened = _open(task_management, spec.population_name, task_id)
                 if training_task is not None and task_id == training_task.task_id:
                     training_task = opened
                 else:
@@ -336,7 +338,14 @@ def _create(tm: TaskManagementPort, population: str, task: task_management_pb2.T
     try:
         return tm.create_task(population, task)
     except FedComputeError as error:
-        raise TaskManagementError(str(error), hint=error.hint) from error
+        raise TaskManagementError(error.message, hint=error.hint) from error  # message: no hint twice
+
+
+def _open(tm: TaskManagementPort, population: str, task_id: int) -> task_management_pb2.Task:
+    try:
+        return tm.open_task(population, task_id)
+    except FedComputeError as error:
+        raise TaskManagementError(error.message, hint=error.hint) from error
 
 
 def _publish(blobs, settings, population, task_id, artifacts: TaskArtifacts) -> list[str]:

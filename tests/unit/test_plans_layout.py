@@ -1,0 +1,78 @@
+"""Artifact formats (client plan zip, server phase JSON) and the ODP storage layout."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from fedcompute import layout
+from fedcompute.errors import InvalidRequestError
+from fedcompute.plans import ClientPlan, DpParameters, ServerPhase, WeightSpec, pack_plan, unpack_plan
+
+
+def _plan() -> ClientPlan:
+    return ClientPlan(kind="TRAINING", population_name="p", input_type=1,
+                      example_spec={"input_type": 1}, label_name="y",
+                      weights=(WeightSpec("trainable/0", (3, 2), "float32"),), metrics=("accuracy",), batch_size=7)
+
+
+def test_layout_paths_follow_odp():
+    assert layout.client_plan_path("pop", 3) == "pop/3/0/s/0/client_only_plan"
+    assert layout.server_phase_path("pop", 3) == "pop/3/0/s/0/server_phase"
+    assert layout.checkpoint_path("pop", 3, 5) == "pop/3/5/s/0/checkpoint"
+    assert layout.client_checkpoint_path("pop", 3, 5) == "pop/3/5/d/0/client_checkpoint"
+    assert layout.metrics_path("pop", 3, 5) == "pop/3/5/s/0/metrics"
+    assert layout.gradient_path("pop", 3, 5, "a-b") == "pop/3/5/d/a-b/gradient"
+
+
+@pytest.mark.parametrize("name", ["pop/3/5/d/a-b/gradient", "my_new_population/12/1/d/0f0e-11/gradient"])
+def test_gradient_paths_parse(name):
+    parsed = layout.parse_gradient_path(name)
+    assert parsed is not None and layout.gradient_path(parsed.population, parsed.task_id, parsed.round_number,
+                                                       parsed.assignment_id) == name
+
+
+@pytest.mark.parametrize("name", ["pop/3/5/d/a/b/gradient", "pop/x/5/d/a/gradient", "pop/3/5/s/0/checkpoint",
+                                  "../3/5/d/a/gradient", "pop/3/5/d/a/gradient/extra", ""])
+def test_foreign_paths_do_not_parse(name):
+    assert layout.parse_gradient_path(name) is None
+
+
+def test_plan_round_trip_is_deterministic(tmp_path: Path):
+    model = tmp_path / "model"
+    (model / "variables").mkdir(parents=True)
+    (model / "saved_model.pb").write_bytes(b"pb")
+    (model / "variables" / "v.index").write_bytes(b"idx")
+    first = pack_plan(_plan(), model, {"client_training.tflite": b"tfl"})
+    assert first == pack_plan(_plan(), model, {"client_training.tflite": b"tfl"})
+    plan = unpack_plan(first, tmp_path / "out")
+    assert plan == _plan()
+    assert (tmp_path / "out" / "saved_model" / "variables" / "v.index").read_bytes() == b"idx"
+    assert (tmp_path / "out" / "client_training.tflite").read_bytes() == b"tfl"
+
+
+def test_plan_rejects_unknown_version_non_zip_and_escaping_entries(tmp_path: Path):
+    with pytest.raises(InvalidRequestError, match="not a zip"):
+        unpack_plan(b"nope", tmp_path)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("plan.json", _plan().to_json())
+        archive.writestr("../escape.txt", b"x")
+    with pytest.raises(InvalidRequestError, match="escapes"):
+        unpack_plan(buffer.getvalue(), tmp_path / "t")
+    with pytest.raises(InvalidRequestError, match="format_version 7"):
+        ClientPlan.from_json(_plan().to_json().replace('"format_version": 1', '"format_version": 7'))
+
+
+def test_server_phase_round_trip_and_update_spec():
+    phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="ADAM", server_learning_rate=0.01, report_goal=10,
+                        over_selection_rate=0.3, total_rounds=3, population_size=1000, target_epsilon=5.0,
+                        delta=1e-3, dp=DpParameters("FIXED_GAUSSIAN", 1.1, 0.5, noise_seed=3),
+                        weights=(WeightSpec("trainable/0", (2,), "float32"),
+                                 WeightSpec("non_trainable/0", (2,), "float32", trainable=False)),
+                        metrics=("auc-roc",), extra={"enforce_privacy_budget": False})
+    again = ServerPhase.from_json(phase.to_json())
+    assert again == phase
+    assert [w.name for w in again.update_spec] == ["trainable/0"]
