@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
 # Demo knobs (see README).
-ROUNDS ?= 10
+ROUNDS ?= 12
 DEVICES ?= 200
 REPORT_GOAL ?= 50
 NOISE ?= 0.0

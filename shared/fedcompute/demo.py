@@ -44,6 +44,8 @@ policies {{
   }}
   dataset_policy {{
     batch_size: {batch_size}
+    # fedcompute extension: local epochs over each device's examples.
+    num_epochs: {epochs}
   }}
 }}
 federated_learning {{
@@ -77,15 +79,16 @@ DP_BLOCK = """differential_privacy {{
 
 @dataclass
 class DemoOptions:
-    rounds: int = 10
+    rounds: int = 12
     devices: int = 200
     report_goal: int = 50
     noise: float = 0.0
     dp: str = "fixed"
     clip_norm: float = 10.0
-    client_lr: float = 0.05
+    client_lr: float = 0.1
     server_lr: float = 1.0
-    batch_size: int = 20
+    batch_size: int = 10
+    epochs: int = 2
     min_separation: int = 0
     population_size: int = 3_000_000
     target_epsilon: float = 10.0
@@ -160,7 +163,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         if dp_type else ""
     config_path.write_text(CONFIG_TEMPLATE.format(
         population=population, rounds=options.rounds, report_goal=options.report_goal, client_lr=options.client_lr,
-        server_lr=options.server_lr, batch_size=options.batch_size, min_separation=options.min_separation,
+        server_lr=options.server_lr, batch_size=options.batch_size, epochs=options.epochs, min_separation=options.min_separation,
         population_size=options.population_size, target_epsilon=options.target_epsilon, dp_block=dp_block))
     _say(f"== 3/5  task_builder_client --task_config={config_path} (the seed's step 4)")
     build_started = time.monotonic()
@@ -267,7 +270,7 @@ def _make_fleet(options: DemoOptions, settings: Any, population: str):
     devices = [SimulatedDevice(device_id=i, app=ArrayApp(images[idx], labels[idx].reshape(-1, 1)),
                                rng=random.Random(options.seed * 100_003 + i)) for i, idx in enumerate(parts)]
     return Fleet(devices, DeviceHttpClient(settings.task_assignment_url), population, workers=options.workers,
-                 interval=TrainingInterval(minimum_interval_s=1.0), time_scale=0.01)
+                 interval=TrainingInterval(minimum_interval_s=60.0), time_scale=0.05)
 
 
 def _read_metrics(blobs: Any, settings: Any, population: str, task_id: int, round_number: int) -> dict[str, float]:

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedcompute.cli.config_cmd",
     "fedcompute.cli.stack_cmd",
     "fedcompute.cli.demo_cmd",
+    "fedcompute.cli.fleet_cmd",
 )
 
 

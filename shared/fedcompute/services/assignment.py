@@ -183,7 +183,8 @@ def _claim_slot(store: TaskStore, key: RoundKey, capacity: int, assignment_id: s
     for slot in rng.sample(range(capacity), k=min(_SLOT_PROBES, capacity)):
         if store.claim_slot(key, slot, assignment_id):
             return slot
-    free = [s for s in range(capacity) if s not in store.claimed_slots(key)]
+    claimed = store.claimed_slots(key)  # one listing (not one per slot)
+    free = [s for s in range(capacity) if s not in claimed]
     rng.shuffle(free)
     for slot in free:
         if store.claim_slot(key, slot, assignment_id):

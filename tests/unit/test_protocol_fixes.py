@@ -1,0 +1,143 @@
+"""Regression tests for protocol bugs found by tests/integration/test_training_protocol.py.
+
+In-memory adapters only: each test pins one fix so it cannot silently come back.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from fedcompute import layout
+from fedcompute.adapters.blobs import InMemoryBlobStore
+from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.errors import PreconditionFailedError
+from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
+from fedcompute.plans import DpParameters, ServerPhase
+from fedcompute.services import aggregator
+from fedcompute.services import assignment as svc
+from fedcompute.services import ingestion
+from fedcompute.services import task_management as tm
+from fedcompute.settings import Settings
+from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, TaskKind
+from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
+
+SETTINGS = Settings()
+POP = "fixes"
+
+
+def _open(store: InMemoryTaskStore, blobs: InMemoryBlobStore, *, report_goal: int = 2, max_size: int = 3):
+    task = tm.create_task(store, tm.NewTask(population=POP, kind=TaskKind.TRAINING, total_rounds=2,
+                                            report_goal=report_goal, max_aggregation_size=max_size))
+    weights = [np.ones((4, 3), np.float32), np.zeros(3, np.float32)]
+    phase = ServerPhase("FED_AVG", "SGD", 1.0, report_goal, max_size / report_goal - 1, 2, 100, 10.0, 1e-6,
+                        DpParameters(), weight_specs(weights), ("loss",))
+    publish_artifacts(blobs, SETTINGS, POP, task.task_id, artifacts_from_weights(phase, weights))
+    tm.open_task(store, blobs, SETTINGS, POP, task.task_id)
+    return task, weights
+
+
+def _stats() -> dict[str, np.ndarray]:
+    return {name: np.ones(shape) for name, shape, _ in aggregator.metric_statistics_spec(("loss",))}
+
+
+def _uploaded_round(store: InMemoryTaskStore, blobs: InMemoryBlobStore, task_id: int, n: int = 2) -> RoundKey:
+    key = RoundKey(POP, task_id, 1)
+    for i in range(n):
+        aid = f"a{i}"
+        store.create_assignment(AssignmentRecord(aid, POP, task_id, 1, AssignmentStatus.UPLOAD_COMPLETED, "1", i, 0, 0))
+        delta = [("trainable/0", np.full((4, 3), i + 1, np.float32)), ("trainable/1", np.ones(3, np.float32))]
+        blobs.write(SETTINGS.gradient_bucket, layout.gradient_path(POP, task_id, 1, aid),
+                    encode_client_update(delta, 5, _stats()))
+    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    return key
+
+
+def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle():
+    # decode_bundle returns (named arrays, metadata): the aggregator iterated the tuple.
+    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+    task, weights = _open(store, blobs)
+    key = _uploaded_round(store, blobs, task.task_id)
+    assert aggregator.aggregate_round(store, blobs, events, SETTINGS, key).status == "AGGREGATED"
+    named, _ = decode_bundle(blobs.read(SETTINGS.model_bucket, layout.client_checkpoint_path(POP, task.task_id, 1)))
+    assert [n for n, _ in named] == ["trainable/0", "trainable/1"]
+    np.testing.assert_allclose(named[0][1], weights[0] + 1.5)  # mean of deltas 1 and 2
+    assert json.loads(blobs.read(SETTINGS.model_bucket, layout.metrics_path(POP, task.task_id, 1)))[
+        "server/aggregator/num_reports"] == 2.0
+
+
+def test_aggregator_run_that_loses_the_finish_reports_already_done():
+    # Two round-ready deliveries aggregating at once: only the one that completes the round
+    # may report AGGREGATED (and publish round-completed).
+    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+    task, _ = _open(store, blobs)
+    key = _uploaded_round(store, blobs, task.task_id)
+
+    class LosesTheRace:
+        def finish_round(self, *args, **kwargs):
+            return False
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+    assert aggregator.aggregate_round(LosesTheRace(), blobs, events, SETTINGS, key).status == "ALREADY_DONE"
+    assert events.completed == []
+
+
+def test_check_in_near_a_full_round_lists_claimed_slots_once():
+    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+    _open(store, blobs, report_goal=20, max_size=20)
+    listings = []
+    original = store.claimed_slots
+    store.claimed_slots = lambda key: listings.append(key) or original(key)  # type: ignore[method-assign]
+    rng = random.Random(0)
+    for _ in range(20):
+        assert isinstance(svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), rng=rng),
+                          svc.Assignment)
+    assert 0 < len(listings) <= 20, len(listings)  # at most one per check-in (it was one per slot)
+
+
+def test_no_new_upload_session_for_an_object_already_written():
+    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+    _open(store, blobs)
+    a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
+    key = RoundKey(POP, a.task_id, 1)
+    first = svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
+    assert blobs.complete_upload(first.upload_location, b"update")
+    with pytest.raises(PreconditionFailedError, match="already uploaded"):
+        svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
+
+
+def test_opening_a_task_without_artifacts_is_a_precondition_failure():
+    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+    task = tm.create_task(store, tm.NewTask(population=POP, kind=TaskKind.TRAINING, total_rounds=1, report_goal=1,
+                                            max_aggregation_size=1))
+    with pytest.raises(PreconditionFailedError, match="upload the task's artifacts first"):
+        tm.open_task(store, blobs, SETTINGS, POP, task.task_id)
+
+
+def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner():
+    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+    _open(store, blobs, report_goal=1, max_size=2)
+    a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
+    key = RoundKey(POP, a.task_id, 1)
+    instruction = svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
+    blobs.complete_upload(instruction.upload_location, b"update")
+    count = store.count_assignments
+
+    def count_then_lose_the_flip(k, status=None):
+        n = count(k, status)  # a concurrent winner closes the round right after our count
+        store.update_iteration(k, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+        store.count_assignments = count  # type: ignore[method-assign]
+        return n
+
+    store.count_assignments = count_then_lose_the_flip  # type: ignore[method-assign]
+    event = ingestion.ObjectFinalized("e1", SETTINGS.gradient_bucket, instruction.object_name, 6)
+    result = ingestion.ingest_upload(store, blobs, events, SETTINGS, event, validate=lambda data, task: None)
+    assert result.outcome == "ACCEPTED" and events.ready == []  # the winner publishes, not us
+    # If the winner crashed before publishing, the redelivered event repairs it.
+    again = ingestion.ingest_upload(store, blobs, events, SETTINGS, event, validate=lambda data, task: None)
+    assert again.outcome == "DUPLICATE" and events.ready == [key]
