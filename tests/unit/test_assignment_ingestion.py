@@ -323,3 +323,27 @@ def test_round_event_codec_round_trips_and_rejects_garbage():
     for bad in (b"", b"{}", b'{"population": 1, "task_id": 1, "round": 1}', b"\xff"):
         with pytest.raises((ValueError, KeyError)):
             decode_round_event(bad)
+
+
+def test_uploads_for_a_canceled_task_are_rejected_and_its_round_not_aggregated():
+    from fedcompute.services import aggregator
+    from fedcompute.services import task_management as tm
+
+    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+    task = _open_task(store, report_goal=1, over=1.0)
+    first, second = _checkin(store, blobs, seed=1), _checkin(store, blobs, seed=2)
+    key = RoundKey(POP, task.task_id, 1)
+    instr = svc.report_result(store, blobs, SETTINGS, key, first.assignment_id, ReportedResult.COMPLETED)
+    tm.cancel_task(store, POP, task.task_id, "operator stop")
+    blobs.complete_upload(instr.upload_location, b"update")
+    result = ingestion.ingest_upload(store, blobs, events, SETTINGS,
+                                     ingestion.ObjectFinalized("e", SETTINGS.gradient_bucket, instr.object_name, 6),
+                                     validate=_accept_all)
+    assert result.outcome == ingestion.OUTCOME_TASK_NOT_OPEN
+    assert store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) == 0
+    # A round that closed before the cancel is not aggregated either.
+    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
+    assert outcome.status == "TASK_NOT_OPEN"
+    assert store.get_iteration(POP, task.task_id, 1).status == IterationStatus.CANCELED
+    assert second is not None

@@ -20,7 +20,7 @@ import numpy as np
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
-from fedcompute.errors import InvalidRequestError
+from fedcompute.errors import InvalidRequestError, PreconditionFailedError
 from fedcompute.metric_names import NON_FINITE_METRIC, TRAIN_PREFIX
 from fedcompute.plans import ServerPhase
 from fedcompute.settings import Settings
@@ -116,6 +116,15 @@ def aggregate_round(
         return AggregationOutcome("NOT_READY")
     task = store.get_task(key.population, key.task_id)
     assert task is not None
+    if task.status != TaskStatus.OPEN:  # canceled (or failed) while the round was collecting
+        try:
+            store.update_iteration(key, {"status": IterationStatus.CANCELED, "completed_time": now(),
+                                         "status_reason": f"task {task.status.value}"},
+                                   expected=[IterationStatus.AGGREGATING])
+        except PreconditionFailedError:
+            pass
+        log.info("round %s not aggregated: task is %s", key, task.status.value)
+        return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value)
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))

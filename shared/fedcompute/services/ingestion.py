@@ -15,7 +15,7 @@ from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskRecord
+from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskRecord, TaskStatus
 from fedcompute.tasks.store import ACCEPTED, DUPLICATE, NOT_UPLOADABLE, ROUND_CLOSED, RoundKey, TaskStore
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ OUTCOME_UNKNOWN_ASSIGNMENT = "UNKNOWN_ASSIGNMENT"
 OUTCOME_NOT_UPLOADABLE = "ASSIGNMENT_NOT_UPLOADABLE"
 OUTCOME_INVALID = "INVALID_UPLOAD"
 OUTCOME_MISSING = "OBJECT_MISSING"
+OUTCOME_TASK_NOT_OPEN = "TASK_NOT_OPEN"
 
 Validator = Callable[[bytes, TaskRecord], None]
 
@@ -74,6 +75,8 @@ def ingest_upload(
     iteration = store.get_iteration(*_key_tuple(key)) if task else None
     if task is None or iteration is None:
         return _ignored(OUTCOME_FOREIGN, f"no round {key.round_number} of task {key.population}/{key.task_id}")
+    if task.status != TaskStatus.OPEN:
+        return _reject(store, key, event, OUTCOME_TASK_NOT_OPEN, f"task is {task.status.value}", now)
     assignment = store.get_assignment(key, parsed.assignment_id)
     if assignment is None:
         return _reject(store, key, event, OUTCOME_UNKNOWN_ASSIGNMENT, f"no assignment {parsed.assignment_id}", now)
