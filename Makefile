@@ -14,7 +14,7 @@ REPORT_GOAL ?= 50
 NOISE ?= 0.0
 DP ?= fixed
 
-.PHONY: help setup uv sync data proto up down status test test-unit test-integration test-e2e demo bench lint clean
+.PHONY: help setup uv sync data browser proto up down status test test-unit test-integration test-e2e demo bench lint clean package deploy deploy-check destroy
 
 help:
 	@echo "make setup   install uv, the locked Python environment and the Fashion-MNIST data"
@@ -23,6 +23,9 @@ help:
 	@echo "make up / down / status   start, stop, inspect the local serverless stack"
 	@echo "make proto   regenerate the protobuf Python code from shared/fedcompute/proto/*.proto"
 	@echo "make bench   run the benchmarks (figures go to BENCHMARKS.md by hand)"
+	@echo "make package                          package the Cloud Functions into build/functions (zips for Terraform)"
+	@echo "make deploy PROJECT=... REGION=...    package + terraform apply on Google Cloud (see infra/README.md)"
+	@echo "make destroy PROJECT=... REGION=...   terraform destroy"
 
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -38,7 +41,15 @@ data:
 	    || echo "warning: could not install dataset-fashion-mnist; see README (Fashion-MNIST on other systems)"; \
 	else echo "warning: no apt-get; put the Fashion-MNIST IDX files in $(FASHION_MNIST_DIR) or set FASHION_MNIST_DIR"; fi
 
-setup: sync data
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Chromium (headless browser for the dashboard test) ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+	    || echo "warning: could not install chromium; tests/integration/test_dashboard_browser.py will fail"; \
+	else echo "warning: no apt-get; install Chromium yourself for tests/integration/test_dashboard_browser.py"; fi
+
+setup: sync data browser
 
 proto: sync
 	$(PY) -m grpc_tools.protoc -I shared --python_out=shared --pyi_out=shared shared/fedcompute/proto/*.proto
@@ -70,5 +81,25 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks.run_all
 
+# Google Cloud deployment (infra/README.md). TF_BACKEND_BUCKET defaults to <project>-tfstate.
+FUNCTIONS_BUILD ?= build/functions
+TF_BACKEND_BUCKET ?= $(PROJECT)-tfstate
+TF_VARS = -var project_id=$(PROJECT) -var region=$(REGION) -var functions_source_dir=$(abspath $(FUNCTIONS_BUILD))
+
+package: sync
+	$(PY) -m fedcompute.deploy.package --out $(FUNCTIONS_BUILD)
+
+deploy-check:
+	@test -n "$(PROJECT)" -a -n "$(REGION)" || { echo "usage: make $(MAKECMDGOALS) PROJECT=<gcp-project-id> REGION=<region, e.g. us-central1>"; exit 2; }
+	@command -v terraform >/dev/null || { echo "terraform is not installed: https://developer.hashicorp.com/terraform/install"; exit 2; }
+
+deploy: deploy-check package
+	terraform -chdir=infra init -input=false -backend-config="bucket=$(TF_BACKEND_BUCKET)"
+	terraform -chdir=infra apply $(TF_VARS)
+
+destroy: deploy-check package  # the config hashes the zips, so they must exist
+	terraform -chdir=infra init -input=false -backend-config="bucket=$(TF_BACKEND_BUCKET)"
+	terraform -chdir=infra destroy $(TF_VARS)
+
 clean: down
-	rm -rf .fedcompute out .pytest_cache
+	rm -rf .fedcompute out .pytest_cache build/functions

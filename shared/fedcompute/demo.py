@@ -98,6 +98,8 @@ class DemoOptions:
     seed: int = 0
     out_dir: Path = Path("out/demo")
     state_dir: Path = Path(".fedcompute")
+    task_builder_port: int = 5000  # the seed's localhost:5000; 0 picks a free port
+    keep_stack: bool = True
     timeout_s: float = 1800.0
 
 
@@ -143,7 +145,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     out.mkdir(parents=True, exist_ok=True)
 
     _say("== 1/5  local stack (Firestore + Pub/Sub emulators, fake-gcs-server, Cloud Functions)")
-    stack = LocalStack(options.state_dir)
+    stack = LocalStack(options.state_dir, task_builder_port=options.task_builder_port)
     status = stack.start()
     os.environ.update(stack.env())
     _say(f"   healthy in {status.time_to_healthy_s or 0:.1f} s; task builder at {stack.urls['task_builder']}")
@@ -238,7 +240,11 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     _say(f"metrics plot: {plot}\nsummary: {out / 'summary.json'}")
     _say(f"metrics objects: gs://{settings.model_bucket}/{population}/{task.task_id}/<round>/s/0/metrics "
          f"(rounds 1..{last_round})")
-    _say(f"total wall time {summary.total_wall_time_s:.0f} s; the stack keeps running (make down to stop it)")
+    if options.keep_stack:
+        _say(f"total wall time {summary.total_wall_time_s:.0f} s; the stack keeps running (make down to stop it)")
+    else:
+        stack.stop()
+        _say(f"total wall time {summary.total_wall_time_s:.0f} s; stack stopped")
     return summary
 
 
@@ -308,7 +314,7 @@ def _plot(rows: list[dict[str, float]], path: Path, title: str) -> None:
         ax.set_xlabel("round")
         ax.set_title(name.split("/")[-1])
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\ntraining metrics, summed over the round's devices")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,7 +19,7 @@ SLEEPER = "import time; time.sleep(60)"
 
 def test_function_specs_cover_the_design() -> None:
     assert ALL_FUNCTIONS == ("task_builder", "task_management", "task_assignment",
-                             "result_ingestion", "aggregator", "scheduler")
+                             "result_ingestion", "aggregator", "scheduler", "dashboard")
     topics = {name: spec.topic_field for name, spec in FUNCTION_SPECS.items() if spec.topic_field}
     assert topics == {"result_ingestion": "gcs_notifications", "aggregator": "round_ready",
                       "scheduler": "scheduler_tick"}

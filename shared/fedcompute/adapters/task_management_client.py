@@ -34,6 +34,8 @@ class TaskManagementClient:
 
     def _request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> requests.Response:
         headers = dict(self._headers)
+        if self._base.startswith("https://"):  # deployed: the function is authenticated-only
+            headers["authorization"] = f"Bearer {self._id_token()}"
         data = None
         if body is not None:
             data = body.SerializeToString()
@@ -51,6 +53,17 @@ class TaskManagementClient:
             cls = _ERRORS.get(response.status_code, TransientError if response.status_code >= 500 else FedComputeError)
             raise cls(f"task management: {message}")
         return response
+
+    def _id_token(self) -> str:
+        """A Google ID token for the task management URL (Cloud Run/Functions IAM invoker)."""
+        import google.auth.transport.requests
+        from google.oauth2 import id_token
+
+        try:
+            return id_token.fetch_id_token(google.auth.transport.requests.Request(), self._base)
+        except Exception as error:  # noqa: BLE001 - surface any auth failure with the fix
+            raise UnauthenticatedError(f"could not get an ID token for {self._base}: {error}",
+                                       hint="run with a service account allowed to invoke task_management") from error
 
     def create_task(self, population: str, task: task_management_pb2.Task) -> task_management_pb2.Task:
         response = self._request("POST", f"/taskmanagement/v1/population/{population}:create-task",

@@ -23,6 +23,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedcompute.cli.stack_cmd",
     "fedcompute.cli.demo_cmd",
     "fedcompute.cli.fleet_cmd",
+    "fedcompute.cli.metrics_cmd",
+    "fedcompute.cli.ops_cmd",
 )
 
 

@@ -90,6 +90,7 @@ FUNCTION_SPECS: dict[str, FunctionSpec] = {
         FunctionSpec("result_ingestion", "cloudevent", "gcs_notifications"),
         FunctionSpec("aggregator", "cloudevent", "round_ready", ack_deadline_s=600),
         FunctionSpec("scheduler", "cloudevent", "scheduler_tick"),
+        FunctionSpec("dashboard", "http"),
     )
 }
 ALL_FUNCTIONS: tuple[str, ...] = tuple(FUNCTION_SPECS)

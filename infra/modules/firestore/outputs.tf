@@ -1,0 +1,4 @@
+output "database_name" {
+  description = "Firestore database name."
+  value       = google_firestore_database.default.name
+}

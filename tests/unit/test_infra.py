@@ -1,0 +1,591 @@
+"""The Terraform under infra/ deploys what the code needs, with least-privilege IAM.
+
+Parsed with python-hcl2 (terraform cannot download providers here, so `terraform validate`
+cannot run); `terraform fmt -check` runs for real.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+FUNCTIONS = sorted(p.parent.name for p in (ROOT / "functions").glob("*/main.py"))
+HTTP_FUNCTIONS = {"task_builder", "task_management", "task_assignment", "dashboard"}
+# Pub/Sub-driven functions: pushed by a subscription on this topic (dead-letter policy on it).
+PUSHED_BY_TOPIC = {"aggregator": "round-ready", "scheduler": "scheduler-tick"}
+# Only roles that cannot be scoped to a resource may be granted on the project.
+PROJECT_ROLES_ALLOWED = {"roles/datastore.user", "roles/datastore.viewer", "roles/eventarc.eventReceiver", "roles/logging.logWriter",
+                         "roles/artifactregistry.writer", "roles/pubsub.publisher"}
+FORBIDDEN_ROLES = {"roles/owner", "roles/editor", "roles/viewer", "roles/storage.admin", "roles/pubsub.admin",
+                   "roles/datastore.owner", "roles/iam.serviceAccountUser", "roles/secretmanager.admin"}
+# Exactly the grants each function's account gets: (resource type, role, target).
+EXPECTED_GRANTS: dict[str, set[tuple[str, str, str]]] = {
+    "task_assignment": {
+        ("project", "roles/datastore.user", "project"),
+        ("bucket", "roles/storage.objectCreator", "gradient"),
+        ("bucket", "roles/storage.objectViewer", "model"),
+        ("service_account", "roles/iam.serviceAccountTokenCreator", "task_assignment"),
+    },
+    "task_management": {
+        ("project", "roles/datastore.user", "project"),
+        ("bucket", "roles/storage.objectUser", "model"),
+        ("secret", "roles/secretmanager.secretAccessor", "api_key"),
+    },
+    "task_builder": {
+        ("bucket", "roles/storage.objectAdmin", "model"),
+        ("run_service", "roles/run.invoker", "task_management"),
+        ("secret", "roles/secretmanager.secretAccessor", "api_key"),
+    },
+    "result_ingestion": {
+        ("project", "roles/datastore.user", "project"),
+        ("project", "roles/eventarc.eventReceiver", "project"),
+        ("bucket", "roles/storage.objectViewer", "gradient"),
+        ("topic", "roles/pubsub.publisher", "round-ready"),
+        ("run_service", "roles/run.invoker", "result_ingestion"),
+    },
+    "aggregator": {
+        ("project", "roles/datastore.user", "project"),
+        ("bucket", "roles/storage.objectViewer", "gradient"),
+        ("bucket", "roles/storage.objectUser", "model"),
+        ("bucket", "roles/storage.objectUser", "aggregate"),
+        ("topic", "roles/pubsub.publisher", "round-completed"),
+    },
+    "scheduler": {
+        ("project", "roles/datastore.user", "project"),
+        ("topic", "roles/pubsub.publisher", "round-ready"),
+    },
+    "dashboard": {
+        ("project", "roles/datastore.viewer", "project"),
+        ("bucket", "roles/storage.objectViewer", "model"),
+        ("secret", "roles/secretmanager.secretAccessor", "api_key"),
+    },
+}
+READ_ROLES = {"roles/storage.objectViewer", "roles/storage.objectUser", "roles/storage.objectAdmin",
+              "roles/storage.admin", "roles/storage.legacyObjectReader", "roles/storage.legacyBucketReader"}
+
+
+def unquote(value: Any) -> Any:
+    """hcl2 keeps string quotes and wraps expressions in ${...}; strip both layers of noise."""
+    if isinstance(value, str):
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            return value[1:-1]
+        return value
+    if isinstance(value, dict):
+        return {unquote(k): unquote(v) for k, v in value.items() if k not in ("__is_block__", "__comments__")}
+    if isinstance(value, list):
+        return [unquote(v) for v in value]
+    return value
+
+
+@dataclass
+class Module:
+    path: Path
+    resources: dict[tuple[str, str], dict[str, Any]]
+    variables: dict[str, dict[str, Any]]
+    locals: dict[str, Any]
+    modules: dict[str, dict[str, Any]]
+    outputs: dict[str, dict[str, Any]]
+
+    def var_default(self, expression: Any) -> Any:
+        """`${var.x}` -> the variable's default (other values pass through)."""
+        if isinstance(expression, str):
+            match = re.fullmatch(r"\$\{var\.(\w+)\}", expression)
+            if match:
+                return self.variables[match.group(1)].get("default")
+        return expression
+
+    def of_type(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {name: body for (k, name), body in self.resources.items() if k == kind}
+
+
+def load_module(folder: Path) -> Module:
+    module = Module(folder, {}, {}, {}, {}, {})
+    for tf in sorted(folder.glob("*.tf")):
+        with tf.open() as handle:
+            data = unquote(hcl2.load(handle))
+        for block in data.get("resource", []):
+            for kind, named in block.items():
+                for name, body in named.items():
+                    assert (kind, name) not in module.resources, f"{kind}.{name} declared twice in {folder}"
+                    module.resources[(kind, name)] = body
+        for block in data.get("variable", []):
+            module.variables.update(block)
+        for block in data.get("locals", []):
+            module.locals.update(block)
+        for block in data.get("module", []):
+            module.modules.update(block)
+        for block in data.get("output", []):
+            module.outputs.update(block)
+    return module
+
+
+@pytest.fixture(scope="module")
+def root() -> Module:
+    return load_module(INFRA)
+
+
+@pytest.fixture(scope="module")
+def modules() -> dict[str, Module]:
+    return {p.name: load_module(p) for p in sorted((INFRA / "modules").iterdir()) if p.is_dir()}
+
+
+def all_tf_files() -> list[Path]:
+    return sorted(INFRA.glob("*.tf")) + sorted((INFRA / "modules").glob("**/*.tf"))
+
+
+def block(body: dict[str, Any], name: str) -> dict[str, Any]:
+    """The single nested block ``name`` of a resource body."""
+    blocks = body.get(name)
+    assert isinstance(blocks, list) and len(blocks) == 1, f"expected one {name} block, got {blocks!r}"
+    return blocks[0]
+
+
+def sa_of(member: str) -> str | None:
+    match = re.fullmatch(r"serviceAccount:\$\{google_service_account\.(\w+)\.email\}", member)
+    return match.group(1) if match else None
+
+
+def grants(functions_module: Module, secrets_module: Module, root: Module) -> dict[str, set[tuple[str, str, str]]]:
+    """Every IAM grant to a function's account, as (kind, role, target)."""
+    buckets = {"${var.buckets.model}": "model", "${var.buckets.gradient}": "gradient",
+               "${var.buckets.aggregate}": "aggregate"}
+    topics = {"${local.round_ready_topic}": "round-ready", "${local.round_completed_topic}": "round-completed"}
+    result: dict[str, set[tuple[str, str, str]]] = {}
+
+    def add(member: str, entry: tuple[str, str, str]) -> None:
+        account = sa_of(member)
+        if account is not None:
+            result.setdefault(account, set()).add(entry)
+
+    for body in functions_module.of_type("google_project_iam_member").values():
+        add(body["member"], ("project", body["role"], "project"))
+    for body in functions_module.of_type("google_storage_bucket_iam_member").values():
+        add(body["member"], ("bucket", body["role"], buckets.get(body["bucket"], body["bucket"])))
+    for body in functions_module.of_type("google_pubsub_topic_iam_member").values():
+        add(body["member"], ("topic", body["role"], topics.get(body["topic"], body["topic"])))
+    for body in functions_module.of_type("google_cloud_run_service_iam_member").values():
+        match = re.fullmatch(r"\$\{google_cloudfunctions2_function\.(\w+)\.name\}", body["service"])
+        assert match, f"run invoker on an unexpected service {body['service']}"
+        add(body["member"], ("run_service", body["role"], match.group(1)))
+    for body in functions_module.of_type("google_service_account_iam_member").values():
+        match = re.fullmatch(r"\$\{google_service_account\.(\w+)\.name\}", body["service_account_id"])
+        assert match
+        add(body["member"], ("service_account", body["role"], match.group(1)))
+    # Secret accessors: the root passes function accounts to modules/secrets.
+    accessors = root.modules["secrets"]["accessors"]
+    assert set(secrets_module.of_type("google_secret_manager_secret_iam_member")) == {"accessor"}
+    accessor = secrets_module.of_type("google_secret_manager_secret_iam_member")["accessor"]
+    assert accessor["role"] == "roles/secretmanager.secretAccessor"
+    assert accessor["for_each"] == "${var.accessors}"
+    for function, email in accessors.items():
+        assert email == f"${{module.functions.service_account_emails.{function}}}"
+        result.setdefault(function, set()).add(("secret", "roles/secretmanager.secretAccessor", "api_key"))
+    return result
+
+
+def test_every_tf_file_parses_and_modules_exist(root: Module, modules: dict[str, Module]) -> None:
+    assert {"storage", "pubsub", "firestore", "functions", "scheduler", "secrets"} <= set(modules)
+    for name, call in root.modules.items():
+        assert call["source"] == f"./modules/{name}"
+        # Every argument the root passes is a declared variable of the module.
+        passed = set(call) - {"source", "depends_on"}
+        assert passed <= set(modules[name].variables), f"module {name}: undeclared {passed - set(modules[name].variables)}"
+        required = {v for v, spec in modules[name].variables.items() if "default" not in spec}
+        assert required <= passed, f"module {name} misses required variables {required - passed}"
+    assert len(all_tf_files()) >= 20
+
+
+def test_variables_have_descriptions_and_validations(root: Module, modules: dict[str, Module]) -> None:
+    for module in [root, *modules.values()]:
+        for name, spec in module.variables.items():
+            assert spec.get("description"), f"{module.path.name}: variable {name} has no description"
+    for name in ("project_id", "region", "light_memory", "task_builder_memory", "aggregator_memory",
+                 "min_instances", "max_instances", "gradient_retention_days"):
+        assert root.variables[name].get("validation"), f"variable {name} has no validation block"
+    project_rule = root.variables["project_id"]["validation"][0]["condition"]
+    pattern = re.search(r'regex\("(.+?)", var\.project_id\)', project_rule).group(1).replace("\\\\", "\\")
+    assert re.fullmatch(pattern, "my-fedcompute-project") and not re.fullmatch(pattern, "My_Project")
+    assert root.variables["gradient_retention_days"]["default"] == 1
+
+
+def test_outputs_expose_the_user_endpoints(root: Module) -> None:
+    for name in ("task_builder_url", "task_management_url", "task_assignment_url", "model_bucket", "gradient_bucket",
+                 "aggregate_bucket", "topics"):
+        assert name in root.outputs and root.outputs[name].get("description"), name
+    assert root.outputs["task_assignment_url"]["value"] == "${module.functions.urls.task_assignment}"
+
+
+def test_apis_are_enabled(root: Module) -> None:
+    apis = root.resources[("google_project_service", "apis")]["for_each"]
+    for api in ("cloudfunctions", "run", "cloudbuild", "eventarc", "pubsub", "firestore", "cloudscheduler",
+                "secretmanager", "iamcredentials"):
+        assert f"{api}.googleapis.com" in apis
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_function_resource_entry_point_trigger_and_sizing(function: str, modules: dict[str, Module],
+                                                          root: Module) -> None:
+    fm = modules["functions"]
+    body = fm.of_type("google_cloudfunctions2_function").get(function)
+    assert body is not None, f"no google_cloudfunctions2_function.{function} for functions/{function}"
+    build = block(body, "build_config")
+    assert build["entry_point"] == function and build["runtime"] == "python311"
+    source = block(block(build, "source"), "storage_source")
+    assert source["object"] == f'${{google_storage_bucket_object.source["{function}"].name}}'
+    service = block(body, "service_config")
+    assert service["service_account_email"] == f"${{google_service_account.{function}.email}}"
+    assert (("google_service_account", function)) in fm.resources
+
+    memory = fm.var_default(fm.locals["memory"][function])
+    timeout = fm.var_default(service["timeout_seconds"])
+    expected = {"task_builder": ("8Gi", 900), "aggregator": ("16Gi", 3600)}.get(function, ("512Mi", 60))
+    assert (memory, timeout) == expected
+    # The root's defaults agree with the module's.
+    assert root.variables[{"task_builder": "task_builder_memory", "aggregator": "aggregator_memory"}
+                          .get(function, "light_memory")]["default"] == expected[0]
+
+    if function in HTTP_FUNCTIONS or function in PUSHED_BY_TOPIC:
+        assert "event_trigger" not in body, f"{function} is invoked over HTTPS"
+    if function == "result_ingestion":
+        trigger = block(body, "event_trigger")
+        assert trigger["event_type"] == "google.cloud.storage.object.v1.finalized"
+        assert trigger["retry_policy"] == "RETRY_POLICY_RETRY"
+        assert block(trigger, "event_filters") == {"attribute": "bucket", "value": "${var.buckets.gradient}"}
+    if function in PUSHED_BY_TOPIC:
+        topic = PUSHED_BY_TOPIC[function]
+        subs = root.modules["pubsub"]["push_subscriptions"]
+        topics = root.locals["topics"]
+        mine = [s for s in subs.values() if s["push_endpoint"] == f"${{module.functions.urls.{function}}}"]
+        assert len(mine) == 1, f"{function} must be pushed by exactly one subscription"
+        key = re.fullmatch(r"\$\{local\.topics\.(\w+)\}", mine[0]["topic"]).group(1)
+        assert topics[key] == topic
+        assert fm.outputs["urls"]["value"][function] == f"${{google_cloudfunctions2_function.{function}.url}}"
+        invokers = [b for b in fm.of_type("google_cloud_run_service_iam_member").values()
+                    if b["service"] == f"${{google_cloudfunctions2_function.{function}.name}}"]
+        assert [(b["role"], b["member"]) for b in invokers] == [
+            ("roles/run.invoker", "serviceAccount:${google_service_account.push.email}")]
+        assert mine[0]["oidc_service_account_email"] == "${module.functions.push_service_account_email}"
+        assert fm.outputs["push_service_account_email"]["value"] == "${google_service_account.push.email}"
+
+
+def test_push_subscription_ack_deadline_and_aggregator_timeout(root: Module) -> None:
+    subs = root.modules["pubsub"]["push_subscriptions"]
+    assert all(10 <= s["ack_deadline_seconds"] <= 600 for s in subs.values())
+
+
+def test_secrets_are_injected_only_into_api_key_functions(modules: dict[str, Module]) -> None:
+    for function, body in modules["functions"].of_type("google_cloudfunctions2_function").items():
+        secrets = block(body, "service_config").get("secret_environment_variables", [])
+        if function in ("task_builder", "task_management", "dashboard"):
+            assert [(s["key"], s["secret"]) for s in secrets] == [("FEDCOMPUTE_API_KEY", "${var.api_key_secret_id}")]
+        else:
+            assert secrets == [], f"{function} must not see the API key"
+
+
+def test_only_task_assignment_is_public(modules: dict[str, Module]) -> None:
+    fm = modules["functions"]
+    public = []
+    for kind in ("google_cloud_run_service_iam_member", "google_cloudfunctions2_function_iam_member"):
+        for body in fm.of_type(kind).values():
+            if body["member"] in ("allUsers", "allAuthenticatedUsers"):
+                public.append(body["service"])
+    assert public == ["${google_cloudfunctions2_function.task_assignment.name}"]
+    for function in set(FUNCTIONS) - {"task_assignment"}:
+        assert not any(b.get("member") in ("allUsers", "allAuthenticatedUsers") for b in fm.resources.values()
+                       if function in str(b.get("service", "")))
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_function_iam_is_exactly_what_it_needs(function: str, modules: dict[str, Module], root: Module) -> None:
+    given = grants(modules["functions"], modules["secrets"], root)
+    assert function in EXPECTED_GRANTS, f"functions/{function} has no expected IAM in this test"
+    assert given.get(function, set()) == EXPECTED_GRANTS[function]
+
+
+def test_task_assignment_cannot_read_device_updates(modules: dict[str, Module], root: Module) -> None:
+    given = grants(modules["functions"], modules["secrets"], root)["task_assignment"]
+    assert not {g for g in given if g[0] == "bucket" and g[2] == "gradient" and g[1] in READ_ROLES}
+
+
+def test_no_broad_roles_anywhere(root: Module, modules: dict[str, Module]) -> None:
+    for module in [root, *modules.values()]:
+        for (kind, name), body in module.resources.items():
+            role = body.get("role")
+            if role is None:
+                continue
+            assert role not in FORBIDDEN_ROLES, f"{kind}.{name} grants {role}"
+            if kind in ("google_project_iam_member", "google_project_iam_binding", "google_project_iam_policy"):
+                assert kind == "google_project_iam_member", f"{kind}.{name}: use additive members"
+                assert role in PROJECT_ROLES_ALLOWED, f"{kind}.{name}: project-wide {role}"
+                if role == "roles/pubsub.publisher":  # only the Cloud Storage service agent (Eventarc)
+                    assert "gcs_agent" in body["member"], f"{kind}.{name}: publish on the topic, not the project"
+
+
+def test_buckets_uniform_access_versioning_and_lifecycle(modules: dict[str, Module]) -> None:
+    storage = modules["storage"]
+    all_buckets = {**storage.of_type("google_storage_bucket"), **modules["functions"].of_type("google_storage_bucket")}
+    assert {"model", "gradient", "aggregate"} <= set(all_buckets)
+    for name, body in all_buckets.items():
+        assert body["uniform_bucket_level_access"] is True, f"bucket {name}"
+        assert body["public_access_prevention"] == "enforced", f"bucket {name}"
+    buckets = storage.of_type("google_storage_bucket")
+    assert block(buckets["model"], "versioning")["enabled"] is True
+    for name, variable in (("gradient", "gradient_retention_days"), ("aggregate", "aggregate_retention_days")):
+        rules = buckets[name]["lifecycle_rule"]
+        deletes = [r for r in rules if block(r, "action")["type"] == "Delete"]
+        assert [block(r, "condition")["age"] for r in deletes] == [f"${{var.{variable}}}"], name
+    assert storage.variables["gradient_retention_days"]["default"] == 1
+
+
+def test_every_subscription_dead_letters_after_five_attempts(modules: dict[str, Module], root: Module) -> None:
+    pubsub = modules["pubsub"]
+    subscriptions = pubsub.of_type("google_pubsub_subscription")
+    assert {"push", "pull", "dead_letter_inspect"} <= set(subscriptions)
+    for name, body in subscriptions.items():
+        if name == "dead_letter_inspect":  # the dead-letter topics' own retaining subscriptions
+            assert body["topic"] == "${google_pubsub_topic.dead_letter[each.value].id}"
+            assert "dead_letter_policy" not in body
+            continue
+        policy = block(body, "dead_letter_policy")
+        assert policy["dead_letter_topic"].startswith("${google_pubsub_topic.dead_letter[")
+        assert pubsub.var_default(policy["max_delivery_attempts"]) == 5
+        retry = block(body, "retry_policy")
+        assert retry["minimum_backoff"] and retry["maximum_backoff"]
+    assert pubsub.of_type("google_pubsub_topic")["dead_letter"]["name"] == "${each.value}-dead-letter"
+    # Dead-lettering needs the Pub/Sub service agent on both ends.
+    publisher = pubsub.of_type("google_pubsub_topic_iam_member")["dead_letter_publisher"]
+    subscriber = pubsub.of_type("google_pubsub_subscription_iam_member")["dead_letter_subscriber"]
+    assert publisher["role"] == "roles/pubsub.publisher" and subscriber["role"] == "roles/pubsub.subscriber"
+    assert publisher["member"] == subscriber["member"] == "${local.pubsub_agent}"
+    assert "gcp-sa-pubsub" in pubsub.locals["pubsub_agent"]
+    # The code's topics (fedcompute.settings.Topics minus the local-only one) are all created.
+    from fedcompute.settings import Topics
+
+    expected = {t for t in Topics().all() if t != Topics().gcs_notifications}
+    assert set(root.locals["topics"].values()) == expected
+
+
+def test_firestore_native_and_scheduler_every_minute(modules: dict[str, Module], root: Module) -> None:
+    database = modules["firestore"].of_type("google_firestore_database")["default"]
+    assert database["type"] == "FIRESTORE_NATIVE" and database["name"] == "(default)"
+    job = modules["scheduler"].of_type("google_cloud_scheduler_job")["tick"]
+    assert modules["scheduler"].var_default(job["schedule"]) == root.variables["scheduler_cron"]["default"] == "* * * * *"
+    assert block(job, "pubsub_target")["topic_name"] == "${var.topic_id}"
+    assert root.modules["scheduler"]["topic_id"] == "${module.pubsub.topic_ids[local.topics.scheduler_tick]}"
+
+
+def test_functions_get_the_environment_the_code_reads(modules: dict[str, Module]) -> None:
+    fm = modules["functions"]
+    env = fm.locals["common_env"]
+    for name in ("FEDCOMPUTE_PROJECT", "FEDCOMPUTE_MODEL_BUCKET", "FEDCOMPUTE_GRADIENT_BUCKET",
+                 "FEDCOMPUTE_AGGREGATE_BUCKET"):
+        assert name in env
+    assert env["FEDCOMPUTE_STORAGE_PUBLIC_URL"] == ""  # cloud: signed URLs
+    builder_env = block(fm.of_type("google_cloudfunctions2_function")["task_builder"],
+                        "service_config")["environment_variables"]
+    assert "FEDCOMPUTE_TASK_MANAGEMENT_URL" in builder_env and "task_management.url" in builder_env
+
+
+def test_terraform_fmt_is_clean() -> None:
+    terraform = shutil.which("terraform")
+    if terraform is None:
+        pytest.fail("terraform is not on PATH: install Terraform >= 1.5 (https://developer.hashicorp.com/terraform/"
+                    "install) to check infra/ formatting")
+    run = subprocess.run([terraform, "fmt", "-check", "-recursive", "-diff", str(INFRA)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, f"terraform fmt -check failed; run `terraform fmt -recursive infra`:\n{run.stdout}"
+
+
+# ------------------------------------------------------------------ function packaging
+
+from fedcompute.deploy import package  # noqa: E402  (pure: no TensorFlow, no cloud client)
+from fedcompute.errors import ConfigError  # noqa: E402
+
+SYNTHETIC_LOCK = '''
+version = 1
+[manifest]
+overrides = [{ name = "jax", specifier = "==0.4.13" }]
+
+[[package]]
+name = "app"
+version = "1.0"
+dependencies = [
+    { name = "Lib_A", extra = ["grpc"] },
+    { name = "winonly", marker = "sys_platform == 'win32'" },
+    { name = "jax" },
+]
+
+[[package]]
+name = "lib-a"
+version = "2.0"
+dependencies = [{ name = "shared" }]
+[package.optional-dependencies]
+grpc = [{ name = "grpcio", marker = "python_version >= '3.8'" }]
+
+[[package]]
+name = "shared"
+version = "3.0"
+
+[[package]]
+name = "grpcio"
+version = "1.6"
+
+[[package]]
+name = "winonly"
+version = "9"
+
+[[package]]
+name = "jax"
+version = "0.4.13"
+'''
+
+
+def test_closure_follows_extras_and_markers_of_the_target() -> None:
+    lock = package.parse_lock(SYNTHETIC_LOCK)
+    pins = package.closure(lock, ["app"])
+    assert pins == {"app": "1.0", "lib-a": "2.0", "shared": "3.0", "grpcio": "1.6", "jax": "0.4.13"}
+    assert package.requirements_text(pins).splitlines() == [
+        "app==1.0", "grpcio==1.6", "jax==0.4.13", "lib-a==2.0", "shared==3.0"]
+    windows = dict(package.TARGET_ENVIRONMENT, sys_platform="win32")
+    assert "winonly" in package.closure(lock, ["app"], windows)
+
+
+def test_closure_rejects_unknown_roots_and_broken_overrides() -> None:
+    lock = package.parse_lock(SYNTHETIC_LOCK)
+    with pytest.raises(ConfigError, match="not-there is not in uv.lock"):
+        package.closure(lock, ["not-there"])
+    broken = package.parse_lock(SYNTHETIC_LOCK.replace('version = "0.4.13"', 'version = "0.4.30"'))
+    with pytest.raises(ConfigError, match="override pins 0.4.13"):
+        package.closure(broken, ["jax"])
+    with pytest.raises(ConfigError, match="no \\[\\[package\\]\\]"):
+        package.parse_lock("version = 1\n")
+
+
+def test_real_lock_light_functions_stay_light() -> None:
+    lock = package.parse_lock((ROOT / "uv.lock").read_text())
+    for name, spec in package.FUNCTIONS.items():
+        pins = package.closure(lock, spec.roots)
+        heavy = {"tensorflow", "tensorflow-privacy", "tensorflow-federated", "jax", "jaxlib"} & set(pins)
+        if spec.heavy:
+            assert {"tensorflow", "tensorflow-privacy", "dp-accounting"} <= set(pins)
+            assert "tensorflow-federated" not in pins
+        else:
+            assert not heavy, f"{name} would install {heavy}"
+        if "jax" in pins:
+            assert pins["jax"] == "0.4.13"
+
+
+def _third_party_imports(function: str) -> set[str]:
+    """Top-level third-party modules `functions/<f>/main.py` imports at module level (following
+    fedcompute modules), plus the lazy imports inside those modules' functions (one level)."""
+    import ast
+    import sys as _sys
+
+    shared = ROOT / "shared"
+
+    def source_of(module: str) -> Path | None:
+        for candidate in (shared / (module.replace(".", "/") + ".py"), shared / module.replace(".", "/") / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    found: set[str] = set()
+    seen: set[str] = set()
+    todo = [(ROOT / "functions" / function / "main.py", "main")]
+    while todo:
+        path, name = todo.pop()
+        package_name = name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+        def visit(node: ast.AST, lazy: bool) -> None:
+            for child in ast.iter_child_nodes(node):
+                child_lazy = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+                names: list[str] = []
+                if isinstance(child, ast.Import):
+                    names = [a.name for a in child.names]
+                elif isinstance(child, ast.ImportFrom):
+                    base = child.module or ""
+                    if child.level:
+                        parts = package_name.split(".")[: len(package_name.split(".")) - child.level + 1]
+                        base = ".".join(parts + ([child.module] if child.module else []))
+                    names = [base] + [f"{base}.{a.name}" for a in child.names]
+                elif isinstance(child, ast.If) and getattr(child.test, "id", "") == "TYPE_CHECKING":
+                    continue
+                else:
+                    visit(child, child_lazy)
+                for module in names:
+                    top = module.split(".")[0]
+                    if top == "fedcompute":
+                        if child_lazy:
+                            continue
+                        parts = module.split(".")
+                        for i in range(1, len(parts) + 1):
+                            sub = ".".join(parts[:i])
+                            src = source_of(sub)
+                            if src and sub not in seen:
+                                seen.add(sub)
+                                todo.append((src, sub))
+                    elif top not in _sys.stdlib_module_names and top != "__future__":
+                        found.add(".".join(module.split(".")[:3]) if top == "google" else top)
+
+        visit(ast.parse(path.read_text()), False)
+    return found
+
+
+IMPORT_TO_DISTRIBUTION = {
+    "flask": "flask", "functions_framework": "functions-framework", "numpy": "numpy", "requests": "requests",
+    "scipy": "scipy", "tensorflow": "tensorflow", "tensorflow_privacy": "tensorflow-privacy",
+    "dp_accounting": "dp-accounting", "flatbuffers": "flatbuffers", "google.protobuf": "protobuf",
+    "google.api_core": "google-api-core", "google.auth": "google-auth", "google.cloud.storage": "google-cloud-storage",
+    "google.cloud.pubsub_v1": "google-cloud-pubsub", "google.cloud.firestore": "google-cloud-firestore",
+    "google.cloud.firestore_v1": "google-cloud-firestore",
+}
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+def test_packaged_requirements_cover_what_the_function_imports(function: str) -> None:
+    assert function in package.FUNCTIONS, f"functions/{function} is not in fedcompute.deploy.package.FUNCTIONS"
+    pins = package.closure(package.parse_lock((ROOT / "uv.lock").read_text()), package.FUNCTIONS[function].roots)
+    for module in sorted(_third_party_imports(function)):
+        key = next((k for k in IMPORT_TO_DISTRIBUTION if module == k or module.startswith(k + ".")), None)
+        if key is None and module.startswith("google.") and module.count(".") == 1:
+            key = {"google.auth": "google.auth", "google.protobuf": "google.protobuf"}.get(module)
+        if module in ("google.cloud",):  # namespace package
+            continue
+        assert key is not None, f"{function} imports {module}: map it to its distribution in this test"
+        assert IMPORT_TO_DISTRIBUTION[key] in pins, f"{function} imports {module} but does not pin " \
+                                                     f"{IMPORT_TO_DISTRIBUTION[key]}"
+
+
+def test_package_is_reproducible(tmp_path: Path) -> None:
+    first = package.package_function("scheduler", tmp_path / "a")
+    second = package.package_function("scheduler", tmp_path / "b")
+    assert first.zip_path.read_bytes() == second.zip_path.read_bytes()
+    import zipfile
+
+    with zipfile.ZipFile(first.zip_path) as archive:
+        names = archive.namelist()
+        assert names == sorted(names)
+        assert {"main.py", "requirements.txt", "fedcompute/__init__.py"} <= set(names)
+        assert all(i.date_time == package.ZIP_TIMESTAMP for i in archive.infolist())
+        assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    # A changed source changes the zip (so Terraform re-deploys it).
+    (first.folder / "main.py").write_text("# changed\n")
+    package.deterministic_zip(first.folder, tmp_path / "changed.zip")
+    assert (tmp_path / "changed.zip").read_bytes() != second.zip_path.read_bytes()
+
+
+def test_package_cli_rejects_unknown_function(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        package.main(["--out", str(tmp_path), "--function", "nope"])
+    assert exit_info.value.code == 2
+    assert package.main(["--out", str(tmp_path), "--function", "task_management"]) == 0
+    assert (tmp_path / "task_management.zip").is_file()
+    assert "task_management:" in capsys.readouterr().out
