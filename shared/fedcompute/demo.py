@@ -233,11 +233,15 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         build_time_s=round(build_time, 1),
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    figures = _monitoring_figures(blobs, clients, settings, population, task.task_id, out)
     eps_text = "inf (noise_multiplier 0: no formal privacy)" if epsilon is None or not np.isfinite(epsilon) \
         else f"{epsilon:.4g} (delta {delta:.3g})"
     _say(f"\nfinal test accuracy: {accuracy:.4f}   test loss: {loss:.4f}")
     _say(f"epsilon after {last_round} rounds: {eps_text}")
     _say(f"metrics plot: {plot}\nsummary: {out / 'summary.json'}")
+    _say(f"per-metric and operations figures ({len(figures)}): {out / 'metrics'}/, {out / 'ops'}/")
+    if "dashboard" in stack.urls:
+        _say(f"dashboard: {stack.urls['dashboard']}/?population={population}&task={task.task_id}")
     _say(f"metrics objects: gs://{settings.model_bucket}/{population}/{task.task_id}/<round>/s/0/metrics "
          f"(rounds 1..{last_round})")
     if options.keep_stack:
@@ -246,6 +250,20 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         stack.stop()
         _say(f"total wall time {summary.total_wall_time_s:.0f} s; stack stopped")
     return summary
+
+
+def _monitoring_figures(blobs: Any, clients: Any, settings: Any, population: str, task_id: int,
+                        out: Path) -> list[Path]:
+    """The seed's monitoring figures: one PNG per metric, and the three operations graphs."""
+    from fedcompute.monitoring import metrics as run_metrics
+    from fedcompute.monitoring import ops, plots
+    from fedcompute.tasks.store import FirestoreTaskStore
+
+    run = run_metrics.load_run(blobs, settings.model_bucket, population, task_id)
+    figures = plots.plot_metrics(run, out / "metrics")
+    for task_ops in ops.load_ops(FirestoreTaskStore(clients.firestore), population, task_id):
+        figures += plots.plot_ops(task_ops, out / "ops")
+    return [f.path for f in figures]
 
 
 def _save_model(model_dir: Path, seed: int) -> None:

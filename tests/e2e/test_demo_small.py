@@ -33,6 +33,9 @@ def test_small_demo_trains_and_writes_seed_layout(tmp_path: Path) -> None:
                 for r in saved["metrics_per_round"]] == [
             round(r["server/client_work/train/sparse_categorical_accuracy"], 9) for r in summary.metrics_per_round]
         assert Path(summary.plot).stat().st_size > 10_000
+        metric_pngs = sorted((tmp_path / "out" / "metrics").glob("*.png"))
+        assert len(metric_pngs) == len(summary.metrics_per_round[0])  # one per metric in the JSON
+        assert len(list((tmp_path / "out" / "ops").glob("*.png"))) == 3
 
         # The seed's monitoring script, with the bucket name and object prefix of this stack.
         from google.auth.credentials import AnonymousCredentials

@@ -107,6 +107,8 @@ def test_dashboard_renders_the_live_task(local_stack: StackHandle, tmp_path: Pat
     assert (row["data-status"], row["data-current-round"], float(row["data-epsilon"])) == (
         "OPEN", "3", record.epsilon_spent)
     assert "selected" in row["class"]
+    # While the task runs the page refreshes every 3 s: several refreshes in 10 s of virtual time.
+    assert int(page.having("body", "data-refreshes")[0]["data-refreshes"]) >= 3
     check_metric_points(page, task, [1, 2])
 
     counts = {int(a["data-round"]): a for a in page.having("tr", "data-round")}
@@ -140,4 +142,9 @@ def test_dashboard_renders_the_live_task(local_stack: StackHandle, tmp_path: Pat
     check_metric_points(later, task, [1, 2, 3])
     (row,) = [a for a in later.having("tr", "data-run") if a["data-run"] == f"{task.population}/{task.task_id}"]
     assert row["data-current-round"] == "4"
+    drive_round(task, client, 4, rng)  # finish the task: the page then slows down to a refresh every 15 s
+    assert task.record().status == TaskStatus.COMPLETED
+    done = rendered(url, tmp_path / "profile")
+    assert int(done.having("body", "data-refreshes")[0]["data-refreshes"]) == 1
+    check_metric_points(done, task, [1, 2, 3, 4])
     print(f"\ndashboard rendered in headless Chromium in {render_s:.1f} s; screenshot {SCREENSHOT}")

@@ -94,6 +94,7 @@ def plot_compare(runs: Sequence[RunMetrics], out_dir: Path) -> list[Figure]:
         ax.set_xlabel("round")
         ax.set_ylabel(name.rsplit("/", 1)[-1])
         ax.set_title(f"{name}: {len(lines)} runs")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
         path = out_dir / ("compare_" + metric_filename(name))
@@ -143,7 +144,8 @@ def plot_ops(task: TaskOps, out_dir: Path) -> list[Figure]:
     ys = [c for _, c in per_minute]
     if per_minute:
         ax.bar(_times(xs), ys, width=1 / (24 * 60) * 0.9, align="edge")
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        ax.set_xlim(_times([xs[0] - 60.0, xs[-1] + 120.0]))  # a lone minute must not fill the axis
+    _time_axis(ax, mdates)
     ax.set_xlabel("time (UTC)")
     ax.set_ylabel("assignments")
     ax.set_title(f"Assignments per minute — {task.run_id}")
@@ -161,6 +163,7 @@ def plot_ops(task: TaskOps, out_dir: Path) -> list[Figure]:
     ax.set_xlabel("round")
     ax.set_ylabel("seconds")
     ax.set_title(f"Iteration processing time — {task.run_id}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     ax.grid(alpha=0.3)
     figures.append(_save(plt, fig, out_dir / f"{prefix}iteration_processing_time.png", ax.get_title(), (
@@ -174,7 +177,9 @@ def plot_ops(task: TaskOps, out_dir: Path) -> list[Figure]:
     ty = [n for _, n in over_time]
     if over_time:
         ax.step(_times(tx), ty, where="post", marker="o")
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+    ax.set_ylim(bottom=0)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    _time_axis(ax, mdates)
     ax.set_xlabel("time (UTC)")
     ax.set_ylabel("completed rounds")
     ax.set_title(f"Iterations over time — {task.run_id}")
@@ -182,6 +187,12 @@ def plot_ops(task: TaskOps, out_dir: Path) -> list[Figure]:
     figures.append(_save(plt, fig, out_dir / f"{prefix}iterations_over_time.png", ax.get_title(),
                          (Line("completed rounds", tuple(tx), tuple(float(y) for y in ty)),), dates=True))
     return figures
+
+
+def _time_axis(ax, mdates) -> None:
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
 
 
 def _save(plt, fig, path: Path, title: str, lines: tuple[Line, ...], *, dates: bool = False) -> Figure:
