@@ -543,7 +543,8 @@ IMPORT_TO_DISTRIBUTION = {
     "flask": "flask", "functions_framework": "functions-framework", "numpy": "numpy", "requests": "requests",
     "scipy": "scipy", "tensorflow": "tensorflow", "tensorflow_privacy": "tensorflow-privacy",
     "dp_accounting": "dp-accounting", "flatbuffers": "flatbuffers", "google.protobuf": "protobuf",
-    "google.api_core": "google-api-core", "google.auth": "google-auth", "google.cloud.storage": "google-cloud-storage",
+    "google.api_core": "google-api-core", "google.auth": "google-auth", "google.oauth2": "google-auth",
+    "google.cloud.storage": "google-cloud-storage",
     "google.cloud.pubsub_v1": "google-cloud-pubsub", "google.cloud.firestore": "google-cloud-firestore",
     "google.cloud.firestore_v1": "google-cloud-firestore",
 }

@@ -75,8 +75,6 @@ def ingest_upload(
     iteration = store.get_iteration(*_key_tuple(key)) if task else None
     if task is None or iteration is None:
         return _ignored(OUTCOME_FOREIGN, f"no round {key.round_number} of task {key.population}/{key.task_id}")
-    if task.status != TaskStatus.OPEN:
-        return _reject(store, key, event, OUTCOME_TASK_NOT_OPEN, f"task is {task.status.value}", now)
     assignment = store.get_assignment(key, parsed.assignment_id)
     if assignment is None:
         return _reject(store, key, event, OUTCOME_UNKNOWN_ASSIGNMENT, f"no assignment {parsed.assignment_id}", now)
@@ -87,6 +85,9 @@ def ingest_upload(
             return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} closed before it counted", now)
         count, closed = _close_if_goal_reached(store, events, task, key, now, repair=True)
         return IngestionResult(OUTCOME_DUPLICATE, "already counted", count, closed)
+    # After the duplicate check: a redelivery after the task ended is still a DUPLICATE.
+    if task.status != TaskStatus.OPEN:
+        return _reject(store, key, event, OUTCOME_TASK_NOT_OPEN, f"task is {task.status.value}", now)
     if iteration.status != IterationStatus.COLLECTING:
         return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {iteration.status.value}", now)
     if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
