@@ -122,6 +122,28 @@ def _upload_to_bucket(data: bytes) -> str:
     return f"gs://{settings.model_bucket}/{name}"
 
 
+def _post_with_progress(url: str, body: bytes, headers: dict[str, str], timeout: float):
+    """POST the build; on a terminal, show elapsed time while the server works."""
+    import concurrent.futures
+
+    import requests
+
+    if not sys.stderr.isatty():
+        return requests.post(url, data=body, headers=headers, timeout=timeout)
+    from tqdm import tqdm
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(requests.post, url, data=body, headers=headers, timeout=timeout)
+        with tqdm(desc="building (checks, artifacts, tasks)", unit="s", bar_format="{desc}: {elapsed}",
+                  file=sys.stderr, leave=False) as bar:
+            while True:
+                try:
+                    return future.result(timeout=0.5)
+                except concurrent.futures.TimeoutError:
+                    bar.update(0)
+                    bar.refresh()
+
+
 def run(args: argparse.Namespace) -> int:
     import requests
     from google.protobuf import json_format
@@ -147,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key:
         headers["x-api-key"] = args.api_key
     try:
-        http = requests.post(url, data=request.SerializeToString(), headers=headers, timeout=args.timeout)
+        http = _post_with_progress(url, request.SerializeToString(), headers, args.timeout)
     except requests.RequestException as error:
         raise FedComputeError(f"cannot reach the task builder at {args.task_builder_server}: {error}",
                               hint="start the local stack with `make up`, or pass --task_builder_server") from error
