@@ -85,11 +85,11 @@ def ingest_upload(
             return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} closed before it counted", now)
         count, closed = _close_if_goal_reached(store, events, task, key, now, repair=True)
         return IngestionResult(OUTCOME_DUPLICATE, "already counted", count, closed)
-    # After the duplicate check: a redelivery after the task ended is still a DUPLICATE.
-    if task.status != TaskStatus.OPEN:
-        return _reject(store, key, event, OUTCOME_TASK_NOT_OPEN, f"task is {task.status.value}", now)
     if iteration.status != IterationStatus.COLLECTING:
         return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {iteration.status.value}", now)
+    # After the duplicate and late checks: a redelivery keeps its first verdict after the task ends.
+    if task.status != TaskStatus.OPEN:
+        return _reject(store, key, event, OUTCOME_TASK_NOT_OPEN, f"task is {task.status.value}", now)
     if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
         return _reject(store, key, event, OUTCOME_NOT_UPLOADABLE,
                        f"assignment is {assignment.status.value}, not LOCAL_COMPLETED", now)
