@@ -63,6 +63,17 @@ class DpParameters:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def dp_params_from_phase(dp: DpParameters) -> "aggregation.DpParams":
+    """The aggregation core's parameters from a server phase's DP block."""
+    from fedcompute.learning import aggregation
+
+    return aggregation.DpParams(
+        mechanism=dp.type, clip_norm=dp.clip_norm or None, noise_multiplier=dp.noise_multiplier,
+        init_clip_norm=dp.init_clip_norm or None, target_unclipped_quantile=dp.target_unclipped_quantile,
+        clip_learning_rate=dp.clip_learning_rate, clipped_count_stddev=dp.clipped_count_stddev,
+    )
+
+
 @dataclass(frozen=True)
 class ClientPlan:
     """What a device runs: training (kind TRAINING) or evaluation (kind EVALUATION)."""

@@ -222,7 +222,8 @@ def test_update_of_the_wrong_model_is_refused() -> None:
         (ag.DpParams(ag.FIXED_GAUSSIAN, clip_norm=1.0, noise_multiplier=-0.1), "noise_multiplier must be >= 0"),
         (ag.DpParams(ag.NO_DP, noise_multiplier=0.5), "needs a DP mechanism"),
         (ag.DpParams("ADADPTIVE_TREE", clip_norm=1.0), "unknown DP aggregator 'ADADPTIVE_TREE'"),
-        (ag.DpParams(ag.ADAPTIVE_GAUSSIAN, clip_norm=1.0), "not implemented yet"),
+        (ag.DpParams(ag.ADAPTIVE_GAUSSIAN, clip_norm=1.0, target_unclipped_quantile=2.0),
+         r"target_unclipped_quantile must be in \[0, 1\]"),
     ],
 )
 def test_dp_params_are_validated_at_construction(params: ag.DpParams, fragment: str) -> None:

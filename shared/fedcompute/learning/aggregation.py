@@ -5,10 +5,13 @@ Pure core, state in / state out, no I/O:
 * :class:`RoundAccumulator` + :func:`start_accumulator` / :func:`add_update` /
   :func:`merge_accumulators`: clip every client's whole update (global L2 over all its
   tensors) and sum, one update at a time, in O(model size) memory.
-* :class:`DpAggregator` (protocol) with :class:`NoDpAggregator` and
-  :class:`FixedGaussianAggregator`: ``initial_state()``, ``start``, ``add``, ``finish``.
-  ``finish`` adds the noise through tensorflow_privacy's ``GaussianSumQuery`` (seeded,
-  see :func:`gaussian_sum_query_noise`) and divides by the report goal.
+* :class:`DpAggregator` (protocol) with :class:`NoDpAggregator`,
+  :class:`FixedGaussianAggregator`, :class:`AdaptiveGaussianAggregator`,
+  :class:`TreeAggregationAggregator` and :class:`AdaptiveTreeAggregator`:
+  ``initial_state()``, ``start``, ``add``, ``finish``. ``finish`` adds the noise through
+  tensorflow_privacy's own queries (``GaussianSumQuery``, ``QuantileAdaptiveClipSumQuery``,
+  ``TreeResidualSumQuery``, ``QAdaClipTreeResSumQuery``, optionally in a ``RestartQuery``),
+  seeded, and divides by the report goal.
 * :func:`server_round`: accumulate the round's updates, finish the DP aggregate, apply the
   server optimizer to ``-mean_delta`` (TFF's convention), return the next ServerState.
 
@@ -106,6 +109,17 @@ class DpParams:
     mechanism: str = NO_DP
     clip_norm: float | None = None
     noise_multiplier: float = 0.0
+    # Adaptive clipping (ADAPTIVE_GAUSSIAN, ADAPTIVE_TREE; Andrew et al. 2019, TFF defaults).
+    init_clip_norm: float | None = None  # the first round's clip (None: clip_norm)
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2  # geometric: the clip moves by at most exp(rate) a round
+    clipped_count_stddev: float | None = None  # None: 0.05 * report_goal (TFF)
+    # Tree restarts (TREE_AGGREGATION, ADAPTIVE_TREE): restart the noise tree every
+    # ``restart_period`` releases, the first time after ``restart_warmup`` releases.
+    # None = the mechanism's default: TREE_AGGREGATION never restarts, ADAPTIVE_TREE
+    # uses TFF's tree_adaptive defaults (period 1024, warmup 128; the clip only moves at restarts).
+    restart_period: int | None = None
+    restart_warmup: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,10 +175,17 @@ class RoundAccumulator:
     metric_sums: Mapping[str, np.ndarray] = field(default_factory=dict)  # float64
     metric_clients: int = 0
     metrics_rejected: int = 0  # clients whose metric statistics were invalid or non-finite
+    # ADAPTIVE_TREE counts accepted updates with norm <= its quantile estimate, which only
+    # becomes the clip when the tree restarts (None: not counted).
+    count_threshold: float | None = None
+    below_threshold: int = 0
 
 
-def start_accumulator(spec: SpecLike, clip_norm: float | None) -> RoundAccumulator:
-    """An empty accumulator for a model of ``spec`` clipping at ``clip_norm`` (None: no clip)."""
+def start_accumulator(
+    spec: SpecLike, clip_norm: float | None, count_threshold: float | None = None
+) -> RoundAccumulator:
+    """An empty accumulator for a model of ``spec`` clipping at ``clip_norm`` (None: no clip),
+    also counting updates with norm <= ``count_threshold`` when it is given."""
     specs = normalize_spec(spec)
     for s in specs:
         if np.dtype(s.dtype).kind != "f":
@@ -174,6 +195,7 @@ def start_accumulator(spec: SpecLike, clip_norm: float | None) -> RoundAccumulat
     return RoundAccumulator(
         spec=specs,
         clip_norm=None if clip_norm is None else float(clip_norm),
+        count_threshold=None if count_threshold is None else float(count_threshold),
         totals=tuple(np.zeros(math.prod(s.shape), np.float64) for s in specs),
         partials=tuple(np.zeros(math.prod(s.shape), s.dtype) for s in specs),
     )
@@ -292,6 +314,7 @@ def add_update(acc: RoundAccumulator, update: ClientUpdate) -> RoundAccumulator:
         accepted=acc.accepted + 1,
         clipped=acc.clipped + int(clipped),
         num_examples=acc.num_examples + int(update.num_examples),
+        below_threshold=acc.below_threshold + int(acc.count_threshold is not None and norm <= acc.count_threshold),
     )
     return _flush(acc) if acc.pending >= FLUSH_EVERY else acc
 
@@ -307,7 +330,7 @@ def accumulate(acc: RoundAccumulator, updates: Iterable[ClientUpdate]) -> RoundA
 
 def merge_accumulators(a: RoundAccumulator, b: RoundAccumulator) -> RoundAccumulator:
     """The accumulator of both shards' updates (``a`` and ``b`` are consumed). Noise is added once, later."""
-    if a.spec != b.spec or a.clip_norm != b.clip_norm:
+    if a.spec != b.spec or a.clip_norm != b.clip_norm or a.count_threshold != b.count_threshold:
         raise ValueError("cannot merge accumulators of different models or clip norms")
     a, b = _flush(a), _flush(b)
     for ta, tb in zip(a.totals, b.totals):
@@ -320,6 +343,7 @@ def merge_accumulators(a: RoundAccumulator, b: RoundAccumulator) -> RoundAccumul
         num_examples=a.num_examples + b.num_examples,
         metric_clients=a.metric_clients + b.metric_clients,
         metrics_rejected=a.metrics_rejected + b.metrics_rejected,
+        below_threshold=a.below_threshold + b.below_threshold,
     )
     sums = dict(a.metric_sums)
     for key, value in b.metric_sums.items():
@@ -343,6 +367,9 @@ def encode_partial(acc: RoundAccumulator) -> bytes:
     named += [(f"metric/{k}", v) for k, v in sorted(acc.metric_sums.items())]
     meta = {k: str(getattr(acc, k)) for k in _PARTIAL_COUNTERS}
     meta["clip_norm"] = "" if acc.clip_norm is None else repr(acc.clip_norm)
+    if acc.count_threshold is not None:  # only ADAPTIVE_TREE partials carry these keys
+        meta["count_threshold"] = repr(acc.count_threshold)
+        meta["below_threshold"] = str(acc.below_threshold)
     meta["spec"] = ";".join(f"{s.name}:{s.dtype}:{','.join(map(str, s.shape))}" for s in acc.spec)
     return bundle_to_proto(named, meta).SerializeToString(deterministic=True)
 
@@ -355,7 +382,10 @@ def decode_partial(data: bytes, spec: SpecLike) -> RoundAccumulator:
     named = bundle_from_proto(bundle, what="partial aggregate")
     meta = dict(bundle.metadata)
     clip = float(meta["clip_norm"]) if meta.get("clip_norm") else None
-    acc = start_accumulator(spec, clip)
+    threshold = float(meta["count_threshold"]) if meta.get("count_threshold") else None
+    acc = start_accumulator(spec, clip, threshold)
+    if threshold is not None:
+        acc = replace(acc, below_threshold=int(meta["below_threshold"]))
     sums = {n[4:]: a for n, a in named if n.startswith("sum/")}
     if set(sums) != {s.name for s in acc.spec}:
         raise InvalidRequestError(f"partial aggregate holds {sorted(sums)}, the model has {[s.name for s in acc.spec]}")
@@ -430,10 +460,10 @@ class DpAggregator(Protocol):
     """A DP aggregation mechanism. Built from :class:`DpParams` (validated); stateless itself.
 
     ``start`` reads the clip from the DP state (adaptive clipping moves it); ``finish``
-    releases the noised mean and the next DP state. Adaptive and tree variants (issue 5)
-    implement the same four methods: their extra per-round statistics come from the
-    accumulator's counters (e.g. ``accepted - clipped`` updates within the clip) and their
-    carried state lives in ``DpState.scalars`` / ``DpState.tensors``.
+    releases the noised mean and the next DP state. The adaptive and tree variants take
+    their extra per-round statistics from the accumulator's counters (``accepted - clipped``
+    updates within the clip; ``below_threshold`` for ADAPTIVE_TREE) and carry their state in
+    ``DpState.clip_norm`` / ``scalars`` / ``tensors`` (the tree under ``tree/``).
     """
 
     mechanism: str
@@ -573,6 +603,510 @@ class FixedGaussianAggregator(_ClippedSumAggregator):
         return mean, new_state, metrics
 
 
+# --------------------------------------------------------------------------- adaptive clipping and tree aggregation
+
+METRIC_NEXT_CLIP_NORM = "server/aggregator/next_clip_norm"
+METRIC_UNCLIPPED_FRACTION = "server/aggregator/unclipped_fraction"
+METRIC_NOISED_UNCLIPPED_FRACTION = "server/aggregator/noised_unclipped_fraction"
+METRIC_VALUE_NOISE_MULTIPLIER = "server/aggregator/value_noise_multiplier"
+METRIC_CLIPPED_COUNT_STDDEV = "server/aggregator/clipped_count_stddev"
+METRIC_CUMULATIVE_NOISE_STDDEV = "server/aggregator/cumulative_noise_stddev"
+METRIC_TREE_LEAVES = "server/aggregator/tree_leaves"
+
+ADAPTIVE_TREE_RESTART_PERIOD = 1024  # TFF tree_adaptive defaults
+ADAPTIVE_TREE_RESTART_WARMUP = 128
+_TREE_SEED_MASK = 2**62 - 1  # the tree's stateless seeds are incremented per node: keep int64 headroom
+_TREE_STATE_PREFIX = "tree/"
+
+
+def adaptive_noise_split(
+    noise_multiplier: float, report_goal: int, clipped_count_stddev: float | None
+) -> tuple[float, float]:
+    """(value noise multiplier, clipped-count stddev) for adaptive clipping (TFF's
+    ``adaptive_clip_noise_params``): the noised sum and the noised clipped count together
+    cost as much privacy as one Gaussian sum with multiplier z, so the sum gets
+    z_v = (z^-2 - (2 sigma_b)^-2)^-1/2 with sigma_b = 0.05 * report_goal unless given.
+
+    Raises ConfigError when z >= 2 sigma_b (no finite z_v exists), naming the smallest
+    report goal that works when sigma_b is the default.
+    """
+    z = float(noise_multiplier)
+    if z <= 0.0:
+        return 0.0, 0.0 if clipped_count_stddev is None else float(clipped_count_stddev)
+    sigma_b = 0.05 * report_goal if clipped_count_stddev is None else float(clipped_count_stddev)
+    if z >= 2 * sigma_b:
+        if clipped_count_stddev is None:
+            min_goal = max(1, math.floor(10 * z))
+            while z >= 2 * (0.05 * min_goal):
+                min_goal += 1
+            raise ConfigError(
+                f"noise_multiplier {z} cannot be split between the sum and the clipped count with "
+                f"report goal {report_goal}: the default clipped_count_stddev 0.05 * report_goal = {sigma_b:g} "
+                f"must exceed noise_multiplier / 2",
+                location="differential_privacy.clipped_count_stddev",
+                hint=f"use a report goal of at least {min_goal}, set clipped_count_stddev > {z / 2:g}, "
+                     f"or lower noise_multiplier",
+            )
+        raise ConfigError(
+            f"clipped_count_stddev {sigma_b:g} is too low for noise_multiplier {z}: it must exceed "
+            f"noise_multiplier / 2 = {z / 2:g}",
+            location="differential_privacy.clipped_count_stddev",
+            hint=f"set clipped_count_stddev > {z / 2:g} (e.g. 0.05 * report goal) or lower noise_multiplier",
+        )
+    value_z = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
+    return value_z, sigma_b
+
+
+def tree_noise_seeds(seed: int) -> tuple[int, int]:
+    """(sum tree seed, clipped-count tree seed) derived from a round's noise seed.
+
+    The trees draw stateless noise from seed pairs that advance by one per node and
+    tensor, so the seeds are kept below 2**62 and the count tree's seed is hashed away
+    from the sum tree's (overlapping ranges would correlate the two noises).
+    """
+    seed = int(seed)
+    digest = hashlib.sha256(f"clipped_count/{seed}".encode()).digest()
+    return seed & _TREE_SEED_MASK, int.from_bytes(digest[:8], "big") & _TREE_SEED_MASK
+
+
+def efficient_tree_cumsum_noise_std(leaves: int, node_stddev: float) -> float:
+    """Stddev of one coordinate of the efficient tree's noise on a cumulative sum of ``leaves``
+    releases (Honaker 2015 as in tensorflow_privacy's EfficientTreeAggregator).
+
+    A complete subtree of height l has node variance v_l = sigma^2 (2 - 2^-l) and weight
+    1 / (2 - 2^-l); the cumulative sum uses one subtree per set bit of ``leaves``.
+    """
+    var, level, n = 0.0, 0, int(leaves)
+    while n:
+        if n & 1:
+            var += 1.0 / (2.0 - 0.5**level)
+        n >>= 1
+        level += 1
+    return float(node_stddev) * math.sqrt(var)
+
+
+def _validate_noise(p: DpParams) -> None:
+    if not (math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0):
+        raise ConfigError(
+            f"noise_multiplier must be >= 0, got {p.noise_multiplier}",
+            location="differential_privacy.noise_multiplier",
+        )
+
+
+def _validate_clip(value: float | None, field_name: str, mechanism: str) -> float:
+    if value is None or not (math.isfinite(value) and value > 0):
+        raise ConfigError(
+            f"{mechanism} needs {field_name} > 0, got {value}",
+            location=f"differential_privacy.{field_name}",
+            hint=f"e.g. {field_name}: 0.1",
+        )
+    return float(value)
+
+
+def _validate_adaptive(p: DpParams) -> float:
+    """Checks the adaptive-clipping fields; returns the initial clip."""
+    if p.init_clip_norm is not None:
+        clip = _validate_clip(p.init_clip_norm, "init_clip_norm", p.mechanism)
+    else:
+        clip = _validate_clip(p.clip_norm, "clip_norm", p.mechanism)
+    _validate_noise(p)
+    q = p.target_unclipped_quantile
+    if not (math.isfinite(q) and 0.0 <= q <= 1.0):
+        raise ConfigError(
+            f"target_unclipped_quantile must be in [0, 1], got {q}",
+            location="differential_privacy.target_unclipped_quantile",
+            hint="0.5 clips at the median update norm (Andrew et al.)",
+        )
+    lr = p.clip_learning_rate
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ConfigError(
+            f"clip_learning_rate must be >= 0, got {lr}",
+            location="differential_privacy.clip_learning_rate",
+            hint="0.2 is the recommended geometric rate",
+        )
+    s = p.clipped_count_stddev
+    if s is not None:
+        if not (math.isfinite(s) and s >= 0):
+            raise ConfigError(
+                f"clipped_count_stddev must be >= 0, got {s}",
+                location="differential_privacy.clipped_count_stddev",
+                hint="leave it unset for 0.05 * report goal",
+            )
+        adaptive_noise_split(p.noise_multiplier, 1, s)  # an explicit stddev is checkable now
+    return clip
+
+
+def _validate_restart(p: DpParams, default: tuple[int, int | None] | None) -> tuple[int, int | None] | None:
+    """(period, warmup) of the tree restarts, or None for no restart."""
+    period, warmup = p.restart_period, p.restart_warmup
+    if period is None:
+        if warmup is not None:
+            raise ConfigError(
+                "restart_warmup needs restart_period", location="differential_privacy.restart_warmup",
+                hint="set restart_period too, or drop restart_warmup",
+            )
+        return default
+    if isinstance(period, bool) or int(period) != period or period < 1:
+        raise ConfigError(
+            f"restart_period must be an integer >= 1, got {period}", location="differential_privacy.restart_period"
+        )
+    if warmup is not None and (int(warmup) != warmup or not 1 <= warmup < period):
+        raise ConfigError(
+            f"restart_warmup must be an integer in [1, restart_period - 1 = {int(period) - 1}], got {warmup}",
+            location="differential_privacy.restart_warmup",
+        )
+    return int(period), None if warmup is None else int(warmup)
+
+
+def _need_seed(seed: int | None, noisy: bool, mechanism: str) -> int:
+    if seed is None:
+        if noisy:
+            raise ValueError(f"a noise seed is required for {mechanism} with noise (see derive_noise_seed)")
+        return 0
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"noise seed must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def _metrics_base(acc: RoundAccumulator, report_goal: int) -> dict[str, float]:
+    metrics = _counter_metrics(acc, report_goal)
+    metrics[METRIC_UNCLIPPED_FRACTION] = (acc.accepted - acc.clipped) / acc.accepted if acc.accepted else 0.0
+    return metrics
+
+
+@dataclass(frozen=True)
+class AdaptiveGaussianAggregator(_ClippedSumAggregator):
+    """Gaussian sum with the clip adapted to a target quantile of update norms
+    (tensorflow_privacy's ``QuantileAdaptiveClipSumQuery``, geometric update, as TFF's
+    ``DifferentiallyPrivateFactory.gaussian_adaptive``).
+
+    Round t clips at ``state.clip_norm`` and its sum gets noise z_v * clip_t (see
+    :func:`adaptive_noise_split`); the noised fraction of unclipped updates moves the clip
+    for round t+1, which the returned DpState carries (it is the quantile estimator's whole
+    mutable state: the other fields of the query's state follow from the parameters).
+    """
+
+    mechanism: str = field(default=ADAPTIVE_GAUSSIAN, init=False)
+
+    def __post_init__(self) -> None:
+        if self.params.mechanism != ADAPTIVE_GAUSSIAN:
+            raise ConfigError(f"AdaptiveGaussianAggregator built with mechanism {self.params.mechanism}")
+        _validate_adaptive(self.params)
+
+    def initial_state(self) -> DpState:
+        return DpState(ADAPTIVE_GAUSSIAN, _validate_adaptive(self.params), float(self.params.noise_multiplier))
+
+    def finish(
+        self, acc: RoundAccumulator, state: DpState, *, report_goal: int, seed: int | None
+    ) -> tuple[tuple[np.ndarray, ...], DpState, dict[str, float]]:
+        _check_state(self.mechanism, state)
+        if report_goal < 1:
+            raise ValueError(f"report_goal must be >= 1, got {report_goal}")
+        p = self.params
+        value_z, sigma_b = adaptive_noise_split(state.noise_multiplier, report_goal, p.clipped_count_stddev)
+        noisy = value_z > 0 or sigma_b > 0
+        tf_seed = _need_seed(seed, noisy, self.mechanism)
+        clip = float(state.clip_norm)
+        metrics = _metrics_base(acc, report_goal)
+        sums = clipped_sum(acc)
+
+        import tensorflow as tf
+        from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_sum_query import (
+            QuantileAdaptiveClipSumQuery,
+        )
+
+        query = QuantileAdaptiveClipSumQuery(
+            initial_l2_norm_clip=clip,
+            noise_multiplier=value_z,
+            target_unclipped_quantile=p.target_unclipped_quantile,
+            learning_rate=p.clip_learning_rate,
+            clipped_count_stddev=sigma_b,
+            expected_num_records=report_goal,
+            geometric_update=True,
+        )
+        global_state = query.initial_global_state()
+        # The estimator's per-record value is 1[norm <= clip] - 0.5 (our ``clipped`` is norm > clip).
+        below = float(acc.accepted - acc.clipped) - 0.5 * acc.accepted
+        sample_state = query._SampleState(  # the query's own sample-state type (private name, TFP 0.9.0)
+            [tf.convert_to_tensor(s) for s in sums], tf.constant(below, tf.float32)
+        )
+        with _tf_global_seed(tf_seed):
+            result, new_global, _event = query.get_noised_result(sample_state, global_state)
+        new_clip = float(new_global.sum_state.l2_norm_clip.numpy())
+        if not (math.isfinite(new_clip) and new_clip > 0):
+            raise ValueError(f"adaptive clip became {new_clip}; check clip_learning_rate")
+        mean = tuple((r.numpy() / report_goal).astype(s.dtype) for r, s in zip(result, acc.spec))
+        new_state = replace(
+            state,
+            clip_norm=new_clip,
+            release_count=state.release_count + 1,
+            last_seed=tf_seed if (seed is not None and noisy) else state.last_seed,
+            scalars={"quantile_estimate": new_clip},
+        )
+        metrics.update({
+            METRIC_CLIP_NORM: clip,
+            METRIC_NEXT_CLIP_NORM: new_clip,
+            METRIC_NOISE_MULTIPLIER: float(state.noise_multiplier),
+            METRIC_VALUE_NOISE_MULTIPLIER: value_z,
+            METRIC_CLIPPED_COUNT_STDDEV: sigma_b,
+            METRIC_NOISE_STDDEV: value_z * clip,
+            METRIC_MEAN_NOISE_STDDEV: value_z * clip / report_goal,
+        })
+        if p.clip_learning_rate > 0:  # the DP estimate the clip moved on: clip' = clip exp(-lr (b - q))
+            metrics[METRIC_NOISED_UNCLIPPED_FRACTION] = float(np.clip(
+                p.target_unclipped_quantile - math.log(new_clip / clip) / p.clip_learning_rate, 0.0, 1.0
+            ))
+        return mean, new_state, metrics
+
+
+_QUERY_CACHE: dict[Any, Any] = {}
+_QUERY_CACHE_LOCK = threading.Lock()
+_QUERY_CACHE_SIZE = 8
+
+
+def _cached_query(key: Any, build: Callable[[], Any]) -> Any:
+    """A process-wide cache of built tree queries: their ``tf.function``s trace once per
+    query object (~1 s), so a warm aggregator reuses the query of its task and model."""
+    with _QUERY_CACHE_LOCK:
+        hit = _QUERY_CACHE.get(key)
+        if hit is None:
+            hit = build()
+            while len(_QUERY_CACHE) >= _QUERY_CACHE_SIZE:
+                _QUERY_CACHE.pop(next(iter(_QUERY_CACHE)))
+            _QUERY_CACHE[key] = hit
+        return hit
+
+
+def flatten_query_state(global_state: Any, prefix: str = _TREE_STATE_PREFIX) -> tuple[tuple[str, np.ndarray], ...]:
+    """A tensorflow_privacy global state (tf.nest structure) as named numpy arrays for DpState.tensors."""
+    from tensorflow.python.util import nest  # public tf.nest has no path variant (pinned TF 2.14.1)
+
+    return tuple((prefix + path, np.array(t)) for path, t in nest.flatten_with_joined_string_paths(global_state))
+
+
+def restore_query_state(
+    template: Any, tensors: Sequence[tuple[str, np.ndarray]], prefix: str = _TREE_STATE_PREFIX
+) -> Any:
+    """Inverse of :func:`flatten_query_state` given a state of the same structure (shapes may differ)."""
+    import tensorflow as tf
+    from tensorflow.python.util import nest
+
+    paths = [(prefix + path, t) for path, t in nest.flatten_with_joined_string_paths(template)]
+    stored = {name: a for name, a in tensors if name.startswith(prefix)}
+    names = [n for n, _ in paths]
+    if set(names) != set(stored):
+        missing = sorted(set(names) - set(stored))
+        extra = sorted(set(stored) - set(names))
+        raise ConfigError(
+            f"DP tree state does not match the task's DP configuration (missing {missing[:3]}, unexpected {extra[:3]})",
+            hint="the restart settings or the model changed mid-task; start a new task",
+        )
+    flat = [tf.convert_to_tensor(np.asarray(stored[n]), dtype=t.dtype) for n, t in paths]
+    return tf.nest.pack_sequence_as(template, flat)
+
+
+@dataclass(frozen=True)
+class TreeAggregationAggregator(_ClippedSumAggregator):
+    """DP-FTRL noise (Kairouz et al. 2021): tensorflow_privacy's ``TreeResidualSumQuery``
+    (efficient tree, Gaussian node noise z * clip), optionally in a ``RestartQuery``.
+
+    The release of round t is the noised *residual* x_t + N_t - N_{t-1}, where N_t is the
+    tree's noise on the cumulative sum of rounds 1..t. Summed over rounds the releases are
+    the tree-noised cumulative sum, so the server's plain SGD on ``-release / report_goal``
+    (what :func:`finish_round` does) gives w_t = w_0 + lr * (S_t + N_t) / report_goal: the
+    DP-FTRL update. (Server momentum or adaptive optimizers then act on the residuals.)
+
+    The tree (noise buffers, node seeds, previous noise) lives in ``DpState.tensors`` under
+    ``tree/``; it is created at the first release from that round's noise seed, and every
+    later node's noise is a function of the stored seeds (later rounds' seeds are unused).
+    """
+
+    mechanism: str = field(default=TREE_AGGREGATION, init=False)
+
+    def __post_init__(self) -> None:
+        if self.params.mechanism != TREE_AGGREGATION:
+            raise ConfigError(f"TreeAggregationAggregator built with mechanism {self.params.mechanism}")
+        self._validate()
+
+    def _validate(self) -> tuple[float, tuple[int, int | None] | None]:
+        clip = _validate_clip(self.params.clip_norm, "clip_norm", self.mechanism)
+        _validate_noise(self.params)
+        return clip, _validate_restart(self.params, None)
+
+    def initial_state(self) -> DpState:
+        return DpState(self.mechanism, self._validate()[0], float(self.params.noise_multiplier))
+
+    def _noise_split(self, report_goal: int) -> tuple[float, float]:
+        return float(self.params.noise_multiplier), 0.0
+
+    def build_query(self, spec: SpecLike, report_goal: int, noise_seed: int | None) -> Any:
+        """The tensorflow_privacy query this aggregator runs (public so tests can run it directly)."""
+        import tensorflow as tf
+        from tensorflow_privacy.privacy.dp_query import restart_query
+
+        record_specs = [tf.TensorSpec(s.shape, tf.float32) for s in normalize_spec(spec)]
+        query = self._inner_query(record_specs, report_goal, noise_seed)
+        restart = self._validate()[1]
+        if restart is not None:
+            period, warmup = restart
+            query = restart_query.RestartQuery(query, restart_query.PeriodicRoundRestartIndicator(period, warmup))
+        return query
+
+    def _inner_query(self, record_specs: list[Any], report_goal: int, noise_seed: int | None) -> Any:
+        from tensorflow_privacy.privacy.dp_query.tree_aggregation_query import TreeResidualSumQuery
+
+        return TreeResidualSumQuery.build_l2_gaussian_query(
+            clip_norm=float(self.params.clip_norm),
+            noise_multiplier=float(self.params.noise_multiplier),
+            record_specs=record_specs,
+            noise_seed=None if noise_seed is None else tree_noise_seeds(noise_seed)[0],
+            use_efficient=True,
+        )
+
+    def sample_state(self, query: Any, sums: Sequence[np.ndarray], acc: RoundAccumulator) -> Any:
+        """The query's sample state for the round's clipped sums (float32, as the tree's noise)."""
+        import tensorflow as tf
+
+        return [tf.convert_to_tensor(np.asarray(s, np.float32)) for s in sums]
+
+    def _sum_state(self, global_state: Any) -> Any:
+        return global_state.inner_query_state if self._validate()[1] is not None else global_state
+
+    def finish(
+        self, acc: RoundAccumulator, state: DpState, *, report_goal: int, seed: int | None
+    ) -> tuple[tuple[np.ndarray, ...], DpState, dict[str, float]]:
+        _check_state(self.mechanism, state)
+        if report_goal < 1:
+            raise ValueError(f"report_goal must be >= 1, got {report_goal}")
+        value_z, sigma_b = self._noise_split(report_goal)
+        noisy = value_z > 0 or sigma_b > 0
+        clip = float(state.clip_norm)
+        metrics = _metrics_base(acc, report_goal)
+        sums = clipped_sum(acc)
+
+        def build() -> tuple[Any, Any]:
+            q = self.build_query(acc.spec, report_goal, None)
+            return q, q.initial_global_state()
+
+        query, template = _cached_query((self.mechanism, self.params, acc.spec, report_goal), build)
+        if any(name.startswith(_TREE_STATE_PREFIX) for name, _ in state.tensors):
+            global_state = restore_query_state(template, state.tensors)
+            used_seed = None
+        else:  # first release: plant the tree from this round's seed
+            used_seed = _need_seed(seed, noisy, self.mechanism)
+            global_state = self.build_query(acc.spec, report_goal, used_seed).initial_global_state()
+        sum_state = self._tree_sum_state(global_state)
+        if abs(float(sum_state.clip_value.numpy()) - clip) > 1e-6 * clip:
+            raise ConfigError(
+                f"DP state clip {clip} disagrees with the tree's clip {float(sum_state.clip_value.numpy())}",
+                hint="the checkpoint's DP state is inconsistent; start a new task",
+            )
+        node_std = float(sum_state.tree_state.value_generator_state.stddev.numpy())
+        leaves = int(sum(2 ** int(i) for i in sum_state.tree_state.level_buffer_idx.numpy()))
+        result, new_global, _event = query.get_noised_result(self.sample_state(query, sums, acc), global_state)
+        new_sum_state = self._tree_sum_state(new_global)
+        new_clip = float(new_sum_state.clip_value.numpy())
+        mean = tuple(
+            (np.asarray(r.numpy(), np.float64) / report_goal).astype(s.dtype) for r, s in zip(result, acc.spec)
+        )
+        new_state = replace(
+            state,
+            clip_norm=new_clip,
+            release_count=state.release_count + 1,
+            last_seed=used_seed if (used_seed is not None and seed is not None and noisy) else state.last_seed,
+            tensors=flatten_query_state(new_global),
+            scalars=self._scalars(new_global),
+        )
+        metrics.update({
+            METRIC_CLIP_NORM: clip,
+            METRIC_NEXT_CLIP_NORM: new_clip,
+            METRIC_NOISE_MULTIPLIER: float(state.noise_multiplier),
+            METRIC_VALUE_NOISE_MULTIPLIER: value_z,
+            METRIC_NOISE_STDDEV: node_std,
+            METRIC_MEAN_NOISE_STDDEV: node_std / report_goal,
+            METRIC_TREE_LEAVES: float(leaves),
+            METRIC_CUMULATIVE_NOISE_STDDEV: efficient_tree_cumsum_noise_std(leaves, node_std),
+        })
+        if sigma_b > 0 or self.mechanism == ADAPTIVE_TREE:
+            metrics[METRIC_CLIPPED_COUNT_STDDEV] = sigma_b
+        return mean, new_state, metrics
+
+    def _tree_sum_state(self, global_state: Any) -> Any:
+        return self._sum_state(global_state)
+
+    def _scalars(self, global_state: Any) -> dict[str, float]:
+        return {}
+
+
+@dataclass(frozen=True)
+class AdaptiveTreeAggregator(TreeAggregationAggregator):
+    """DP-FTRL with adaptive clipping: tensorflow_privacy's ``QAdaClipTreeResSumQuery`` in a
+    ``RestartQuery`` (TFF's ``tree_adaptive``). The clipped count is tree-noised too; the
+    clip estimate moves every round but the sum's clip (and noise) only adopt it when
+    the tree restarts (every ``restart_period`` releases, first after ``restart_warmup``).
+    """
+
+    mechanism: str = field(default=ADAPTIVE_TREE, init=False)
+
+    def __post_init__(self) -> None:
+        if self.params.mechanism != ADAPTIVE_TREE:
+            raise ConfigError(f"AdaptiveTreeAggregator built with mechanism {self.params.mechanism}")
+        self._validate()
+
+    def start(self, spec: SpecLike, state: DpState) -> RoundAccumulator:
+        # The estimator counts norms <= its current estimate, not <= the (older) clip in use.
+        _check_state(self.mechanism, state)
+        return start_accumulator(spec, state.clip_norm, state.scalars.get("quantile_estimate", state.clip_norm))
+
+    def _validate(self) -> tuple[float, tuple[int, int | None] | None]:
+        clip = _validate_adaptive(self.params)
+        return clip, _validate_restart(self.params, (ADAPTIVE_TREE_RESTART_PERIOD, ADAPTIVE_TREE_RESTART_WARMUP))
+
+    def _noise_split(self, report_goal: int) -> tuple[float, float]:
+        return adaptive_noise_split(self.params.noise_multiplier, report_goal, self.params.clipped_count_stddev)
+
+    def _inner_query(self, record_specs: list[Any], report_goal: int, noise_seed: int | None) -> Any:
+        from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_tree_query import QAdaClipTreeResSumQuery
+
+        p = self.params
+        value_z, sigma_b = self._noise_split(report_goal)
+        seeds = None if noise_seed is None else tree_noise_seeds(noise_seed)
+        query = QAdaClipTreeResSumQuery(
+            initial_l2_norm_clip=self._validate()[0],
+            noise_multiplier=value_z,
+            record_specs=record_specs,
+            target_unclipped_quantile=p.target_unclipped_quantile,
+            learning_rate=p.clip_learning_rate,
+            clipped_count_stddev=sigma_b,
+            expected_num_records=report_goal,
+            geometric_update=True,
+            noise_seed=None if seeds is None else seeds[0],
+        )
+        if seeds is not None:
+            # TFP 0.9.0 builds the clipped-count tree with a clock seed; seed it (private attributes, pinned).
+            count_tree = query._quantile_estimator_query._below_estimate_query._numerator._tree_aggregator
+            count_tree.value_generator._seed = seeds[1]
+        return query
+
+    def sample_state(self, query: Any, sums: Sequence[np.ndarray], acc: RoundAccumulator) -> Any:
+        import tensorflow as tf
+        from tensorflow_privacy.privacy.dp_query.quantile_adaptive_clip_tree_query import QAdaClipTreeResSumQuery
+
+        if acc.count_threshold is None:
+            raise ValueError("ADAPTIVE_TREE needs an accumulator from its own start()")
+        below = float(acc.below_threshold) - 0.5 * acc.accepted
+        return QAdaClipTreeResSumQuery._SampleState(
+            [tf.convert_to_tensor(np.asarray(s, np.float32)) for s in sums], tf.constant(below, tf.float32)
+        )
+
+    def _tree_sum_state(self, global_state: Any) -> Any:
+        return self._sum_state(global_state).sum_state
+
+    def _scalars(self, global_state: Any) -> dict[str, float]:
+        estimate = self._sum_state(global_state).quantile_estimator_state.current_estimate
+        return {"quantile_estimate": float(estimate.numpy())}
+
+
 def build_dp_aggregator(params: DpParams) -> DpAggregator:
     """The aggregator for ``params.mechanism`` (validates the parameters)."""
     mechanism = params.mechanism.upper()
@@ -583,12 +1117,12 @@ def build_dp_aggregator(params: DpParams) -> DpAggregator:
         return NoDpAggregator(params)
     if mechanism == FIXED_GAUSSIAN:
         return FixedGaussianAggregator(params)
-    if mechanism in (ADAPTIVE_GAUSSIAN, TREE_AGGREGATION, ADAPTIVE_TREE):
-        raise ConfigError(
-            f"DP aggregator {mechanism} is not implemented yet",
-            location="differential_privacy.type",
-            hint="use FIXED_GAUSSIAN for now",
-        )
+    if mechanism == ADAPTIVE_GAUSSIAN:
+        return AdaptiveGaussianAggregator(params)
+    if mechanism == TREE_AGGREGATION:
+        return TreeAggregationAggregator(params)
+    if mechanism == ADAPTIVE_TREE:
+        return AdaptiveTreeAggregator(params)
     raise ConfigError(
         f"unknown DP aggregator {params.mechanism!r}",
         location="differential_privacy.type",

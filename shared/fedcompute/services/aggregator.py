@@ -22,7 +22,7 @@ from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, PreconditionFailedError
 from fedcompute.metric_names import NON_FINITE_METRIC, TRAIN_PREFIX
-from fedcompute.plans import ServerPhase
+from fedcompute.plans import ServerPhase, dp_params_from_phase
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     IterationRecord,
@@ -130,8 +130,7 @@ def aggregate_round(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
 
     optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
-    dp = aggregation.build_dp_aggregator(aggregation.DpParams(
-        mechanism=phase.dp.type, clip_norm=phase.dp.clip_norm or None, noise_multiplier=phase.dp.noise_multiplier))
+    dp = aggregation.build_dp_aggregator(dp_params_from_phase(phase.dp))
     accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
     spec = update_spec(task)
     metric_spec = metric_statistics_spec(task.metrics)

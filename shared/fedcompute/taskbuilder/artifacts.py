@@ -12,7 +12,7 @@ import numpy as np
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
-from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase, dp_params_from_phase, WeightSpec
 from fedcompute.settings import Settings
 
 
@@ -70,8 +70,7 @@ def artifacts_from_weights(
     named = [(spec.name, np.asarray(w, dtype=spec.dtype)) for spec, w in zip(phase.weights, weights)]
     trainable = [(spec.name, w) for spec, (_, w) in zip(phase.weights, named) if spec.trainable]
     optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
-    dp = aggregation.build_dp_aggregator(aggregation.DpParams(
-        mechanism=phase.dp.type, clip_norm=phase.dp.clip_norm or None, noise_multiplier=phase.dp.noise_multiplier))
+    dp = aggregation.build_dp_aggregator(dp_params_from_phase(phase.dp))
     state = aggregation.initial_server_state(trainable, optimizer, dp)
     return TaskArtifacts(
         server_phase=phase,
