@@ -27,6 +27,7 @@ from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     IterationRecord,
     IterationStatus,
+    TaskKind,
     TaskRecord,
     TaskStatus,
     max_live_assignments,
@@ -125,6 +126,8 @@ def aggregate_round(
             pass
         log.info("round %s not aggregated: task is %s", key, task.status.value)
         return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value)
+    if task.kind == TaskKind.EVALUATION:
+        return _aggregate_evaluation(store, blobs, events, settings, key, task, iteration, now)
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
@@ -190,6 +193,51 @@ def aggregate_round(
     events.round_completed(key, task_status=task_changes.get("status", TaskStatus.OPEN).value)
     log.info("round %s aggregated: %d reports, metrics %s", key, result.accepted, metrics)
     return AggregationOutcome("AGGREGATED", metrics, task_changes.get("status", TaskStatus.OPEN).value)
+
+
+EVAL_PREFIX = "server/client_work/eval/"
+EVALUATED_ROUND = "server/evaluation/training_round"
+
+
+def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
+                          task: TaskRecord, iteration: IterationRecord,
+                          now: Callable[[], float]) -> AggregationOutcome:
+    """An evaluation round: sum the devices' metric statistics, finalize, write the metrics.
+
+    No noise is added to evaluation metrics (like ODP and TFF's federated evaluation); the
+    metrics JSON sits at the evaluation task's layout and names the training round evaluated.
+    """
+    from fedcompute.learning import metric_stats
+    from fedcompute.learning.tensor_codec import decode_client_update
+
+    metric_spec = metric_statistics_spec(task.metrics)
+    totals: dict[str, np.ndarray] = {}
+    reports = excluded = 0
+    for assignment_id in sorted(store.accepted_ids(key)):  # the frozen accepted set
+        name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
+        try:
+            update = decode_client_update(blobs.read(settings.gradient_bucket, name), expected_spec=[],
+                                          expected_metric_spec=metric_spec)
+        except InvalidRequestError as error:
+            log.error("skipping %s: %s", name, error)
+            continue
+        if not update.metrics_finite():
+            excluded += 1
+            continue
+        reports += 1
+        for stat, value in update.metric_statistics.items():
+            totals[stat] = totals.get(stat, 0.0) + np.asarray(value, np.float64)
+    grouped = metric_stats.unflatten_stats(totals) if totals else {}
+    metrics = {EVAL_PREFIX + m: float(metric_stats.finalize(m, grouped[m])) for m in task.metrics if m in grouped}
+    metrics[EVALUATED_ROUND] = float(iteration.evaluated_round)
+    metrics[NUM_REPORTS] = float(reports)
+    metrics["server/aggregator/metrics_non_finite"] = float(excluded)
+    blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
+                json.dumps(metrics).encode(), create_only=True, content_type="application/json")
+    if store.finish_round(key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, {}, None):
+        events.round_completed(key, task_status=task.status.value)
+    delete_round_updates(blobs, settings, key)
+    return AggregationOutcome("AGGREGATED", metrics, task.status.value)
 
 
 def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) -> int:

@@ -6,6 +6,7 @@ the local stack). Every action is a conditional write, so overlapping ticks are 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,7 +14,15 @@ from dataclasses import dataclass, field
 from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.services.ingestion import publish_pending_round_ready
-from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskStatus
+from fedcompute.tasks.records import (
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    TaskKind,
+    TaskRecord,
+    TaskStatus,
+    max_live_assignments,
+)
 from fedcompute.tasks.store import RoundKey, TaskStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,8 @@ class TickReport:
     local_timeouts: int = 0
     upload_timeouts: int = 0
     republished: list[RoundKey] = field(default_factory=list)
+    evaluations_opened: list[RoundKey] = field(default_factory=list)
+    evaluations_completed: list[tuple[str, int]] = field(default_factory=list)
 
 
 def tick(
@@ -54,11 +65,16 @@ def tick(
     *,
     timeouts: Timeouts = Timeouts(),
     now: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
 ) -> TickReport:
     """One pass over every open task's current round."""
     report = TickReport()
     t = now()
+    rng = rng or random.Random()
     for task in store.list_tasks():
+        if task.status == TaskStatus.OPEN and task.kind == TaskKind.EVALUATION:
+            schedule_evaluation(store, task, report, rng=rng, now=t)
+            task = store.get_task(task.population, task.task_id) or task
         if task.status != TaskStatus.OPEN or task.current_round < 1:
             continue
         key = RoundKey(task.population, task.task_id, task.current_round)
@@ -94,3 +110,73 @@ def _expire(store: TaskStore, key: RoundKey, current: AssignmentStatus, timed_ou
             continue  # the device moved on meanwhile
         store.release_slot(key, assignment.slot, assignment.assignment_id)
         setattr(report, counter, getattr(report, counter) + 1)
+
+
+def pick_checkpoint(selector: str, completed: list[IterationRecord], last_evaluated: int, last_opened_time: float,
+                    now: float, rng: random.Random) -> int | None:
+    """The training round an evaluation round should evaluate now, or None (pure).
+
+    ``every_<k>_round``: once a round at least k past the last evaluated one has completed,
+    pick one checkpoint at random among the past k completed rounds (the seed's wording).
+    ``every_<k>_hour``: at most once every k hours, pick one at random among the checkpoints
+    completed in the past k hours. Rounds already evaluated or older are never picked again.
+    """
+    parts = selector.split("_")
+    if len(parts) != 3 or parts[0] != "every" or not parts[1].isdigit() or parts[2] not in ("round", "hour"):
+        raise ValueError(f"checkpoint_selector {selector!r} is not every_<k>_round or every_<k>_hour")
+    k, unit = int(parts[1]), parts[2]
+    newer = sorted((it for it in completed if it.round_number > last_evaluated), key=lambda it: it.round_number)
+    if not newer:
+        return None
+    if unit == "round":
+        latest = newer[-1].round_number
+        if latest < last_evaluated + k:
+            return None
+        window = [it.round_number for it in newer if it.round_number > latest - k]
+    else:
+        if last_opened_time and now - last_opened_time < k * 3600:
+            return None
+        window = [it.round_number for it in newer if it.completed_time >= now - k * 3600]
+        if not window:
+            return None
+    return rng.choice(window)
+
+
+def schedule_evaluation(store: TaskStore, task: TaskRecord, report: TickReport, *, rng: random.Random,
+                        now: float) -> None:
+    """Open the evaluation task's next round when its selector allows, or complete it."""
+    source = store.get_task(task.source_population, task.source_task_id)
+    if source is None:
+        return
+    current = store.get_iteration(task.population, task.task_id, task.current_round) if task.current_round else None
+    if current is not None and current.status in (IterationStatus.COLLECTING, IterationStatus.AGGREGATING):
+        return
+    completed = [it for it in store.list_iterations(source.population, source.task_id)
+                 if it.status == IterationStatus.COMPLETED]
+    last_evaluated = current.evaluated_round if current is not None else 0
+    pick = pick_checkpoint(task.checkpoint_selector or "every_1_round", completed, last_evaluated,
+                           current.created_time if current is not None else 0.0, now, rng)
+    if pick is None:
+        if not source.status.is_active and all(it.round_number <= last_evaluated for it in completed):
+            try:
+                store.update_task(task.population, task.task_id, {
+                    "status": TaskStatus.COMPLETED, "stop_time": now,
+                    "status_reason": f"source training task {source.task_id} is {source.status.value}; "
+                                     f"last evaluated round {last_evaluated}"}, expected=[TaskStatus.OPEN])
+                report.evaluations_completed.append((task.population, task.task_id))
+            except PreconditionFailedError:
+                pass
+        return
+    number = task.current_round + 1
+    created = store.create_iteration(IterationRecord(
+        population=task.population, task_id=task.task_id, round_number=number, status=IterationStatus.COLLECTING,
+        report_goal=task.report_goal, max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate),
+        created_time=now, evaluated_round=pick))
+    if not created:
+        return  # another tick opened it
+    try:
+        store.update_task(task.population, task.task_id, {"current_round": number}, expected=[TaskStatus.OPEN])
+    except PreconditionFailedError:
+        return
+    report.evaluations_opened.append(RoundKey(task.population, task.task_id, number))
+    log.info("evaluation round %s/%s/%d opened on training round %d", task.population, task.task_id, number, pick)

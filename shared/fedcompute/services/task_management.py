@@ -167,7 +167,9 @@ def open_task(
         "client_plan_uri": f"gs://{settings.model_bucket}/{layout.client_plan_path(population, task_id)}",
         "server_phase_uri": f"gs://{settings.model_bucket}/{layout.server_phase_path(population, task_id)}",
         "init_checkpoint_uri": f"gs://{settings.model_bucket}/{layout.checkpoint_path(population, task_id, 0)}",
-        "update_spec": [TensorSpecRecord(w.name, w.shape, w.dtype).to_dict() for w in phase.update_spec],
+        # Evaluation devices upload metric statistics only, no model delta.
+        "update_spec": [] if task.kind == TaskKind.EVALUATION else
+        [TensorSpecRecord(w.name, w.shape, w.dtype).to_dict() for w in phase.update_spec],
         "metrics": list(phase.metrics),
         "dp": {**phase.dp.to_dict(), "target_epsilon": phase.target_epsilon, "delta": phase.delta,
                "population_size": phase.population_size},

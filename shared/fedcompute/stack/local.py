@@ -68,6 +68,8 @@ class FunctionSpec:
     signature_type: str  # "http" or "cloudevent"
     # Field of Topics whose push subscription reaches the function (CloudEvent ones).
     topic_field: str | None = None
+    # Further topics pushed to the function (their pull subscription for inspection stays).
+    extra_topic_fields: tuple[str, ...] = ()
     # How long a push delivery may take before Pub/Sub retries it.
     ack_deadline_s: int = 60
 
@@ -89,7 +91,9 @@ FUNCTION_SPECS: dict[str, FunctionSpec] = {
         FunctionSpec("task_assignment", "http"),
         FunctionSpec("result_ingestion", "cloudevent", "gcs_notifications"),
         FunctionSpec("aggregator", "cloudevent", "round_ready", ack_deadline_s=600),
-        FunctionSpec("scheduler", "cloudevent", "scheduler_tick"),
+        # Locally nothing ticks every minute like Cloud Scheduler: every completed round also
+        # runs the scheduler (opening evaluation rounds, sweeping timeouts) right away.
+        FunctionSpec("scheduler", "cloudevent", "scheduler_tick", extra_topic_fields=("round_completed",)),
         FunctionSpec("dashboard", "http"),
     )
 }
@@ -530,6 +534,13 @@ class LocalStack:
                 dead_letter_topic=Topics.dead_letter(topic),
                 ack_deadline_s=spec.ack_deadline_s,
             )
+            for extra in spec.extra_topic_fields:
+                extra_topic = getattr(topics, extra)
+                pubsub.create_push_subscription(
+                    push_subscription_name(extra_topic, name), extra_topic,
+                    f"{by_name[name].url}/projects/{self.project}/topics/{extra_topic}",
+                    dead_letter_topic=Topics.dead_letter(extra_topic), ack_deadline_s=spec.ack_deadline_s,
+                )
         for topic in topics.all():
             pubsub.create_pull_subscription(Topics.dead_letter(topic), Topics.dead_letter(topic))
             if topic not in pushed:
