@@ -31,7 +31,7 @@ DP_TYPES = {"fixed": "FIXED_GAUSSIAN", "adaptive": "ADAPTIVE_GAUSSIAN", "tree": 
 CONFIG_TEMPLATE = """\
 # Written by `make demo`: the seed's Step 3 config, sized for a laptop fleet.
 population_name: "{population}"
-mode: TRAINING_ONLY
+mode: {mode}
 policies {{
   min_separation_policy {{
     minimum_separation: {min_separation}
@@ -65,8 +65,15 @@ federated_learning {{
       name: "sparse_categorical_crossentropy"
     }}
   }}
-}}
+{eval_block}}}
 {dp_block}"""
+
+EVAL_BLOCK = """  evaluation {{
+    checkpoint_selector: "every_1_round"
+    evaluation_traffic: {traffic}
+    report_goal: {goal}
+  }}
+"""
 
 DP_BLOCK = """differential_privacy {{
   type: {dp_type}
@@ -100,6 +107,7 @@ class DemoOptions:
     state_dir: Path = Path(".fedcompute")
     task_builder_port: int = 5000  # the seed's localhost:5000; 0 picks a free port
     keep_stack: bool = True
+    evaluation: bool = False  # TRAINING_AND_EVAL: an evaluation task next to the training task
     timeout_s: float = 1800.0
 
 
@@ -166,7 +174,9 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     config_path.write_text(CONFIG_TEMPLATE.format(
         population=population, rounds=options.rounds, report_goal=options.report_goal, client_lr=options.client_lr,
         server_lr=options.server_lr, batch_size=options.batch_size, epochs=options.epochs, min_separation=options.min_separation,
-        population_size=options.population_size, target_epsilon=options.target_epsilon, dp_block=dp_block))
+        population_size=options.population_size, target_epsilon=options.target_epsilon, dp_block=dp_block,
+        mode="TRAINING_AND_EVAL" if options.evaluation else "TRAINING_ONLY",
+        eval_block=EVAL_BLOCK.format(traffic=0.2, goal=max(2, options.report_goal // 5)) if options.evaluation else ""))
     _say(f"== 3/5  task_builder_client --task_config={config_path} (the seed's step 4)")
     build_started = time.monotonic()
     command = [str(Path(sys.executable).parent / "task_builder_client"),

@@ -76,3 +76,22 @@ def test_server_phase_round_trip_and_update_spec():
     again = ServerPhase.from_json(phase.to_json())
     assert again == phase
     assert [w.name for w in again.update_spec] == ["trainable/0"]
+
+
+def test_impossible_adaptive_noise_split_is_refused_when_building_artifacts():
+    import numpy as np
+
+    from fedcompute.errors import ConfigError
+    from fedcompute.taskbuilder.artifacts import artifacts_from_weights, weight_specs
+
+    weights = [np.zeros((2, 2), np.float32)]
+
+    def phase(goal: int) -> ServerPhase:
+        return ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0,
+                           report_goal=goal, over_selection_rate=0.3, total_rounds=3, population_size=10_000,
+                           target_epsilon=10.0, delta=1e-4, dp=DpParameters("ADAPTIVE_GAUSSIAN", 1.5, 1.0, 1.0),
+                           weights=weight_specs(weights), metrics=())
+
+    with pytest.raises(ConfigError, match="report goal of at least 16"):
+        artifacts_from_weights(phase(10), weights)
+    assert artifacts_from_weights(phase(16), weights).checkpoint

@@ -71,6 +71,9 @@ def artifacts_from_weights(
     trainable = [(spec.name, w) for spec, (_, w) in zip(phase.weights, named) if spec.trainable]
     optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
     dp = aggregation.build_dp_aggregator(dp_params_from_phase(phase.dp))
+    if phase.dp.type in (aggregation.ADAPTIVE_GAUSSIAN, aggregation.ADAPTIVE_TREE):
+        # The noise split needs the report goal, known here: refuse impossible configs at build time.
+        aggregation.adaptive_noise_split(phase.dp.noise_multiplier, phase.report_goal, phase.dp.clipped_count_stddev)
     state = aggregation.initial_server_state(trainable, optimizer, dp)
     return TaskArtifacts(
         server_phase=phase,
