@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -287,22 +286,13 @@ def _save_model(model_dir: Path, seed: int) -> None:
 
 
 def _make_fleet(options: DemoOptions, settings: Any, population: str):
-    from fedcompute.data import partition
     from fedcompute.data.fashion_mnist import load_fashion_mnist
-    from fedcompute.fleet.device import ArrayApp, SimulatedDevice
+    from fedcompute.fleet.population import make_devices
     from fedcompute.fleet.protocol import DeviceHttpClient
     from fedcompute.fleet.runner import Fleet, TrainingInterval
 
     images, labels = load_fashion_mnist("train")
-    rng = np.random.default_rng(options.seed)
-    if options.partition == "iid":
-        parts = partition.iid(len(labels), options.devices, rng)
-    elif options.partition == "shards":
-        parts = partition.label_shards(labels, options.devices, 2, rng)
-    else:
-        parts = partition.dirichlet(labels, options.devices, options.alpha, rng, min_size=10, method="per_device")
-    devices = [SimulatedDevice(device_id=i, app=ArrayApp(images[idx], labels[idx].reshape(-1, 1)),
-                               rng=random.Random(options.seed * 100_003 + i)) for i, idx in enumerate(parts)]
+    devices = make_devices(images, labels, options.devices, options.partition, alpha=options.alpha, seed=options.seed)
     return Fleet(devices, DeviceHttpClient(settings.task_assignment_url), population, workers=options.workers,
                  interval=TrainingInterval(minimum_interval_s=60.0), time_scale=0.05)
 

@@ -91,3 +91,22 @@ def test_fleet_needs_devices_and_times_out():
     slow = [_ScriptedDevice(0, [])]
     with pytest.raises(FedComputeError, match="did not finish"):
         Fleet(slow, client=None, population="p", time_scale=1.0).run(lambda s: False, timeout_s=0.5, poll_s=0.05)
+
+
+def test_devices_get_disjoint_partitions_with_their_own_seeded_rng():
+    import numpy as np
+
+    from fedcompute.fleet.population import make_devices, partition_indices
+
+    labels = np.repeat(np.arange(10), 30)
+    images = np.arange(len(labels), dtype=np.float32).reshape(-1, 1, 1, 1)
+    for partition in ("dirichlet", "shards", "iid"):
+        devices = make_devices(images, labels, 10, partition, seed=3, version_code="7")
+        seen = np.concatenate([d.app.features.ravel() for d in devices]).astype(int)
+        assert len(seen) == len(set(seen.tolist()))  # every example at most once
+        assert all(d.version_code == "7" for d in devices)
+        assert len({d.rng.random() for d in devices}) == len(devices)  # independent per-device streams
+    assert [p.tolist() for p in partition_indices(labels, 5, "iid", seed=1)] == \
+        [p.tolist() for p in partition_indices(labels, 5, "iid", seed=1)]
+    with pytest.raises(ValueError, match="unknown partition"):
+        partition_indices(labels, 5, "round_robin")

@@ -28,14 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_fleet(args: argparse.Namespace) -> int:
-    import random
-
-    import numpy as np
     from tqdm import tqdm
 
     from fedcompute.adapters.task_management_client import TaskManagementClient
-    from fedcompute.data import partition
-    from fedcompute.fleet.device import ArrayApp, SimulatedDevice
+    from fedcompute.fleet.population import make_devices
     from fedcompute.fleet.protocol import DeviceHttpClient
     from fedcompute.fleet.runner import Fleet, TrainingInterval
     from fedcompute.settings import Settings
@@ -53,15 +49,8 @@ def run_fleet(args: argparse.Namespace) -> int:
         from fedcompute.data.fashion_mnist import load_fashion_mnist
 
         images, labels = load_fashion_mnist("train")
-    rng = np.random.default_rng(args.seed)
-    if args.partition == "iid":
-        parts = partition.iid(len(labels), args.devices, rng)
-    elif args.partition == "shards":
-        parts = partition.label_shards(labels, args.devices, 2, rng)
-    else:
-        parts = partition.dirichlet(labels, args.devices, args.alpha, rng, min_size=10, method="per_device")
-    devices = [SimulatedDevice(i, ArrayApp(images[p], labels[p].reshape(-1, 1)), version_code=args.version_code,
-                               rng=random.Random(args.seed * 100_003 + i)) for i, p in enumerate(parts)]
+    devices = make_devices(images, labels, args.devices, args.partition, alpha=args.alpha, seed=args.seed,
+                           version_code=args.version_code)
     fleet = Fleet(devices, DeviceHttpClient(settings.task_assignment_url), args.population, workers=args.workers,
                   interval=TrainingInterval(args.min_interval, 1 if args.one_time else 2), time_scale=args.time_scale)
     management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key) \
