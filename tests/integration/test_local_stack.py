@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
-import requests
 from google.api_core.exceptions import DeadlineExceeded
 
 from fedcompute.cli.main import main as cli_main
@@ -19,6 +18,8 @@ from fedcompute.errors import StackError
 from fedcompute.settings import Topics
 from fedcompute.stack.procs import wait_for
 from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS, LocalStack, push_subscription_name
+from support.helpers import http, unique
+from support.stack_plugin import assert_nothing_left
 from fedcompute.web import EVENT_TYPE_ATTRIBUTE, HEALTH_EVENT_TYPE, health_event_headers
 
 pytestmark = pytest.mark.integration
@@ -29,22 +30,6 @@ CLOUDEVENT_FUNCTIONS = [n for n in ALL_FUNCTIONS if FUNCTION_SPECS[n].signature_
 
 if TYPE_CHECKING:
     from support.stack_plugin import StackHandle  # the local_stack fixture's value
-
-
-def assert_nothing_left(stack: LocalStack, processes: list[psutil.Process]) -> None:
-    assert stack.leftover_processes() == []
-    alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert alive == [], f"still running: {[(p.pid, p.name()) for p in alive]}"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def http() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    return session
 
 
 def test_stack_is_healthy_fast(local_stack: StackHandle) -> None:

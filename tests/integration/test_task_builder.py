@@ -43,6 +43,8 @@ from fedcompute.stack.local import default_functions_dir, functions_framework_ex
 from fedcompute.stack.procs import free_port, start_process
 from fedcompute.taskbuilder import client as tb_client
 from fedcompute.taskbuilder import service
+from support import helpers
+from support.helpers import http
 
 if TYPE_CHECKING:
     from support.stack_plugin import StackHandle
@@ -65,13 +67,7 @@ EVAL_OBJECTS = ("0/s/0/eval_plan", "0/s/0/server_phase", "0/s/0/checkpoint", "0/
 
 
 def unique(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-
-def http() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    return session
+    return helpers.unique(prefix, sep="_")  # underscores: these names end up in task configs
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -40,6 +40,7 @@ from fedcompute.stack.local import default_functions_dir, functions_framework_ex
 from fedcompute.stack.procs import free_port, start_process
 from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, TaskStatus
 from fedcompute.tasks.store import FirestoreTaskStore, RoundKey
+from support.helpers import http, unique
 from support.tasks import (
     COMPLETED,
     DeviceRun,
@@ -67,10 +68,6 @@ Result = task_assignment_pb2.ReportResultRequest
 FIGURES: dict[str, dict[str, Any]] = {}  # measured numbers, printed by the tests that take them
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
 def object_of(url: str) -> str:
     """The object a fake-gcs download URL (``.../b/{bucket}/o/{quoted name}?alt=media``) names."""
     return urllib.parse.unquote(urllib.parse.urlparse(url).path.split("/o/", 1)[1])
@@ -79,11 +76,6 @@ def object_of(url: str) -> str:
 def device(stack: StackHandle) -> DeviceHttpClient:
     return DeviceHttpClient(stack.settings.task_assignment_url, timeout=30)
 
-
-def http() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    return session
 
 
 def round_name(task: NumpyTask, round_number: int = 1) -> str:
