@@ -76,6 +76,10 @@ ADAPTIVE_GAUSSIAN = "ADAPTIVE_GAUSSIAN"
 TREE_AGGREGATION = "TREE_AGGREGATION"
 ADAPTIVE_TREE = "ADAPTIVE_TREE"
 MECHANISMS = (NO_DP, FIXED_GAUSSIAN, ADAPTIVE_GAUSSIAN, TREE_AGGREGATION, ADAPTIVE_TREE)
+# Clipping is always on: DP type NONE means no noise, not no clip. Without a configured
+# clip_norm, every update's L2 norm is clipped to this (so one 1e30 update moves the mean
+# by at most DEFAULT_CLIP_NORM / report_goal); honest FedAvg deltas are far smaller.
+DEFAULT_CLIP_NORM = 10.0
 
 # Round metrics (flat names, float values, as in the seed's metrics JSON).
 METRIC_UPDATE_NON_FINITE = NON_FINITE_METRIC  # "server/finalizer/update_non_finite"
@@ -513,7 +517,11 @@ class _ClippedSumAggregator:
 
 @dataclass(frozen=True)
 class NoDpAggregator(_ClippedSumAggregator):
-    """No DP: no clipping, no noise; the mean is over the accepted updates (TFF's unweighted mean)."""
+    """No DP: no noise; the mean of the clipped accepted updates (TFF's unweighted mean).
+
+    The clip is ``clip_norm`` or :data:`DEFAULT_CLIP_NORM`: never unbounded, since every
+    device is untrusted.
+    """
 
     mechanism: str = field(default=NO_DP, init=False)
 
@@ -531,7 +539,12 @@ class NoDpAggregator(_ClippedSumAggregator):
             raise ConfigError(f"clip_norm must be > 0, got {p.clip_norm}", location="differential_privacy.clip_norm")
 
     def initial_state(self) -> DpState:
-        return DpState(NO_DP, self.params.clip_norm, 0.0)
+        return DpState(NO_DP, self.params.clip_norm or DEFAULT_CLIP_NORM, 0.0)
+
+    def start(self, spec: SpecLike, state: DpState) -> RoundAccumulator:
+        _check_state(self.mechanism, state)
+        # Checkpoints written before clipping was always on carry clip_norm None.
+        return start_accumulator(spec, state.clip_norm or DEFAULT_CLIP_NORM)
 
     def finish(
         self, acc: RoundAccumulator, state: DpState, *, report_goal: int, seed: int | None = None

@@ -62,12 +62,16 @@ def update_spec(task: TaskRecord) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, TaskRecord], None]:
-    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics."""
+    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics,
+    and its example count and metric statistics are ones one honest device can produce."""
+    from fedcompute.learning.contribution_bounds import check_device_contribution
     from fedcompute.learning.tensor_codec import decode_client_update
 
     def validate(data: bytes, task: TaskRecord) -> None:
-        decode_client_update(data, expected_spec=update_spec(task), max_bytes=max_bytes,
-                             expected_metric_spec=metric_statistics_spec(task.metrics))
+        update = decode_client_update(data, expected_spec=update_spec(task), max_bytes=max_bytes,
+                                      expected_metric_spec=metric_statistics_spec(task.metrics))
+        check_device_contribution(update.num_examples, update.metric_statistics,
+                                  max_examples=task.max_device_examples)
 
     return validate
 
@@ -103,6 +107,7 @@ def aggregate_round(
 ) -> AggregationOutcome:
     """Aggregate round ``key`` if it is AGGREGATING; see the module docstring."""
     from fedcompute.learning import aggregation, checkpoint, metric_stats, server_optimizer
+    from fedcompute.learning.contribution_bounds import check_device_contribution
     from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
 
     iteration = store.get_iteration(key.population, key.task_id, key.round_number)
@@ -143,7 +148,10 @@ def aggregate_round(
             name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
             data = blobs.read(settings.gradient_bucket, name)
             try:
-                yield decode_client_update(data, expected_spec=spec, expected_metric_spec=metric_spec)
+                update = decode_client_update(data, expected_spec=spec, expected_metric_spec=metric_spec)
+                check_device_contribution(update.num_examples, update.metric_statistics,
+                                          max_examples=task.max_device_examples)
+                yield update
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
@@ -208,6 +216,7 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     metrics JSON sits at the evaluation task's layout and names the training round evaluated.
     """
     from fedcompute.learning import metric_stats
+    from fedcompute.learning.contribution_bounds import check_device_contribution
     from fedcompute.learning.tensor_codec import decode_client_update
 
     metric_spec = metric_statistics_spec(task.metrics)
@@ -218,6 +227,8 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         try:
             update = decode_client_update(blobs.read(settings.gradient_bucket, name), expected_spec=[],
                                           expected_metric_spec=metric_spec)
+            check_device_contribution(update.num_examples, update.metric_statistics,
+                                      max_examples=task.max_device_examples)
         except InvalidRequestError as error:
             log.error("skipping %s: %s", name, error)
             continue

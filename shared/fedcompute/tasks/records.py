@@ -162,6 +162,8 @@ class TaskRecord:
     update_spec: tuple[TensorSpecRecord, ...] = ()
     # Metric names the devices report (sufficient statistics).
     metrics: tuple[str, ...] = ()
+    # The most examples one device may report per round (0: the server's default cap).
+    max_device_examples: int = 0
     # Privacy ledger.
     epsilon_spent: float = 0.0
     dp: dict[str, Any] = field(default_factory=dict)
