@@ -104,8 +104,12 @@ def aggregate_round(
     key: RoundKey,
     *,
     now: Callable[[], float] = time.time,
+    unseal: Callable[[bytes, str], bytes] | None = None,
 ) -> AggregationOutcome:
-    """Aggregate round ``key`` if it is AGGREGATING; see the module docstring."""
+    """Aggregate round ``key`` if it is AGGREGATING; see the module docstring.
+
+    ``unseal(stored bytes, assignment id)`` opens HPKE-sealed uploads (ingestion's check).
+    """
     from fedcompute.learning import aggregation, checkpoint, metric_stats, server_optimizer
     from fedcompute.learning.contribution_bounds import check_device_contribution
     from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
@@ -132,7 +136,7 @@ def aggregate_round(
         log.info("round %s not aggregated: task is %s", key, task.status.value)
         return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value)
     if task.kind == TaskKind.EVALUATION:
-        return _aggregate_evaluation(store, blobs, events, settings, key, task, iteration, now)
+        return _aggregate_evaluation(store, blobs, events, settings, key, task, iteration, now, unseal)
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
@@ -148,6 +152,7 @@ def aggregate_round(
             name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
             data = blobs.read(settings.gradient_bucket, name)
             try:
+                data = unseal(data, assignment_id) if unseal else data
                 update = decode_client_update(data, expected_spec=spec, expected_metric_spec=metric_spec)
                 check_device_contribution(update.num_examples, update.metric_statistics,
                                           max_examples=task.max_device_examples)
@@ -208,8 +213,8 @@ EVALUATED_ROUND = "server/evaluation/training_round"
 
 
 def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
-                          task: TaskRecord, iteration: IterationRecord,
-                          now: Callable[[], float]) -> AggregationOutcome:
+                          task: TaskRecord, iteration: IterationRecord, now: Callable[[], float],
+                          unseal: Callable[[bytes, str], bytes] | None = None) -> AggregationOutcome:
     """An evaluation round: sum the devices' metric statistics, finalize, write the metrics.
 
     No noise is added to evaluation metrics (like ODP and TFF's federated evaluation); the
@@ -225,8 +230,9 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     for assignment_id in sorted(store.accepted_ids(key)):  # the frozen accepted set
         name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
         try:
-            update = decode_client_update(blobs.read(settings.gradient_bucket, name), expected_spec=[],
-                                          expected_metric_spec=metric_spec)
+            data = blobs.read(settings.gradient_bucket, name)
+            data = unseal(data, assignment_id) if unseal else data
+            update = decode_client_update(data, expected_spec=[], expected_metric_spec=metric_spec)
             check_device_contribution(update.num_examples, update.metric_statistics,
                                       max_examples=task.max_device_examples)
         except InvalidRequestError as error:

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
-from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+)
+from fedcompute.identity import assignment_id_for
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     AssignmentRecord,
@@ -54,6 +61,8 @@ _SLOT_PROBES = 6
 class CheckIn:
     population: str
     client_version: str
+    # Verified identity of a signed check-in (fedcompute.identity); "" for unsigned ones.
+    device_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,24 +143,22 @@ def create_task_assignment(
     # ODP's traffic split: one weighted pick among the open rounds; a full round rejects.
     task, iteration = rng.choices(candidates, weights=[t.traffic_weight for t, _ in candidates], k=1)[0]
     key = RoundKey(task.population, task.task_id, iteration.round_number)
-    assignment_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    assignment_id = _assignment_id(task, key, request.device_id, rng)
     slot = _claim_slot(store, key, iteration.max_assignments, assignment_id, rng)
     if slot is None:
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
     t = now()
-    store.create_assignment(
-        AssignmentRecord(
-            assignment_id=assignment_id,
-            population=task.population,
-            task_id=task.task_id,
-            round_number=iteration.round_number,
-            status=AssignmentStatus.ASSIGNED,
-            client_version=request.client_version,
-            slot=slot,
-            created_time=t,
-            updated_time=t,
-        )
+    record = AssignmentRecord(
+        assignment_id=assignment_id, population=task.population, task_id=task.task_id,
+        round_number=iteration.round_number, status=AssignmentStatus.ASSIGNED, client_version=request.client_version,
+        slot=slot, created_time=t, updated_time=t, device_id=request.device_id,
     )
+    try:
+        store.create_assignment(record)  # create-only: one assignment per identity per round
+    except ConflictError:
+        store.release_slot(key, slot, assignment_id)
+        return Rejection(RejectionReason.NO_TASK_AVAILABLE,
+                         f"this device already holds its assignment of round {iteration.round_number}")
     return Assignment(
         population=task.population,
         task_id=task.task_id,
@@ -162,6 +169,14 @@ def create_task_assignment(
         checkpoint_url=blobs.download_url(settings.model_bucket, _checkpoint_object(task, iteration)),
         min_separation=task.min_separation,
     )
+
+
+def _assignment_id(task: TaskRecord, key: RoundKey, device_id: str, rng: random.Random) -> str:
+    """Signed check-ins: the identity's one id of this round; unsigned ones: a random GUID."""
+    if not device_id:
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    secret = bytes.fromhex(task.noise_secret) if task.noise_secret else task.population.encode()
+    return assignment_id_for(secret, device_id, key.population, key.task_id, key.round_number)
 
 
 def _plan_object(task: TaskRecord) -> str:
@@ -199,6 +214,8 @@ def report_result(
     key: RoundKey,
     assignment_id: str,
     result: ReportedResult,
+    *,
+    device_id: str = "",
 ) -> UploadInstruction | Rejection | None:
     """Record a device's result; on COMPLETED return where to upload its update.
 
@@ -211,6 +228,9 @@ def report_result(
             f"no assignment {assignment_id} in round {key.round_number} of task {key.population}/{key.task_id}",
             hint="use the self_uri of the TaskAssignment you were given",
         )
+    if assignment.device_id and device_id != assignment.device_id:
+        raise PermissionDeniedError(f"assignment {assignment_id} belongs to another device",
+                                    hint="report with the device key that checked in")
     new_status = status_after_report(assignment.status, result)
     if result != ReportedResult.COMPLETED:
         store.transition_assignment(key, assignment_id, expected=[AssignmentStatus.ASSIGNED], new_status=new_status,

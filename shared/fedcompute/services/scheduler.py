@@ -30,11 +30,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. ODP signs upload URLs for 15 minutes; devices get as long to train."""
+    """Seconds. ODP signs upload URLs for 15 minutes; devices get as long to train.
+
+    ``aggregation``: a round AGGREGATING longer than this gets round-ready again. 10 minutes
+    = the aggregator's ack deadline (a live run is never duplicated before Pub/Sub itself
+    would redeliver); the ε accounting is bounded so a run fits in it.
+    """
 
     local_training: float = 15 * 60
     upload: float = 15 * 60
-    aggregation: float = 30 * 60
+    aggregation: float = 10 * 60
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Timeouts":

@@ -246,6 +246,8 @@ class AssignmentRecord:
     created_time: float
     updated_time: float
     status_reason: str = ""
+    # The identity (fedcompute.identity.device_id_for) that checked in; "" when unsigned.
+    device_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
