@@ -42,14 +42,10 @@ def replay_dead_letters(subscriber: Any, publisher: Any, project: str, topics: I
 
     report = ReplayReport()
     for topic in topics:
-        subscription = subscriber.subscription_path(project, Topics.dead_letter(topic))
-        try:
-            response = subscriber.pull(request={"subscription": subscription, "max_messages": max_messages,
-                                                "return_immediately": True}, timeout=timeout_s)
-        except exceptions.NotFound:
-            continue  # no dead-letter subscription in this deployment
-        except exceptions.DeadlineExceeded:
-            continue  # nothing to pull
+        pulled = _pull(subscriber, project, topic, max_messages, timeout_s)
+        if pulled is None:
+            continue  # no dead-letter subscription for this topic in this deployment
+        subscription, response = pulled
         done: list[str] = []
         for received in response.received_messages:
             message = received.message
@@ -61,13 +57,37 @@ def replay_dead_letters(subscriber: Any, publisher: Any, project: str, topics: I
                           message.message_id, topic, replays)
                 continue
             attributes[REPLAY_ATTRIBUTE] = str(replays + 1)
-            publisher.publish(publisher.topic_path(project, topic), message.data, **attributes).result(timeout=timeout_s)
+            try:
+                publisher.publish(publisher.topic_path(project, topic), message.data,
+                                  **attributes).result(timeout=timeout_s)
+            except exceptions.NotFound:
+                log.error("cannot replay %s: topic %s does not exist", message.message_id, topic)
+                break
             done.append(received.ack_id)
             report.replayed[topic] = report.replayed.get(topic, 0) + 1
             log.warning("replayed dead-lettered message %s on %s (replay %d)", message.message_id, topic, replays + 1)
         if done:
             subscriber.acknowledge(request={"subscription": subscription, "ack_ids": done}, timeout=timeout_s)
     return report
+
+
+# The pull subscription on a dead-letter topic: named after the topic locally, "-inspect" in infra/.
+_DEAD_LETTER_SUBSCRIPTION_SUFFIXES = ("", "-inspect")
+
+
+def _pull(subscriber: Any, project: str, topic: str, max_messages: int, timeout_s: float) -> tuple[str, Any] | None:
+    from google.api_core import exceptions
+
+    for suffix in _DEAD_LETTER_SUBSCRIPTION_SUFFIXES:
+        subscription = subscriber.subscription_path(project, Topics.dead_letter(topic) + suffix)
+        try:
+            return subscription, subscriber.pull(request={"subscription": subscription, "max_messages": max_messages,
+                                                          "return_immediately": True}, timeout=timeout_s)
+        except exceptions.NotFound:
+            continue
+        except exceptions.DeadlineExceeded:
+            return None  # nothing to pull
+    return None
 
 
 def replayable_topics(topics: Topics) -> tuple[str, ...]:
