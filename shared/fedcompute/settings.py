@@ -65,7 +65,7 @@ class Settings:
         return self.upload_encryption != "optional"
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
         return cls(
             project=e.get("FEDCOMPUTE_PROJECT") or e.get("GOOGLE_CLOUD_PROJECT") or DEFAULT_PROJECT,

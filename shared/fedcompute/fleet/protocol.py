@@ -12,6 +12,7 @@ import gzip
 import threading
 import urllib.parse
 from dataclasses import dataclass
+from typing import TypeVar
 
 import requests
 from google.protobuf.message import Message
@@ -20,6 +21,8 @@ from fedcompute.crypto.hpke import PublicUploadKey, seal_update
 from fedcompute.errors import FedComputeError, InvalidRequestError, TransientError
 from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.proto import common_pb2, task_assignment_pb2
+
+_M = TypeVar("_M", bound=Message)
 
 PROTOBUF = "application/x-protobuf"
 TASK_ASSIGNMENT_PREFIX = "/taskassignment/v1"
@@ -67,8 +70,8 @@ class DeviceHttpClient:
             session = self._sessions.get(self_uri)
         return session[0] if session else None
 
-    def _call(self, method: str, path: str, message: Message, response_cls: type[Message],
-              key: DeviceKey | None = None) -> tuple[int, Message]:
+    def _call(self, method: str, path: str, message: Message, response_cls: type[_M],
+              key: DeviceKey | None = None) -> tuple[int, _M]:
         url = f"{self._base}{TASK_ASSIGNMENT_PREFIX}{path}"
         if key is not None and self._sign:
             sign_message(key, message, method, urllib.parse.unquote(f"{TASK_ASSIGNMENT_PREFIX}{path}"))
@@ -106,7 +109,8 @@ class DeviceHttpClient:
         return _rejected(response.rejection_info)
 
     def report_result(
-        self, self_uri: str, result: int, *, key: DeviceKey | None = None
+        self, self_uri: str, result: task_assignment_pb2.ReportResultRequest.Result, *,
+        key: DeviceKey | None = None
     ) -> task_assignment_pb2.UploadInstruction | Rejected | None:
         with self._sessions_lock:
             session = self._sessions.get(self_uri)
