@@ -93,11 +93,11 @@ class DeviceKey:
         return _key_from_private_bytes, (raw,)
 
     @classmethod
-    def generate(cls) -> "DeviceKey":
+    def generate(cls) -> DeviceKey:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_seed(cls, seed: bytes) -> "DeviceKey":
+    def from_seed(cls, seed: bytes) -> DeviceKey:
         """A deterministic key from 32 seed bytes (reproducible simulated fleets)."""
         return cls(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed).digest()))
 

@@ -9,8 +9,8 @@ import pickle
 import time
 
 import pytest
-from conftest import AssignmentServer
 
+from conftest import AssignmentServer
 from fedcompute.errors import UnauthenticatedError
 from fedcompute.identity import DeviceKey, RateLimiter, SignedRequest, device_id_for, verify_request
 

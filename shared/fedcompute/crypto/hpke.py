@@ -91,10 +91,10 @@ class UploadKeyRing:
 
     # -- keys ----------------------------------------------------------------------------
     @classmethod
-    def generate(cls) -> "UploadKeyRing":
+    def generate(cls) -> UploadKeyRing:
         return cls([_new_key()])
 
-    def rotated(self) -> "UploadKeyRing":
+    def rotated(self) -> UploadKeyRing:
         """A new current key; the previous ones kept for in-flight uploads (at most KEEP_KEYS)."""
         return UploadKeyRing([*self._keys, _new_key()][-KEEP_KEYS:])
 
@@ -121,7 +121,7 @@ class UploadKeyRing:
             {"id": k.key_id, "key": _b64(_raw_public(k.private_key.public_key()))} for k in self._keys]}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "UploadKeyRing":
+    def from_json(cls, text: str | bytes) -> UploadKeyRing:
         try:
             data = json.loads(text)
             keys = [_Key(str(k["id"]), X25519PrivateKey.from_private_bytes(base64.b64decode(k["private_key"])),

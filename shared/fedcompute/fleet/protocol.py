@@ -12,7 +12,7 @@ import gzip
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
 from google.protobuf.message import Message
@@ -165,7 +165,7 @@ class DeviceHttpClient:
 _MAX_REMEMBERED = 100_000
 
 
-def _remember(table: dict, key: str, value: object) -> None:  # type: ignore[type-arg]
+def _remember(table: dict[str, Any], key: str, value: Any) -> None:
     """Insert into a bounded insertion-ordered table (the oldest entries are forgotten)."""
     table[key] = value
     while len(table) > _MAX_REMEMBERED:
