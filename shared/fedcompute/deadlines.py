@@ -20,11 +20,17 @@ from fedcompute.errors import RETRY_AFTER_S, TransientError
 T = TypeVar("T")
 DEADLINE_ENV = "FEDCOMPUTE_STORAGE_DEADLINE_S"
 DEFAULT_DEADLINE_S = 10.0
+# Operator APIs (task creation runs a Firestore transaction) may wait longer than a device.
+OPERATOR_DEADLINE_FACTOR = 3.0
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="storage-call")
 
 
 def storage_deadline_s() -> float:
     return float(os.environ.get(DEADLINE_ENV, DEFAULT_DEADLINE_S) or DEFAULT_DEADLINE_S)
+
+
+def operator_deadline_s() -> float:
+    return OPERATOR_DEADLINE_FACTOR * storage_deadline_s()
 
 
 def call_with_deadline(fn: Callable[..., T], *args: object, deadline_s: float | None = None, **kwargs: object) -> T:

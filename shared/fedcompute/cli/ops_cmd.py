@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.set_defaults(func=run_ops_replay)
     rotate = sub.add_parser("rotate-upload-key",
                             help="new HPKE upload key for check-ins; older keys still open in-flight uploads")
-    rotate.add_argument("--state-dir", default=None,
-                        help="the local stack's state dir (default: $FEDCOMPUTE_STACK_STATE_DIR)")
+    rotate.add_argument("--key-dir", default=None,
+                        help="where the key ring lives (default: <$FEDCOMPUTE_STACK_STATE_DIR>/keys, the local "
+                        "stack's); for the cloud, a private folder passed to Terraform as upload_keys_dir")
     rotate.set_defaults(func=run_rotate_upload_key)
     ops.set_defaults(func=lambda args: (ops.print_help(sys.stderr), 2)[1])
 
@@ -96,12 +97,16 @@ def run_rotate_upload_key(args: argparse.Namespace) -> int:
 
     from fedcompute.crypto.hpke import describe, rotate_key_files
 
-    state_dir = args.state_dir or os.environ.get("FEDCOMPUTE_STACK_STATE_DIR")
-    if not state_dir:
-        print("error: no local stack state dir: pass --state-dir or run `eval \"$(fedcompute stack env)\"` "
-              "(in the cloud, add a version to the upload-keys secret instead; see README)", file=sys.stderr)
+    from fedcompute.crypto.hpke import KEY_DIR_NAME
+
+    state_dir = os.environ.get("FEDCOMPUTE_STACK_STATE_DIR")
+    if not args.key_dir and not state_dir:
+        print("error: no key dir: pass --key-dir DIR, or run `eval \"$(fedcompute stack env)\"` for the local "
+              "stack's", file=sys.stderr)
         return 2
-    ring = rotate_key_files(Path(state_dir) / "keys")
+    key_dir = Path(args.key_dir) if args.key_dir else Path(str(state_dir)) / KEY_DIR_NAME
+    ring = rotate_key_files(key_dir)
+    print(f"key ring in {key_dir} (upload_keys.json is private: keep it out of version control)", file=sys.stderr)
     print(json.dumps(describe(ring), indent=2))
     return 0
 

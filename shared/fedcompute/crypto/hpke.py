@@ -180,6 +180,7 @@ KEYS_ENV = "FEDCOMPUTE_UPLOAD_KEYS"  # the key ring JSON itself (a Secret Manage
 KEYS_FILE_ENV = "FEDCOMPUTE_UPLOAD_KEYS_FILE"  # or a file holding it (the local stack)
 PUBLIC_KEYS_ENV = "FEDCOMPUTE_UPLOAD_PUBLIC_KEYS"
 PUBLIC_KEYS_FILE_ENV = "FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE"
+KEY_DIR_NAME = "keys"  # under the local stack's state dir
 KEYS_FILE = "upload_keys.json"
 PUBLIC_KEYS_FILE = "upload_public_keys.json"
 

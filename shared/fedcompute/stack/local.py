@@ -44,7 +44,14 @@ from typing import Any
 import psutil
 import requests
 
-from fedcompute.crypto.hpke import KEYS_FILE, KEYS_FILE_ENV, PUBLIC_KEYS_FILE, PUBLIC_KEYS_FILE_ENV, ensure_key_files
+from fedcompute.crypto.hpke import (
+    KEY_DIR_NAME,
+    KEYS_FILE,
+    KEYS_FILE_ENV,
+    PUBLIC_KEYS_FILE,
+    PUBLIC_KEYS_FILE_ENV,
+    ensure_key_files,
+)
 from fedcompute.errors import StackError
 from fedcompute.settings import DEFAULT_PROJECT, Settings, Topics
 from fedcompute.stack import procs
@@ -471,7 +478,7 @@ class LocalStack:
     @property
     def upload_key_dir(self) -> Path:
         """Where the stack keeps its HPKE upload key ring (created on first start)."""
-        return self.state_dir / "keys"
+        return self.state_dir / KEY_DIR_NAME
 
     def _launch(self, comp: Component, topics: Topics, env: Mapping[str, str]) -> None:
         cmd, cwd = self._command(comp, topics)
