@@ -95,9 +95,7 @@ def run_ops_replay(args: argparse.Namespace) -> int:
 def run_rotate_upload_key(args: argparse.Namespace) -> int:
     import os
 
-    from fedcompute.crypto.hpke import describe, rotate_key_files
-
-    from fedcompute.crypto.hpke import KEY_DIR_NAME
+    from fedcompute.crypto.hpke import KEY_DIR_NAME, describe, rotate_key_files
 
     state_dir = os.environ.get("FEDCOMPUTE_STACK_STATE_DIR")
     if not args.key_dir and not state_dir:
