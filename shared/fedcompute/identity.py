@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import os
 import threading
 import time
@@ -51,9 +52,13 @@ NONCE_BYTES = 16
 
 
 class RateLimitedError(FedComputeError):
-    """Too many requests from one device identity (HTTP 429)."""
+    """Too many requests from one device identity (HTTP 429 with ``Retry-After``)."""
 
     http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
 
 
 def device_id_for(public_key: bytes) -> str:
@@ -181,7 +186,8 @@ class RateLimiter:
     def check(self, key: str) -> None:
         if not self.allow(key):
             raise RateLimitedError(f"device {key} checks in too often (limit {self.rate * 60:g}/min)",
-                                   hint="retry after the retry window the server gave")
+                                   retry_after_s=max(1, math.ceil(1.0 / self.rate)),
+                                   hint="retry after the Retry-After seconds")
 
 
 DEVICE_AUTH_REQUIRED = "required"

@@ -276,6 +276,8 @@ def error_response(error: BaseException) -> flask.Response:
         headers["Allow"] = ", ".join(error.allowed)
     if code == 503:
         headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif code == 429:
+        headers["Retry-After"] = str(getattr(error, "retry_after_s", RETRY_AFTER_S))
     return json_response(body, code, headers=headers)
 
 

@@ -32,6 +32,21 @@ class ProtocolError(FedComputeError):
     """The server answered something a device cannot use (status and body in the message)."""
 
 
+class RateLimited(ProtocolError):
+    """HTTP 429: this device identity asked too often; ``retry_after_s`` from ``Retry-After``."""
+
+    def __init__(self, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return max(1.0, float(response.headers.get("Retry-After", "60")))
+    except ValueError:
+        return 60.0
+
+
 @dataclass(frozen=True)
 class Rejected:
     reason: str
@@ -84,6 +99,8 @@ class DeviceHttpClient:
             raise TransientError(f"{method} {url} failed: {error}") from error
         if response.status_code >= 500:
             raise TransientError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
+        if response.status_code == 429:  # this identity's rate limit: come back after Retry-After
+            raise RateLimited(_retry_after(response), f"{method} {url}: HTTP 429: {response.text[:300]}")
         if response.status_code >= 400:
             raise ProtocolError(f"{method} {url}: HTTP {response.status_code}: {response.text[:500]}")
         parsed = response_cls()
@@ -100,7 +117,10 @@ class DeviceHttpClient:
                 supported_compression_formats=[common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP]),
         )
         path = f"/population/{urllib.parse.quote(population, safe='')}:create-task-assignment"
-        _, response = self._call("POST", path, request, task_assignment_pb2.CreateTaskAssignmentResponse, key)
+        try:
+            _, response = self._call("POST", path, request, task_assignment_pb2.CreateTaskAssignmentResponse, key)
+        except RateLimited as limited:
+            return Rejected("RATE_LIMITED", limited.retry_after_s, 2 * limited.retry_after_s)
         if response.WhichOneof("result") == "task_assignment":
             assignment = response.task_assignment
             with self._sessions_lock:
