@@ -475,8 +475,9 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
     for slot, aid in enumerate(ids):
         task.store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
                                                       AssignmentStatus.UPLOAD_COMPLETED, "1", slot, now, now))
-    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now},
-                                expected=[IterationStatus.COLLECTING])
+    # Marked announced, so the stack's periodic scheduler tick leaves it alone for now.
+    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now,
+                                      "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
     blobs, events = GcsBlobStore(local_stack.clients.storage), InMemoryRoundEvents()
 
     clean = RecordingBlobs(blobs, dry=True)  # the reference: a whole run that changes nothing
@@ -494,12 +495,15 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
     assert [blobs.exists(settings.model_bucket, name) for name in outputs] == [True, False, False]
     assert task.iteration(1).status == IterationStatus.AGGREGATING and not events.completed
 
-    # The scheduler's tick finds the round aggregating and never announced: it publishes
-    # round-ready, and the aggregator function re-runs the round.
+    # The round now looks stuck (aggregating longer than the timeout): a scheduler tick (ours,
+    # or the stack's periodic one first) re-publishes round-ready, and the aggregator function
+    # re-runs the round.
+    task.store.update_iteration(key, {"aggregating_time": now - 2 * scheduler_service.Timeouts().aggregation},
+                                expected=[IterationStatus.AGGREGATING])
     message_id = publish(local_stack, settings.topics.scheduler_tick, b"{}")
-    line = local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:")
-    assert "0 rounds re-published" not in line
-    task.wait_round(1, timeout_s=90)
+    local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:")
+    assert any("0 rounds re-published" not in line for line in log_lines(local_stack, "scheduler", "re-published"))
+    task.wait_round(1, timeout_s=180)
     for name in outputs:
         assert task.read_model(name) == clean.writes[name], name
     assert_aggregated_once(local_stack, task, 1)
