@@ -43,8 +43,8 @@ def test_stack_is_healthy_fast(local_stack: StackHandle) -> None:
 
 def test_the_ticker_runs_the_scheduler_periodically(local_stack: StackHandle) -> None:
     """Issue 13: locally nothing ticked the scheduler, so expired slots were held forever."""
-    line = local_stack.wait_for_log(TICKER, "tick ", timeout_s=DEFAULT_INTERVAL_S + 30)
-    message_id = line.rsplit("tick ", 1)[1].strip()
+    line = local_stack.wait_for_log(TICKER, "tick published: ", timeout_s=DEFAULT_INTERVAL_S + 30)
+    message_id = line.rsplit("tick published: ", 1)[1].strip()
     assert local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:", timeout_s=30)
 
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(args.interval):
         try:
             message_id = publisher.publish(topic, json.dumps({"time": time.time()}).encode()).result(timeout=10)
-            log.info("tick %s", message_id)
+            log.info("tick published: %s", message_id)
         except Exception as error:  # noqa: BLE001 - keep ticking through an emulator hiccup
             log.warning("tick failed: %s", error)
     return 0
