@@ -71,6 +71,9 @@ module "pubsub" {
   project_id     = var.project_id
   project_number = data.google_project.this.number
   topics         = values(local.topics)
+  dead_letter_replayers = {
+    scheduler = { topic = local.topics.round_ready, email = module.functions.service_account_emails.scheduler }
+  }
   # The Pub/Sub-driven functions are pushed by these subscriptions (explicit dead-letter
   # policy; HTTP timeouts up to 3600 s for the aggregator).
   push_subscriptions = {

@@ -30,6 +30,7 @@ def handle_event(cloud_event: Any) -> None:
     deps = RUNTIME.deps()
     report = service.tick(deps.store, deps.events, timeouts=service.Timeouts.from_env())
     clients = RUNTIME.clients()
+    # Never lets a replay problem fail the tick (it would be redelivered and dead-lettered itself).
     replay = replay_dead_letters(clients.subscriber, clients.publisher, deps.settings.project,
                                  replayable_topics(deps.settings.topics))
     logger.info("scheduler tick %s: %d local timeouts, %d upload timeouts, %d rounds re-published, "

@@ -65,3 +65,17 @@ def test_a_poison_message_is_left_for_an_operator_after_max_replays() -> None:
     report = replay_dead_letters(fake, fake, "p", ["round-ready"])
     assert report.replayed == {} and report.left_for_operator == {"round-ready": 1}
     assert fake.published == {} and fake.acked == []
+
+
+def test_replay_problems_never_fail_the_caller() -> None:
+    class Denied(FakePubSub):
+        def pull(self, request: dict[str, Any], timeout: float) -> Any:
+            raise exceptions.PermissionDenied("the scheduler may not pull here")
+
+    class Down(FakePubSub):
+        def publish(self, topic: str, data: bytes, **attributes: str) -> Any:
+            raise TimeoutError("publisher unavailable")
+
+    assert replay_dead_letters(Denied({}), Denied({}), "p", ["round-ready"]).total == 0
+    down = Down({"round-ready-dead-letter": [_Message(b"x", {}, "1")]})
+    assert replay_dead_letters(down, down, "p", ["round-ready"]).total == 0 and down.acked == []

@@ -64,6 +64,7 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str, str]]] = {
     "scheduler": {
         ("project", "roles/datastore.user", "project"),
         ("topic", "roles/pubsub.publisher", "round-ready"),
+        ("subscription", "roles/pubsub.subscriber", "round-ready-dead-letter-inspect"),
     },
     "dashboard": {
         ("project", "roles/datastore.viewer", "project"),
@@ -191,6 +192,12 @@ def grants(functions_module: Module, secrets_module: Module, root: Module) -> di
     for function, email in accessors.items():
         assert email == f"${{module.functions.service_account_emails.{function}}}"
         result.setdefault(function, set()).add(("secret", "roles/secretmanager.secretAccessor", "api_key"))
+    # Dead-letter replay: modules/pubsub lets the scheduler pull a topic's dead letters.
+    for function, spec in root.modules["pubsub"].get("dead_letter_replayers", {}).items():
+        assert spec["email"] == f"${{module.functions.service_account_emails.{function}}}"
+        topic = {"${local.topics.round_ready}": "round-ready"}[spec["topic"]]
+        result.setdefault(function, set()).add(("subscription", "roles/pubsub.subscriber",
+                                                f"{topic}-dead-letter-inspect"))
     # HPKE upload keys: modules/upload_keys grants the private ring and the public keys separately.
     upload = root.modules["upload_keys"]
     for kind, secret in (("private_accessors", "upload_keys"), ("public_accessors", "upload_public_keys")):

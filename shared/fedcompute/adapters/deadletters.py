@@ -38,7 +38,6 @@ class ReplayReport:
 def replay_dead_letters(subscriber: Any, publisher: Any, project: str, topics: Iterable[str], *,
                         max_messages: int = 100, timeout_s: float = 10.0) -> ReplayReport:
     """Publish dead-lettered messages of ``topics`` again; at most ``max_messages`` per topic."""
-    from google.api_core import exceptions
 
     report = ReplayReport()
     for topic in topics:
@@ -60,8 +59,8 @@ def replay_dead_letters(subscriber: Any, publisher: Any, project: str, topics: I
             try:
                 publisher.publish(publisher.topic_path(project, topic), message.data,
                                   **attributes).result(timeout=timeout_s)
-            except exceptions.NotFound:
-                log.error("cannot replay %s: topic %s does not exist", message.message_id, topic)
+            except Exception as error:  # noqa: BLE001 - not acknowledged: the next tick tries again
+                log.error("cannot replay %s on %s: %s", message.message_id, topic, error)
                 break
             done.append(received.ack_id)
             report.replayed[topic] = report.replayed.get(topic, 0) + 1
@@ -87,6 +86,9 @@ def _pull(subscriber: Any, project: str, topic: str, max_messages: int, timeout_
             continue
         except exceptions.DeadlineExceeded:
             return None  # nothing to pull
+        except exceptions.GoogleAPICallError as error:  # e.g. no permission: never break the caller's tick
+            log.warning("cannot pull dead letters of %s from %s: %s", topic, subscription, error)
+            return None
     return None
 
 
