@@ -25,7 +25,7 @@ import numpy as np
 
 from fedcompute.dp import DpMechanism, DpParams, mechanism_name, parse_mechanism
 from fedcompute.errors import ConfigError, InvariantError
-from fedcompute.learning.accumulator import RoundAccumulator
+from fedcompute.learning.accumulator import RoundAccumulator, start_accumulator
 from fedcompute.learning.tensor_codec import ClientUpdate, SpecLike
 from fedcompute.metric_names import NON_FINITE_METRIC
 
@@ -180,6 +180,12 @@ def check_state(mechanism: DpMechanism | None, state: DpState) -> None:
             f"{mechanism_name(mechanism)}",
             hint="a checkpoint cannot change DP mechanism mid-task; start a new task",
         )
+
+
+def start_at_state_clip(mechanism: DpMechanism | None, spec: SpecLike, state: DpState) -> RoundAccumulator:
+    """An empty accumulator clipping at the DP state's clip (adaptive clipping moves it)."""
+    check_state(mechanism, state)
+    return start_accumulator(spec, state.clip_norm)
 
 
 def counter_metrics(acc: RoundAccumulator, report_goal: int) -> dict[str, float]:

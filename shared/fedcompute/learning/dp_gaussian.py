@@ -19,7 +19,7 @@ import numpy as np
 
 from fedcompute.dp import DpMechanism, DpParams, mechanism_name
 from fedcompute.errors import ConfigError, InvariantError
-from fedcompute.learning.accumulator import RoundAccumulator, add_update, clipped_sum, start_accumulator
+from fedcompute.learning.accumulator import RoundAccumulator, add_update, clipped_sum
 from fedcompute.learning.dp_core import (
     METRIC_CLIP_NORM,
     METRIC_CLIPPED_COUNT_STDDEV,
@@ -37,6 +37,7 @@ from fedcompute.learning.dp_core import (
     counter_metrics_with_unclipped_fraction,
     gaussian_sum_query_noise,
     need_seed,
+    start_at_state_clip,
     tf_global_seed,
     validate_adaptive,
 )
@@ -51,8 +52,7 @@ class NoDpAggregator:
     mechanism: ClassVar[None] = None
 
     def start(self, spec: SpecLike, state: DpState) -> RoundAccumulator:
-        check_state(self.mechanism, state)
-        return start_accumulator(spec, state.clip_norm)
+        return start_at_state_clip(self.mechanism, spec, state)
 
     def add(self, acc: RoundAccumulator, update: ClientUpdate) -> RoundAccumulator:
         return add_update(acc, update)
@@ -95,8 +95,7 @@ class FixedGaussianAggregator:
     mechanism: ClassVar[DpMechanism] = DpMechanism.FIXED_GAUSSIAN
 
     def start(self, spec: SpecLike, state: DpState) -> RoundAccumulator:
-        check_state(self.mechanism, state)
-        return start_accumulator(spec, state.clip_norm)
+        return start_at_state_clip(self.mechanism, spec, state)
 
     def add(self, acc: RoundAccumulator, update: ClientUpdate) -> RoundAccumulator:
         return add_update(acc, update)
@@ -167,8 +166,7 @@ class AdaptiveGaussianAggregator:
     mechanism: ClassVar[DpMechanism] = DpMechanism.ADAPTIVE_GAUSSIAN
 
     def start(self, spec: SpecLike, state: DpState) -> RoundAccumulator:
-        check_state(self.mechanism, state)
-        return start_accumulator(spec, state.clip_norm)
+        return start_at_state_clip(self.mechanism, spec, state)
 
     def add(self, acc: RoundAccumulator, update: ClientUpdate) -> RoundAccumulator:
         return add_update(acc, update)

@@ -37,6 +37,7 @@ from fedcompute.learning.dp_core import (
     clip_value,
     counter_metrics_with_unclipped_fraction,
     need_seed,
+    start_at_state_clip,
     validate_adaptive,
     validate_clip,
     validate_noise,
@@ -254,8 +255,7 @@ class TreeAggregationAggregator:
         return DpState(self.mechanism, self._validate()[0], float(self.params.noise_multiplier))
 
     def start(self, spec: SpecLike, state: DpState) -> RoundAccumulator:
-        check_state(self.mechanism, state)
-        return start_accumulator(spec, state.clip_norm)
+        return start_at_state_clip(self.mechanism, spec, state)
 
     def add(self, acc: RoundAccumulator, update: ClientUpdate) -> RoundAccumulator:
         return add_update(acc, update)
