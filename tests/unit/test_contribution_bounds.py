@@ -12,7 +12,7 @@ from fedcompute.learning.contribution_bounds import (
     max_examples_per_device,
 )
 from fedcompute.learning.tensor_codec import encode_client_update
-from fedcompute.services.aggregator import make_upload_validator
+from fedcompute.learning.upload_contract import make_upload_validator
 from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
 
 METRICS = ("accuracy", "auc-roc")
