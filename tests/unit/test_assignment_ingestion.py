@@ -9,6 +9,7 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents, decode_round_event, encode_round_event
+from fedcompute.adapters.firestore_store import InMemoryTaskStore, RoundKey
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion
@@ -24,7 +25,6 @@ from fedcompute.tasks.records import (
     max_live_assignments,
     status_after_report,
 )
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()
 POP = "pop_a"

@@ -15,6 +15,7 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.adapters.firestore_store import InMemoryTaskStore, RoundKey
 from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.learning import upload_contract
@@ -26,7 +27,6 @@ from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
 from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, TaskKind
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()
 POP = "fixes"

@@ -6,6 +6,7 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.adapters.firestore_store import InMemoryTaskStore, RoundKey
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError
 from fedcompute.plans import ServerPhase, WeightSpec
@@ -20,7 +21,6 @@ from fedcompute.tasks.records import (
     TaskKind,
     TaskStatus,
 )
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()
 

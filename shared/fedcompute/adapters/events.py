@@ -5,8 +5,8 @@ import json
 import threading
 from typing import Any, Protocol
 
+from fedcompute.adapters.firestore_store import RoundKey
 from fedcompute.errors import InvariantError, TransientError
-from fedcompute.tasks.store import RoundKey
 
 
 def encode_round_event(key: RoundKey, **extra: Any) -> bytes:

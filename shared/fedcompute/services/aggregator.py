@@ -23,6 +23,7 @@ import numpy as np
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
+from fedcompute.adapters.firestore_store import RoundKey, TaskStore
 from fedcompute.errors import InvalidRequestError, PreconditionFailedError
 from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
 from fedcompute.plans import ServerPhase
@@ -34,7 +35,6 @@ from fedcompute.tasks.records import (
     TaskRecord,
     TaskStatus,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
 
 if TYPE_CHECKING:
     from fedcompute.learning.server_round import NextStep

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
+from fedcompute.adapters.firestore_store import RoundKey, TaskStore
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -28,7 +29,6 @@ from fedcompute.tasks.records import (
     client_version_allowed,
     status_after_report,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
 
 HOUR, DAY = 3600, 86400
 

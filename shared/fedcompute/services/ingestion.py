@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
+from fedcompute.adapters.firestore_store import ACCEPTED, DUPLICATE, NOT_UPLOADABLE, ROUND_CLOSED, RoundKey, TaskStore
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskRecord, TaskStatus
-from fedcompute.tasks.store import ACCEPTED, DUPLICATE, NOT_UPLOADABLE, ROUND_CLOSED, RoundKey, TaskStore
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedcompute.adapters.events import RoundEvents
+from fedcompute.adapters.firestore_store import RoundKey, TaskStore
 from fedcompute.config.spec import parse_checkpoint_selector
 from fedcompute.errors import InvariantError, PreconditionFailedError
 from fedcompute.services.ingestion import publish_pending_round_ready
@@ -23,7 +24,6 @@ from fedcompute.tasks.records import (
     TaskRecord,
     TaskStatus,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
 
 log = logging.getLogger(__name__)
 

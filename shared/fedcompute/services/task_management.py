@@ -16,6 +16,7 @@ from google.protobuf import timestamp_pb2
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
+from fedcompute.adapters.firestore_store import TaskStore
 from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
@@ -28,7 +29,6 @@ from fedcompute.tasks.records import (
     TaskStatus,
     TensorSpecRecord,
 )
-from fedcompute.tasks.store import TaskStore
 
 # ODP's TaskInfo.traffic_weight is an integer; fedcompute uses per-mille of check-ins.
 TRAFFIC_SCALE = 1000
