@@ -20,7 +20,7 @@ import numpy as np
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
-from fedcompute.adapters.firestore_store import FirestoreTaskStore, RoundKey
+from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.dp import DpParams
 from fedcompute.fleet.protocol import DeviceHttpClient, Rejected
@@ -31,7 +31,7 @@ from fedcompute.learning.upload_contract import metric_statistics_spec
 from fedcompute.plans import ServerPhase
 from fedcompute.proto import eligibility_pb2, task_assignment_pb2, task_management_pb2
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentStatus, IterationRecord, IterationStatus, TaskRecord
+from fedcompute.tasks.records import AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskRecord
 
 if TYPE_CHECKING:
     from support.stack_plugin import StackHandle

@@ -9,16 +9,17 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents, decode_round_event, encode_round_event
-from fedcompute.adapters.firestore_store import InMemoryTaskStore, RoundKey
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion
 from fedcompute.settings import Settings
+from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
     ReportedResult,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,

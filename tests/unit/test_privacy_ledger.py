@@ -7,7 +7,6 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
-from fedcompute.adapters.firestore_store import InMemoryTaskStore, RoundKey
 from fedcompute.dp import DpParams
 from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.learning.upload_contract import metric_statistics_spec
@@ -15,7 +14,18 @@ from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import (
+    AssignmentRecord,
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    RoundKey,
+    TaskKind,
+    TaskRecord,
+    TaskStatus,
+    TensorSpecRecord,
+)
 
 SETTINGS = Settings()
 GOAL, POPULATION_SIZE, NOISE, ROUNDS = 4, 200, 1.0, 10

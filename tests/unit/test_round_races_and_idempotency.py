@@ -15,7 +15,6 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
-from fedcompute.adapters.firestore_store import InMemoryTaskStore, RoundKey
 from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.learning import upload_contract
@@ -26,7 +25,8 @@ from fedcompute.services import assignment as svc
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, TaskKind
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, RoundKey, TaskKind
 
 SETTINGS = Settings()
 POP = "fixes"

@@ -6,7 +6,6 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
-from fedcompute.adapters.firestore_store import InMemoryTaskStore, RoundKey
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError
 from fedcompute.plans import ServerPhase, WeightSpec
@@ -14,10 +13,12 @@ from fedcompute.proto import task_management_pb2
 from fedcompute.services import scheduler
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
+from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskStatus,
 )

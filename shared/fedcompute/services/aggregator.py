@@ -21,16 +21,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.adapters.events import RoundEvents
-from fedcompute.adapters.firestore_store import RoundKey, TaskStore
 from fedcompute.errors import InvalidRequestError, PreconditionFailedError
 from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
 from fedcompute.plans import ServerPhase
+from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     IterationRecord,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,

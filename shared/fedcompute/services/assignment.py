@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.adapters.firestore_store import RoundKey, TaskStore
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     AssignmentRecord,
@@ -23,6 +22,7 @@ from fedcompute.tasks.records import (
     IterationRecord,
     IterationStatus,
     ReportedResult,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,

@@ -11,15 +11,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedcompute.adapters.events import RoundEvents
-from fedcompute.adapters.firestore_store import RoundKey, TaskStore
 from fedcompute.config.spec import parse_checkpoint_selector
 from fedcompute.errors import InvariantError, PreconditionFailedError
+from fedcompute.ports import RoundEvents, TaskStore
 from fedcompute.services.ingestion import publish_pending_round_ready
 from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.adapters.firestore_store import TaskStore
 from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
+from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
