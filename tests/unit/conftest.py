@@ -1,4 +1,10 @@
-"""Fixtures shared by the unit tests."""
+"""Shared fixtures of the unit tier: fresh in-memory fakes of the project's ports per test.
+
+``store``, ``blobs`` and ``events`` have the semantics of the Firestore, GCS and Pub/Sub
+adapters (conditional writes, create-only objects, recorded events) without emulators.
+Open a task on them with :func:`support.tasks.open_task_in_memory`. ``assignment_server``
+runs the task_assignment function in-process on them (signed device requests).
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -15,8 +21,24 @@ from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.proto import common_pb2, task_assignment_pb2
 from fedcompute.runtime import Deps
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import IterationRecord, IterationStatus, TaskKind, TaskRecord, TaskStatus
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import IterationRecord, IterationStatus, RoundKey, TaskKind, TaskRecord, TaskStatus
+
+
+@pytest.fixture
+def store() -> InMemoryTaskStore:
+    return InMemoryTaskStore()
+
+
+@pytest.fixture
+def blobs() -> InMemoryBlobStore:
+    return InMemoryBlobStore()
+
+
+@pytest.fixture
+def events() -> InMemoryRoundEvents:
+    return InMemoryRoundEvents()
+
 
 TASK_ASSIGNMENT = Path(__file__).resolve().parents[2] / "functions" / "task_assignment" / "main.py"
 PREFIX = "/taskassignment/v1"

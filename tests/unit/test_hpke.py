@@ -122,16 +122,17 @@ def test_ingestion_counts_sealed_uploads_and_counts_tampered_or_wrong_key_ones_n
     from fedcompute.services import assignment as svc
     from fedcompute.services import ingestion
     from fedcompute.settings import Settings
+    from fedcompute.tasks.memory_store import InMemoryTaskStore
     from fedcompute.tasks.records import (
         AssignmentStatus,
         IterationRecord,
         IterationStatus,
         ReportedResult,
+        RoundKey,
         TaskKind,
         TaskRecord,
         TaskStatus,
     )
-    from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
     settings, store, blobs, events = Settings(), InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     ring, stranger = UploadKeyRing.generate(), UploadKeyRing.generate()
