@@ -95,7 +95,13 @@ def tick(
             if publish_pending_round_ready(store, events, key):
                 report.republished.append(key)
             elif iteration.aggregating_time and t - iteration.aggregating_time > timeouts.aggregation:
-                # The aggregator is idempotent per round: re-sending the event is safe.
+                # The aggregator is idempotent per round: re-sending the event is safe. The
+                # clock restarts first, so the next tick does not start yet another run of a
+                # round whose re-run is under way (one re-publish per timeout, not per tick).
+                try:
+                    store.update_iteration(key, {"aggregating_time": t}, expected=[IterationStatus.AGGREGATING])
+                except PreconditionFailedError:
+                    continue  # it completed meanwhile
                 log.warning("round %s aggregating for %.0f s: re-publishing round-ready", key,
                             t - iteration.aggregating_time)
                 events.round_ready(key)
