@@ -21,10 +21,12 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcompute.errors import InvalidRequestError
-from fedcompute.learning.tensor_codec import TensorSpec
+
+if TYPE_CHECKING:  # numpy-free at run time: task management (no numpy) imports this module
+    from fedcompute.learning.tensor_codec import TensorSpec
 
 CLIENT_PLAN_VERSION = 1
 SERVER_PHASE_VERSION = 1
@@ -211,6 +213,8 @@ def _spec_proto(spec: TensorSpec) -> Any:
 
 
 def _spec_from_proto(proto: Any) -> TensorSpec:
+    from fedcompute.learning.tensor_codec import TensorSpec
+
     dtype = _TF_DTYPE_NAMES.get(proto.dtype)
     if dtype is None:
         raise InvalidRequestError(f"plan tensor {proto.name!r} has an unknown tensorflow.DataType {proto.dtype}")

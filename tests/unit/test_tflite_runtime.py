@@ -23,9 +23,9 @@ from fedcompute.data.examples import ExampleSpec, encode_examples
 from fedcompute.errors import DeviceComputationError
 from fedcompute.fleet import runtimes
 from fedcompute.models import dense_digits, emnist_cnn
-from fedcompute.plans import ClientPlan, TfliteStep, UnpackedPlan, pack_plan, unpack_client_plan
-from fedcompute.taskbuilder import flex_ops, model_check
-from fedcompute.taskbuilder.artifacts import weight_specs
+from fedcompute.plans import TfliteStep, UnpackedPlan
+from fedcompute.taskbuilder import flex_ops
+from fedcompute.taskbuilder.local_plan import build_local_plan
 
 METRICS = ("sparse_categorical_accuracy",)
 TOLERANCE = 1e-5
@@ -41,23 +41,13 @@ class Built:
 
 def _build(model_dir: Path, tmp: Path, *, enforce: bool, variants, batch_size: int, lr: float) -> Built:
     """What the task builder does, then what a device does with the download."""
-    loaded = model_check.load_functional_model_checked(model_dir)
-    checked = model_check.check_model(loaded, label_name=None)
-    spec = ExampleSpec.from_input_spec((loaded.x_spec, loaded.y_spec), checked.label_name)
-    trainable, non_trainable = loaded.initial_weights()
-    weights = [w.numpy() for w in trainable] + [w.numpy() for w in non_trainable]
-    specs = weight_specs([w.numpy() for w in trainable], [w.numpy() for w in non_trainable])
-    plans = {}
+    plans, weights = {}, []
     for algorithm, optimizer in variants:
-        report = flex_ops.check_flex_ops(loaded, client_optimizer=optimizer, learning_algo=algorithm,
-                                         example_spec=checked.example_spec, enforce=enforce)
-        for kind in ("TRAINING", "EVALUATION"):
-            plan = ClientPlan(kind=kind, population_name="p", input_type=1, example_spec=spec.to_dict(),
-                              label_name=spec.label_name, weights=specs, metrics=METRICS, learning_algo=algorithm,
-                              client_optimizer=optimizer, client_learning_rate=lr, batch_size=batch_size)
-            data = pack_plan(plan, model_dir, report.plan_step(kind))
-            target = tmp / f"{kind}-{algorithm}-{optimizer}"
-            plans[(kind, algorithm, optimizer)] = unpack_client_plan(data, target)
+        built, weights = build_local_plan(
+            model_dir, tmp / f"{algorithm}-{optimizer}", learning_algo=algorithm, client_optimizer=optimizer,
+            client_learning_rate=lr, batch_size=batch_size, metrics=METRICS, enforce_flex_ops=enforce)
+        plans.update({(kind, algorithm, optimizer): plan for kind, plan in built.items()})
+    spec = ExampleSpec.from_dict(plans[("TRAINING", *variants[0])].plan.example_spec)
     return Built(model_dir, weights, spec, plans)
 
 
@@ -241,3 +231,39 @@ def test_plan_whose_spec_does_not_match_its_model_is_refused(dense) -> None:
     wrong = dataclasses.replace(plan, tflite=dataclasses.replace(step, inputs=step.inputs[1:]))
     with pytest.raises(DeviceComputationError, match="does not match its TFLite model"):
         runtimes.TfliteRuntime().train(wrong, dense.weights, [b""])
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _present(message, path: str) -> bool:
+    *parents, last = path.split(".")
+    for part in parents:
+        message = getattr(message, part)
+    value = getattr(message, last)
+    return message.HasField(last) if hasattr(value, "ListFields") else len(value) > 0
+
+
+def test_readme_client_plan_fields_match_the_built_plan(dense, tmp_path) -> None:
+    """Every ``ClientOnlyPlan`` row of README's compatibility table says set/empty truthfully."""
+    from fedcompute.plans import pack_plan
+    from fedcompute.proto import plan_pb2
+
+    built = dense.plans[("TRAINING", "FED_AVG", "SGD")]
+    data = pack_plan(built.plan, built.saved_model_dir, built.tflite, "app:/digits")
+    message = plan_pb2.ClientOnlyPlan.FromString(data)  # the download parses as ODP's message
+    assert message.tflite_graph[4:8] == b"TFL3"
+    section = README.read_text().split("## Compatibility with ODP clients", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `ClientOnlyPlan.")]
+    assert len(rows) >= 12
+    for row in rows:
+        path = row[1].strip().split("`")[1].removeprefix("ClientOnlyPlan.")
+        fedcompute = row[3].strip()
+        present = _present(message, path)
+        if fedcompute.startswith("empty"):
+            assert not present, path
+        elif fedcompute.startswith("set"):
+            assert present, path
+    assert message.phase.tensorflow_spec.example_selector.collection_uri == "app:/digits"
+    specs = {s.name for s in message.phase.tensorflow_spec.input_tensor_specs}
+    assert {"serialized_examples", "learning_rate", "trainable_0"} <= specs
