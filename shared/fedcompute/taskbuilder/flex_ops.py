@@ -272,13 +272,13 @@ def build_client_modules(
 
     lr_spec = tf.TensorSpec([], tf.float32, name=sig.LEARNING_RATE)
     if algorithm == "FED_SGD":
-        class TrainStep(tf.Module):
+        class TrainStep(tf.Module):  # type: ignore[name-defined]  # tf is imported lazily, so untyped here
             @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs])
             def step(self, trainable: Any, non_trainable: Any, *data: Any) -> dict[str, Any]:
                 grads, output, loss, y = forward_backward(trainable, non_trainable, data)
                 return {**common(output, loss, y), **{sig.gradient(i): g for i, g in enumerate(grads)}}
     elif optimizer == "SGD":
-        class TrainStep(tf.Module):  # type: ignore[no-redef]
+        class TrainStep(tf.Module):  # type: ignore[name-defined,no-redef]
             @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs, lr_spec])
             def step(self, trainable: Any, non_trainable: Any, *rest: Any) -> dict[str, Any]:
                 *data, lr = rest
@@ -291,7 +291,7 @@ def build_client_modules(
         preconditioner_specs = named(loaded.trainable_specs, sig.adam_preconditioner)
         step_spec = tf.TensorSpec([], tf.float32, name=sig.ADAM_STEP)
 
-        class TrainStep(tf.Module):  # type: ignore[no-redef]
+        class TrainStep(tf.Module):  # type: ignore[name-defined,no-redef]
             @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs, lr_spec,
                                           accumulator_specs, preconditioner_specs, step_spec])
             def step(self, trainable: Any, non_trainable: Any, *rest: Any) -> dict[str, Any]:
@@ -308,7 +308,7 @@ def build_client_modules(
                     out[sig.new(sig.adam_preconditioner(i))] = p
                 return out
 
-    class EvalStep(tf.Module):
+    class EvalStep(tf.Module):  # type: ignore[name-defined]
         @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs])
         def step(self, trainable: Any, non_trainable: Any, *data: Any) -> dict[str, Any]:
             x, y = inputs(data)
