@@ -57,11 +57,14 @@ def main() -> int:
         idx = [i % len(labels) for i in range(args.examples)]
         examples = encode_examples(ExampleSpec.from_dict(plan.plan.example_spec), images[idx], labels[idx])
         runtimes = {"tflite": TfliteRuntime(), "tensorflow": TensorflowRuntime()}
-        first = {name: _time(lambda r=r: r.train(plan, weights, examples)) for name, r in runtimes.items()}
+        def epoch(runtime, plan=plan, weights=weights, examples=examples) -> None:
+            runtime.train(plan, weights, examples)
+
+        first = {name: _time(lambda r=r: epoch(r)) for name, r in runtimes.items()}
         warm: dict[str, list[float]] = {name: [] for name in runtimes}
         for _ in range(args.repeats):
             for name, runtime in runtimes.items():
-                warm[name].append(_time(lambda r=runtime: r.train(plan, weights, examples)))
+                warm[name].append(_time(lambda r=runtime: epoch(r)))
         rates = {name: args.examples / statistics.median(times) for name, times in warm.items()}
         rows.append((label, rates["tflite"], rates["tensorflow"], rates["tflite"] / rates["tensorflow"],
                      first["tflite"], first["tensorflow"]))

@@ -199,7 +199,7 @@ def test_without_an_example_spec_the_step_takes_tensors(models):
     model, _ = models["softmax"]
     train, evaluate = fo.build_client_modules(model)
     x, y = tf.ones([2, 4]), tf.zeros([2, 1])
-    weights = [w for w in model.initial_weights()[0]]
+    weights = list(model.initial_weights()[0])
     before = float(evaluate.step(weights, [], x, y)["loss"])
     out = train.step(weights, [], x, y, tf.constant(0.1))
     new = [out[f"new_trainable_{i}"] for i in range(len(weights))]

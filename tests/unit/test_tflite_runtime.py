@@ -24,7 +24,6 @@ from fedcompute.errors import DeviceComputationError
 from fedcompute.fleet import runtimes
 from fedcompute.models import dense_digits, emnist_cnn
 from fedcompute.plans import TfliteStep, UnpackedPlan
-from fedcompute.taskbuilder import flex_ops
 from fedcompute.taskbuilder.local_plan import build_local_plan
 
 METRICS = ("sparse_categorical_accuracy",)

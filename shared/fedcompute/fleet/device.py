@@ -142,7 +142,7 @@ class SimulatedDevice:
             payload = self._compute(plan, weights, examples)
         except DeviceComputationError as error:  # never a silent success: the server learns why
             log.warning("device %d cannot run the plan: %s", self.device_id, error)
-            client.report_result(assignment.self_uri, Result.Value(error.result))
+            client.report_result(assignment.self_uri, Result.Value(error.result))  # type: ignore[arg-type]
             outcome.status = "FAILED"
             outcome.detail = f"{error.result}: {error}"
             return outcome

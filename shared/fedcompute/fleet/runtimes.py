@@ -71,7 +71,8 @@ def _split(plan: ClientPlan, weights: Sequence[np.ndarray]) -> tuple[list[np.nda
     if len(weights) != len(plan.weights):
         raise InvalidRequestError(f"the plan has {len(plan.weights)} weight tensors; got {len(weights)}",
                                   hint="the checkpoint does not belong to this plan")
-    trainable, non_trainable = [], []
+    trainable: list[np.ndarray] = []
+    non_trainable: list[np.ndarray] = []
     for spec, w in zip(plan.weights, weights):
         (trainable if spec.trainable else non_trainable).append(np.asarray(w, dtype=spec.dtype))
     return trainable, non_trainable

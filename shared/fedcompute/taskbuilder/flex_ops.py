@@ -27,7 +27,7 @@ import functools
 import io
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,7 +246,7 @@ def build_client_modules(
 
         data_specs = [tf.TensorSpec([None], tf.string, name=sig.SERIALIZED_EXAMPLES)]
 
-        def inputs(data: tuple[Any, ...]) -> tuple[Any, Any]:
+        def inputs(data: Sequence[Any]) -> tuple[Any, Any]:
             return parse_examples(example_spec, data[0])
     else:
         def strip(s: Any) -> Any:
@@ -254,13 +254,13 @@ def build_client_modules(
 
         data_specs = [tf.nest.map_structure(strip, loaded.x_spec), strip(loaded.y_spec)]
 
-        def inputs(data: tuple[Any, ...]) -> tuple[Any, Any]:
+        def inputs(data: Sequence[Any]) -> tuple[Any, Any]:
             return data[0], data[1]
 
     def common(output: Any, loss: Any, y: Any) -> dict[str, Any]:
         return {sig.LOSS: loss, sig.PREDICTIONS: tf.nest.flatten(output)[0], sig.LABELS: y}
 
-    def forward_backward(trainable: Any, non_trainable: Any, data: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
+    def forward_backward(trainable: Any, non_trainable: Any, data: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
         x, y = inputs(data)
         trainable = list(trainable)
         with tf.GradientTape() as tape:
