@@ -105,7 +105,7 @@ def test_tflite_devices_train_a_round_gated_by_min_client_version(local_stack, t
                                rng=random.Random(i), runtime=runtime)
 
     old = device(0, MIN_VERSION - 1, "tflite").run_session(client, population, cache)
-    assert old.status == "REJECTED" and "version" in old.detail
+    assert (old.status, old.detail) == ("REJECTED", "CLIENT_VERSION_MISMATCH")
 
     lacking = device(1, MIN_VERSION, runtimes.TfliteRuntime(supported_flex_ops={"ParseExampleV2"}))
     outcome = lacking.run_session(client, population, cache)
