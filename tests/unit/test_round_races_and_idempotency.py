@@ -1,6 +1,8 @@
-"""Regression tests for protocol bugs found by tests/integration/test_training_protocol.py.
+"""The round lifecycle under races, redelivery and partial state, on in-memory adapters.
 
-In-memory adapters only: each test pins one fix so it cannot silently come back.
+A concurrent run that loses a conditional write reports the work as done; check-in near a
+full round, upload sessions for objects already written, and opening a task without its
+artifacts each behave as the protocol says.
 """
 from __future__ import annotations
 
@@ -12,17 +14,18 @@ import pytest
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
+from fedcompute.learning import upload_contract
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
-from fedcompute.plans import DpParameters, ServerPhase
+from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator, ingestion
 from fedcompute.services import assignment as svc
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, TaskKind
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, RoundKey, TaskKind
 
 SETTINGS = Settings()
 POP = "fixes"
@@ -33,14 +36,14 @@ def _open(store: InMemoryTaskStore, blobs: InMemoryBlobStore, *, report_goal: in
                                             report_goal=report_goal, max_aggregation_size=max_size))
     weights = [np.ones((4, 3), np.float32), np.zeros(3, np.float32)]
     phase = ServerPhase("FED_AVG", "SGD", 1.0, report_goal, max_size / report_goal - 1, 2, 100, 10.0, 1e-6,
-                        DpParameters(), weight_specs(weights), ("loss",))
+                        DpParams(), weight_specs(weights), ("loss",))
     publish_artifacts(blobs, SETTINGS, POP, task.task_id, artifacts_from_weights(phase, weights))
     tm.open_task(store, blobs, SETTINGS, POP, task.task_id)
     return task, weights
 
 
 def _stats() -> dict[str, np.ndarray]:
-    return {name: np.ones(shape) for name, shape, _ in aggregator.metric_statistics_spec(("loss",))}
+    return {name: np.ones(shape) for name, shape, _ in upload_contract.metric_statistics_spec(("loss",))}
 
 
 def _uploaded_round(store: InMemoryTaskStore, blobs: InMemoryBlobStore, task_id: int, n: int = 2) -> RoundKey:
@@ -55,9 +58,8 @@ def _uploaded_round(store: InMemoryTaskStore, blobs: InMemoryBlobStore, task_id:
     return key
 
 
-def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle():
+def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle(store, blobs, events):
     # decode_bundle returns (named arrays, metadata): the aggregator iterated the tuple.
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task, weights = _open(store, blobs)
     key = _uploaded_round(store, blobs, task.task_id)
     assert aggregator.aggregate_round(store, blobs, events, SETTINGS, key).status == "AGGREGATED"
@@ -68,10 +70,9 @@ def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle():
         "server/aggregator/num_reports"] == 2.0
 
 
-def test_aggregator_run_that_loses_the_finish_reports_already_done():
+def test_aggregator_run_that_loses_the_finish_reports_already_done(store, blobs, events):
     # Two round-ready deliveries aggregating at once: only the one that completes the round
     # may report AGGREGATED (and publish round-completed).
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task, _ = _open(store, blobs)
     key = _uploaded_round(store, blobs, task.task_id)
 
@@ -86,8 +87,7 @@ def test_aggregator_run_that_loses_the_finish_reports_already_done():
     assert events.completed == []
 
 
-def test_check_in_near_a_full_round_lists_claimed_slots_once():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_check_in_near_a_full_round_lists_claimed_slots_once(store, blobs):
     _open(store, blobs, report_goal=20, max_size=20)
     listings = []
     original = store.claimed_slots
@@ -99,8 +99,7 @@ def test_check_in_near_a_full_round_lists_claimed_slots_once():
     assert 0 < len(listings) <= 20, len(listings)  # at most one per check-in (it was one per slot)
 
 
-def test_no_new_upload_session_for_an_object_already_written():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_no_new_upload_session_for_an_object_already_written(store, blobs):
     _open(store, blobs)
     a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
     key = RoundKey(POP, a.task_id, 1)
@@ -110,16 +109,14 @@ def test_no_new_upload_session_for_an_object_already_written():
         svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
 
 
-def test_opening_a_task_without_artifacts_is_a_precondition_failure():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_opening_a_task_without_artifacts_is_a_precondition_failure(store, blobs):
     task = tm.create_task(store, tm.NewTask(population=POP, kind=TaskKind.TRAINING, total_rounds=1, report_goal=1,
                                             max_aggregation_size=1))
     with pytest.raises(PreconditionFailedError, match="upload the task's artifacts first"):
         tm.open_task(store, blobs, SETTINGS, POP, task.task_id)
 
 
-def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner(store, blobs, events):
     _open(store, blobs, report_goal=1, max_size=2)
     a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
     key = RoundKey(POP, a.task_id, 1)
