@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedcompute.config import ValidatedConfig, validate_task_config
-from fedcompute.dp import NO_DP, DpParams
+from fedcompute.dp import NO_DP
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
 from fedcompute.plans import ClientPlan, ServerPhase, TfliteStep, pack_plan
 from fedcompute.ports import BlobStore
@@ -416,15 +416,7 @@ def _client_plan(spec, kind, input_type, example_spec, specs, metrics) -> Client
 
 
 def _server_phase(spec, specs, metrics, dp, noise, flags, report_goal, over_selection) -> ServerPhase:
-    if dp is None or flags.skip_dp_aggregator:
-        params = NO_DP
-    else:
-        params = DpParams(  # an unset clip is 0.0 in the config and None in memory
-            mechanism=dp.aggregator, noise_multiplier=float(noise), clip_norm=dp.clip_norm or None,
-            init_clip_norm=dp.init_clip_norm or None,
-            target_unclipped_quantile=dp.target_unclipped_quantile, clip_learning_rate=dp.clip_learning_rate,
-            clipped_count_stddev=dp.clipped_count_stddev, noise_seed=dp.noise_seed,
-        )
+    params = NO_DP if dp is None or flags.skip_dp_aggregator else dp.params(noise)
     return ServerPhase(
         learning_algo=spec.learning_algo, server_optimizer=spec.server_optimizer,
         server_learning_rate=spec.server_learning_rate, report_goal=report_goal, over_selection_rate=over_selection,
