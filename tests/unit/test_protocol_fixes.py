@@ -87,7 +87,7 @@ def test_aggregator_run_that_loses_the_finish_reports_already_done():
     assert events.completed == []
 
 
-def test_check_in_near_a_full_round_lists_claimed_slots_once():
+def test_check_in_filling_a_round_never_lists_claimed_slots():
     store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
     _open(store, blobs, report_goal=20, max_size=20)
     listings = []
@@ -97,7 +97,9 @@ def test_check_in_near_a_full_round_lists_claimed_slots_once():
     for _ in range(20):
         assert isinstance(svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), rng=rng),
                           svc.Assignment)
-    assert 0 < len(listings) <= 20, len(listings)  # at most one per check-in (it was one per slot)
+    assert listings == []  # slots come from counters (it was one listing per slot, then one per check-in)
+    assert isinstance(svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), rng=rng),
+                      svc.Rejection)
 
 
 def test_no_new_upload_session_for_an_object_already_written():

@@ -210,6 +210,8 @@ class IterationRecord:
     aggregating_time: float = 0.0
     completed_time: float = 0.0
     round_ready_published: bool = False
+    # When the scheduler first saw every accept position handed out but not all filled.
+    stalled_time: float = 0.0
     # Evaluation rounds: which training round's checkpoint they evaluate.
     evaluated_round: int = 0
     status_reason: str = ""
