@@ -484,8 +484,9 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
         task.store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
                                                       AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
         assert task.store.accept_upload(key, aid).outcome == "ACCEPTED"
-    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now},
-                                expected=[IterationStatus.COLLECTING])
+    # Marked published so that a scheduler tick started by another test's round does not run it now.
+    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now,
+                                      "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
     blobs, events = GcsBlobStore(local_stack.clients.storage), InMemoryRoundEvents()
 
     clean = RecordingBlobs(blobs, dry=True)  # the reference: a whole run that changes nothing
@@ -505,6 +506,7 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
 
     # The scheduler's tick finds the round aggregating and never announced: it publishes
     # round-ready, and the aggregator function re-runs the round.
+    task.store.update_iteration(key, {"round_ready_published": False}, expected=[IterationStatus.AGGREGATING])
     message_id = publish(local_stack, settings.topics.scheduler_tick, b"{}")
     line = local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:")
     assert "0 rounds re-published" not in line

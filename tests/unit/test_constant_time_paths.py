@@ -187,3 +187,19 @@ def test_stale_cache_sees_the_next_round_once_the_cached_one_closed() -> None:
     second = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
     assert isinstance(second, svc.Assignment) and second.round_number == 2
     assert second.checkpoint_url.endswith(layout.client_checkpoint_path(POP, task.task_id, 1))
+
+
+def test_load_cli_without_a_server_says_how_to_name_one(capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcompute.cli.main import main as cli_main
+
+    monkeypatch.delenv("FEDCOMPUTE_TASK_ASSIGNMENT_URL", raising=False)
+    assert cli_main(["load", "--population", "p"]) == 2
+    assert "--url" in capsys.readouterr().err
+
+
+def test_percentiles_are_in_milliseconds() -> None:
+    from fedcompute.load import percentiles
+
+    assert percentiles([0.001] * 98 + [0.1, 0.2]) == {"p50_ms": 1.0, "p95_ms": 1.0, "p99_ms": 101.0}
+    assert percentiles([]) == {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0}

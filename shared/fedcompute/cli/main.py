@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedcompute.cli.fleet_cmd",
     "fedcompute.cli.metrics_cmd",
     "fedcompute.cli.ops_cmd",
+    "fedcompute.cli.load_cmd",
 )
 
 

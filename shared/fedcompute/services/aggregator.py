@@ -20,7 +20,7 @@ import numpy as np
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
-from fedcompute.errors import InvalidRequestError, PreconditionFailedError
+from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.metric_names import NON_FINITE_METRIC, TRAIN_PREFIX
 from fedcompute.plans import ServerPhase, dp_params_from_phase
 from fedcompute.settings import Settings
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 PRIVACY_EPSILON = "server/privacy/epsilon"
 PRIVACY_DELTA = "server/privacy/delta"
 NUM_REPORTS = "server/aggregator/num_reports"
+MISSING_UPDATES = "server/aggregator/missing_updates"
+METRICS_OVERFLOWED = "server/aggregator/metrics_overflowed"
 
 
 @dataclass(frozen=True)
@@ -138,18 +140,29 @@ def aggregate_round(
     spec = update_spec(task)
     metric_spec = metric_statistics_spec(task.metrics)
 
+    faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
+
     def updates() -> Iterator[Any]:
         for assignment_id in accepted:
             name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
-            data = blobs.read(settings.gradient_bucket, name)
+            try:
+                data = blobs.read(settings.gradient_bucket, name)
+            except NotFoundError:
+                # Accepted, then lost (deleted by hand, a lifecycle rule, a storage fault). The
+                # round goes on without it rather than failing on every redelivery. The divisor
+                # rule is the aggregator's usual one: with DP the report goal (a fixed
+                # denominator, so sensitivity and accounting are unchanged), without DP the
+                # number of updates summed.
+                faults[MISSING_UPDATES] += 1
+                log.error("accepted update %s is missing from storage: aggregated without it", name)
+                continue
             try:
                 yield decode_client_update(data, expected_spec=spec, expected_metric_spec=metric_spec)
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
     def finalize_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
-        grouped = metric_stats.unflatten_stats(sums) if sums else {}
-        return {m: metric_stats.finalize(m, grouped[m]) for m in task.metrics if m in grouped}
+        return _finalize_finite_metrics(task.metrics, sums, faults)
 
     config = aggregation.RoundConfig(report_goal=task.report_goal, optimizer=optimizer, dp=dp,
                                      noise_seed=_noise_seed(task, phase, key.round_number),
@@ -160,6 +173,7 @@ def aggregate_round(
                                  if TRAIN_PREFIX + m in raw_metrics}
     metrics[NON_FINITE_METRIC] = float(result.non_finite)
     metrics[NUM_REPORTS] = float(result.accepted)
+    metrics.update({name: float(count) for name, count in faults.items()})
     for name, value in raw_metrics.items():
         if name.startswith("server/aggregator/") or name.startswith("server/finalizer/"):
             metrics.setdefault(name, float(value))
@@ -195,6 +209,35 @@ def aggregate_round(
     return AggregationOutcome("AGGREGATED", metrics, task_changes.get("status", TaskStatus.OPEN).value)
 
 
+def _finalize_finite_metrics(names: tuple[str, ...], sums: dict[str, np.ndarray],
+                             faults: dict[str, int]) -> dict[str, float]:
+    """Finalize each metric whose summed statistics are valid; skip (and count) the others.
+
+    Per-device statistics are finite when ingested, but their sum can still overflow
+    (e.g. 1e308 from two devices): that metric is left out of the round's metrics rather
+    than failing the round, which would leave it AGGREGATING forever.
+    """
+    from fedcompute.learning import metric_stats
+
+    by_metric: dict[str, dict[str, np.ndarray]] = {}
+    for flat_name, value in sums.items():
+        metric = flat_name.rpartition(metric_stats.STAT_SEPARATOR)[0]
+        by_metric.setdefault(metric, {})[flat_name] = value
+    finalized: dict[str, float] = {}
+    for metric in names:
+        if metric not in by_metric:
+            continue
+        try:
+            stats = metric_stats.unflatten_stats(by_metric[metric])[metric]
+            value = float(metric_stats.finalize(metric, stats))
+        except (InvalidRequestError, ArithmeticError, ValueError) as error:
+            faults[METRICS_OVERFLOWED] += 1
+            log.error("metric %s left out of the round: its summed statistics are invalid (%s)", metric, error)
+            continue
+        finalized[metric] = value
+    return finalized
+
+
 EVAL_PREFIX = "server/client_work/eval/"
 EVALUATED_ROUND = "server/evaluation/training_round"
 
@@ -211,6 +254,7 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     from fedcompute.learning.tensor_codec import decode_client_update
 
     metric_spec = metric_statistics_spec(task.metrics)
+    faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
     totals: dict[str, np.ndarray] = {}
     reports = excluded = 0
     for assignment_id in sorted(store.accepted_ids(key)):  # the frozen accepted set
@@ -218,6 +262,10 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         try:
             update = decode_client_update(blobs.read(settings.gradient_bucket, name), expected_spec=[],
                                           expected_metric_spec=metric_spec)
+        except NotFoundError:
+            faults[MISSING_UPDATES] += 1
+            log.error("accepted update %s is missing from storage: evaluated without it", name)
+            continue
         except InvalidRequestError as error:
             log.error("skipping %s: %s", name, error)
             continue
@@ -227,11 +275,12 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         reports += 1
         for stat, value in update.metric_statistics.items():
             totals[stat] = totals.get(stat, 0.0) + np.asarray(value, np.float64)
-    grouped = metric_stats.unflatten_stats(totals) if totals else {}
-    metrics = {EVAL_PREFIX + m: float(metric_stats.finalize(m, grouped[m])) for m in task.metrics if m in grouped}
+    finalized = _finalize_finite_metrics(task.metrics, totals, faults)
+    metrics = {EVAL_PREFIX + m: value for m, value in finalized.items()}
     metrics[EVALUATED_ROUND] = float(iteration.evaluated_round)
     metrics[NUM_REPORTS] = float(reports)
     metrics["server/aggregator/metrics_non_finite"] = float(excluded)
+    metrics.update({name: float(count) for name, count in faults.items()})
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
                 json.dumps(metrics).encode(), create_only=True, content_type="application/json")
     if store.finish_round(key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, {}, None):
