@@ -49,7 +49,7 @@ def create_task(settings: Any, clients: Any, population: str, goal: int, over: f
     from fedcompute.proto import task_management_pb2
     from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
 
-    management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key)
+    management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key, timeout=180)
     max_size = int(np.floor(goal * (1.0 + over) + 1e-9))
     created = management.create_task(population, task_management_pb2.Task(
         total_iteration=1, min_aggregation_size=goal, max_aggregation_size=max_size))
@@ -106,6 +106,63 @@ def function_pids(stack: Any) -> dict[str, int]:
     return pids
 
 
+class Profiler:
+    """``py-spy record`` of named processes while a scenario runs; top frames from the raw stacks."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.running: dict[str, tuple[Any, Path]] = {}
+
+    def start(self, name: str, pid: int) -> None:
+        import shutil
+        import subprocess
+
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if self.directory is None or not Path(spy).exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        out = self.directory / f"{name}.txt"
+        process = subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+                                    "--output", str(out), "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.running[name] = (process, out)
+
+    def stop(self, top: int = 12) -> dict[str, Any]:
+        import signal
+
+        found: dict[str, Any] = {}
+        for name, (process, out) in self.running.items():
+            process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            process.wait(timeout=60)
+            found[name] = top_frames(out, top)
+        self.running.clear()
+        return found
+
+
+def top_frames(path: Path, top: int) -> dict[str, Any]:
+    """Self and inclusive sample shares of the hottest frames of a py-spy raw (collapsed) file."""
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f]
+        total += n
+        if frames:
+            own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    share = lambda c: {f: round(100.0 * n / total, 1) for f, n in c.most_common(top)} if total else {}  # noqa: E731
+    return {"samples": total, "self_pct": share(own), "inclusive_pct": share(inclusive)}
+
+
 def wait_round(store: Any, population: str, task_id: int, timeout_s: float) -> Any:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -123,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--goal", type=int, default=1000, help="report goal of the round scenario")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="py-spy record the functions during each scenario; top frames go to the report")
     args = parser.parse_args(argv)
 
     from fedcompute.adapters.clients import make_clients
@@ -136,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(work / "stack", task_builder_port=0)
     stack.start()
     noop = None
+    profiler = Profiler(Path(args.profile) if args.profile else None)
     report: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, shared with other work; ratios are from one run"}
     try:
         os.environ.update(stack.env())
@@ -156,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             open_pop = f"open_{tag}"
             create_task(settings, clients, open_pop, goal=10 * args.checkins, over=0.3)
             run_load(LoadConfig(url=url, population=open_pop, devices=100, concurrency=8, protocol="check-in"))
+            profiler.start("task_assignment", function_pids(stack)["task_assignment"])
             report["checkin_open"] = run_load(LoadConfig(url=url, population=open_pop, devices=args.checkins,
                                                          concurrency=args.concurrency, protocol="check-in"))
+            report["profile_checkin_open"] = profiler.stop()
             full_pop = f"full_{tag}"
             create_task(settings, clients, full_pop, goal=5, over=0.0)
             run_load(LoadConfig(url=url, population=full_pop, devices=20, concurrency=4, protocol="check-in"))
@@ -173,9 +235,13 @@ def main(argv: list[str] | None = None) -> int:
             over = 0.3
             task_id = create_task(settings, clients, pop, goal=args.goal, over=over)
             devices = int(args.goal * (1 + over))
+            pids = function_pids(stack)
+            for name in ("task_assignment", "result_ingestion", "aggregator"):
+                profiler.start(name, pids[name])
             started = time.time()
             load = run_load(LoadConfig(url=url, population=pop, devices=devices, concurrency=args.concurrency))
             iteration = wait_round(store, pop, task_id, timeout_s=max(300.0, args.goal / 5))
+            report["profile_round"] = profiler.stop()
             from fedcompute.tasks.records import AssignmentStatus
             from fedcompute.tasks.store import RoundKey
 
@@ -194,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         report["peak_rss_mib"] = peak_rss_mib(function_pids(stack))
     finally:
+        profiler.stop()
         if noop is not None:
             import psutil
 

@@ -100,7 +100,8 @@ def report_result(request: flask.Request, population: str, task_id: str, round_n
     elif isinstance(outcome, service.UploadInstruction):
         response.upload_instruction.upload_location = outcome.upload_location
         response.upload_instruction.extra_request_headers.update(outcome.extra_request_headers)
-        response.upload_instruction.compression_format = common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP
+        if outcome.gzip:  # unset: the device uploads the raw ClientUpdate bytes
+            response.upload_instruction.compression_format = common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP
     return message_response(response, 200, request)
 
 

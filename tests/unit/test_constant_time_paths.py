@@ -203,3 +203,14 @@ def test_percentiles_are_in_milliseconds() -> None:
 
     assert percentiles([0.001] * 98 + [0.1, 0.2]) == {"p50_ms": 1.0, "p95_ms": 1.0, "p99_ms": 101.0}
     assert percentiles([]) == {"p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0}
+
+
+def test_uploads_are_raw_unless_gzip_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+    task = _open(store, report_goal=2)
+    key = RoundKey(POP, task.task_id, 1)
+    for setting, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("FEDCOMPUTE_UPLOAD_GZIP", setting)
+        a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
+        instruction = svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
+        assert instruction.gzip is expected

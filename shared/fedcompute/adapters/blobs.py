@@ -23,10 +23,10 @@ class BlobStore(Protocol):
     def list(self, bucket: str, prefix: str) -> list[str]: ...
     def delete(self, bucket: str, name: str) -> None: ...
     def download_url(self, bucket: str, name: str) -> str: ...
-    def create_upload_session(self, bucket: str, name: str) -> tuple[str, dict[str, str]]: ...
+    def create_upload_session(self, bucket: str, name: str, *, gzip: bool = False) -> tuple[str, dict[str, str]]: ...
 
 
-UPLOAD_HEADERS = {"content-type": "application/octet-stream", "content-encoding": "gzip"}
+UPLOAD_HEADERS = {"content-type": "application/octet-stream"}
 
 
 class GcsBlobStore:
@@ -104,8 +104,11 @@ class GcsBlobStore:
         email = getattr(credentials, "service_account_email", None)
         return {"service_account_email": email, "access_token": credentials.token} if email else {}
 
-    def create_upload_session(self, bucket, name):
+    def create_upload_session(self, bucket, name, *, gzip=False):
         """A resumable upload session for exactly this object, valid for one write.
+
+        ``gzip``: the device is told to gzip its update (the object is stored with
+        ``Content-Encoding: gzip``); otherwise it uploads the raw bytes.
 
         ``if_generation_match=0`` makes the session fail if the object already exists, so
         a device can write its update once and nothing else. fake-gcs-server ignores that
@@ -123,7 +126,8 @@ class GcsBlobStore:
                 f"gs://{bucket}/{name} was already uploaded; an update is written once",
                 hint="the upload is done: nothing to resend",
             )
-        blob.content_encoding = "gzip"
+        if gzip:
+            blob.content_encoding = "gzip"
         url = blob.create_resumable_upload_session(
             content_type="application/octet-stream", if_generation_match=0, checksum=None
         )
@@ -167,7 +171,7 @@ class InMemoryBlobStore:
     def download_url(self, bucket, name):
         return f"memory://{bucket}/{name}"
 
-    def create_upload_session(self, bucket, name):
+    def create_upload_session(self, bucket, name, *, gzip=False):
         url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
         with self._lock:
             if (bucket, name) in self.objects:

@@ -3,7 +3,7 @@
 One :meth:`SimulatedDevice.run_session` is one training session of ODP's
 ``FederatedComputeScheduler``: check in, apply the eligibility policies itself, ask the
 app for examples through an ``on_training_example``-style callback, train (or evaluate)
-per the downloaded plan, report the result and upload the gzip'd update.
+per the downloaded plan, report the result and upload the update.
 """
 from __future__ import annotations
 
