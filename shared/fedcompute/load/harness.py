@@ -203,7 +203,7 @@ def peak_rss_mib(pids: dict[str, int]) -> dict[str, float]:
     for name, pid in pids.items():
         try:
             with open(f"/proc/{pid}/status") as status:
-                line = next(l for l in status if l.startswith("VmHWM:"))
+                line = next(row for row in status if row.startswith("VmHWM:"))
             peaks[name] = round(int(line.split()[1]) / 1024, 1)
         except (OSError, StopIteration, ValueError):
             peaks[name] = 0.0

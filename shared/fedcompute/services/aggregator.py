@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +77,7 @@ def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, Task
 def _noise_seed(task: TaskRecord, phase: ServerPhase, round_number: int) -> int:
     from fedcompute.learning.aggregation import derive_noise_seed
 
-    if phase.dp.noise_seed is not None:  # fixed by the config (tests, reproducible runs)
+    if phase.dp.noise_seed is not None:  # noqa: SIM108 -- fixed by the config (tests, reproducible runs)
         secret = str(int(phase.dp.noise_seed)).encode()
     else:
         secret = bytes.fromhex(task.noise_secret) if task.noise_secret else b""
@@ -104,7 +104,7 @@ def aggregate_round(
     now: Callable[[], float] = time.time,
 ) -> AggregationOutcome:
     """Aggregate round ``key`` if it is AGGREGATING; see the module docstring."""
-    from fedcompute.learning import aggregation, checkpoint, metric_stats, server_optimizer
+    from fedcompute.learning import aggregation, checkpoint, server_optimizer
     from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
 
     iteration = store.get_iteration(key.population, key.task_id, key.round_number)
@@ -161,7 +161,7 @@ def aggregate_round(
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
-    def finalize_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
+    def finalize_metrics(sums: Mapping[str, np.ndarray]) -> Mapping[str, float]:
         return _finalize_finite_metrics(task.metrics, sums, faults)
 
     config = aggregation.RoundConfig(report_goal=task.report_goal, optimizer=optimizer, dp=dp,
@@ -209,7 +209,7 @@ def aggregate_round(
     return AggregationOutcome("AGGREGATED", metrics, task_changes.get("status", TaskStatus.OPEN).value)
 
 
-def _finalize_finite_metrics(names: tuple[str, ...], sums: dict[str, np.ndarray],
+def _finalize_finite_metrics(names: tuple[str, ...], sums: Mapping[str, np.ndarray],
                              faults: dict[str, int]) -> dict[str, float]:
     """Finalize each metric whose summed statistics are valid; skip (and count) the others.
 
@@ -220,9 +220,9 @@ def _finalize_finite_metrics(names: tuple[str, ...], sums: dict[str, np.ndarray]
     from fedcompute.learning import metric_stats
 
     by_metric: dict[str, dict[str, np.ndarray]] = {}
-    for flat_name, value in sums.items():
+    for flat_name, array in sums.items():
         metric = flat_name.rpartition(metric_stats.STAT_SEPARATOR)[0]
-        by_metric.setdefault(metric, {})[flat_name] = value
+        by_metric.setdefault(metric, {})[flat_name] = array
     finalized: dict[str, float] = {}
     for metric in names:
         if metric not in by_metric:
@@ -250,7 +250,6 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     No noise is added to evaluation metrics (like ODP and TFF's federated evaluation); the
     metrics JSON sits at the evaluation task's layout and names the training round evaluated.
     """
-    from fedcompute.learning import metric_stats
     from fedcompute.learning.tensor_codec import decode_client_update
 
     metric_spec = metric_statistics_spec(task.metrics)

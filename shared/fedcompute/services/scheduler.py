@@ -40,7 +40,7 @@ class Timeouts:
     ingestion: float = 10 * 60
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Timeouts":
+    def from_env(cls, env: dict[str, str] | None = None) -> Timeouts:
         """Overrides from FEDCOMPUTE_{LOCAL_TRAINING,UPLOAD,AGGREGATION}_TIMEOUT_S."""
         import os
 

@@ -33,7 +33,7 @@ class ShardedQuota:
     shards: int
 
     @classmethod
-    def for_total(cls, total: int, *, per_shard: int = PER_SHARD, max_shards: int = MAX_SHARDS) -> "ShardedQuota":
+    def for_total(cls, total: int, *, per_shard: int = PER_SHARD, max_shards: int = MAX_SHARDS) -> ShardedQuota:
         if total < 0:
             raise ValueError(f"a quota needs total >= 0, got {total}")
         return cls(total, min(max_shards, max(1, math.ceil(total / per_shard))))

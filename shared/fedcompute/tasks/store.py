@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError, TransientError
+from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
@@ -50,7 +51,6 @@ from fedcompute.tasks.records import (
     TaskRecord,
     TaskStatus,
 )
-from fedcompute.tasks.quota import ShardedQuota
 
 _OPTIMISTIC_ATTEMPTS = 25
 
@@ -239,7 +239,8 @@ class InMemoryTaskStore:
     def delete_task(self, population, task_id):
         with self._lock:
             self._tasks.pop((population, task_id), None)
-            for store in (self._iterations, self._assignments, self._slots, self._rejections):
+            stores: tuple[dict[Any, Any], ...] = (self._iterations, self._assignments, self._slots, self._rejections)
+            for store in stores:
                 for k in [k for k in store if k[0] == population and k[1] == task_id]:
                     del store[k]
 
@@ -469,10 +470,7 @@ class FirestoreTaskStore:
         return TaskRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
 
     def list_tasks(self, population=None):
-        if population is not None:
-            docs = self._population(population).collection("tasks").stream()
-        else:
-            docs = self._db.collection_group("tasks").stream()
+        docs = self._population(population).collection("tasks").stream() if population is not None else self._db.collection_group("tasks").stream()
         records = [TaskRecord.from_dict(d.to_dict()) for d in docs]
         return sorted(records, key=lambda t: (t.population, t.task_id))
 
