@@ -38,9 +38,12 @@ def noop(request):
 '''
 
 SHAPES = ((64, 10), (10,))  # a small model: 650 weights
+# The seed's EMNIST CNN (1,663,370 float32 weights, a 6.6 MB update), as trainable shapes.
+CNN_SHAPES = ((5, 5, 1, 32), (32,), (5, 5, 32, 64), (64,), (3136, 512), (512,), (512, 10), (10,))
 
 
-def create_task(settings: Any, clients: Any, population: str, goal: int, over: float) -> int:
+def create_task(settings: Any, clients: Any, population: str, goal: int, over: float,
+                shapes: tuple[tuple[int, ...], ...] = SHAPES) -> int:
     import numpy as np
 
     from fedcompute.adapters.blobs import GcsBlobStore
@@ -53,7 +56,7 @@ def create_task(settings: Any, clients: Any, population: str, goal: int, over: f
     max_size = int(np.floor(goal * (1.0 + over) + 1e-9))
     created = management.create_task(population, task_management_pb2.Task(
         total_iteration=1, min_aggregation_size=goal, max_aggregation_size=max_size))
-    initial = [np.random.default_rng(0).normal(size=s).astype(np.float32) for s in SHAPES]
+    initial = [np.random.default_rng(0).normal(size=s).astype(np.float32) for s in shapes]
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=goal,
                         over_selection_rate=max_size / goal - 1.0, total_rounds=1, population_size=1_000_000,
                         target_epsilon=10.0, delta=1e-6, dp=DpParameters(type="NONE"),
@@ -159,8 +162,11 @@ def top_frames(path: Path, top: int) -> dict[str, Any]:
             own[frames[-1]] += n
         for frame in set(frames):
             inclusive[frame] += n
-    share = lambda c: {f: round(100.0 * n / total, 1) for f, n in c.most_common(top)} if total else {}  # noqa: E731
-    return {"samples": total, "self_pct": share(own), "inclusive_pct": share(inclusive)}
+    def share(counts: Counter[str]) -> dict[str, float]:
+        return {f: round(100.0 * n / total, 1) for f, n in counts.most_common(top)} if total else {}
+
+    ours = Counter({f: n for f, n in inclusive.items() if "fedcompute/" in f or "main.py" in f})
+    return {"samples": total, "self_pct": share(own), "project_inclusive_pct": share(ours)}
 
 
 def wait_round(store: Any, population: str, task_id: int, timeout_s: float) -> Any:
@@ -179,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkins", type=int, default=2000, help="check-ins per check-in scenario")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--goal", type=int, default=1000, help="report goal of the round scenario")
+    parser.add_argument("--model", choices=("small", "cnn"), default="small",
+                        help="round scenario's model: small (650 weights) or the seed CNN's shapes (6.6 MB updates)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="py-spy record the functions during each scenario; top frames go to the report")
@@ -233,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario in ("all", "round"):
             pop = f"round_{tag}"
             over = 0.3
-            task_id = create_task(settings, clients, pop, goal=args.goal, over=over)
+            task_id = create_task(settings, clients, pop, goal=args.goal, over=over,
+                                  shapes=CNN_SHAPES if args.model == "cnn" else SHAPES)
             devices = int(args.goal * (1 + over))
             pids = function_pids(stack)
             for name in ("task_assignment", "result_ingestion", "aggregator"):
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = round_stages(store, pop, task_id, 1)
             collect_from_first_upload = iteration.aggregating_time - started
             report["round"] = {
-                "goal": args.goal, "devices": devices, "load": load, "stages": stages,
+                "goal": args.goal, "model": args.model, "devices": devices, "load": load, "stages": stages,
                 "accepted": accepted, "accepted_set": frozen,
                 "exactly_goal": accepted == frozen == args.goal,
                 "metrics": json.loads(clients.storage.bucket(settings.model_bucket)

@@ -51,13 +51,21 @@ class DeviceHttpClient:
 
     def _call(self, method: str, path: str, message: Message, response_cls: type[_M]) -> tuple[int, _M]:
         url = f"{self._base}{TASK_ASSIGNMENT_PREFIX}{path}"
-        try:
-            response = self._session.request(
-                method, url, data=message.SerializeToString(),
-                headers={"content-type": PROTOBUF, "accept": PROTOBUF}, timeout=self._timeout,
-            )
-        except requests.RequestException as error:
-            raise TransientError(f"{method} {url} failed: {error}") from error
+        for attempt in (1, 2):
+            try:
+                response = self._session.request(
+                    method, url, data=message.SerializeToString(),
+                    headers={"content-type": PROTOBUF, "accept": PROTOBUF}, timeout=self._timeout,
+                )
+                break
+            except requests.ConnectionError as error:
+                # A kept-alive connection the server closed while idle fails before the request
+                # is read ("Connection aborted"): send it once more on a fresh connection.
+                if attempt == 1 and "aborted" in str(error):
+                    continue
+                raise TransientError(f"{method} {url} failed: {error}") from error
+            except requests.RequestException as error:
+                raise TransientError(f"{method} {url} failed: {error}") from error
         if response.status_code >= 500:
             raise TransientError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
