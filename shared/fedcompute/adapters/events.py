@@ -5,7 +5,7 @@ import json
 import threading
 from typing import Any, Protocol
 
-from fedcompute.errors import TransientError
+from fedcompute.errors import InvariantError, TransientError
 from fedcompute.tasks.store import RoundKey
 
 
@@ -19,7 +19,7 @@ def decode_round_event(data: bytes) -> RoundKey:
     body = json.loads(data.decode())
     population, task_id, round_number = body["population"], body["task_id"], body["round"]
     if not isinstance(population, str) or not isinstance(task_id, int) or not isinstance(round_number, int):
-        raise ValueError("population must be a string, task_id and round integers")
+        raise InvariantError("population must be a string, task_id and round integers")
     return RoundKey(population, task_id, round_number)
 
 

@@ -1,6 +1,10 @@
-"""The aggregator: one round's DP FedAvg, checkpoint and metrics, then the next round.
+"""The aggregator service: I/O around one server round (the round itself is learning/server_round).
 
-Triggered by ``round-ready``. Idempotent: a redelivered message for a COMPLETED round does
+Triggered by ``round-ready``: read the task, server phase, checkpoint and the round's frozen
+accepted uploads; call :func:`fedcompute.learning.server_round.server_round`; write the
+checkpoint, client checkpoint and metrics; finish the round (open the next one or complete
+the task, as :func:`~fedcompute.learning.server_round.next_step` decides); publish
+``round-completed``. No learning logic lives here. Idempotent: a redelivered message for a COMPLETED round does
 nothing, and a run killed midway re-runs to the same checkpoint (the accepted set is frozen
 once the round is AGGREGATING, updates stream in assignment-id order, the noise seed is
 derived from the task's server-side secret and the round, and outputs are create-only).
@@ -9,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,8 +25,8 @@ from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
-from fedcompute.metric_names import NON_FINITE_METRIC, TRAIN_PREFIX
-from fedcompute.plans import ServerPhase, dp_params_from_phase
+from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
+from fedcompute.plans import ServerPhase
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     IterationRecord,
@@ -30,17 +34,18 @@ from fedcompute.tasks.records import (
     TaskKind,
     TaskRecord,
     TaskStatus,
-    max_live_assignments,
 )
 from fedcompute.tasks.store import RoundKey, TaskStore
 
+if TYPE_CHECKING:
+    from fedcompute.learning.server_round import NextStep
+
 log = logging.getLogger(__name__)
 
-PRIVACY_EPSILON = "server/privacy/epsilon"
-PRIVACY_DELTA = "server/privacy/delta"
-NUM_REPORTS = "server/aggregator/num_reports"
 MISSING_UPDATES = "server/aggregator/missing_updates"
 METRICS_OVERFLOWED = "server/aggregator/metrics_overflowed"
+# Updates read ahead of the one being summed (parallel reads; memory: this many updates).
+READ_AHEAD = 16
 
 
 @dataclass(frozen=True)
@@ -48,50 +53,6 @@ class AggregationOutcome:
     status: str  # AGGREGATED | ALREADY_DONE | NOT_READY | UNKNOWN_ROUND
     metrics: dict[str, float] | None = None
     task_status: str = ""
-
-
-def metric_statistics_spec(metrics: tuple[str, ...]) -> list[tuple[str, tuple[int, ...], str]]:
-    """The flat ``metric/stat`` tensors a device upload carries for ``metrics`` (+ loss, count)."""
-    from fedcompute.learning import metric_stats
-
-    names = list(dict.fromkeys((*metrics, "loss", "num_examples")))
-    flat = metric_stats.flatten_stats({m: metric_stats.zero_stats(m) for m in names})
-    return [(name, tuple(array.shape), "float64") for name, array in sorted(flat.items())]
-
-
-def update_spec(task: TaskRecord) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(s.name, s.shape, s.dtype) for s in task.update_spec]
-
-
-def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, TaskRecord], None]:
-    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics."""
-    from fedcompute.learning.tensor_codec import decode_client_update
-
-    def validate(data: bytes, task: TaskRecord) -> None:
-        decode_client_update(data, expected_spec=update_spec(task), max_bytes=max_bytes,
-                             expected_metric_spec=metric_statistics_spec(task.metrics))
-
-    return validate
-
-
-def _noise_seed(task: TaskRecord, phase: ServerPhase, round_number: int) -> int:
-    from fedcompute.learning.aggregation import derive_noise_seed
-
-    if phase.dp.noise_seed is not None:  # noqa: SIM108 -- fixed by the config (tests, reproducible runs)
-        secret = str(int(phase.dp.noise_seed)).encode()
-    else:
-        secret = bytes.fromhex(task.noise_secret) if task.noise_secret else b""
-    return derive_noise_seed(secret, round_number, label=f"{task.population}/{task.task_id}")
-
-
-def epsilon_after(phase: ServerPhase, rounds: int) -> float:
-    """ε spent after ``rounds`` releases (same accounting as the task builder's DP check)."""
-    if phase.dp.type in ("", "NONE") or rounds <= 0:
-        return 0.0 if rounds <= 0 else math.inf
-    from fedcompute.privacy.accounting import compute_epsilon
-
-    return compute_epsilon(phase.dp.type, noise_multiplier=phase.dp.noise_multiplier, report_goal=phase.report_goal,
-                           population_size=phase.population_size, rounds=rounds, delta=phase.delta)
 
 
 def aggregate_round(
@@ -104,7 +65,7 @@ def aggregate_round(
     now: Callable[[], float] = time.time,
 ) -> AggregationOutcome:
     """Aggregate round ``key`` if it is AGGREGATING; see the module docstring."""
-    from fedcompute.learning import aggregation, checkpoint, server_optimizer
+    from fedcompute.learning import checkpoint, server_round
     from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
 
     iteration = store.get_iteration(key.population, key.task_id, key.round_number)
@@ -133,21 +94,17 @@ def aggregate_round(
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
-
-    optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
-    dp = aggregation.build_dp_aggregator(dp_params_from_phase(phase.dp))
+    optimizer, dp = server_round.build_round_machinery(phase)
     accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
     spec = update_spec(task)
     metric_spec = metric_statistics_spec(task.metrics)
 
     faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
+    names = [layout.gradient_path(key.population, key.task_id, key.round_number, aid) for aid in accepted]
 
     def updates() -> Iterator[Any]:
-        for assignment_id in accepted:
-            name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
-            try:
-                data = blobs.read(settings.gradient_bucket, name)
-            except NotFoundError:
+        for name, data in read_ahead(blobs, settings.gradient_bucket, names):
+            if data is None:
                 # Accepted, then lost (deleted by hand, a lifecycle rule, a storage fault). The
                 # round goes on without it rather than failing on every redelivery. The divisor
                 # rule is the aggregator's usual one: with DP the report goal (a fixed
@@ -161,26 +118,15 @@ def aggregate_round(
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
-    def finalize_metrics(sums: Mapping[str, np.ndarray]) -> Mapping[str, float]:
-        return _finalize_finite_metrics(task.metrics, sums, faults)
-
-    config = aggregation.RoundConfig(report_goal=task.report_goal, optimizer=optimizer, dp=dp,
-                                     noise_seed=_noise_seed(task, phase, key.round_number),
-                                     metrics_finalizer=finalize_metrics)
-    new_state, result, raw_metrics = aggregation.server_round(previous, updates(), config)
-
-    metrics: dict[str, float] = {TRAIN_PREFIX + m: raw_metrics[TRAIN_PREFIX + m] for m in task.metrics
-                                 if TRAIN_PREFIX + m in raw_metrics}
-    metrics[NON_FINITE_METRIC] = float(result.non_finite)
-    metrics[NUM_REPORTS] = float(result.accepted)
+    finalize_task_metrics = server_round.task_metrics_finalizer(task.metrics)
+    config = server_round.RoundConfig(
+        report_goal=task.report_goal, optimizer=optimizer, dp=dp,
+        noise_seed=server_round.round_noise_seed(phase, task.noise_secret, key.population, key.task_id,
+                                                 key.round_number),
+        metrics_finalizer=lambda sums: finalize_task_metrics(valid_metric_sums(task.metrics, sums, faults)))
+    new_state, result, raw_metrics = server_round.server_round(previous, updates(), config)
+    metrics = server_round.round_metrics(phase, key.round_number, task.metrics, result, raw_metrics)
     metrics.update({name: float(count) for name, count in faults.items()})
-    for name, value in raw_metrics.items():
-        if name.startswith("server/aggregator/") or name.startswith("server/finalizer/"):
-            metrics.setdefault(name, float(value))
-    epsilon = epsilon_after(phase, key.round_number)
-    if phase.dp.type not in ("", "NONE"):
-        metrics[PRIVACY_EPSILON] = epsilon
-        metrics[PRIVACY_DELTA] = phase.delta
 
     # Create-only writes: a re-run after a crash finds identical bytes already there.
     ckpt_bytes = checkpoint.encode_checkpoint(new_state, optimizer=optimizer,
@@ -196,7 +142,8 @@ def aggregate_round(
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
                 json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
 
-    task_changes, next_iteration = _next_step(task, phase, key, epsilon, now())
+    task_changes, next_iteration = _task_changes(task, key, server_round.next_step(phase, key.round_number,
+                                                                                   task.total_rounds), now())
     finished = store.finish_round(
         key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, task_changes, next_iteration)
     if not finished:
@@ -209,39 +156,6 @@ def aggregate_round(
     return AggregationOutcome("AGGREGATED", metrics, task_changes.get("status", TaskStatus.OPEN).value)
 
 
-def _finalize_finite_metrics(names: tuple[str, ...], sums: Mapping[str, np.ndarray],
-                             faults: dict[str, int]) -> dict[str, float]:
-    """Finalize each metric whose summed statistics are valid; skip (and count) the others.
-
-    Per-device statistics are finite when ingested, but their sum can still overflow
-    (e.g. 1e308 from two devices): that metric is left out of the round's metrics rather
-    than failing the round, which would leave it AGGREGATING forever.
-    """
-    from fedcompute.learning import metric_stats
-
-    by_metric: dict[str, dict[str, np.ndarray]] = {}
-    for flat_name, array in sums.items():
-        metric = flat_name.rpartition(metric_stats.STAT_SEPARATOR)[0]
-        by_metric.setdefault(metric, {})[flat_name] = array
-    finalized: dict[str, float] = {}
-    for metric in names:
-        if metric not in by_metric:
-            continue
-        try:
-            stats = metric_stats.unflatten_stats(by_metric[metric])[metric]
-            value = float(metric_stats.finalize(metric, stats))
-        except (InvalidRequestError, ArithmeticError, ValueError) as error:
-            faults[METRICS_OVERFLOWED] += 1
-            log.error("metric %s left out of the round: its summed statistics are invalid (%s)", metric, error)
-            continue
-        finalized[metric] = value
-    return finalized
-
-
-EVAL_PREFIX = "server/client_work/eval/"
-EVALUATED_ROUND = "server/evaluation/training_round"
-
-
 def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
                           task: TaskRecord, iteration: IterationRecord,
                           now: Callable[[], float]) -> AggregationOutcome:
@@ -250,21 +164,22 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     No noise is added to evaluation metrics (like ODP and TFF's federated evaluation); the
     metrics JSON sits at the evaluation task's layout and names the training round evaluated.
     """
+    from fedcompute.learning.server_round import evaluation_metrics
     from fedcompute.learning.tensor_codec import decode_client_update
 
     metric_spec = metric_statistics_spec(task.metrics)
     faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
     totals: dict[str, np.ndarray] = {}
     reports = excluded = 0
-    for assignment_id in sorted(store.accepted_ids(key)):  # the frozen accepted set
-        name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
-        try:
-            update = decode_client_update(blobs.read(settings.gradient_bucket, name), expected_spec=[],
-                                          expected_metric_spec=metric_spec)
-        except NotFoundError:
+    names = [layout.gradient_path(key.population, key.task_id, key.round_number, aid)
+             for aid in sorted(store.accepted_ids(key))]  # the frozen accepted set
+    for name, data in read_ahead(blobs, settings.gradient_bucket, names):
+        if data is None:
             faults[MISSING_UPDATES] += 1
             log.error("accepted update %s is missing from storage: evaluated without it", name)
             continue
+        try:
+            update = decode_client_update(data, expected_spec=[], expected_metric_spec=metric_spec)
         except InvalidRequestError as error:
             log.error("skipping %s: %s", name, error)
             continue
@@ -274,11 +189,8 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         reports += 1
         for stat, value in update.metric_statistics.items():
             totals[stat] = totals.get(stat, 0.0) + np.asarray(value, np.float64)
-    finalized = _finalize_finite_metrics(task.metrics, totals, faults)
-    metrics = {EVAL_PREFIX + m: value for m, value in finalized.items()}
-    metrics[EVALUATED_ROUND] = float(iteration.evaluated_round)
-    metrics[NUM_REPORTS] = float(reports)
-    metrics["server/aggregator/metrics_non_finite"] = float(excluded)
+    metrics = evaluation_metrics(task.metrics, valid_metric_sums(task.metrics, totals, faults),
+                                 evaluated_round=iteration.evaluated_round, reports=reports, excluded=excluded)
     metrics.update({name: float(count) for name, count in faults.items()})
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
                 json.dumps(metrics).encode(), create_only=True, content_type="application/json")
@@ -286,6 +198,56 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         events.round_completed(key, task_status=task.status.value)
     delete_round_updates(blobs, settings, key)
     return AggregationOutcome("AGGREGATED", metrics, task.status.value)
+
+
+def read_ahead(blobs: BlobStore, bucket: str, names: Iterable[str],
+               window: int = READ_AHEAD) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, bytes)`` in ``names`` order, read up to ``window`` objects ahead in threads;
+    None for an object that does not exist. The order (hence the float sum) is unchanged."""
+    pending: list[tuple[str, Any]] = []
+
+    def read(name: str) -> bytes | None:
+        try:
+            return blobs.read(bucket, name)
+        except NotFoundError:
+            return None
+
+    with ThreadPoolExecutor(window, thread_name_prefix="read-ahead") as pool:
+        for name in names:
+            pending.append((name, pool.submit(read, name)))
+            if len(pending) >= window:
+                first, future = pending.pop(0)
+                yield first, future.result()
+        for name, future in pending:
+            yield name, future.result()
+
+
+def valid_metric_sums(names: Iterable[str], sums: Mapping[str, np.ndarray],
+                      faults: dict[str, int]) -> dict[str, np.ndarray]:
+    """The summed statistics of the metrics that finalize; the others are dropped and counted.
+
+    Per-device statistics are finite when ingested, but their sum can still overflow
+    (e.g. 1e308 from two devices): that metric is left out of the round's metrics rather
+    than failing the round, which would leave it AGGREGATING on every redelivery.
+    """
+    from fedcompute.learning import metric_stats
+
+    by_metric: dict[str, dict[str, np.ndarray]] = {}
+    for flat_name, array in sums.items():
+        by_metric.setdefault(flat_name.rpartition(metric_stats.STAT_SEPARATOR)[0], {})[flat_name] = array
+    valid: dict[str, np.ndarray] = {}
+    for metric in names:
+        if metric not in by_metric:
+            continue
+        try:
+            stats = metric_stats.unflatten_stats(by_metric[metric])[metric]
+            float(metric_stats.finalize(metric, stats))
+        except (InvalidRequestError, ArithmeticError, ValueError) as error:
+            faults[METRICS_OVERFLOWED] += 1
+            log.error("metric %s left out of the round: its summed statistics are invalid (%s)", metric, error)
+            continue
+        valid.update(by_metric[metric])
+    return valid
 
 
 def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) -> int:
@@ -297,25 +259,11 @@ def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) ->
     return len(names)
 
 
-def _next_step(task: TaskRecord, phase: ServerPhase, key: RoundKey, epsilon: float,
-               t: float) -> tuple[dict[str, Any], IterationRecord | None]:
-    """Task changes after round ``key``: open the next round, or complete the task."""
-    changes: dict[str, Any] = {"epsilon_spent": epsilon if math.isfinite(epsilon) else -1.0}
-    done_reason = ""
-    if key.round_number >= task.total_rounds:
-        done_reason = f"completed num_max_training_rounds ({task.total_rounds})"
-    elif phase.dp.type not in ("", "NONE") and phase.extra.get("enforce_privacy_budget", True):
-        next_epsilon = epsilon_after(phase, key.round_number + 1)
-        if next_epsilon > phase.target_epsilon:
-            done_reason = (f"privacy budget reached: round {key.round_number + 1} would spend "
-                           f"epsilon={next_epsilon:.4g} > dp_target_epsilon={phase.target_epsilon:g} "
-                           f"(spent {epsilon:.4g} after {key.round_number} rounds)")
-    if done_reason:
-        changes.update({"status": TaskStatus.COMPLETED, "status_reason": done_reason, "stop_time": t})
+def _task_changes(task: TaskRecord, key: RoundKey, step: NextStep, t: float) -> tuple[dict[str, Any], IterationRecord | None]:
+    """The store changes for ``step``: the task's ε, and the next round opened or the task completed."""
+    changes: dict[str, Any] = {"epsilon_spent": step.epsilon_spent}
+    if step.next_round is None:
+        changes.update({"status": TaskStatus.COMPLETED, "status_reason": step.done_reason, "stop_time": t})
         return changes, None
-    changes["current_round"] = key.round_number + 1
-    return changes, IterationRecord(
-        population=key.population, task_id=key.task_id, round_number=key.round_number + 1,
-        status=IterationStatus.COLLECTING, report_goal=task.report_goal,
-        max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate), created_time=t,
-    )
+    changes["current_round"] = step.next_round
+    return changes, IterationRecord.opening(task, step.next_round, t)

@@ -216,6 +216,17 @@ class IterationRecord:
     evaluated_round: int = 0
     status_reason: str = ""
 
+    @classmethod
+    def opening(cls, task: TaskRecord, round_number: int, created_time: float,
+                evaluated_round: int = 0) -> IterationRecord:
+        """Round ``round_number`` of ``task``, open for uploads (COLLECTING): the one place a round opens."""
+        return cls(
+            population=task.population, task_id=task.task_id, round_number=round_number,
+            status=IterationStatus.COLLECTING, report_goal=task.report_goal,
+            max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate),
+            created_time=created_time, evaluated_round=evaluated_round,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
