@@ -170,9 +170,11 @@ def top_frames(path: Path, top: int) -> dict[str, Any]:
 
 
 def wait_round(store: Any, population: str, task_id: int, timeout_s: float) -> Any:
+    from fedcompute.tasks.records import RoundKey
+
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        iteration = store.get_iteration(population, task_id, 1)
+        iteration = store.get_iteration(RoundKey(population, task_id, 1))
         if iteration is not None and iteration.status.value in ("COMPLETED", "FAILED", "CANCELED"):
             return iteration
         time.sleep(0.5)
@@ -193,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fedcompute.adapters.clients import make_clients
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
     from fedcompute.load import LoadConfig, peak_rss_mib, round_stages, run_load
     from fedcompute.settings import Settings
     from fedcompute.stack import LocalStack
     from fedcompute.stack.procs import terminate
-    from fedcompute.tasks.store import FirestoreTaskStore
 
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     stack = LocalStack(work / "stack", task_builder_port=0)
@@ -251,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             load = run_load(LoadConfig(url=url, population=pop, devices=devices, concurrency=args.concurrency))
             iteration = wait_round(store, pop, task_id, timeout_s=max(300.0, args.goal / 5))
             report["profile_round"] = profiler.stop()
-            from fedcompute.tasks.records import AssignmentStatus
-            from fedcompute.tasks.store import RoundKey
+            from fedcompute.tasks.records import AssignmentStatus, RoundKey
 
             key = RoundKey(pop, task_id, 1)
             accepted = store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)

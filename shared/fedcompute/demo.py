@@ -265,9 +265,9 @@ def run_demo(options: DemoOptions) -> DemoSummary:
 def _monitoring_figures(blobs: Any, clients: Any, settings: Any, population: str, task_id: int,
                         out: Path) -> list[Path]:
     """The seed's monitoring figures: one PNG per metric, and the three operations graphs."""
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
     from fedcompute.monitoring import metrics as run_metrics
     from fedcompute.monitoring import ops, plots
-    from fedcompute.tasks.store import FirestoreTaskStore
 
     run = run_metrics.load_run(blobs, settings.model_bucket, population, task_id)
     figures = plots.plot_metrics(run, out / "metrics")

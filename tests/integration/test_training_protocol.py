@@ -28,6 +28,7 @@ import requests
 from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents, encode_round_event
+from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
@@ -38,8 +39,7 @@ from fedcompute.services import aggregator as aggregator_service
 from fedcompute.services import scheduler as scheduler_service
 from fedcompute.stack.local import default_functions_dir, functions_framework_executable
 from fedcompute.stack.procs import free_port, start_process
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, TaskStatus
-from fedcompute.tasks.store import FirestoreTaskStore, RoundKey
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, RoundKey, TaskStatus
 from support.helpers import http, unique
 from support.tasks import (
     COMPLETED,

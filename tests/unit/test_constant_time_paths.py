@@ -14,17 +14,18 @@ from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion, scheduler
 from fedcompute.settings import Settings
+from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
     ReportedResult,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,
 )
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()
 POP = "pop_o1"
@@ -120,14 +121,14 @@ def test_scheduler_closes_a_full_round_whose_closer_crashed() -> None:
     assert store.accept_upload(key, "a").round_full  # ...and the ingestion died before closing
     report = scheduler.tick(store, events, now=lambda: 100.0)
     assert report.closed == [key] and events.ready == [key]
-    assert store.get_iteration(POP, task.task_id, 1).status == IterationStatus.AGGREGATING
+    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).status == IterationStatus.AGGREGATING
 
 
 class StalledStore(InMemoryTaskStore):
     """Every accept position handed out, one never filled (an ingestion crashed holding it)."""
 
     def acceptance_state(self, key, report_goal):  # type: ignore[no-untyped-def]
-        from fedcompute.tasks.store import AcceptanceState
+        from fedcompute.tasks.records import AcceptanceState
 
         return AcceptanceState(issued_all=True, full=False)
 
@@ -138,10 +139,10 @@ def test_scheduler_closes_a_stalled_round_only_after_the_ingestion_timeout() -> 
     key = RoundKey(POP, task.task_id, 1)
     timeouts = scheduler.Timeouts(ingestion=60)
     assert scheduler.tick(store, events, timeouts=timeouts, now=lambda: 1000.0).closed == []
-    assert store.get_iteration(POP, task.task_id, 1).stalled_time == 1000.0
+    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).stalled_time == 1000.0
     assert scheduler.tick(store, events, timeouts=timeouts, now=lambda: 1030.0).closed == []
     assert scheduler.tick(store, events, timeouts=timeouts, now=lambda: 1061.0).closed == [key]
-    iteration = store.get_iteration(POP, task.task_id, 1)
+    iteration = store.get_iteration(RoundKey(POP, task.task_id, 1))
     assert iteration.status == IterationStatus.AGGREGATING and "crashed ingestions" in iteration.status_reason
 
 

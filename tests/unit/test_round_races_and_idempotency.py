@@ -14,7 +14,6 @@ import pytest
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.learning import upload_contract
@@ -25,8 +24,8 @@ from fedcompute.services import assignment as svc
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, TaskKind
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, RoundKey, TaskKind
 
 SETTINGS = Settings()
 POP = "fixes"
@@ -59,9 +58,8 @@ def _uploaded_round(store: InMemoryTaskStore, blobs: InMemoryBlobStore, task_id:
     return key
 
 
-def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle():
+def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle(store, blobs, events):
     # decode_bundle returns (named arrays, metadata): the aggregator iterated the tuple.
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task, weights = _open(store, blobs)
     key = _uploaded_round(store, blobs, task.task_id)
     assert aggregator.aggregate_round(store, blobs, events, SETTINGS, key).status == "AGGREGATED"
@@ -72,10 +70,9 @@ def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle():
         "server/aggregator/num_reports"] == 2.0
 
 
-def test_aggregator_run_that_loses_the_finish_reports_already_done():
+def test_aggregator_run_that_loses_the_finish_reports_already_done(store, blobs, events):
     # Two round-ready deliveries aggregating at once: only the one that completes the round
     # may report AGGREGATED (and publish round-completed).
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task, _ = _open(store, blobs)
     key = _uploaded_round(store, blobs, task.task_id)
 
@@ -90,8 +87,7 @@ def test_aggregator_run_that_loses_the_finish_reports_already_done():
     assert events.completed == []
 
 
-def test_check_in_filling_a_round_never_lists_claimed_slots():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_check_in_filling_a_round_never_lists_claimed_slots(store, blobs):
     _open(store, blobs, report_goal=20, max_size=20)
     listings = []
     original = store.claimed_slots
@@ -105,8 +101,7 @@ def test_check_in_filling_a_round_never_lists_claimed_slots():
                       svc.Rejection)
 
 
-def test_no_new_upload_session_for_an_object_already_written():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_no_new_upload_session_for_an_object_already_written(store, blobs):
     _open(store, blobs)
     a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
     key = RoundKey(POP, a.task_id, 1)
@@ -116,16 +111,14 @@ def test_no_new_upload_session_for_an_object_already_written():
         svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
 
 
-def test_opening_a_task_without_artifacts_is_a_precondition_failure():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_opening_a_task_without_artifacts_is_a_precondition_failure(store, blobs):
     task = tm.create_task(store, tm.NewTask(population=POP, kind=TaskKind.TRAINING, total_rounds=1, report_goal=1,
                                             max_aggregation_size=1))
     with pytest.raises(PreconditionFailedError, match="upload the task's artifacts first"):
         tm.open_task(store, blobs, SETTINGS, POP, task.task_id)
 
 
-def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner(store, blobs, events):
     _open(store, blobs, report_goal=1, max_size=2)
     a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
     key = RoundKey(POP, a.task_id, 1)
@@ -148,8 +141,7 @@ def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner():
     assert again.outcome == "DUPLICATE" and events.ready == [key]
 
 
-def test_aggregator_completes_a_round_with_a_missing_update_and_an_overflowing_metric_sum():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_aggregator_completes_a_round_with_a_missing_update_and_an_overflowing_metric_sum(store, blobs, events):
     task, weights = _open(store, blobs, report_goal=2, max_size=3)
     key = RoundKey(POP, task.task_id, 1)
     for i in range(3):
@@ -168,4 +160,4 @@ def test_aggregator_completes_a_round_with_a_missing_update_and_an_overflowing_m
     assert outcome.metrics["server/aggregator/missing_updates"] == 1.0
     assert outcome.metrics["server/aggregator/metrics_overflowed"] == 1.0  # loss: 1e308 + 1e308
     assert "server/client_work/train/loss" not in outcome.metrics
-    assert store.get_iteration(POP, task.task_id, 1).status == IterationStatus.COMPLETED
+    assert store.get_iteration(key).status == IterationStatus.COMPLETED

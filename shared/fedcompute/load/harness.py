@@ -183,7 +183,9 @@ def _device_session(config: LoadConfig, client: DeviceHttpClient, recorder: _Rec
 
 def round_stages(store: Any, population: str, task_id: int, round_number: int) -> dict[str, float]:
     """Per-stage seconds of one round from its record (collect, close+aggregate+write, next open)."""
-    iteration = store.get_iteration(population, task_id, round_number)
+    from fedcompute.tasks.records import RoundKey
+
+    iteration = store.get_iteration(RoundKey(population, task_id, round_number))
     if iteration is None:
         return {}
     stages = {"status": iteration.status.value}
@@ -191,7 +193,7 @@ def round_stages(store: Any, population: str, task_id: int, round_number: int) -
         stages["collect_s"] = round(iteration.aggregating_time - iteration.created_time, 2)
     if iteration.completed_time and iteration.aggregating_time:
         stages["aggregate_and_write_s"] = round(iteration.completed_time - iteration.aggregating_time, 2)
-    following = store.get_iteration(population, task_id, round_number + 1)
+    following = store.get_iteration(RoundKey(population, task_id, round_number + 1))
     if following is not None and iteration.completed_time:
         stages["next_round_open_s"] = round(max(0.0, following.created_time - iteration.completed_time), 2)
     return stages

@@ -22,20 +22,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
 from fedcompute.plans import ServerPhase
+from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     IterationRecord,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
 
 if TYPE_CHECKING:
     from fedcompute.learning.server_round import NextStep
@@ -68,7 +67,7 @@ def aggregate_round(
     from fedcompute.learning import checkpoint, server_round
     from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
 
-    iteration = store.get_iteration(key.population, key.task_id, key.round_number)
+    iteration = store.get_iteration(key)
     if iteration is None:
         log.warning("round-ready for unknown round %s: dropped", key)
         return AggregationOutcome("UNKNOWN_ROUND")

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     AssignmentRecord,
@@ -31,12 +31,12 @@ from fedcompute.tasks.records import (
     IterationRecord,
     IterationStatus,
     ReportedResult,
+    RoundKey,
     TaskKind,
     TaskRecord,
     client_version_allowed,
     status_after_report,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
 
 HOUR, DAY = 3600, 86400
 
@@ -301,7 +301,7 @@ def report_result(
                                     reason=f"device reported {result.value}")
         store.release_slot(key, assignment.slot, assignment_id)
         return None
-    iteration = store.get_iteration(key.population, key.task_id, key.round_number)
+    iteration = store.get_iteration(key)
     if iteration is None or iteration.status != IterationStatus.COLLECTING:
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {key.round_number} is no longer collecting")
     if assignment.status == AssignmentStatus.ASSIGNED:

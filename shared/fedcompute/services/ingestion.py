@@ -3,7 +3,7 @@
 Triggered by the storage object-finalize event. Light: no TensorFlow (uploads are checked
 with the numpy/protobuf codec). O(1) per upload: one read of task, round and assignment,
 the object read and its structural check, then the store's accept (an atomic counter
-increment and one batch; see :mod:`fedcompute.tasks.store`). Exactly ``report_goal``
+increment and one batch; see :mod:`fedcompute.adapters.firestore_store`). Exactly ``report_goal``
 uploads are accepted: the surplus is rejected as LATE_UPLOAD, so the aggregator's divisor
 (the report goal) is the number of reports summed and DP accounting is unchanged.
 """
@@ -15,12 +15,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import AssignmentStatus, IterationRecord, IterationStatus, TaskRecord, TaskStatus
-from fedcompute.tasks.store import ACCEPTED, DUPLICATE, NOT_UPLOADABLE, ROUND_CLOSED, RoundKey, TaskStore
+from fedcompute.tasks.records import (
+    ACCEPTED,
+    DUPLICATE,
+    NOT_UPLOADABLE,
+    ROUND_CLOSED,
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    RoundKey,
+    TaskRecord,
+    TaskStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +163,7 @@ def close_round(store: TaskStore, events: RoundEvents, key: RoundKey, now: Calla
 
 def publish_pending_round_ready(store: TaskStore, events: RoundEvents, key: RoundKey) -> bool:
     """Publish round-ready for an AGGREGATING round not yet marked published. True if published."""
-    iteration = store.get_iteration(key.population, key.task_id, key.round_number)
+    iteration = store.get_iteration(key)
     if iteration is None or iteration.status != IterationStatus.AGGREGATING or iteration.round_ready_published:
         return False
     events.round_ready(key)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
 from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
+from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -28,7 +28,6 @@ from fedcompute.tasks.records import (
     TaskStatus,
     TensorSpecRecord,
 )
-from fedcompute.tasks.store import TaskStore
 
 # ODP's TaskInfo.traffic_weight is an integer; fedcompute uses per-mille of check-ins.
 TRAFFIC_SCALE = 1000

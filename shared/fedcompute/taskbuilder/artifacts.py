@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
 from fedcompute.errors import InvariantError
 from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.ports import BlobStore
 from fedcompute.settings import Settings
 
 

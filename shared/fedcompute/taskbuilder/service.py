@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedcompute.adapters.blobs import BlobStore
 from fedcompute.config import ValidatedConfig, validate_task_config
 from fedcompute.dp import NO_DP, DpParams
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
 from fedcompute.plans import ClientPlan, ServerPhase, pack_plan
+from fedcompute.ports import BlobStore
 from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import TaskArtifacts, artifacts_from_weights, publish_artifacts, weight_specs

@@ -1,107 +1,53 @@
-"""Persistence of tasks, rounds and assignments.
+"""The Firestore adapter of the :class:`~fedcompute.ports.TaskStore` port.
 
-:class:`TaskStore` is the port the services use; :class:`FirestoreTaskStore` is the real
-adapter (Firestore, or its emulator) and :class:`InMemoryTaskStore` the fake used by unit
-tests. Both implement the same conditional-write semantics:
+:class:`FirestoreTaskStore` keeps tasks, rounds and assignments in Firestore (or its
+emulator) with the port's conditional-write semantics (see :class:`~fedcompute.ports.TaskStore`);
+:class:`~fedcompute.tasks.memory_store.InMemoryTaskStore` is the fake with the same semantics
+that unit tests use.
 
-* creates are create-if-absent (idempotent on ids);
-* status moves are conditional on the current status (lost races raise
-  :class:`PreconditionFailedError`);
-* the hot paths (many devices checking in and reporting at once) never query a growing
-  collection and never run a transaction: each assignment, slot and accepted report is
-  its own document, and their numbers come from sharded counters
-  (:mod:`fedcompute.tasks.quota`); only completing a round (round, task and next round
-  together) runs in a transaction.
-
-Exactly ``report_goal`` accepted uploads, in O(1) per upload (Firestore): an upload takes
-an *accept position* ``0 .. report_goal - 1`` from a sharded counter (an atomic
-increment, no count query), then one atomic batch creates the position's marker document
-``accepted/{position}``, moves its assignment LOCAL_COMPLETED -> UPLOAD_COMPLETED
-(conditional on the version read) and counts the position as filled. An upload that finds
-every counter exhausted is late: the surplus beyond the goal is rejected, never summed, so
-the DP divisor (the report goal) is the number of reports summed. The round is full when
-every shard's filled count reached its capacity; whoever fills the last position sees it
-and closes the round. The accepted set is the markers (one document each: no size limit);
-:meth:`TaskStore.accepted_ids` reads it once the round stopped collecting and first voids
-(create-only) any position still empty (a position whose holder crashed, or a round
-closed early by the scheduler), so an upload still in flight for it loses its batch and
-is late. Every reader sees the same set.
-
-Slots (the over-selection cap of live assignments) work the same way: a sharded counter
-grants slot numbers, one batch creates the slot document and the assignment; released
-slots go to a small free pool that claimers use once the counters are exhausted.
+Exactly-once counting without a hot transaction (Firestore): an upload is accepted by a
+conditional write of its assignment alone (LOCAL_COMPLETED -> UPLOAD_COMPLETED), then the
+round is re-read. If the round still collects, the upload counts: whoever closes the round
+later freezes a set that includes it. If the round closed meanwhile, the round's *accepted
+set* decides: it is frozen once, create-only, from the UPLOAD_COMPLETED assignments
+visible after the close (:meth:`TaskStore.accepted_ids`, which whoever needs it first
+creates). An upload outside that set was too late and its acceptance is undone. The
+aggregator aggregates exactly the frozen set, so every accepted report is aggregated and
+nothing else is. (Reading the round inside the accept transaction did the same, but under
+~100 concurrent uploads the Firestore emulator's lock manager aborted the round's writers
+with "Transaction lock timeout".)
 """
 from __future__ import annotations
 
 import random
-import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError, TransientError
 from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
+    ACCEPTED,
+    DUPLICATE,
+    NOT_UPLOADABLE,
+    ROUND_CLOSED,
+    UNKNOWN_ASSIGNMENT,
+    AcceptanceState,
+    AcceptResult,
     AssignmentRecord,
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
+    RoundKey,
+    SlotClaim,
     TaskKind,
     TaskRecord,
     TaskStatus,
+    check_exclusive_training,
+    plain_changes,
 )
 
 _OPTIMISTIC_ATTEMPTS = 25
-
-
-def _backoff(attempt: int) -> None:
-    """Short jittered sleep between optimistic retries."""
-    time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
-
-
-class AcceptOutcome(str):
-    """Result of :meth:`TaskStore.accept_upload` (a string constant)."""
-
-
-ACCEPTED = AcceptOutcome("ACCEPTED")
-DUPLICATE = AcceptOutcome("DUPLICATE")  # already UPLOAD_COMPLETED
-ROUND_CLOSED = AcceptOutcome("ROUND_CLOSED")  # round no longer COLLECTING, or its goal already reached
-NOT_UPLOADABLE = AcceptOutcome("NOT_UPLOADABLE")  # assignment not LOCAL_COMPLETED
-UNKNOWN_ASSIGNMENT = AcceptOutcome("UNKNOWN_ASSIGNMENT")
-
-
-@dataclass(frozen=True)
-class RoundKey:
-    population: str
-    task_id: int
-    round_number: int
-
-
-@dataclass(frozen=True)
-class AcceptResult:
-    """What :meth:`TaskStore.accept_upload` decided; ``round_full``: this call filled the last position."""
-
-    outcome: AcceptOutcome
-    round_full: bool = False
-
-
-@dataclass(frozen=True)
-class AcceptanceState:
-    """How far a round's accept positions went: all handed out, all filled (or voided)."""
-
-    issued_all: bool
-    full: bool
-
-
-@dataclass(frozen=True)
-class SlotClaim:
-    """An assignment created in a free slot (``record``, None when the round is full) and the
-    counter shards found exhausted on the way (a hint the caller may cache for the round)."""
-
-    record: AssignmentRecord | None
-    exhausted: frozenset[int] = frozenset()
-    round_stopped: bool = False  # the round stopped collecting (the caller's view of it is stale)
 
 
 class _RoundStopped(Exception):
@@ -111,305 +57,9 @@ class _RoundStopped(Exception):
 _CLOSED_OFFSET = 1 << 40
 
 
-class TaskStore(Protocol):
-    """What the services need from storage. See module docstring for semantics."""
-
-    # Tasks
-    def create_task(
-        self, population: str, build: Callable[[int], TaskRecord], *, exclusive_training: bool = True
-    ) -> TaskRecord: ...
-    def get_task(self, population: str, task_id: int) -> TaskRecord | None: ...
-    def list_tasks(self, population: str | None = None) -> list[TaskRecord]: ...
-    def open_rounds(self, population: str) -> list[tuple[TaskRecord, IterationRecord | None]]: ...
-    def update_task(
-        self, population: str, task_id: int, changes: dict[str, Any], *, expected: Iterable[TaskStatus] | None = None
-    ) -> TaskRecord: ...
-    def delete_task(self, population: str, task_id: int) -> None: ...
-
-    # Iterations
-    def create_iteration(self, record: IterationRecord) -> bool: ...
-    def get_iteration(self, population: str, task_id: int, round_number: int) -> IterationRecord | None: ...
-    def list_iterations(self, population: str, task_id: int) -> list[IterationRecord]: ...
-    def update_iteration(
-        self, key: RoundKey, changes: dict[str, Any], *, expected: Iterable[IterationStatus]
-    ) -> IterationRecord: ...
-    def finish_round(
-        self,
-        key: RoundKey,
-        iteration_changes: dict[str, Any],
-        task_changes: dict[str, Any],
-        next_iteration: IterationRecord | None,
-    ) -> bool: ...
-
-    # Assignments
-    def claim_assignment(
-        self, record: AssignmentRecord, capacity: int, *, exhausted: Iterable[int] = (), rng: random.Random | None = None
-    ) -> SlotClaim: ...
-    def release_slot(self, key: RoundKey, slot: int, assignment_id: str) -> None: ...
-    def claimed_slots(self, key: RoundKey) -> set[int]: ...
-    def create_assignment(self, record: AssignmentRecord) -> None: ...
-    def get_upload_context(
-        self, key: RoundKey, assignment_id: str
-    ) -> tuple[TaskRecord | None, IterationRecord | None, AssignmentRecord | None]: ...
-    def get_assignment(self, key: RoundKey, assignment_id: str) -> AssignmentRecord | None: ...
-    def transition_assignment(
-        self,
-        key: RoundKey,
-        assignment_id: str,
-        *,
-        expected: Iterable[AssignmentStatus],
-        new_status: AssignmentStatus,
-        reason: str = "",
-    ) -> AssignmentRecord: ...
-    def accept_upload(self, key: RoundKey, assignment_id: str) -> AcceptResult: ...
-    def acceptance_state(self, key: RoundKey, report_goal: int) -> AcceptanceState: ...
-    def accepted_ids(self, key: RoundKey) -> list[str]: ...
-    def count_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> int: ...
-    def list_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> list[AssignmentRecord]: ...
-    def record_rejection(self, key: RoundKey, event_id: str, data: dict[str, Any]) -> bool: ...
-    def list_rejections(self, key: RoundKey) -> list[dict[str, Any]]: ...
-
-
-def _check_exclusive(existing: Iterable[TaskRecord], new: TaskRecord) -> None:
-    if new.kind != TaskKind.TRAINING:
-        return
-    for task in existing:
-        if task.kind == TaskKind.TRAINING and task.status.is_active:
-            raise ConflictError(
-                f"population {new.population!r} already has an active training task {task.task_id} "
-                f"({task.status.value})",
-                hint=f"cancel it first (fedcompute task cancel --population {new.population} --task {task.task_id}) "
-                "or use another population_name",
-            )
-
-
-# --------------------------------------------------------------------------------------
-# In-memory fake (unit tests). Thread-safe so concurrency tests can drive it.
-# --------------------------------------------------------------------------------------
-
-
-class InMemoryTaskStore:
-    """A dict-backed :class:`TaskStore` with the same semantics as the Firestore one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._tasks: dict[tuple[str, int], TaskRecord] = {}
-        self._iterations: dict[tuple[str, int, int], IterationRecord] = {}
-        self._assignments: dict[tuple[str, int, int, str], AssignmentRecord] = {}
-        self._slots: dict[tuple[str, int, int, int], str] = {}
-        self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
-
-    def create_task(self, population, build, *, exclusive_training=True):
-        with self._lock:
-            existing = [t for (p, _), t in self._tasks.items() if p == population]
-            new_id = max((t.task_id for t in existing), default=0) + 1
-            record = build(new_id)
-            if exclusive_training:
-                _check_exclusive(existing, record)
-            self._tasks[(population, new_id)] = record
-            return record
-
-    def get_task(self, population, task_id):
-        with self._lock:
-            return self._tasks.get((population, task_id))
-
-    def list_tasks(self, population=None):
-        with self._lock:
-            return sorted(
-                (t for (p, _), t in self._tasks.items() if population is None or p == population),
-                key=lambda t: (t.population, t.task_id),
-            )
-
-    def open_rounds(self, population):
-        with self._lock:
-            return [(t, self._iterations.get((population, t.task_id, t.current_round)))
-                    for t in self.list_tasks(population) if t.status == TaskStatus.OPEN]
-
-    def update_task(self, population, task_id, changes, *, expected=None):
-        with self._lock:
-            task = self._tasks.get((population, task_id))
-            if task is None:
-                raise NotFoundError(f"task {population}/{task_id} does not exist")
-            if expected is not None and task.status not in set(expected):
-                raise PreconditionFailedError(f"task {population}/{task_id} is {task.status.value}")
-            updated = TaskRecord.from_dict({**task.to_dict(), **_plain(changes)})
-            self._tasks[(population, task_id)] = updated
-            return updated
-
-    def delete_task(self, population, task_id):
-        with self._lock:
-            self._tasks.pop((population, task_id), None)
-            stores: tuple[dict[Any, Any], ...] = (self._iterations, self._assignments, self._slots, self._rejections)
-            for store in stores:
-                for k in [k for k in store if k[0] == population and k[1] == task_id]:
-                    del store[k]
-
-    def create_iteration(self, record):
-        with self._lock:
-            k = (record.population, record.task_id, record.round_number)
-            if k in self._iterations:
-                return False
-            self._iterations[k] = record
-            return True
-
-    def get_iteration(self, population, task_id, round_number):
-        with self._lock:
-            return self._iterations.get((population, task_id, round_number))
-
-    def list_iterations(self, population, task_id):
-        with self._lock:
-            return sorted(
-                (i for k, i in self._iterations.items() if k[:2] == (population, task_id)),
-                key=lambda i: i.round_number,
-            )
-
-    def update_iteration(self, key, changes, *, expected):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
-            if it is None:
-                raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
-            if it.status not in set(expected):
-                raise PreconditionFailedError(f"round {key.round_number} is {it.status.value}")
-            updated = IterationRecord.from_dict({**it.to_dict(), **_plain(changes)})
-            self._iterations[k] = updated
-            return updated
-
-    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
-            if it is None or it.status != IterationStatus.AGGREGATING:
-                return False
-            self._iterations[k] = IterationRecord.from_dict({**it.to_dict(), **_plain(iteration_changes)})
-            task = self._tasks[(key.population, key.task_id)]
-            self._tasks[(key.population, key.task_id)] = TaskRecord.from_dict({**task.to_dict(), **_plain(task_changes)})
-            if next_iteration is not None:
-                nk = (next_iteration.population, next_iteration.task_id, next_iteration.round_number)
-                self._iterations.setdefault(nk, next_iteration)
-            return True
-
-    def claim_assignment(self, record, capacity, *, exhausted=(), rng=None):
-        with self._lock:
-            rk = (record.population, record.task_id, record.round_number)
-            iteration, task = self._iterations.get(rk), self._tasks.get(rk[:2])
-            if iteration is None or iteration.status != IterationStatus.COLLECTING or task is None or \
-                    not task.status.is_active:
-                return SlotClaim(None, round_stopped=True)  # like the stopped counters of the Firestore store
-            taken = {k[3] for k in self._slots if k[:3] == rk}
-            free = [s for s in range(capacity) if s not in taken]
-            if not free:
-                return SlotClaim(None, frozenset(range(ShardedQuota.for_total(capacity).shards)))
-            slot = (rng or random).choice(free)
-            claimed = record.replace(slot=slot)
-            self.create_assignment(claimed)
-            self._slots[(*rk, slot)] = record.assignment_id
-            return SlotClaim(claimed)
-
-    def get_upload_context(self, key, assignment_id):
-        return (self.get_task(key.population, key.task_id),
-                self.get_iteration(key.population, key.task_id, key.round_number),
-                self.get_assignment(key, assignment_id))
-
-    def release_slot(self, key, slot, assignment_id):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number, slot)
-            if self._slots.get(k) == assignment_id:
-                del self._slots[k]
-
-    def claimed_slots(self, key):
-        with self._lock:
-            return {k[3] for k in self._slots if k[:3] == (key.population, key.task_id, key.round_number)}
-
-    def create_assignment(self, record):
-        with self._lock:
-            k = (record.population, record.task_id, record.round_number, record.assignment_id)
-            if k in self._assignments:
-                raise ConflictError(f"assignment {record.assignment_id} already exists")
-            self._assignments[k] = record
-
-    def get_assignment(self, key, assignment_id):
-        with self._lock:
-            return self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
-
-    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason=""):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number, assignment_id)
-            rec = self._assignments.get(k)
-            if rec is None:
-                raise NotFoundError(f"assignment {assignment_id} does not exist in round {key.round_number}")
-            if rec.status not in set(expected):
-                raise PreconditionFailedError(f"assignment {assignment_id} is {rec.status.value}")
-            updated = rec.replace(status=new_status, updated_time=time.time(), status_reason=reason)
-            self._assignments[k] = updated
-            return updated
-
-    def accept_upload(self, key, assignment_id):
-        with self._lock:
-            rk = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(rk)
-            rec = self._assignments.get((*rk, assignment_id))
-            if rec is None:
-                return AcceptResult(UNKNOWN_ASSIGNMENT)
-            if rec.status == AssignmentStatus.UPLOAD_COMPLETED:
-                return AcceptResult(DUPLICATE)
-            accepted = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)  # a fake: counting is fine
-            if it is None or it.status != IterationStatus.COLLECTING or accepted >= it.report_goal:
-                return AcceptResult(ROUND_CLOSED)
-            if rec.status != AssignmentStatus.LOCAL_COMPLETED:
-                return AcceptResult(NOT_UPLOADABLE)
-            self._assignments[(*rk, assignment_id)] = rec.replace(status=AssignmentStatus.UPLOAD_COMPLETED,
-                                                                   updated_time=time.time())
-            return AcceptResult(ACCEPTED, round_full=accepted + 1 == it.report_goal)
-
-    def acceptance_state(self, key, report_goal):
-        done = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) >= report_goal
-        return AcceptanceState(issued_all=done, full=done)
-
-    def accepted_ids(self, key):
-        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
-        with self._lock:
-            it = self._iterations.get((key.population, key.task_id, key.round_number))
-            if it is None or it.status == IterationStatus.COLLECTING:
-                raise PreconditionFailedError(f"round {key.round_number} is not closed: its accepted set "
-                                              "is not final")
-            return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
-
-    def count_assignments(self, key, status=None):
-        return len(self.list_assignments(key, status))
-
-    def list_assignments(self, key, status=None):
-        with self._lock:
-            return sorted(
-                (
-                    a
-                    for k, a in self._assignments.items()
-                    if k[:3] == (key.population, key.task_id, key.round_number) and (status is None or a.status == status)
-                ),
-                key=lambda a: a.assignment_id,
-            )
-
-    def record_rejection(self, key, event_id, data):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number, event_id)
-            if k in self._rejections:
-                return False
-            self._rejections[k] = dict(data)
-            return True
-
-    def list_rejections(self, key):
-        with self._lock:
-            return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
-
-
-def _plain(changes: dict[str, Any]) -> dict[str, Any]:
-    """Enum values to strings, so changes merge into ``to_dict()`` output."""
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in changes.items()}
-
-
-# --------------------------------------------------------------------------------------
-# Firestore adapter
-# --------------------------------------------------------------------------------------
+def _backoff(attempt: int) -> None:
+    """Short jittered sleep between optimistic retries."""
+    time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
 
 
 class FirestoreTaskStore:
@@ -455,7 +105,7 @@ class FirestoreTaskStore:
                 if active:
                     current = self._task(population, int(active)).get(transaction=transaction)
                     if current.exists:
-                        _check_exclusive([TaskRecord.from_dict(current.to_dict())], record)
+                        check_exclusive_training([TaskRecord.from_dict(current.to_dict())], record)
             update = {"name": population, "max_task_id": new_id}
             if record.kind == TaskKind.TRAINING:
                 update["active_training_task_id"] = new_id
@@ -503,8 +153,8 @@ class FirestoreTaskStore:
             data = snapshot.to_dict()
             if allowed is not None and data["status"] not in allowed:
                 raise PreconditionFailedError(f"task {population}/{task_id} is {data['status']}")
-            transaction.update(ref, _plain(changes))
-            return TaskRecord.from_dict({**data, **_plain(changes)})
+            transaction.update(ref, plain_changes(changes))
+            return TaskRecord.from_dict({**data, **plain_changes(changes)})
 
         updated = apply(self._db.transaction())
         if not updated.status.is_active and updated.current_round >= 1:  # canceled, failed or completed
@@ -529,8 +179,8 @@ class FirestoreTaskStore:
         except exceptions.Conflict:
             return False
 
-    def get_iteration(self, population, task_id, round_number):
-        snapshot = self._iteration(population, task_id, round_number).get()
+    def get_iteration(self, key):
+        snapshot = self._round(key).get()
         return IterationRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
 
     def list_iterations(self, population, task_id):
@@ -553,11 +203,11 @@ class FirestoreTaskStore:
             if data["status"] not in allowed:
                 raise PreconditionFailedError(f"round {key.round_number} is {data['status']}")
             try:
-                ref.update(_plain(changes), option=self._db.write_option(last_update_time=snapshot.update_time))
+                ref.update(plain_changes(changes), option=self._db.write_option(last_update_time=snapshot.update_time))
             except exceptions.FailedPrecondition:
                 _backoff(attempt)  # changed since we read it: decide again on the new version
                 continue
-            updated = IterationRecord.from_dict({**data, **_plain(changes)})
+            updated = IterationRecord.from_dict({**data, **plain_changes(changes)})
             if data["status"] == IterationStatus.COLLECTING.value and updated.status != IterationStatus.COLLECTING:
                 self._stop_slot_claims(key, updated.max_assignments)
             return updated
@@ -580,9 +230,9 @@ class FirestoreTaskStore:
                 next_ref = self._iteration(next_iteration.population, next_iteration.task_id, next_iteration.round_number)
                 if next_ref.get(transaction=transaction).exists:
                     next_ref = None
-            transaction.update(iteration_ref, _plain(iteration_changes))
+            transaction.update(iteration_ref, plain_changes(iteration_changes))
             if task_changes:
-                transaction.update(task_ref, _plain(task_changes))
+                transaction.update(task_ref, plain_changes(task_changes))
             if next_ref is not None:
                 transaction.create(next_ref, next_iteration.to_dict())
             return True
@@ -812,7 +462,7 @@ class FirestoreTaskStore:
         """
         from google.api_core import exceptions
 
-        iteration = self.get_iteration(key.population, key.task_id, key.round_number)
+        iteration = self.get_iteration(key)
         if iteration is None or iteration.status == IterationStatus.COLLECTING:
             raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
                                           "closed: its accepted set is not final")
