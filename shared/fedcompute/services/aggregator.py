@@ -7,7 +7,6 @@ derived from the task's server-side secret and the round, and outputs are create
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcompute import layout
+from fedcompute import layout, strict_json
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, PreconditionFailedError
@@ -180,7 +179,7 @@ def aggregate_round(
     blobs.write(settings.model_bucket, layout.client_checkpoint_path(key.population, key.task_id, key.round_number),
                 encode_bundle(client_weights), create_only=True)
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
-                json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
+                strict_json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
 
     task_changes, next_iteration = _next_step(task, phase, key, epsilon, now())
     finished = store.finish_round(
@@ -233,7 +232,7 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     metrics[NUM_REPORTS] = float(reports)
     metrics["server/aggregator/metrics_non_finite"] = float(excluded)
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
-                json.dumps(metrics).encode(), create_only=True, content_type="application/json")
+                strict_json.dumps(metrics).encode(), create_only=True, content_type="application/json")
     if store.finish_round(key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, {}, None):
         events.round_completed(key, task_status=task.status.value)
     delete_round_updates(blobs, settings, key)
