@@ -43,7 +43,8 @@ class BuiltTasks:
 class Client:
     """Operator client of a fedcompute deployment (local stack or Google Cloud)."""
 
-    def __init__(self, settings: Settings | None = None, *, api_key: str | None = None, timeout_s: float = 900.0) -> None:
+    def __init__(self, settings: Settings | None = None, *, api_key: str | None = None,
+                 timeout_s: float = 900.0) -> None:
         self.settings = settings or Settings.from_env()
         self.api_key = self.settings.api_key if api_key is None else api_key
         self.timeout_s = timeout_s

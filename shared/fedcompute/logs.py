@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import types
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -26,7 +27,8 @@ SPAN_KEY = "logging.googleapis.com/spanId"
 LABEL_NAMES = ("population", "task", "round", "assignment")
 _SEVERITY = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR", "CRITICAL": "CRITICAL"}
 
-_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("fedcompute_log_context", default={})
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "fedcompute_log_context", default=types.MappingProxyType({}))
 
 
 def parse_trace_header(value: str | None, project: str) -> dict[str, str]:

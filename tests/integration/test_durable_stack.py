@@ -21,6 +21,7 @@ from fedcompute.stack import LocalStack
 ROUNDS = 3
 CONFIG = """
 population_name: "durable"
+mode: TRAINING_ONLY
 policies {{
   model_release_policy {{ num_max_training_rounds: {rounds} population_size: 1000 }}
   dataset_policy {{ batch_size: 10 }}

@@ -7,5 +7,5 @@ from fedcompute.fleet.population import make_devices
 from fedcompute.fleet.protocol import DeviceHttpClient, Rejected
 from fedcompute.fleet.runner import Fleet, FleetStats, TrainingInterval
 
-__all__ = ["ArrayApp", "DeviceHttpClient", "Fleet", "FleetStats", "PlanCache", "Rejected", "SessionOutcome", "SimulatedDevice",
-           "TrainingInterval", "make_devices"]
+__all__ = ["ArrayApp", "DeviceHttpClient", "Fleet", "FleetStats", "PlanCache", "Rejected", "SessionOutcome",
+           "SimulatedDevice", "TrainingInterval", "make_devices"]

@@ -108,7 +108,7 @@ def build_keras_model(functional_dir: str | os.PathLike[str], weights: Sequence[
         raise InvalidRequestError(f"the checkpoint has {len(weights)} tensors; the task's model has {len(specs)}",
                                   hint="export a checkpoint of the same task")
     weight_specs = []
-    for i, ((spec, trainable), w) in enumerate(zip(specs, weights)):
+    for i, ((spec, trainable), w) in enumerate(zip(specs, weights, strict=True)):
         if tuple(np.shape(w)) != tuple(spec.shape.as_list()):
             raise InvalidRequestError(f"checkpoint tensor {i} has shape {list(np.shape(w))}; the model expects "
                                       f"{spec.shape.as_list()}", hint="export a checkpoint of the same task")
@@ -120,7 +120,7 @@ def build_keras_model(functional_dir: str | os.PathLike[str], weights: Sequence[
                                   hint="export the raw checkpoint instead (fedcompute metrics / gsutil)")
     model = FederatedKerasModel(weight_specs, x_spec.shape.as_list(), x_spec.dtype.name,
                                 functional_dir=os.fspath(functional_dir), name="federated_model")
-    model.set_weights([np.asarray(w, dtype=s["dtype"]) for w, s in zip(weights, weight_specs)])
+    model.set_weights([np.asarray(w, dtype=s["dtype"]) for w, s in zip(weights, weight_specs, strict=True)])
     model(tf.zeros([1, *x_spec.shape.as_list()[1:]], x_spec.dtype))  # build: a traced call for saving
     return model
 
