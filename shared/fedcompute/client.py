@@ -52,7 +52,7 @@ class Client:
         self._blobs: Any = None
 
     @classmethod
-    def from_env(cls) -> "Client":
+    def from_env(cls) -> Client:
         """A client configured from the environment (``eval "$(fedcompute stack env)"`` locally)."""
         return cls(Settings.from_env())
 

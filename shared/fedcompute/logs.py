@@ -49,7 +49,7 @@ def parse_trace_header(value: str | None, project: str) -> dict[str, str]:
 @contextlib.contextmanager
 def log_context(*, trace_header: str | None = None, **labels: Any) -> Iterator[None]:
     """Attach labels (population, task, round, assignment) and the trace to every log line inside."""
-    project = os.environ.get("FEDCOMPUTE_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT", "")
+    project = os.environ.get("FEDCOMPUTE_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT") or ""
     current = dict(_context.get())
     current.update(parse_trace_header(trace_header, project))
     current.update({k: str(v) for k, v in labels.items() if k in LABEL_NAMES and v not in (None, "")})
@@ -79,7 +79,7 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "severity": _SEVERITY.get(record.levelname, "DEFAULT"),
             "message": message,
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(),
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
             "logger": record.name,
         }
         context = _context.get()

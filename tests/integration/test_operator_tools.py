@@ -8,15 +8,15 @@ import uuid
 
 import numpy as np
 import pytest
-from support.helpers import http, unique
-from support.stack_plugin import StackHandle
-from support.tasks import create_numpy_task, make_update, random_delta, run_device
 
 from fedcompute import strict_json
 from fedcompute.client import Client, task_summary
 from fedcompute.errors import NotFoundError
 from fedcompute.fleet.protocol import DeviceHttpClient
 from fedcompute.metric_names import TRAIN_PREFIX
+from support.helpers import http, unique
+from support.stack_plugin import StackHandle
+from support.tasks import create_numpy_task, make_update, random_delta, run_device
 
 
 def cli(stack: StackHandle, *args: str) -> subprocess.CompletedProcess[str]:

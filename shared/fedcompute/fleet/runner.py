@@ -84,7 +84,7 @@ class Fleet:
         if self._owns_cache:
             self.cache.close()
 
-    def __enter__(self) -> "Fleet":
+    def __enter__(self) -> Fleet:
         return self
 
     def __exit__(self, *exc: object) -> None:

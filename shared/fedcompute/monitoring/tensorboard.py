@@ -31,7 +31,7 @@ def _record(payload: bytes) -> bytes:
 
 def write_tensorboard(run: RunMetrics, log_dir: Path, wall_time: float | None = None) -> Path:
     """Write ``run`` to a new event file under ``log_dir/<population>/<task_id>``; returns the file."""
-    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.compat.proto import event_pb2, summary_pb2  # type: ignore[import-untyped]
 
     now = time.time() if wall_time is None else wall_time
     run_dir = log_dir / run.population / str(run.task_id)

@@ -156,7 +156,7 @@ class BuildRefused(FedComputeError):
 
 
 def build_request(task_config: str | os.PathLike[str], saved_model: str, *, population_name: str = "",
-                  skip_flex_ops_check: bool = False, skip_dp_check: bool = False) -> tuple[Any, list[str]]:
+                  skip_flex_ops_check: bool = False, skip_dp_check: bool = False) -> tuple[Any, list[Any]]:
     """The ``BuildTaskRequest`` for a config file and a model, and the config's warnings.
 
     The config is validated locally first. Raises:
