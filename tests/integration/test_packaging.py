@@ -153,10 +153,19 @@ def test_light_functions_serve_a_request_on_python_312_with_protobuf_5(light_ven
     from fedcompute.web import health_event_headers
 
     python = light_venv / "bin" / "python"
-    versions = subprocess.run([str(python), "-c", "import sys, google.protobuf, grpc; "
-                               "print(sys.version_info[:2], google.protobuf.__version__, grpc.__version__)"],
-                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    print(f"\nlight functions venv: Python, protobuf, grpcio = {versions.stdout.strip()}")
+    # The committed *_pb2.py (protobuf 4.25 gencode) load and round-trip under protobuf >= 5, warning-free.
+    probe = ("import importlib, pkgutil, sys, google.protobuf, grpc, fedcompute.proto as p\n"
+             "mods = [importlib.import_module('fedcompute.proto.' + m.name) for m in pkgutil.iter_modules(p.__path__)"
+             " if m.name.endswith('_pb2')]\n"
+             "t = importlib.import_module('fedcompute.proto.task_management_pb2').Task\n"
+             "assert t.FromString(t(population_name='x', task_id=3).SerializeToString()).task_id == 3\n"
+             "print(len(mods), '%d.%d' % sys.version_info[:2], google.protobuf.__version__, grpc.__version__)\n")
+    versions = subprocess.run([str(python), "-W", "error", "-c", probe], capture_output=True, text=True, timeout=60,
+                              cwd=packaged / LIGHT[0], env=_clean_env())
+    assert versions.returncode == 0, versions.stderr[-3000:]
+    count, python_version, protobuf_version, _ = versions.stdout.split()
+    assert int(count) >= 5 and python_version in ("3.12", "3.13") and _version(protobuf_version) >= (5,)
+    print(f"\nlight functions venv: pb2 modules, Python, protobuf, grpcio = {versions.stdout.strip()}")
     env = _clean_env()
     for function in LIGHT:
         port = free_port()

@@ -53,6 +53,8 @@ locals {
     FEDCOMPUTE_AGGREGATE_BUCKET   = var.buckets.aggregate
     FEDCOMPUTE_STORAGE_PUBLIC_URL = ""
     LOG_EXECUTION_ID              = "true"
+    # TensorFlow's C++ INFO/WARNING lines are plain text: keep the logs JSON-only (errors still show).
+    TF_CPP_MIN_LOG_LEVEL = "2"
   }
 
   round_ready_topic     = var.topic_ids["round-ready"]
