@@ -53,8 +53,9 @@ locals {
     FEDCOMPUTE_AGGREGATE_BUCKET   = var.buckets.aggregate
     FEDCOMPUTE_STORAGE_PUBLIC_URL = ""
     LOG_EXECUTION_ID              = "true"
-    # TensorFlow's C++ INFO/WARNING lines are plain text: keep the logs JSON-only (errors still show).
-    TF_CPP_MIN_LOG_LEVEL = "2"
+    # TensorFlow's C++ log lines are plain text (even at import): off, so the logs are JSON only;
+    # failures still surface as Python exceptions, logged as JSON with their traceback.
+    TF_CPP_MIN_LOG_LEVEL = "3"
   }
 
   round_ready_topic     = var.topic_ids["round-ready"]

@@ -432,7 +432,9 @@ class LocalStack:
         env.update(client_env)
         env[procs.STACK_ID_ENV] = stack_id
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log files as they happen
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # TensorFlow's C++ logging writes plain-text lines (even at import): off, so function logs
+        # are JSON only; failures still surface as Python exceptions, logged as JSON.
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
         env["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
         no_proxy = ",".join(x for x in (env.get("NO_PROXY") or env.get("no_proxy"), "127.0.0.1,localhost") if x)
         env["NO_PROXY"] = env["no_proxy"] = no_proxy
