@@ -15,6 +15,7 @@ NOISE ?= 0.0
 DP ?= fixed
 EVAL ?= 0
 CLIP ?= 10.0
+RUNTIME ?= auto
 
 .PHONY: help setup uv sync data browser proto up down status test test-unit test-integration test-e2e demo bench lint clean package deploy deploy-check destroy
 
@@ -85,7 +86,7 @@ test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
 demo: setup
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --dp $(DP) --clip-norm $(CLIP) $(if $(filter 1,$(EVAL)),--eval,)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --dp $(DP) --clip-norm $(CLIP) --runtime $(RUNTIME) $(if $(filter 1,$(EVAL)),--eval,)
 
 bench: setup
 	$(PY) -m benchmarks.run_all
