@@ -6,6 +6,19 @@
 locals {
   functions = ["task_builder", "task_management", "task_assignment", "result_ingestion", "aggregator", "scheduler", "dashboard"]
 
+  # The heavy functions (TensorFlow 2.14, protobuf 4.25) stay on python311; the light ones run
+  # on python312 with their own lock (functions/light/uv.lock). Must match
+  # fedcompute.deploy.package.FunctionSpec.runtime (tests/unit/test_infra.py checks it).
+  runtimes = {
+    task_builder     = "python311"
+    task_management  = "python312"
+    task_assignment  = "python312"
+    result_ingestion = "python312"
+    aggregator       = "python311"
+    scheduler        = "python312"
+    dashboard        = "python312"
+  }
+
   default_max_instances = {
     task_builder     = 2
     task_management  = 3
@@ -53,6 +66,9 @@ locals {
     FEDCOMPUTE_AGGREGATE_BUCKET   = var.buckets.aggregate
     FEDCOMPUTE_STORAGE_PUBLIC_URL = ""
     LOG_EXECUTION_ID              = "true"
+    # TensorFlow's C++ log lines are plain text (even at import): off, so the logs are JSON only;
+    # failures still surface as Python exceptions, logged as JSON with their traceback.
+    TF_CPP_MIN_LOG_LEVEL = "3"
   }
 
   round_ready_topic     = var.topic_ids["round-ready"]
@@ -174,7 +190,7 @@ resource "google_cloudfunctions2_function" "task_builder" {
   description = "fedcompute task builder: validate config, DP and flex-ops checks, build and upload artifacts"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["task_builder"]
     entry_point     = "task_builder"
     service_account = google_service_account.build.id
     source {
@@ -233,7 +249,7 @@ resource "google_cloudfunctions2_function" "task_management" {
   description = "fedcompute task management: create, get, list, open, cancel tasks"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["task_management"]
     entry_point     = "task_management"
     service_account = google_service_account.build.id
     source {
@@ -288,7 +304,7 @@ resource "google_cloudfunctions2_function" "task_assignment" {
   description = "fedcompute task assignment: device check-in and result reporting (public)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["task_assignment"]
     entry_point     = "task_assignment"
     service_account = google_service_account.build.id
     source {
@@ -368,7 +384,7 @@ resource "google_cloudfunctions2_function" "result_ingestion" {
   description = "fedcompute result ingestion: count each finalized device upload once, publish round-ready"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["result_ingestion"]
     entry_point     = "result_ingestion"
     service_account = google_service_account.build.id
     source {
@@ -459,7 +475,7 @@ resource "google_cloudfunctions2_function" "aggregator" {
   description = "fedcompute aggregator: clip, sum, noise, server optimizer step (Pub/Sub round-ready)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["aggregator"]
     entry_point     = "aggregator"
     service_account = google_service_account.build.id
     source {
@@ -535,7 +551,7 @@ resource "google_cloudfunctions2_function" "scheduler" {
   description = "fedcompute scheduler: timeouts, stuck rounds, eval iterations (Pub/Sub scheduler-tick)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["scheduler"]
     entry_point     = "scheduler"
     service_account = google_service_account.build.id
     source {
@@ -593,7 +609,7 @@ resource "google_cloudfunctions2_function" "dashboard" {
   description = "fedcompute monitoring dashboard: tasks, metrics per round, operations (read-only)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["dashboard"]
     entry_point     = "dashboard"
     service_account = google_service_account.build.id
     source {

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +71,16 @@ class PlanCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self._root = root or Path(tempfile.mkdtemp(prefix="fedcompute-fleet-"))
+        # A directory the cache made is removed on close(), garbage collection or exit.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True) if root is None else None
         self._lock = threading.Lock()
         self._plans: dict[str, UnpackedPlan] = {}
         self._checkpoints: dict[str, list[np.ndarray]] = {}
+
+    def close(self) -> None:
+        """Remove the directory this cache created (plans already loaded stay usable)."""
+        if self._cleanup is not None:
+            self._cleanup()
 
     def plan(self, url: str, client: DeviceHttpClient) -> UnpackedPlan:
         with self._lock:

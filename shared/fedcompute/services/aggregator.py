@@ -11,7 +11,6 @@ derived from the task's server-side secret and the round, and outputs are create
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedcompute import layout
+from fedcompute import layout, strict_json
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
 from fedcompute.plans import ServerPhase
@@ -139,7 +138,7 @@ def aggregate_round(
     blobs.write(settings.model_bucket, layout.client_checkpoint_path(key.population, key.task_id, key.round_number),
                 encode_bundle(client_weights), create_only=True)
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
-                json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
+                strict_json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
 
     task_changes, next_iteration = _task_changes(task, key, server_round.next_step(phase, key.round_number,
                                                                                    task.total_rounds), now())
@@ -192,7 +191,7 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
                                  evaluated_round=iteration.evaluated_round, reports=reports, excluded=excluded)
     metrics.update({name: float(count) for name, count in faults.items()})
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
-                json.dumps(metrics).encode(), create_only=True, content_type="application/json")
+                strict_json.dumps(metrics).encode(), create_only=True, content_type="application/json")
     if store.finish_round(key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, {}, None):
         events.round_completed(key, task_status=task.status.value)
     delete_round_updates(blobs, settings, key)
