@@ -561,3 +561,21 @@ def test_package_cli_rejects_unknown_function(capsys: pytest.CaptureFixture[str]
     assert package.main(["--out", str(tmp_path), "--function", "task_management"]) == 0
     assert (tmp_path / "task_management.zip").is_file()
     assert "task_management:" in capsys.readouterr().out
+
+
+def test_light_functions_serve_concurrent_requests_and_heavy_ones_one(modules: dict[str, Module]) -> None:
+    fm = modules["functions"]
+    concurrency = fm.locals["concurrency"]
+    for function, body in fm.of_type("google_cloudfunctions2_function").items():
+        assert block(body, "service_config")["max_instance_request_concurrency"] == f"${{local.concurrency.{function}}}"
+    assert concurrency["task_assignment"] >= 32 and concurrency["result_ingestion"] > 1
+    assert concurrency["aggregator"] == concurrency["task_builder"] == 1
+
+
+def test_monotonic_timestamps_are_not_indexed(modules: dict[str, Module]) -> None:
+    firestore = modules["firestore"]
+    fields = firestore.locals["unindexed_fields"]
+    assert {(f["collection"], f["field"]) for f in fields.values()} >= {
+        ("assignments", "created_time"), ("assignments", "updated_time"), ("accepted", "time")}
+    resource = firestore.of_type("google_firestore_field")["unindexed"]
+    assert block(resource, "index_config") == {}

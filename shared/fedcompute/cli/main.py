@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedcompute.cli.ops_cmd",
     "fedcompute.cli.model_cmd",
     "fedcompute.cli.task_cmd",
+    "fedcompute.cli.load_cmd",
 )
 
 

@@ -4,7 +4,7 @@ One :meth:`SimulatedDevice.run_session` is one training session of ODP's
 ``FederatedComputeScheduler``: check in, apply the eligibility policies itself, ask the
 app for examples through an ``on_training_example``-style callback, train (or evaluate)
 per the downloaded plan with its runtime (:mod:`fedcompute.fleet.runtimes`: the plan's
-TFLite model or full TensorFlow), report the result and upload the gzip'd update. A plan the
+TFLite model or full TensorFlow), report the result and upload the update (gzip'd if the server asks). A plan the
 runtime cannot execute is reported as ODP's FAILED_OPS_ERROR / FAILED_MODEL_COMPUTATION.
 """
 from __future__ import annotations
