@@ -14,6 +14,7 @@ REPORT_GOAL ?= 50
 NOISE ?= 0.0
 DP ?= fixed
 EVAL ?= 0
+CLIP ?= 10.0
 RUNTIME ?= auto
 
 .PHONY: help setup uv sync data browser proto up down status test test-unit test-integration test-e2e demo bench lint clean package deploy deploy-check destroy
@@ -24,6 +25,7 @@ help:
 	@echo "make test    lint, then run every test tier (unit, integration, e2e) against the real emulators"
 	@echo "make lint    ruff (lint + import order) and mypy (types) on shared/ and functions/"
 	@echo "make up / down / status   start, stop, inspect the local serverless stack"
+	@echo "make clean   stop the stack and delete its data (.fedcompute/: every local task), out/ and build/functions"
 	@echo "make proto   regenerate the protobuf Python code from shared/fedcompute/proto/*.proto"
 	@echo "make bench   run the benchmarks (figures go to BENCHMARKS.md by hand)"
 	@echo "make package                          package the Cloud Functions into build/functions (zips for Terraform)"
@@ -84,7 +86,7 @@ test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
 demo: setup
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --dp $(DP) --runtime $(RUNTIME) $(if $(filter 1,$(EVAL)),--eval,)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --dp $(DP) --clip-norm $(CLIP) --runtime $(RUNTIME) $(if $(filter 1,$(EVAL)),--eval,)
 
 bench: setup
 	$(PY) -m benchmarks.run_all

@@ -73,7 +73,8 @@ def run_fleet(args: argparse.Namespace) -> int:
         tasks = management.list_tasks(args.population)
         return bool(tasks) and all(t.status != 1 for t in tasks)  # nothing OPEN any more
 
-    stats = fleet.run(until, timeout_s=args.timeout, on_session=on_session, poll_s=2.0)
+    with fleet:
+        stats = fleet.run(until, timeout_s=args.timeout, on_session=on_session, poll_s=2.0)
     bar.close()
     print(f"sessions: {dict(stats.outcomes)}; uploads per (task, round): {dict(stats.uploads)}")
     return 0

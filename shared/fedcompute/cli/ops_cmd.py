@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from fedcompute import strict_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +49,7 @@ def run_status(args: argparse.Namespace) -> int:
     _, store, _ = connect()
     ops = load_ops(store, args.population, args.task)
     if args.json:
-        print(json.dumps([t.to_dict() for t in ops], indent=2, sort_keys=True))
+        print(strict_json.dumps([t.to_dict() for t in ops], indent=2, sort_keys=True))
     else:
         print(format_status_table(ops, rounds=not args.no_rounds))
     if not ops and args.population:
@@ -105,7 +106,7 @@ def run_rotate_upload_key(args: argparse.Namespace) -> int:
     key_dir = Path(args.key_dir) if args.key_dir else Path(str(state_dir)) / KEY_DIR_NAME
     ring = rotate_key_files(key_dir)
     print(f"key ring in {key_dir} (upload_keys.json is private: keep it out of version control)", file=sys.stderr)
-    print(json.dumps(describe(ring), indent=2))
+    print(strict_json.dumps(describe(ring), indent=2))
     return 0
 
 
