@@ -94,19 +94,20 @@ def test_a_storage_outage_is_a_fast_503_with_a_retry_window(assignment_server: A
     monkeypatch.setenv("FEDCOMPUTE_STORAGE_DEADLINE_S", "0.5")
     store = assignment_server.store
 
-    def hangs(population: str | None = None) -> list:  # type: ignore[type-arg]
+    # Check-in reads a population's open rounds (one query): that is where the outage bites.
+    def hangs(population: str) -> list:  # type: ignore[type-arg]
         time.sleep(3)
         return []
 
-    monkeypatch.setattr(store, "list_tasks", hangs)
+    monkeypatch.setattr(store, "open_rounds", hangs)
     started = time.monotonic()
     status, _ = assignment_server.check_in(DeviceKey.generate())
     assert status == 503 and time.monotonic() - started < 2.5
 
-    def unavailable(population: str | None = None) -> list:  # type: ignore[type-arg]
+    def unavailable(population: str) -> list:  # type: ignore[type-arg]
         raise exceptions.ServiceUnavailable("firestore emulator paused")
 
-    monkeypatch.setattr(store, "list_tasks", unavailable)
+    monkeypatch.setattr(store, "open_rounds", unavailable)
     response = assignment_server.check_in_response(DeviceKey.generate())
     assert response.status_code == 503 and response.headers["Retry-After"] == "30"
     assert "unavailable" in response.get_json()["error"]["message"]
