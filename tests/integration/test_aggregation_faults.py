@@ -35,8 +35,12 @@ def test_a_missing_accepted_update_is_left_out_and_counted(local_stack: StackHan
     ids = [f"lost{i}-{uuid.uuid4()}" for i in range(2)]
     for i, (aid, delta) in enumerate(zip(ids, deltas)):
         # The update lands first (ingestion ignores an object without an assignment) ...
-        task.blobs.write(local_stack.settings.gradient_bucket, gradient_object(task, 1, aid),
+        name = gradient_object(task, 1, aid)
+        task.blobs.write(local_stack.settings.gradient_bucket, name,
                          seal_for_stack(local_stack, aid, make_update(task, delta, seed=i)[0]), create_only=True)
+        # ... once ingestion has seen it (else its notification may race the accept below) ...
+        needle = f"ingestion of gs://{local_stack.settings.gradient_bucket}/{name}: "
+        assert "UNKNOWN_ASSIGNMENT" in local_stack.wait_for_log("result_ingestion", needle, 60)
         now = time.time()
         store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
                                                  AssignmentStatus.LOCAL_COMPLETED, "1", i, now, now))

@@ -163,6 +163,8 @@ def test_a_dead_lettered_round_ready_is_replayed_by_the_cli(local_stack: StackHa
     payload = make_update(task, random_delta(task, np.random.default_rng(2)))[0]
     GcsBlobStore(local_stack.clients.storage).write(local_stack.settings.gradient_bucket, gradient_object(task, 1, aid),
                                                     seal_for_stack(local_stack, aid, gzip.compress(payload)))
+    # Ingestion has seen the object (else its notification may race the accept below).
+    assert _verdict(local_stack, task, aid) == "UNKNOWN_ASSIGNMENT"
     task.store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
                                                   AssignmentStatus.LOCAL_COMPLETED, "1", 0, now, now))
     assert task.store.accept_upload(key, aid).outcome == "ACCEPTED"  # what ingestion does
