@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from fedcompute import layout
 from fedcompute.errors import InvalidRequestError, NotFoundError
+from fedcompute.privacy.disclosure import redact_dp
 
 
 class ReadableBlobs(Protocol):
@@ -91,7 +92,7 @@ def flatten_config(phase: Mapping[str, Any] | None) -> dict[str, Any]:
     keep = ("learning_algo", "server_optimizer", "server_learning_rate", "report_goal", "over_selection_rate",
             "total_rounds", "population_size", "target_epsilon", "delta")
     config = {k: phase[k] for k in keep if k in phase}
-    for key, value in sorted((phase.get("dp") or {}).items()):
+    for key, value in sorted(redact_dp(phase.get("dp")).items()):
         if value is not None:
             config[f"dp.{key}"] = value
     return config

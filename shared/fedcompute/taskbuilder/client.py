@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task_config", required=True, help="task config (protobuf text format or JSON)")
     for flag, text in (("--build_artifact_only", "build and upload the artifacts, create no task"),
                        ("--skip_flex_ops_check", "skip the TFLite flex-ops check"),
-                       ("--skip_dp_check", "build even if epsilon exceeds dp_target_epsilon")):
+                       ("--skip_dp_check", "build even if epsilon exceeds dp_target_epsilon"),
+                       ("--non_private_test_run", "allow differential_privacy.noise_seed: a reproducible test run "
+                                                  "whose epsilon is not a guarantee (printed in the report)")):
         parser.add_argument(flag, nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL", help=text)
     parser.add_argument("--population_name", default="", help="override the config's population_name")
     parser.add_argument("--api_key", default=os.environ.get("FEDCOMPUTE_API_KEY", ""),
@@ -163,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
     request.task_config.CopyFrom(config)
     request.flags.skip_flex_ops_check = args.skip_flex_ops_check
     request.flags.skip_dp_check = args.skip_dp_check
+    request.flags.non_private_test_run = args.non_private_test_run
     verb = "build-artifacts" if args.build_artifact_only else "build-task-group"
     url = f"{args.task_builder_server.rstrip('/')}/taskbuilder/v1:{verb}"
     headers = {"content-type": "application/x-protobuf", "accept": "application/x-protobuf"}
