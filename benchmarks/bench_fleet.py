@@ -71,7 +71,9 @@ def main() -> int:
         task_id, _ = demo.build_task(stack, model_dir, config, population, skip_dp_check=True)
         stack_before = _stack_cpu_s(set())
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        fleet = demo.train(stack, options, population, task_id, "bench")
+        # Started after the build so that RUSAGE_CHILDREN holds the workers' whole life.
+        fleet = demo.train(stack, options, demo.make_fleet(stack, options, population, "bench"), population, task_id,
+                           "bench")
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         stack_cpu = _stack_cpu_s(set()) - stack_before
     finally:

@@ -134,19 +134,22 @@ def _say(message: str) -> None:
 
 
 class _Stack:
-    """The local stack and its clients, started once for every run of the demo."""
+    """The local stack and its clients, started once for every run of the demo (or one already running)."""
 
-    def __init__(self, options: PrivateDemoOptions) -> None:
+    def __init__(self, options: PrivateDemoOptions, running: Any = None) -> None:
         from fedcompute.adapters.blobs import GcsBlobStore
         from fedcompute.adapters.clients import make_clients
         from fedcompute.adapters.task_management_client import TaskManagementClient
         from fedcompute.settings import Settings
         from fedcompute.stack import LocalStack
 
-        self.local = LocalStack(options.state_dir, task_builder_port=options.task_builder_port)
-        status = self.local.start()
+        self.owned = running is None
+        self.local = running or LocalStack(options.state_dir, task_builder_port=options.task_builder_port)
+        if self.owned:
+            status = self.local.start()
+            _say(f"   healthy in {status.time_to_healthy_s or 0:.1f} s; task builder at "
+                 f"{self.local.urls['task_builder']}")
         os.environ.update(self.local.env())
-        _say(f"   healthy in {status.time_to_healthy_s or 0:.1f} s; task builder at {self.local.urls['task_builder']}")
         self.settings = Settings.from_env()
         self.blobs = GcsBlobStore(make_clients(self.settings).storage)
         self.management = TaskManagementClient(self.settings.task_management_url, api_key=self.settings.api_key)
@@ -189,8 +192,8 @@ def build_task(stack: _Stack, model_dir: Path, config: Path, population: str, *,
     return task.task_id, result.stdout
 
 
-def train(stack: _Stack, options: PrivateDemoOptions, population: str, task_id: int, label: str) -> dict[str, Any]:
-    """Run the fleet until the task completes; per-round lines as rounds finish."""
+def make_fleet(stack: _Stack, options: PrivateDemoOptions, population: str, label: str) -> Any:
+    """The worker-process fleet for ``population``, started (its workers load TensorFlow meanwhile)."""
     from fedcompute.fleet.population import PopulationSpec
     from fedcompute.fleet.runner import ProcessFleet, TrainingInterval
     from fedcompute.fleet.workers import HttpRunnerFactory
@@ -200,8 +203,20 @@ def train(stack: _Stack, options: PrivateDemoOptions, population: str, task_id: 
     fleet = ProcessFleet(options.devices, HttpRunnerFactory(stack.settings.task_assignment_url, population, spec),
                          processes=options.processes, threads=options.threads,
                          interval=TrainingInterval(minimum_interval_s=60.0), time_scale=options.time_scale,
-                         seed=options.seed, progress=f"{label}: devices")
-    state = {"round": 1}
+                         seed=options.seed, progress=f"{label}: device sessions")
+    fleet.start()
+    return fleet
+
+
+def train(stack: _Stack, options: PrivateDemoOptions, fleet: Any, population: str, task_id: int,
+          label: str) -> dict[str, Any]:
+    """Run the fleet until the task completes; per-round lines as rounds finish."""
+    state = {"round": 1, "errors": 0}
+
+    def on_session(outcome: Any, _stats: Any) -> None:
+        if outcome.status == "ERROR" and state["errors"] < 3:  # say what goes wrong, once or twice
+            state["errors"] += 1
+            _say(f"   device session error (retried later): {outcome.detail[:200]}")
 
     def until(_stats: Any) -> bool:
         current = stack.management.get_task(population, task_id)
@@ -216,7 +231,7 @@ def train(stack: _Stack, options: PrivateDemoOptions, population: str, task_id: 
         return current.status != 1  # no longer OPEN
 
     started = time.monotonic()
-    stats = fleet.run(until, timeout_s=options.timeout_s, poll_s=1.0)
+    stats = fleet.run(until, timeout_s=options.timeout_s, poll_s=1.0, on_session=on_session)
     elapsed = time.monotonic() - started
     cost = fleet.cost
     return {
@@ -283,18 +298,23 @@ def one_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, noise: 
                  f"{time.strftime('%Y%m%d_%H%M%S')}"
     config = write_config(options.out_dir / f"task_config_{label}.pbtxt", options, population, noise)
     _say(f"   task_builder_client --task_config={config}" + (" --skip_dp_check" if skip_dp_check else ""))
-    task_id, report = build_task(stack, model_dir, config, population, skip_dp_check=skip_dp_check)
+    fleet = make_fleet(stack, options, population, label)  # workers start while the task builds
+    try:
+        task_id, report = build_task(stack, model_dir, config, population, skip_dp_check=skip_dp_check)
+    except BaseException:
+        fleet.stop()
+        raise
     for line in report.splitlines():
         if "dp_epsilon" in line or "privacy_assumptions" in line or "noise_multiplier" in line:
             _say(f"   report: {line.split('] ', 1)[-1].strip()}")
-    fleet = train(stack, options, population, task_id, label)
+    fleet_figures = train(stack, options, fleet, population, task_id, label)
     task = stack.management.get_task(population, task_id)
     done = task.current_round if task.status != 1 else task.current_round - 1
     rows = evaluate_rounds(stack, model_dir, population, task_id, done)
     return RunResult(label=label, population=population, task_id=task_id, noise_multiplier=noise, rounds=rows,
                      final_test_accuracy=float(rows[-1]["test_accuracy"] or math.nan) if rows else math.nan,
                      final_epsilon=rows[-1]["epsilon"] if rows else None, build_report=report,
-                     wall_time_s=round(time.monotonic() - started, 1), fleet=fleet)
+                     wall_time_s=round(time.monotonic() - started, 1), fleet=fleet_figures)
 
 
 def format_table(private: RunResult, baseline: RunResult | None) -> str:
@@ -339,14 +359,18 @@ def plot_runs(private: RunResult, baseline: RunResult | None, path: Path, option
     return path
 
 
-def run_private_demo(options: PrivateDemoOptions) -> dict[str, Any]:
-    """Run the private demo end to end; returns (and writes) the summary."""
+def run_private_demo(options: PrivateDemoOptions, *, stack: Any = None) -> dict[str, Any]:
+    """Run the private demo end to end; returns (and writes) the summary.
+
+    ``stack``: a running :class:`~fedcompute.stack.LocalStack` to use instead of starting one.
+    """
     started = time.monotonic()
     out = options.out_dir
     out.mkdir(parents=True, exist_ok=True)
     _say(f"== 1/5  local stack; population_size = the simulated fleet = {options.population_size:,} devices "
          f"({options.examples_per_device} Fashion-MNIST examples each), delta = 1/{options.population_size:,}")
-    stack = _Stack(options)
+    running = stack
+    stack = _Stack(options, running)
     setup_s = time.monotonic() - started
     _say("== 2/5  SavedFunctionalModel: logistic regression on Fashion-MNIST (7,850 parameters)")
     model_dir = save_model(out / "fashion_logreg", options.seed)
@@ -394,7 +418,7 @@ def run_private_demo(options: PrivateDemoOptions) -> dict[str, Any]:
         _say(f"total wall time {total:.0f} s")
         return summary
     finally:
-        if not options.keep_stack:
+        if stack.owned and not options.keep_stack:
             stack.local.stop()
 
 

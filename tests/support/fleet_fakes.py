@@ -29,6 +29,9 @@ class ScriptedRunner:
     def __init__(self, factory: ScriptedRunnerFactory) -> None:
         self.factory = factory
 
+    def close(self) -> None:
+        pass
+
     def run(self, job: SessionJob) -> SessionReport:
         if job.device_id == self.factory.crash_device:
             raise ZeroDivisionError("scripted crash")

@@ -28,8 +28,9 @@ def test_worker_processes_share_the_devices_and_load_the_model_once_each() -> No
     outcomes = []
     fleet = ProcessFleet(60, ScriptedRunnerFactory(), processes=2, threads=3, time_scale=0.0,
                          interval=TrainingInterval(minimum_interval_s=0.0))
-    stats = fleet.run(lambda s: s.outcomes["UPLOADED"] >= 180, timeout_s=60, poll_s=0.05,
-                      on_session=lambda o, s: outcomes.append(o))
+    # Sessions start as soon as one worker is up; run until the other has served some too.
+    stats = fleet.run(lambda s: s.outcomes["UPLOADED"] >= 180 and len(fleet.cost.worker_pids) == 2, timeout_s=60,
+                      poll_s=0.05, on_session=lambda o, s: outcomes.append(o))
     assert stats.outcomes["UPLOADED"] >= 180
     assert len(fleet.cost.worker_pids) == 2 and os.getpid() not in fleet.cost.worker_pids
     details = _details(outcomes)

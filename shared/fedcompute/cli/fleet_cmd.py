@@ -16,7 +16,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--partition", choices=("dirichlet", "shards", "iid"), default="dirichlet")
     run.add_argument("--alpha", type=float, default=0.5)
     run.add_argument("--version-code", default="341912000", help="ODP module version the devices report")
-    run.add_argument("--workers", type=int, default=2, help="devices computing at once")
+    run.add_argument("--workers", type=int, default=2, help="devices computing at once (threads, one process)")
+    run.add_argument("--processes", type=int, default=0,
+                     help="worker processes, each loading the model once and serving many devices "
+                          "(0: threads in this process); for thousands of devices")
+    run.add_argument("--threads", type=int, default=6, help="sessions at once per worker process (--processes)")
+    run.add_argument("--examples-per-device", type=int, default=0,
+                     help="exactly this many examples per device (IID; 0: split the whole dataset)")
     run.add_argument("--time-scale", type=float, default=0.05, help="simulated seconds -> real seconds")
     run.add_argument("--min-interval", type=float, default=60.0, help="TrainingInterval minimum interval (s)")
     run.add_argument("--one-time", action="store_true", help="scheduling mode 1: each device trains once")
@@ -41,6 +47,8 @@ def run_fleet(args: argparse.Namespace) -> int:
         print("error: FEDCOMPUTE_TASK_ASSIGNMENT_URL is not set (run `eval \"$(fedcompute stack env)\"` "
               "for the local stack)", file=sys.stderr)
         return 2
+    if args.processes > 0:
+        return _run_processes(args, settings)
     if args.dataset == "digits":
         from fedcompute.data.digits import load_digits
 
@@ -73,4 +81,37 @@ def run_fleet(args: argparse.Namespace) -> int:
     stats = fleet.run(until, timeout_s=args.timeout, on_session=on_session, poll_s=2.0)
     bar.close()
     print(f"sessions: {dict(stats.outcomes)}; uploads per (task, round): {dict(stats.uploads)}")
+    return 0
+
+
+def _run_processes(args: argparse.Namespace, settings) -> int:
+    """The worker-process fleet: the devices' data is rebuilt in each worker from a PopulationSpec."""
+    from fedcompute.adapters.task_management_client import TaskManagementClient
+    from fedcompute.fleet.population import PopulationSpec
+    from fedcompute.fleet.runner import ProcessFleet, TrainingInterval
+    from fedcompute.fleet.workers import HttpRunnerFactory
+
+    spec = PopulationSpec(num_devices=args.devices, dataset=args.dataset, partition=args.partition, alpha=args.alpha,
+                          seed=args.seed, examples_per_device=args.examples_per_device,
+                          version_code=args.version_code)
+    fleet = ProcessFleet(args.devices, HttpRunnerFactory(settings.task_assignment_url, args.population, spec),
+                         processes=args.processes, threads=args.threads,
+                         interval=TrainingInterval(args.min_interval, 1 if args.one_time else 2),
+                         time_scale=args.time_scale, seed=args.seed, progress="devices")
+    management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key) \
+        if settings.task_management_url else None
+
+    def until(stats) -> bool:
+        if args.sessions and stats.outcomes["UPLOADED"] >= args.sessions:
+            return True
+        if management is None:
+            return False
+        tasks = management.list_tasks(args.population)
+        return bool(tasks) and all(t.status != 1 for t in tasks)
+
+    stats = fleet.run(until, timeout_s=args.timeout, poll_s=2.0)
+    cost = fleet.cost
+    print(f"sessions: {dict(stats.outcomes)}; uploads per (task, round): {dict(stats.uploads)}")
+    print("per session (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.per_session_ms().items())
+          + f"; CPU share outside training {cost.cpu_share_outside_training:.0%}")
     return 0

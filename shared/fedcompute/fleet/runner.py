@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from queue import Empty
 
@@ -236,6 +237,9 @@ class ProcessFleet:
         self.rounds_seen = 0
         self._sessions_run = [0] * num_devices
         self._history: list[tuple[tuple[str, int], ...]] = [()] * num_devices
+        self._workers: list[Any] = []
+        self._jobs: Any = None
+        self._results: Any = None
 
     def run(
         self,
@@ -246,21 +250,15 @@ class ProcessFleet:
         poll_s: float = 0.5,
     ) -> FleetStats:
         """Run sessions until ``until(stats)`` is true (checked every ``poll_s``) or no device is left."""
-        import multiprocessing
-
-        context = multiprocessing.get_context(self.start_method)
-        jobs, results = context.Queue(), context.Queue()
-        workers = [context.Process(target=worker_main, args=(self.runner_factory, self.threads, jobs, results),
-                                   name=f"fleet-worker-{i}", daemon=True) for i in range(self.processes)]
-        for worker in workers:
-            worker.start()
+        self.start()
+        jobs, results, workers = self._jobs, self._results, self._workers
         start = time.monotonic()
         order = list(range(self.num_devices))
         random.Random(self.seed).shuffle(order)
         queue_ = [(start + i * 1e-4, idx) for i, idx in enumerate(order)]
         heapq.heapify(queue_)
         bar = _ProgressBar(self.progress) if self.progress else None
-        in_flight, capacity, ready = 0, self.processes * self.threads, 0
+        in_flight, ready = 0, 0
         last_check = 0.0
         try:
             while True:
@@ -275,12 +273,12 @@ class ProcessFleet:
                     if not any(w.is_alive() for w in workers):
                         raise FedComputeError("every fleet worker process exited",
                                               hint="see the worker's error above; rerun with fewer --processes")
-                if ready == self.processes:
-                    while in_flight < capacity and queue_ and queue_[0][0] <= now:
+                if ready:  # dispatch as soon as one worker is up
+                    while in_flight < ready * self.threads and queue_ and queue_[0][0] <= now:
                         _, idx = heapq.heappop(queue_)
                         jobs.put(SessionJob(idx, self._sessions_run[idx], self._history[idx]))
                         in_flight += 1
-                if not queue_ and in_flight == 0 and ready == self.processes:
+                if not queue_ and in_flight == 0 and ready:
                     break  # every device retired (one-time schedules)
                 wait = poll_s if not queue_ else max(0.0, min(poll_s, queue_[0][0] - now))
                 try:
@@ -295,18 +293,42 @@ class ProcessFleet:
                 in_flight -= 1
                 self._record(payload, queue_, on_session, bar)
         finally:
-            for _ in range(capacity):
-                jobs.put(None)
-            for worker in workers:
-                worker.join(timeout=30)
-                if worker.is_alive():
-                    worker.terminate()
-                    worker.join(timeout=5)
-            jobs.close()
-            results.close()
+            self.stop()
             if bar is not None:
                 bar.close()
         return self.stats
+
+    def start(self) -> None:
+        """Start the worker processes (they load TensorFlow and the runner); ``run`` does it if needed.
+
+        Starting them early (e.g. while the task is being built) hides their start-up time.
+        """
+        if self._workers:
+            return
+        import multiprocessing
+
+        context = multiprocessing.get_context(self.start_method)
+        self._jobs, self._results = context.Queue(), context.Queue()
+        self._workers = [context.Process(target=worker_main,
+                                         args=(self.runner_factory, self.threads, self._jobs, self._results),
+                                         name=f"fleet-worker-{i}", daemon=True) for i in range(self.processes)]
+        for worker in self._workers:
+            worker.start()
+
+    def stop(self) -> None:
+        """Ask the workers to finish their sessions and exit; terminate the ones that do not."""
+        if not self._workers:
+            return
+        for _ in range(self.processes * self.threads):
+            self._jobs.put(None)
+        for worker in self._workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=5)
+        self._jobs.close()
+        self._results.close()
+        self._workers = []
 
     def _record(self, report: SessionReport, queue_: list[tuple[float, int]],
                 on_session: Callable[[SessionOutcome, FleetStats], None] | None,
