@@ -185,7 +185,7 @@ def build_task(stack: _Stack, model_dir: Path, config: Path, population: str, *,
                f"--task_config={config}", "--skip_flex_ops_check=True"]
     if skip_dp_check:
         command.append("--skip_dp_check=True")
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise FedComputeError(f"the task build failed: {result.stderr.strip()}")
     task = next(t for t in stack.management.list_tasks(population) if t.info.WhichOneof("info") == "training_info")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fedcompute import layout
 from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.fleet.population import PopulationSpec
@@ -59,7 +58,7 @@ def test_a_thousand_device_round_completes_exactly_once(local_stack: StackHandle
     built = subprocess.run([str(Path(sys.executable).parent / "task_builder_client"),
                             f"--task_builder_server={local_stack.urls['task_builder']}",
                             f"--saved_model={small_model}", f"--task_config={config}", "--skip_flex_ops_check"],
-                           capture_output=True, text=True, env={**os.environ, **local_stack.env()})
+                           capture_output=True, text=True, check=False, env={**os.environ, **local_stack.env()})
     assert built.returncode == 0, built.stderr  # without --skip_dp_check: epsilon of one round fits
     management = TaskManagementClient(local_stack.settings.task_management_url)
     (task,) = management.list_tasks(population)

@@ -19,7 +19,7 @@ class ScriptedRunnerFactory:
     retry_after_s: float = 0.0
     crash_device: int = -1
 
-    def __call__(self) -> "ScriptedRunner":
+    def __call__(self) -> ScriptedRunner:
         global _LOADS
         _LOADS += 1  # what a real runner pays once: loading the model
         return ScriptedRunner(self)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fedcompute.errors import FedComputeError
 from fedcompute.fleet import device as device_module
 from fedcompute.fleet.device import PlanCache
@@ -104,7 +103,7 @@ def test_plan_cache_fetches_each_plan_and_round_checkpoint_once_like_a_cdn(monke
         return _Plan()
 
     monkeypatch.setattr(device_module, "unpack_plan", unpack)
-    import fedcompute.learning.client_training as client_training
+    from fedcompute.learning import client_training
 
     monkeypatch.setattr(client_training, "load_model", lambda path: loads.append(str(path)) or "model")
     checkpoints = {f"ckpt{r}": encode_bundle([("dense/kernel", np.full((3, 2), r, np.float32))]) for r in range(3)}

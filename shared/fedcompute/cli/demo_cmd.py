@@ -65,7 +65,11 @@ def _given(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run_private(args: argparse.Namespace) -> int:
-    from fedcompute.private_demo import PrivateDemoOptions, run_private_demo, run_tradeoff
+    from fedcompute.private_demo import (
+        PrivateDemoOptions,
+        run_private_demo,
+        run_tradeoff,
+    )
 
     out = args.out if args.out != Path("out/demo") else Path("out/demo_private")
     options = PrivateDemoOptions(**_given(args), baseline=args.baseline,

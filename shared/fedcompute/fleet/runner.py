@@ -13,14 +13,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass, field
 from queue import Empty
+from typing import Any
 
 from fedcompute.errors import FedComputeError
 from fedcompute.fleet.device import PlanCache, SessionOutcome, SimulatedDevice
 from fedcompute.fleet.protocol import DeviceHttpClient
-from fedcompute.fleet.workers import PROTOCOL_STEPS, RunnerFactory, SessionJob, SessionReport, worker_main
+from fedcompute.fleet.workers import (
+    PROTOCOL_STEPS,
+    RunnerFactory,
+    SessionJob,
+    SessionReport,
+    worker_main,
+)
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +338,7 @@ class ProcessFleet:
 
     def _record(self, report: SessionReport, queue_: list[tuple[float, int]],
                 on_session: Callable[[SessionOutcome, FleetStats], None] | None,
-                bar: "_ProgressBar | None") -> None:
+                bar: _ProgressBar | None) -> None:
         if report.fatal:
             raise FedComputeError(f"device {report.device_id}'s session crashed in a worker: {report.fatal}")
         outcome = report.outcome

@@ -157,7 +157,7 @@ class HttpRunnerFactory:
     spec: PopulationSpec
     timeout_s: float = 60.0
 
-    def __call__(self) -> "HttpSessionRunner":
+    def __call__(self) -> HttpSessionRunner:
         return HttpSessionRunner(self)
 
 
