@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import tempfile
 import time
 import uuid
@@ -19,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from fedcompute.adapters.blobs import BlobStore
 from fedcompute.config import ValidatedConfig, validate_task_config
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
 from fedcompute.plans import ClientPlan, DpParameters, ServerPhase, pack_plan
-from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_config_pb2, task_management_pb2
+from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import TaskArtifacts, artifacts_from_weights, publish_artifacts, weight_specs
 
@@ -53,7 +52,7 @@ class BuildFlags:
     non_private_test_run: bool = False  # the only way a config may fix noise_seed
 
 
-class TaskManagementPort:
+class TaskManagementPort(Protocol):
     """What the builder needs from task management (HTTP client or in-process)."""
 
     def create_task(self, population: str, task: task_management_pb2.Task) -> task_management_pb2.Task: ...
@@ -179,9 +178,9 @@ def _timed(timings: dict[str, float], name: str):
 
 
 def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, timings) -> BuildOutcome:
-    from fedcompute.taskbuilder import flex_ops, model_check
-    from fedcompute.privacy import accounting
     from fedcompute.data.examples import ExampleSpec
+    from fedcompute.privacy import accounting
+    from fedcompute.taskbuilder import flex_ops, model_check
 
     from fedcompute.privacy import disclosure
 
@@ -295,6 +294,7 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                                                   training_artifacts)
             if eval_artifacts is not None:
                 ev = spec.evaluation
+                assert ev is not None  # eval artifacts exist only for a config with an evaluation block
                 source_population = ev.source_training_population or spec.population_name
                 source_id = training_task.task_id if training_task is not None else ev.source_training_task_id
                 if training_task is None:
