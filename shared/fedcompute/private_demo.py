@@ -432,7 +432,7 @@ def run_tradeoff(options: PrivateDemoOptions, noises: tuple[float, ...] = (0.0, 
     out.mkdir(parents=True, exist_ok=True)
     stack = _Stack(options)
     model_dir = save_model(out / "fashion_logreg", options.seed)
-    points = []
+    points: list[dict[str, Any]] = []
     try:
         for noise in noises:
             _say(f"== noise multiplier {noise:g}")

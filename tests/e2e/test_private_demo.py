@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fedcompute.private_demo import PrivateDemoOptions, run_private_demo
 from support.stack_plugin import StackHandle
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fedcompute import layout
 from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.fleet.population import PopulationSpec

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+
 from fedcompute.monitoring.metrics import build_run
 from fedcompute.privacy import compute_epsilon
 

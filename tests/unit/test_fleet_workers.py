@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedcompute.errors import FedComputeError
 from fedcompute.fleet import device as device_module
 from fedcompute.fleet.device import PlanCache

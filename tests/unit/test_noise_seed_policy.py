@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from google.protobuf import text_format
+
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.errors import ConfigError
@@ -21,7 +23,6 @@ from fedcompute.settings import Settings
 from fedcompute.taskbuilder import client
 from fedcompute.taskbuilder.service import build_task_group, report_to_text
 from fedcompute.tasks.store import InMemoryTaskStore
-from google.protobuf import text_format
 
 SETTINGS = Settings()
 SEED = 424242

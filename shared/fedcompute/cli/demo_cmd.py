@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 _KNOBS = ("rounds", "devices", "report_goal", "noise", "clip_norm", "client_lr", "epochs", "batch_size", "server_lr")
 
 
-def _given(args: argparse.Namespace) -> dict[str, float]:
+def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The knobs set on the command line (the others keep the options' defaults)."""
     return {k: getattr(args, k) for k in _KNOBS if getattr(args, k) is not None}
 

@@ -313,7 +313,7 @@ class ProcessFleet:
             return
         import multiprocessing
 
-        context = multiprocessing.get_context(self.start_method)
+        context: Any = multiprocessing.get_context(self.start_method)
         self._jobs, self._results = context.Queue(), context.Queue()
         self._workers = [context.Process(target=worker_main,
                                          args=(self.runner_factory, self.threads, self._jobs, self._results),

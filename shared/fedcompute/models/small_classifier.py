@@ -33,16 +33,18 @@ def create_small_classifier(hidden_units: int = DEFAULT_HIDDEN_UNITS, seed: int 
 
     if hidden_units < 0:
         raise ValueError(f"hidden_units must be >= 0 (0: logistic regression), got {hidden_units}")
-    seeds = iter(range(seed, seed + 10)) if seed is not None else iter(lambda: None, 0)
+
+    def glorot(offset: int) -> Any:
+        return tf.keras.initializers.GlorotUniform(seed=None if seed is None else seed + offset)
+
     inputs = tf.keras.Input(shape=emnist_cnn.IMAGE_SHAPE, dtype=tf.float32, name="x")
     out = tf.keras.layers.Flatten(name="flatten")(inputs)
     if hidden_units:
         out = tf.keras.layers.Dense(hidden_units, activation="relu", name="hidden",
-                                    kernel_initializer=tf.keras.initializers.GlorotUniform(seed=next(seeds)))(out)
+                                    kernel_initializer=glorot(0))(out)
     # Logistic regression starts at zero (the optimum's neighbourhood is reached faster from
     # uniform predictions); an MLP's output layer needs random weights to break symmetry.
-    kernel = (tf.keras.initializers.GlorotUniform(seed=next(seeds)) if hidden_units
-              else tf.keras.initializers.Zeros())
+    kernel = glorot(1) if hidden_units else tf.keras.initializers.Zeros()
     out = tf.keras.layers.Dense(NUM_CLASSES, activation="softmax", kernel_initializer=kernel, name="softmax")(out)
     name = f"mlp_{hidden_units}" if hidden_units else "logistic_regression"
     return tf.keras.Model(inputs=inputs, outputs=out, name=name)

@@ -16,7 +16,6 @@ from fedcompute import layout
 from fedcompute.errors import InvalidRequestError, NotFoundError
 from fedcompute.privacy.disclosure import redact_dp
 
-
 PRIVACY_EPSILON = "server/privacy/epsilon"
 PRIVACY_DELTA = "server/privacy/delta"
 

@@ -179,10 +179,8 @@ def _timed(timings: dict[str, float], name: str):
 
 def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, timings) -> BuildOutcome:
     from fedcompute.data.examples import ExampleSpec
-    from fedcompute.privacy import accounting
+    from fedcompute.privacy import accounting, disclosure
     from fedcompute.taskbuilder import flex_ops, model_check
-
-    from fedcompute.privacy import disclosure
 
     flags = BuildFlags(request.flags.skip_flex_ops_check, request.flags.skip_dp_check,
                        request.flags.skip_dp_aggregator, request.flags.non_private_test_run)
