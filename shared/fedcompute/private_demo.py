@@ -96,7 +96,7 @@ class PrivateDemoOptions:
     baseline: bool = True  # also run the same configuration without noise
     processes: int = 2
     threads: int = 6
-    time_scale: float = 0.05
+    time_scale: float = 0.25  # real seconds per simulated second (retry windows, training interval)
     seed: int = 0
     out_dir: Path = Path("out/demo_private")
     state_dir: Path = Path(".fedcompute")
@@ -130,7 +130,10 @@ class RunResult:
 
 
 def _say(message: str) -> None:
-    print(message, flush=True)
+    """Print a line; above the fleet's progress bar when one is showing."""
+    from tqdm import tqdm
+
+    tqdm.write(message)
 
 
 class _Stack:
