@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,15 +72,7 @@ def run_fleet(args: argparse.Namespace) -> int:
             bar.update(1)
         bar.set_postfix(dict(stats.outcomes.items()), refresh=False)
 
-    def until(stats) -> bool:
-        if args.sessions and stats.outcomes["UPLOADED"] >= args.sessions:
-            return True
-        if management is None:
-            return False
-        tasks = management.list_tasks(args.population)
-        return bool(tasks) and all(t.status != 1 for t in tasks)  # nothing OPEN any more
-
-    stats = fleet.run(until, timeout_s=args.timeout, on_session=on_session, poll_s=2.0)
+    stats = fleet.run(_until(args, management), timeout_s=args.timeout, on_session=on_session, poll_s=2.0)
     bar.close()
     print(f"sessions: {dict(stats.outcomes)}; uploads per (task, round): {dict(stats.uploads)}")
     return 0
@@ -100,18 +94,23 @@ def _run_processes(args: argparse.Namespace, settings) -> int:
                          time_scale=args.time_scale, seed=args.seed, progress="devices")
     management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key) \
         if settings.task_management_url else None
-
-    def until(stats) -> bool:
-        if args.sessions and stats.outcomes["UPLOADED"] >= args.sessions:
-            return True
-        if management is None:
-            return False
-        tasks = management.list_tasks(args.population)
-        return bool(tasks) and all(t.status != 1 for t in tasks)
-
-    stats = fleet.run(until, timeout_s=args.timeout, poll_s=2.0)
+    stats = fleet.run(_until(args, management), timeout_s=args.timeout, poll_s=2.0)
     cost = fleet.cost
     print(f"sessions: {dict(stats.outcomes)}; uploads per (task, round): {dict(stats.uploads)}")
     print("per session (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.per_session_ms().items())
           + f"; CPU share outside training {cost.cpu_share_outside_training:.0%}")
     return 0
+
+
+def _until(args: argparse.Namespace, management: Any) -> Callable[[Any], bool]:
+    """Stop after --sessions uploads, or when the population has no OPEN task any more."""
+
+    def until(stats: Any) -> bool:
+        if args.sessions and stats.outcomes["UPLOADED"] >= args.sessions:
+            return True
+        if management is None:
+            return False
+        tasks = management.list_tasks(args.population)
+        return bool(tasks) and all(t.status != 1 for t in tasks)  # nothing OPEN any more
+
+    return until
