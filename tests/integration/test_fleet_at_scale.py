@@ -68,7 +68,7 @@ def test_a_thousand_device_round_completes_exactly_once(local_stack: StackHandle
     fleet = ProcessFleet(DEVICES, HttpRunnerFactory(local_stack.settings.task_assignment_url, population, spec),
                          processes=2, threads=8, interval=TrainingInterval(minimum_interval_s=60.0),
                          time_scale=0.01, seed=1)
-    stats = fleet.run(lambda s: management.get_task(population, task.task_id).status != 1, timeout_s=900, poll_s=1.0)
+    stats = fleet.run(lambda s: management.get_task(population, task.task_id).status != 1, timeout_s=1800, poll_s=1.0)
 
     final = management.get_task(population, task.task_id)
     assert final.status == 2, final  # COMPLETED
