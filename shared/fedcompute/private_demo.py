@@ -382,6 +382,7 @@ def run_private_demo(options: PrivateDemoOptions, *, stack: Any = None) -> dict[
              f"{options.report_goal:,} of {options.devices:,} devices per round, {options.rounds} rounds, "
              f"target epsilon {options.target_epsilon:g} (built without --skip_dp_check)")
         private = one_run(stack, options, model_dir, options.noise, "private")
+        private_done_s = time.monotonic() - started  # setup + model + the private run: the 20-minute goal
         baseline = None
         if options.baseline:
             _say("== 4/5  non-private run of the same configuration (noise 0, same clipping)")
@@ -402,7 +403,9 @@ def run_private_demo(options: PrivateDemoOptions, *, stack: Any = None) -> dict[
             "final_epsilon": eps, "final_test_accuracy": private.final_test_accuracy,
             "goals": {"epsilon_at_most_5": eps is not None and eps <= GOAL_EPSILON,
                       "test_accuracy_at_least_0_80": private.final_test_accuracy >= GOAL_ACCURACY,
-                      "wall_time_s": round(total, 1), "within_20_minutes": total <= GOAL_WALL_TIME_S},
+                      "wall_time_s": round(private_done_s, 1),
+                      "within_20_minutes": private_done_s <= GOAL_WALL_TIME_S},
+            "total_wall_time_s": round(total, 1),
             "stack_setup_s": round(setup_s, 1), "private": asdict(private),
             "non_private": asdict(baseline) if baseline else None, "table": table, "figure": str(figure),
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
