@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from fedcompute.privacy.disclosure import redact_dp
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskRecord
-from fedcompute.tasks.store import RoundKey
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskRecord
 
 FAILED_STATUSES = frozenset({
     AssignmentStatus.LOCAL_FAILED,
