@@ -12,17 +12,18 @@ from google.protobuf import text_format
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
+from fedcompute.dp import DpParams
 from fedcompute.errors import ConfigError
 from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_task_ops
-from fedcompute.plans import DpParameters, ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase, WeightSpec
 from fedcompute.privacy import disclosure
 from fedcompute.proto import task_builder_pb2, task_config_pb2, task_management_pb2
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder import client
 from fedcompute.taskbuilder.service import build_task_group, report_to_text
-from fedcompute.tasks.store import InMemoryTaskStore
+from fedcompute.tasks.memory_store import InMemoryTaskStore
 
 SETTINGS = Settings()
 SEED = 424242
@@ -103,7 +104,7 @@ def seeded_task() -> tuple[InMemoryTaskStore, InMemoryBlobStore, int]:
     created = tm.create_task(store, tm.new_task_from_proto("seeded", proto))
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=2,
                         over_selection_rate=0.5, total_rounds=3, population_size=100, target_epsilon=10.0,
-                        delta=0.01, dp=DpParameters("FIXED_GAUSSIAN", 1.0, 0.5, noise_seed=SEED),
+                        delta=0.01, dp=DpParams("FIXED_GAUSSIAN", 1.0, 0.5, noise_seed=SEED),
                         weights=(WeightSpec("dense/kernel", (4, 2), "float32"),), metrics=())
     blobs.write(SETTINGS.model_bucket, layout.server_phase_path("seeded", created.task_id), phase.to_json().encode())
     blobs.write(SETTINGS.model_bucket, layout.metrics_path("seeded", created.task_id, 1),
