@@ -26,6 +26,7 @@ NOISE ?= 0.0
 DP ?= fixed
 EVAL ?= 0
 CLIP ?= 10.0
+RUNTIME ?= auto
 
 .PHONY: help setup uv sync data browser proto up down status test test-unit test-integration test-e2e demo demo-tradeoff bench lint clean package deploy deploy-check destroy
 
@@ -100,7 +101,7 @@ demo: setup
 ifeq ($(PRIVATE),1)
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --private --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --processes $(PROCESSES) $(if $(filter 0,$(BASELINE)),--no-baseline,) $(if $(filter 1,$(DEMO_TRADEOFF)),--tradeoff $(TRADEOFF),)
 else
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --dp $(DP) $(if $(filter 1,$(EVAL)),--eval,)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --dp $(DP) --runtime $(RUNTIME) $(if $(filter 1,$(EVAL)),--eval,)
 endif
 
 demo-tradeoff:

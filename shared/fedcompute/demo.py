@@ -107,6 +107,7 @@ class DemoOptions:
     task_builder_port: int = 5000  # the seed's localhost:5000; 0 picks a free port
     keep_stack: bool = True
     evaluation: bool = False  # TRAINING_AND_EVAL: an evaluation task next to the training task
+    runtime: str = "auto"  # device runtime: auto | tflite | tensorflow (fedcompute.fleet.runtimes)
     timeout_s: float = 1800.0
 
 
@@ -129,6 +130,8 @@ class DemoSummary:
     metrics_per_round: list[dict[str, float]] = field(default_factory=list)
     plot: str = ""
     build_time_s: float = 0.0
+    device_runtime: str = ""
+    device_runtime_reason: str = ""
 
 
 def _say(message: str) -> None:
@@ -190,6 +193,8 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     build_time = time.monotonic() - build_started
     task = next(t for t in management.list_tasks(population) if t.info.WhichOneof("info") == "training_info")
     _say(f"   task {population}/{task.task_id} built in {build_time:.1f} s")
+    runtime = _device_runtime(blobs, settings, population, task.task_id, options.runtime, out)
+    _say(f"   devices run the {runtime.name} runtime: {runtime.reason}")
 
     _say(f"== 4/5  fleet: {options.devices} simulated devices, Fashion-MNIST "
          f"({options.partition}{' α=' + str(options.alpha) if options.partition == 'dirichlet' else ''})")
@@ -239,7 +244,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         epsilon=epsilon, delta=delta, final_test_accuracy=accuracy, final_test_loss=loss,
         round_wall_times_s=[round(t, 2) for t in round_times], total_wall_time_s=round(time.monotonic() - started, 1),
         fleet_sessions=dict(stats.outcomes), metrics_per_round=metrics_rows, plot=str(plot),
-        build_time_s=round(build_time, 1),
+        build_time_s=round(build_time, 1), device_runtime=runtime.name, device_runtime_reason=runtime.reason,
     )
     (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     figures = _monitoring_figures(blobs, clients, settings, population, task.task_id, out)
@@ -285,6 +290,16 @@ def _save_model(model_dir: Path, seed: int) -> None:
                           loss(), str(model_dir))
 
 
+def _device_runtime(blobs: Any, settings: Any, population: str, task_id: int, requested: str, out: Path) -> Any:
+    """Which runtime the devices use for this task's plan, and why."""
+    from fedcompute import layout
+    from fedcompute.fleet.runtimes import choose_runtime
+    from fedcompute.plans import unpack_client_plan
+
+    plan = blobs.read(settings.model_bucket, layout.client_plan_path(population, task_id))
+    return choose_runtime(requested, unpack_client_plan(plan, out / "client_plan"))
+
+
 def _make_fleet(options: DemoOptions, settings: Any, population: str):
     from fedcompute.data.fashion_mnist import load_fashion_mnist
     from fedcompute.fleet.population import make_devices
@@ -292,7 +307,8 @@ def _make_fleet(options: DemoOptions, settings: Any, population: str):
     from fedcompute.fleet.runner import Fleet, TrainingInterval
 
     images, labels = load_fashion_mnist("train")
-    devices = make_devices(images, labels, options.devices, options.partition, alpha=options.alpha, seed=options.seed)
+    devices = make_devices(images, labels, options.devices, options.partition, alpha=options.alpha, seed=options.seed,
+                           runtime=options.runtime)
     return Fleet(devices, DeviceHttpClient(settings.task_assignment_url), population, workers=options.workers,
                  interval=TrainingInterval(minimum_interval_s=60.0), time_scale=0.05)
 

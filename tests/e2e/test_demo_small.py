@@ -27,6 +27,9 @@ def test_small_demo_trains_and_writes_seed_layout(tmp_path: Path) -> None:
         assert len(summary.round_wall_times_s) == 2
         assert summary.fleet_sessions["UPLOADED"] >= 16
         assert 0.0 < summary.final_test_accuracy <= 1.0
+        # The seed CNN's plan carries TFLite steps whose Flex ops no ODP client has: auto picks TensorFlow, and says why.
+        assert summary.device_runtime == "tensorflow"
+        assert "Conv2DBackpropFilter" in summary.device_runtime_reason
         saved = json.loads((tmp_path / "out" / "summary.json").read_text())
         assert saved["final_test_accuracy"] == summary.final_test_accuracy
         assert [round(r["server/client_work/train/sparse_categorical_accuracy"], 9)

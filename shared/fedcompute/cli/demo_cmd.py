@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller: more skew)")
     parser.add_argument("--workers", type=int, default=2, help="devices training at once")
     parser.add_argument("--eval", action="store_true", help="TRAINING_AND_EVAL: also run evaluation rounds (EVAL=1)")
+    parser.add_argument("--runtime", choices=("auto", "tflite", "tensorflow"), default="auto",
+                        help="device runtime (RUNTIME=): auto picks TFLite when ODP clients could run the plan")
     parser.add_argument("--seed", type=int, default=0)
     private = parser.add_argument_group(
         "private demo (make demo PRIVATE=1)",
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     run_demo(DemoOptions(
         **_given(args), dp=args.dp, partition=args.partition,
-        alpha=args.alpha, workers=args.workers, evaluation=args.eval, seed=args.seed, out_dir=args.out, state_dir=args.state_dir,
+        alpha=args.alpha, workers=args.workers, evaluation=args.eval, seed=args.seed, runtime=args.runtime, out_dir=args.out, state_dir=args.state_dir,
     ))
     return 0
 

@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--partition", choices=("dirichlet", "shards", "iid"), default="dirichlet")
     run.add_argument("--alpha", type=float, default=0.5)
     run.add_argument("--version-code", default="341912000", help="ODP module version the devices report")
+    run.add_argument("--runtime", choices=("auto", "tflite", "tensorflow"), default="auto",
+                     help="how devices execute the plan: its TFLite model (tflite), its SavedModel in full "
+                          "TensorFlow (tensorflow), or auto: TFLite when the plan's Flex ops are in the flex-ops table")
     run.add_argument("--workers", type=int, default=2, help="devices computing at once (threads, one process)")
     run.add_argument("--processes", type=int, default=0,
                      help="worker processes, each loading the model once and serving many devices "
@@ -60,7 +63,7 @@ def run_fleet(args: argparse.Namespace) -> int:
 
         images, labels = load_fashion_mnist("train")
     devices = make_devices(images, labels, args.devices, args.partition, alpha=args.alpha, seed=args.seed,
-                           version_code=args.version_code)
+                           version_code=args.version_code, runtime=args.runtime)
     fleet = Fleet(devices, DeviceHttpClient(settings.task_assignment_url), args.population, workers=args.workers,
                   interval=TrainingInterval(args.min_interval, 1 if args.one_time else 2), time_scale=args.time_scale)
     management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key) \

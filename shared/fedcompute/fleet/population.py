@@ -28,11 +28,14 @@ def partition_indices(labels: np.ndarray, num_devices: int, partition: str, *, a
 
 
 def make_devices(images: np.ndarray, labels: np.ndarray, num_devices: int, partition: str, *, alpha: float = 0.5,
-                 seed: int = 0, version_code: str = "341912000") -> list[SimulatedDevice]:
-    """One simulated device per partition, each with its own seeded random source."""
+                 seed: int = 0, version_code: str = "341912000", runtime: str = "auto") -> list[SimulatedDevice]:
+    """One simulated device per partition, each with its own seeded random source.
+
+    ``runtime``: ``auto`` (the plan's TFLite model when ODP clients could run it, else
+    TensorFlow), ``tflite`` or ``tensorflow`` (:mod:`fedcompute.fleet.runtimes`)."""
     parts = partition_indices(labels, num_devices, partition, alpha=alpha, seed=seed)
     return [SimulatedDevice(device_id=i, app=ArrayApp(images[idx], labels[idx].reshape(-1, 1)),
-                            version_code=version_code, rng=random.Random(seed * 100_003 + i))
+                            version_code=version_code, rng=random.Random(seed * 100_003 + i), runtime=runtime)
             for i, idx in enumerate(parts)]
 
 

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedcompute.config import ValidatedConfig, validate_task_config
-from fedcompute.dp import NO_DP, DpParams
+from fedcompute.dp import NO_DP
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
-from fedcompute.plans import ClientPlan, ServerPhase, pack_plan
+from fedcompute.plans import ClientPlan, ServerPhase, TfliteStep, pack_plan
 from fedcompute.ports import BlobStore
 from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
 from fedcompute.settings import Settings
@@ -225,13 +225,23 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
 
     training_min_version = eval_min_version = "0"
     extra: dict[str, bytes] = {}
-    if not flags.skip_flex_ops_check:
-        with _timed(timings, "flex_ops_check"):
+    steps: dict[str, TfliteStep | None] = {"TRAINING": None, "EVALUATION": None}
+    with _timed(timings, "flex_ops_check"):
+        # Like ODP, the TFLite client steps are always built; --skip_flex_ops_check only lets
+        # ops outside the table through (and a conversion failure leaves a plan without TFLite).
+        try:
             flex = flex_ops.check_flex_ops(loaded, client_optimizer=spec.client_optimizer,
-                                           client_learning_rate=spec.client_learning_rate,
-                                           example_spec=checked.example_spec)
+                                           learning_algo=spec.learning_algo, example_spec=checked.example_spec,
+                                           enforce=not flags.skip_flex_ops_check)
+        except flex_ops.TfliteConversionError as error:
+            if not flags.skip_flex_ops_check:
+                raise
+            log.warning("no TFLite client steps in the plan (devices will train with TensorFlow): %s", error)
+            flex = None
+    if flex is not None:
         training_min_version, eval_min_version = flex.training_min_client_version, flex.eval_min_client_version
         extra = {"client_training.tflite": flex.training_tflite, "client_eval.tflite": flex.eval_tflite}
+        steps = {kind: flex.plan_step(kind) for kind in steps}
 
     with _timed(timings, "artifacts"):
         trainable, non_trainable = loaded.initial_weights()
@@ -246,16 +256,15 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
             phase = _server_phase(spec, specs, accepted, dp, noise, flags, spec.report_goal,
                                   spec.over_selection_rate)
             training_artifacts = artifacts_from_weights(
-                phase, weights, client_plan=pack_plan(plan, model_dir, {"client_training.tflite": extra.get(
-                    "client_training.tflite", b"")} if extra else None), extra=extra)
+                phase, weights, client_plan=pack_plan(plan, model_dir, steps["TRAINING"], spec.example_selector_uri),
+                extra=extra)
         if spec.has_evaluation:
             ev = spec.evaluation
             assert ev is not None
             plan = _client_plan(spec, "EVALUATION", checked.input_type, example_spec, specs, accepted)
             phase = _server_phase(spec, specs, accepted, None, 0.0, flags, ev.report_goal, ev.over_selection_rate)
             eval_artifacts = artifacts_from_weights(
-                phase, weights, eval_plan=pack_plan(plan, model_dir, {"client_eval.tflite": extra.get(
-                    "client_eval.tflite", b"")} if extra else None))
+                phase, weights, eval_plan=pack_plan(plan, model_dir, steps["EVALUATION"], ev.example_selector_uri))
 
     group = task_builder_pb2.TaskGroup()
     outcome = BuildOutcome(task_builder_pb2.BuildTaskResponse(task_report=report), timings=timings)
@@ -415,15 +424,7 @@ def _client_plan(spec, kind, input_type, example_spec, specs, metrics) -> Client
 
 
 def _server_phase(spec, specs, metrics, dp, noise, flags, report_goal, over_selection) -> ServerPhase:
-    if dp is None or flags.skip_dp_aggregator:
-        params = NO_DP
-    else:
-        params = DpParams(  # an unset clip is 0.0 in the config and None in memory
-            mechanism=dp.aggregator, noise_multiplier=float(noise), clip_norm=dp.clip_norm or None,
-            init_clip_norm=dp.init_clip_norm or None,
-            target_unclipped_quantile=dp.target_unclipped_quantile, clip_learning_rate=dp.clip_learning_rate,
-            clipped_count_stddev=dp.clipped_count_stddev, noise_seed=dp.noise_seed,
-        )
+    params = NO_DP if dp is None or flags.skip_dp_aggregator else dp.params(noise)
     return ServerPhase(
         learning_algo=spec.learning_algo, server_optimizer=spec.server_optimizer,
         server_learning_rate=spec.server_learning_rate, report_goal=report_goal, over_selection_rate=over_selection,

@@ -1,4 +1,5 @@
-"""Records stored in Firestore and the state machines that move them (pure, no I/O).
+"""Records stored in Firestore, the domain values around them (`RoundKey`, the accept outcomes)
+and the state machines and rules that move them (pure, no I/O).
 
 Firestore layout::
 
@@ -163,7 +164,7 @@ class TaskRecord:
     update_spec: tuple[TensorSpecRecord, ...] = ()
     # Metric names the devices report (sufficient statistics).
     metrics: tuple[str, ...] = ()
-    # Privacy ledger.
+    # Privacy ledger: the server phase's DpParams.to_dict() plus target_epsilon, delta, population_size.
     epsilon_spent: float = 0.0
     dp: dict[str, Any] = field(default_factory=dict)
     # Server-private secret from which per-round noise seeds are derived (never published).
