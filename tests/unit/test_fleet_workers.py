@@ -92,7 +92,7 @@ class _CountingClient:
 
 def test_plan_cache_fetches_each_plan_and_round_checkpoint_once_like_a_cdn(monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Path) -> None:
-    loads: list[str] = []
+    unpacked: list[Path] = []
     weights = (WeightSpec("dense/kernel", (3, 2), "float32"),)
 
     class _Plan:
@@ -101,20 +101,18 @@ def test_plan_cache_fetches_each_plan_and_round_checkpoint_once_like_a_cdn(monke
 
     def unpack(data: bytes, target: Path) -> _Plan:
         target.mkdir()
+        unpacked.append(target)
         return _Plan()
 
-    monkeypatch.setattr(device_module, "unpack_plan", unpack)
-    from fedcompute.learning import client_training
-
-    monkeypatch.setattr(client_training, "load_model", lambda path: loads.append(str(path)) or "model")
+    monkeypatch.setattr(device_module, "unpack_client_plan", unpack)
     checkpoints = {f"ckpt{r}": encode_bundle([("dense/kernel", np.full((3, 2), r, np.float32))]) for r in range(3)}
     client = _CountingClient({"plan": b"zip", **checkpoints})
     cache = PlanCache(tmp_path)
 
     def device_session(round_number: int) -> None:
-        plan, model = cache.plan("plan", client)
+        plan = cache.plan("plan", client)
         (kernel,) = cache.checkpoint(f"ckpt{round_number}", client, plan)
-        assert model == "model" and kernel[0, 0] == round_number
+        assert kernel[0, 0] == round_number
 
     for round_number in range(3):
         threads = [threading.Thread(target=device_session, args=(round_number,)) for _ in range(20)]
@@ -123,5 +121,5 @@ def test_plan_cache_fetches_each_plan_and_round_checkpoint_once_like_a_cdn(monke
         for thread in threads:
             thread.join()
     assert client.downloads == {"plan": 1, "ckpt0": 1, "ckpt1": 1, "ckpt2": 1}  # 60 sessions, 4 fetches
-    assert len(loads) == 1  # the SavedModel loaded once for all devices of the process
+    assert len(unpacked) == 1  # the plan (and its model) unpacked once for all devices of the process
     assert [p.name for p in tmp_path.iterdir()] == ["plan0"]  # one directory, not one per device
