@@ -38,6 +38,7 @@ help:
 	@echo "make test    lint, then run every test tier (unit, integration, e2e) against the real emulators"
 	@echo "make lint    ruff (lint + import order) and mypy (types) on shared/ and functions/"
 	@echo "make up / down / status   start, stop, inspect the local serverless stack"
+	@echo "make clean   stop the stack and delete its data (.fedcompute/: every local task), out/ and build/functions"
 	@echo "make proto   regenerate the protobuf Python code from shared/fedcompute/proto/*.proto"
 	@echo "make bench   run the benchmarks (figures go to BENCHMARKS.md by hand)"
 	@echo "make package                          package the Cloud Functions into build/functions (zips for Terraform)"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcompute import layout
+from fedcompute import layout, strict_json
 from fedcompute.dp import NO_DP_NAME
 from fedcompute.errors import FedComputeError
 
@@ -145,6 +145,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     from fedcompute.adapters.blobs import GcsBlobStore
     from fedcompute.adapters.clients import make_clients
     from fedcompute.adapters.task_management_client import TaskManagementClient
+    from fedcompute.cli.model_cmd import load_hint
     from fedcompute.settings import Settings
     from fedcompute.stack import LocalStack
 
@@ -225,7 +226,8 @@ def run_demo(options: DemoOptions) -> DemoSummary:
             state["round"] += 1
         return current.status != 1  # no longer OPEN
 
-    stats = fleet.run(until, timeout_s=options.timeout_s, poll_s=1.0)
+    with fleet:
+        stats = fleet.run(until, timeout_s=options.timeout_s, poll_s=1.0)
     bar.close()
     final = management.get_task(population, task.task_id)
     _say(f"   task {final.status_reason or 'finished'}; sessions: {dict(stats.outcomes)}")
@@ -246,14 +248,18 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         fleet_sessions=dict(stats.outcomes), metrics_per_round=metrics_rows, plot=str(plot),
         build_time_s=round(build_time, 1), device_runtime=runtime.name, device_runtime_reason=runtime.reason,
     )
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    (out / "summary.json").write_text(strict_json.dumps(asdict(summary), indent=2))
     figures = _monitoring_figures(blobs, clients, settings, population, task.task_id, out)
+    exported = _export_model(blobs, clients, settings, population, task.task_id, last_round, out / "model")
     eps_text = "inf (noise_multiplier 0: no formal privacy)" if epsilon is None or not np.isfinite(epsilon) \
         else f"{epsilon:.4g} (delta {delta:.3g})"
     _say(f"\nfinal test accuracy: {accuracy:.4f}   test loss: {loss:.4f}")
     _say(f"epsilon after {last_round} rounds: {eps_text}")
     _say(f"metrics plot: {plot}\nsummary: {out / 'summary.json'}")
     _say(f"per-metric and operations figures ({len(figures)}): {out / 'metrics'}/, {out / 'ops'}/")
+    _say(f"trained model ({len(exported)} formats) in {out / 'model'}/; " + load_hint(exported[0], "keras"))
+    _say(f"TensorBoard: fedcompute metrics export --population {population} --task {task.task_id} "
+         f"--tensorboard {out / 'tensorboard'} && tensorboard --logdir {out / 'tensorboard'}")
     if "dashboard" in stack.urls:
         _say(f"dashboard: {stack.urls['dashboard']}/?population={population}&task={task.task_id}")
     _say(f"metrics objects: gs://{settings.model_bucket}/{population}/{task.task_id}/<round>/s/0/metrics "
@@ -278,6 +284,20 @@ def _monitoring_figures(blobs: Any, clients: Any, settings: Any, population: str
     for task_ops in ops.load_ops(FirestoreTaskStore(clients.firestore), population, task_id):
         figures += plots.plot_ops(task_ops, out / "ops")
     return [f.path for f in figures]
+
+
+def _export_model(blobs: Any, clients: Any, settings: Any, population: str, task_id: int, round_number: int,
+                  out: Path) -> list[Path]:
+    """The final checkpoint as model.keras, saved_model/ and model.tflite under ``out`` (each verified)."""
+    import tempfile
+
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
+    from fedcompute.cli.model_cmd import export_trained_model, load_trained_model
+
+    with tempfile.TemporaryDirectory(prefix="fedcompute-export-") as work:
+        trained = load_trained_model(FirestoreTaskStore(clients.firestore), blobs, settings.model_bucket, population,
+                                     task_id, round_number, Path(work))
+        return [export_trained_model(trained, fmt, out).path for fmt in ("keras", "saved_model", "tflite")]
 
 
 def _save_model(model_dir: Path, seed: int) -> None:

@@ -75,7 +75,8 @@ def run_fleet(args: argparse.Namespace) -> int:
             bar.update(1)
         bar.set_postfix(dict(stats.outcomes.items()), refresh=False)
 
-    stats = fleet.run(_until(args, management), timeout_s=args.timeout, on_session=on_session, poll_s=2.0)
+    with fleet:
+        stats = fleet.run(_until(args, management), timeout_s=args.timeout, on_session=on_session, poll_s=2.0)
     bar.close()
     print(f"sessions: {dict(stats.outcomes)}; uploads per (task, round): {dict(stats.uploads)}")
     return 0

@@ -4,15 +4,17 @@ One :meth:`SimulatedDevice.run_session` is one training session of ODP's
 ``FederatedComputeScheduler``: check in, apply the eligibility policies itself, ask the
 app for examples through an ``on_training_example``-style callback, train (or evaluate)
 per the downloaded plan with its runtime (:mod:`fedcompute.fleet.runtimes`: the plan's
-TFLite model or full TensorFlow), report the result and upload the gzip'd update. A plan the
+TFLite model or full TensorFlow), report the result and upload the update (gzip'd if the server asks). A plan the
 runtime cannot execute is reported as ODP's FAILED_OPS_ERROR / FAILED_MODEL_COMPUTATION.
 """
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +71,16 @@ class PlanCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self._root = root or Path(tempfile.mkdtemp(prefix="fedcompute-fleet-"))
+        # A directory the cache made is removed on close(), garbage collection or exit.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True) if root is None else None
         self._lock = threading.Lock()
         self._plans: dict[str, UnpackedPlan] = {}
         self._checkpoints: dict[str, list[np.ndarray]] = {}
+
+    def close(self) -> None:
+        """Remove the directory this cache created (plans already loaded stay usable)."""
+        if self._cleanup is not None:
+            self._cleanup()
 
     def plan(self, url: str, client: DeviceHttpClient) -> UnpackedPlan:
         with self._lock:

@@ -82,11 +82,23 @@ class Fleet:
         self.workers = max(1, workers)
         self.interval = interval
         self.time_scale = time_scale
+        self._owns_cache = cache is None
         self.cache = cache or PlanCache()
         self.stats = FleetStats()
         self._lock = threading.Condition()
         self._queue: list[tuple[float, int]] = []
         self._stop = threading.Event()
+
+    def close(self) -> None:
+        """Remove the plan cache's temporary directory (if this fleet made the cache)."""
+        if self._owns_cache:
+            self.cache.close()
+
+    def __enter__(self) -> Fleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def run(
         self,

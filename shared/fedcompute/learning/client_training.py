@@ -167,6 +167,12 @@ class DeviceModel:
             tensors.append(tf.constant(arr))
         return tuple(tensors[: self.num_trainable]), tuple(tensors[self.num_trainable :])
 
+    def predict(self, weights: Sequence[np.ndarray], x: Any) -> np.ndarray:
+        """The inference outputs (first output tensor) on ``x`` with ``weights``."""
+        trainable, non_trainable = self._split_weights(weights)
+        out = self.module.predict_on_batch_inference((trainable, non_trainable), x, training=False)
+        return np.asarray(_tf().nest.flatten(out)[0])
+
     # -- batches -----------------------------------------------------------------
 
     def _convert(self, value: Any, spec: Any, what: str) -> Any:
