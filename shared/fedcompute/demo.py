@@ -79,7 +79,6 @@ DP_BLOCK = """differential_privacy {{
   type: {dp_type}
   noise_multiplier: {noise}
   clip_norm: {clip}
-  noise_seed: {seed}
 }}
 """
 
@@ -173,7 +172,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     population = f"fashion_mnist_{time.strftime('%Y%m%d_%H%M%S')}"
     config_path = out / "task_config.pbtxt"
     dp_type = DP_TYPES[options.dp]
-    dp_block = DP_BLOCK.format(dp_type=dp_type, noise=options.noise, clip=options.clip_norm, seed=options.seed) \
+    dp_block = DP_BLOCK.format(dp_type=dp_type, noise=options.noise, clip=options.clip_norm) \
         if dp_type else ""
     config_path.write_text(CONFIG_TEMPLATE.format(
         population=population, rounds=options.rounds, report_goal=options.report_goal, client_lr=options.client_lr,

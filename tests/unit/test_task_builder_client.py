@@ -22,7 +22,7 @@ from fedcompute.taskbuilder import client
 REPO = Path(__file__).resolve().parents[2]
 DICT_CONFIG = REPO / "examples" / "configs" / "dict_model_task_config.pbtxt"
 SEED_STEP3_CONFIG = REPO / "examples" / "configs" / "seed_step3_fcp_server_config.pbtxt"
-FLAGS = ("build_artifact_only", "skip_flex_ops_check", "skip_dp_check")
+FLAGS = ("build_artifact_only", "skip_flex_ops_check", "skip_dp_check", "non_private_test_run")
 GLOG = r"I\d{4} \d\d:\d\d:\d\d\.\d{6} \d+ task_builder_client\.py:\d+\] "
 
 

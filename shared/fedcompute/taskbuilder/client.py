@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task_config", required=True, help="task config (protobuf text format or JSON)")
     for flag, text in (("--build_artifact_only", "build and upload the artifacts, create no task"),
                        ("--skip_flex_ops_check", "skip the TFLite flex-ops check"),
-                       ("--skip_dp_check", "build even if epsilon exceeds dp_target_epsilon")):
+                       ("--skip_dp_check", "build even if epsilon exceeds dp_target_epsilon"),
+                       ("--non_private_test_run", "allow differential_privacy.noise_seed: a reproducible test run "
+                                                  "whose epsilon is not a guarantee (printed in the report)")):
         parser.add_argument(flag, nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL", help=text)
     parser.add_argument("--population_name", default="", help="override the config's population_name")
     parser.add_argument("--api_key", default=os.environ.get("FEDCOMPUTE_API_KEY", ""),
@@ -156,7 +158,8 @@ class BuildRefused(FedComputeError):
 
 
 def build_request(task_config: str | os.PathLike[str], saved_model: str, *, population_name: str = "",
-                  skip_flex_ops_check: bool = False, skip_dp_check: bool = False) -> tuple[Any, list[Any]]:
+                  skip_flex_ops_check: bool = False, skip_dp_check: bool = False,
+                  non_private_test_run: bool = False) -> tuple[Any, list[Any]]:
     """The ``BuildTaskRequest`` for a config file and a model, and the config's warnings.
 
     The config is validated locally first. Raises:
@@ -174,6 +177,7 @@ def build_request(task_config: str | os.PathLike[str], saved_model: str, *, popu
     request.task_config.CopyFrom(config)
     request.flags.skip_flex_ops_check = skip_flex_ops_check
     request.flags.skip_dp_check = skip_dp_check
+    request.flags.non_private_test_run = non_private_test_run
     return request, list(validated.warnings)
 
 
@@ -213,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     from fedcompute.taskbuilder.service import report_to_text
 
     request, warnings = build_request(args.task_config, args.saved_model, population_name=args.population_name,
-                                      skip_flex_ops_check=args.skip_flex_ops_check, skip_dp_check=args.skip_dp_check)
+                                      skip_flex_ops_check=args.skip_flex_ops_check, skip_dp_check=args.skip_dp_check,
+                                      non_private_test_run=args.non_private_test_run)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     try:

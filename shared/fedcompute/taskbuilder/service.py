@@ -51,6 +51,7 @@ class BuildFlags:
     skip_flex_ops_check: bool = False
     skip_dp_check: bool = False
     skip_dp_aggregator: bool = False
+    non_private_test_run: bool = False  # the only way a config may fix noise_seed
 
 
 class TaskManagementPort(Protocol):
@@ -180,14 +181,18 @@ def _timed(timings: dict[str, float], name: str):
 
 def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, timings) -> BuildOutcome:
     from fedcompute.data.examples import ExampleSpec
-    from fedcompute.privacy import accounting
+    from fedcompute.privacy import accounting, disclosure
     from fedcompute.taskbuilder import flex_ops, model_check
 
     flags = BuildFlags(request.flags.skip_flex_ops_check, request.flags.skip_dp_check,
-                       request.flags.skip_dp_aggregator)
+                       request.flags.skip_dp_aggregator, request.flags.non_private_test_run)
     validated = validate_task_config(request.task_config)
     spec = validated.spec
     report = _report_skeleton(validated)
+    report.non_private_test_run = flags.non_private_test_run
+    if spec.dp is not None:
+        # Before any work: a fixed noise seed is public noise (no privacy) unless declared a test run.
+        disclosure.check_noise_seed(spec.dp.noise_seed, non_private_test_run=flags.non_private_test_run)
 
     with _timed(timings, "load_model"):
         model_dir = fetch_saved_model(request.saved_model, blobs, tmp / "model")
@@ -211,6 +216,9 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                 explain_failure=not flags.skip_dp_check,
             )
         _fill_dp_report(report, dp_result)
+        report.privacy_assumptions = disclosure.privacy_assumptions(
+            dp_result.mechanism.value, report_goal=spec.report_goal, population_size=dp_result.population_size,
+            over_selection_rate=spec.over_selection_rate)
         if not dp_result.passed and not flags.skip_dp_check:
             error = accounting.DpBudgetExceededError(dp_result)
             error.task_report = report  # type: ignore[attr-defined]

@@ -253,6 +253,26 @@ function renderCounts(rounds) {
   }
 }
 
+// The privacy ledger: epsilon after each round and spent in it (null: infinite, no noise).
+function renderLedger(ledger, delta) {
+  const table = document.getElementById("privacy-ledger");
+  const note = document.getElementById("ledger-note");
+  table.tBodies[0].replaceChildren();
+  if (!ledger || !ledger.length) {
+    note.textContent = "no DP for this task: no privacy ledger";
+    return;
+  }
+  note.textContent = `client-level epsilon at delta ${fmt(delta)}, accounted after every round`;
+  for (const row of ledger) {
+    const tr = el("tr", { "data-round": String(row.round), "data-epsilon": String(row.epsilon),
+      "data-spent": String(row.spent) });
+    tr.appendChild(el("td", { class: "num" }, String(row.round)));
+    tr.appendChild(el("td", { class: "num" }, row.epsilon === null ? "∞" : fmt(row.epsilon)));
+    tr.appendChild(el("td", { class: "num" }, row.spent === null ? "∞" : fmt(row.spent)));
+    table.tBodies[0].appendChild(tr);
+  }
+}
+
 function renderTasks(tasks) {
   const body = document.querySelector("#tasks tbody");
   body.replaceChildren();
@@ -301,6 +321,7 @@ async function refresh() {
       document.getElementById("selected-title").textContent =
         `${ops.task.run} — ${ops.task.status}, round ${ops.task.current_round}/${ops.task.total_rounds}, ε spent ${fmtEpsilon(ops.task.epsilon_spent)}`;
       renderMetrics(run);
+      renderLedger(run.ledger, run.config.delta);
       renderOps(ops);
       section.dataset.run = ops.task.run;
       section.dataset.rounds = String(run.rounds.length);
