@@ -71,6 +71,9 @@ module "pubsub" {
   project_id     = var.project_id
   project_number = data.google_project.this.number
   topics         = values(local.topics)
+  dead_letter_replayers = {
+    scheduler = { topic = local.topics.round_ready, email = module.functions.service_account_emails.scheduler }
+  }
   # The Pub/Sub-driven functions are pushed by these subscriptions (explicit dead-letter
   # policy; HTTP timeouts up to 3600 s for the aggregator).
   push_subscriptions = {
@@ -111,6 +114,22 @@ module "secrets" {
   depends_on = [google_project_service.apis]
 }
 
+module "upload_keys" {
+  source = "./modules/upload_keys"
+
+  project_id = var.project_id
+  key_dir    = var.upload_keys_dir
+  private_accessors = {
+    result_ingestion = module.functions.service_account_emails.result_ingestion
+    aggregator       = module.functions.service_account_emails.aggregator
+  }
+  public_accessors = {
+    task_assignment = module.functions.service_account_emails.task_assignment
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
 module "functions" {
   source = "./modules/functions"
 
@@ -121,6 +140,9 @@ module "functions" {
   buckets                      = module.storage.bucket_names
   topic_ids                    = module.pubsub.topic_ids
   api_key_secret_id            = module.secrets.api_key_secret_id
+  upload_keys_secret_id        = module.upload_keys.upload_keys_secret_id
+  upload_public_keys_secret_id = module.upload_keys.upload_public_keys_secret_id
+  upload_keys_configured       = module.upload_keys.configured
   light_memory                 = var.light_memory
   light_timeout_seconds        = var.light_timeout_seconds
   task_builder_memory          = var.task_builder_memory

@@ -191,3 +191,14 @@ variable "public_task_assignment" {
   type        = bool
   default     = true
 }
+
+variable "upload_keys_dir" {
+  description = "Folder with upload_keys.json and upload_public_keys.json from `fedcompute ops rotate-upload-key --key-dir DIR` (HPKE keys for sealed device uploads); empty: devices upload in plaintext."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.upload_keys_dir == "" || (fileexists("${var.upload_keys_dir}/upload_keys.json") && fileexists("${var.upload_keys_dir}/upload_public_keys.json"))
+    error_message = "upload_keys_dir must hold upload_keys.json and upload_public_keys.json (run: fedcompute ops rotate-upload-key --key-dir <dir>)."
+  }
+}

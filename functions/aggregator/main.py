@@ -16,6 +16,7 @@ from typing import Any
 import functions_framework
 
 from fedcompute.adapters.events import decode_round_event
+from fedcompute.crypto.hpke import KeyRingSource, upload_unsealer
 from fedcompute.errors import InvalidRequestError
 from fedcompute.runtime import Runtime
 from fedcompute.services import aggregator as service
@@ -26,6 +27,8 @@ NAME = "aggregator"
 configure_logging()
 logger = logging.getLogger(NAME)
 RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
+# HPKE private keys: only ingestion and the aggregator hold them.
+UNSEAL = upload_unsealer(KeyRingSource(), lambda: RUNTIME.settings().upload_encryption_required)
 
 
 def handle_event(cloud_event: Any) -> None:
@@ -36,7 +39,7 @@ def handle_event(cloud_event: Any) -> None:
     except (ValueError, KeyError, TypeError) as error:
         raise InvalidRequestError(f"round-ready message {message.message_id} is malformed: {error}") from error
     deps = RUNTIME.deps()
-    outcome = service.aggregate_round(deps.store, deps.blobs, deps.events, deps.settings, key)
+    outcome = service.aggregate_round(deps.store, deps.blobs, deps.events, deps.settings, key, unseal=UNSEAL)
     logger.info("round %s/%s/%s: %s (task %s)", key.population, key.task_id, key.round_number, outcome.status,
                 outcome.task_status or "-")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import functions_framework
 
+from fedcompute.crypto.hpke import KeyRingSource, upload_unsealer
 from fedcompute.learning.upload_contract import make_upload_validator
 from fedcompute.runtime import Runtime
 from fedcompute.services import ingestion
@@ -26,6 +27,8 @@ configure_logging()
 logger = logging.getLogger(NAME)
 RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
 VALIDATE = make_upload_validator()
+# HPKE private keys: only ingestion and the aggregator hold them.
+UNSEAL = upload_unsealer(KeyRingSource(), lambda: RUNTIME.settings().upload_encryption_required)
 
 
 def handle_event(cloud_event: Any) -> None:
@@ -39,7 +42,7 @@ def handle_event(cloud_event: Any) -> None:
         deps.store, deps.blobs, deps.events, deps.settings,
         ingestion.ObjectFinalized(event_id=str(cloud_event["id"]), bucket=obj.bucket, name=obj.name,
                                   size=obj.size, generation=obj.generation),
-        validate=VALIDATE,
+        validate=VALIDATE, unseal=UNSEAL,
     )
     logger.info("ingestion of gs://%s/%s: %s %s%s", obj.bucket, obj.name, result.outcome, result.reason,
                 " (round closed)" if result.round_closed else "")

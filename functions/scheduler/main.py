@@ -12,6 +12,7 @@ from typing import Any
 
 import functions_framework
 
+from fedcompute.adapters.deadletters import replay_dead_letters, replayable_topics
 from fedcompute.runtime import Runtime
 from fedcompute.services import scheduler as service
 from fedcompute.web import configure_logging, decode_pubsub_event, dispatch_event
@@ -28,8 +29,13 @@ def handle_event(cloud_event: Any) -> None:
     message = decode_pubsub_event(cloud_event)
     deps = RUNTIME.deps()
     report = service.tick(deps.store, deps.events, timeouts=service.Timeouts.from_env())
-    logger.info("scheduler tick %s: %d local timeouts, %d upload timeouts, %d rounds re-published",
-                message.message_id, report.local_timeouts, report.upload_timeouts, len(report.republished))
+    clients = RUNTIME.clients()
+    # Never lets a replay problem fail the tick (it would be redelivered and dead-lettered itself).
+    replay = replay_dead_letters(clients.subscriber, clients.publisher, deps.settings.project,
+                                 replayable_topics(deps.settings.topics))
+    logger.info("scheduler tick %s: %d local timeouts, %d upload timeouts, %d rounds re-published, "
+                "%d dead-lettered messages replayed", message.message_id, report.local_timeouts,
+                report.upload_timeouts, len(report.republished), replay.total)
 
 
 @functions_framework.cloud_event

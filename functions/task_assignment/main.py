@@ -17,7 +17,10 @@ import functions_framework
 from google.protobuf import duration_pb2
 
 from fedcompute import layout
+from fedcompute.crypto.hpke import PublicKeySource
+from fedcompute.deadlines import call_with_deadline
 from fedcompute.errors import InvalidRequestError
+from fedcompute.identity import RateLimiter, authenticate_message
 from fedcompute.proto import common_pb2, eligibility_pb2, task_assignment_pb2
 from fedcompute.runtime import Runtime
 from fedcompute.services import assignment as service
@@ -33,6 +36,22 @@ RUNTIME = Runtime()  # settings, clients and adapters, created on first use, onc
 CHECK_IN_CACHE = service.CheckInCache(ttl_s=float(os.environ.get("FEDCOMPUTE_CHECKIN_CACHE_TTL_S", "2")))
 ROUTER = Router(NAME)
 SEGMENT = layout.POPULATION_PATTERN
+UPLOAD_KEY = PublicKeySource()  # the current HPKE public key handed to devices
+_LIMITER: RateLimiter | None = None
+
+
+def _signed_path(request: flask.Request) -> str:
+    """The path a device signs: from ``/taskassignment/v1`` on (behind any URL prefix)."""
+    path = request.path
+    return path[max(path.find("/taskassignment/v1/"), 0):]
+
+
+def _check_in_limiter() -> RateLimiter:
+    global _LIMITER
+    if _LIMITER is None:
+        per_minute = RUNTIME.settings().checkins_per_minute
+        _LIMITER = RateLimiter(per_minute / 60.0, burst=max(1.0, per_minute / 6.0))
+    return _LIMITER
 
 
 @ROUTER.route("GET", r"/healthz")
@@ -55,10 +74,15 @@ def create_task_assignment(request: flask.Request, population: str) -> flask.Res
     body = parse_message(request, task_assignment_pb2.CreateTaskAssignmentRequest, max_bytes=MAX_REQUEST_BYTES)
     if not body.HasField("client_version"):
         raise InvalidRequestError("client_version is required", hint="send client_version.version_code")
+    service.validate_version_code(body.client_version.version_code)  # a 400 names the field before auth
+    settings = RUNTIME.settings()
+    device_id = authenticate_message(body, "POST", _signed_path(request), required=settings.device_auth_required)
+    if device_id:
+        _check_in_limiter().check(device_id)
     deps = RUNTIME.deps()
-    result = service.create_task_assignment(deps.store, deps.blobs, deps.settings,
-                                            service.CheckIn(population, body.client_version.version_code),
-                                            cache=CHECK_IN_CACHE)
+    result = call_with_deadline(service.create_task_assignment, deps.store, deps.blobs, deps.settings,
+                                service.CheckIn(population, body.client_version.version_code, device_id),
+                                cache=CHECK_IN_CACHE)
     if isinstance(result, service.Rejection):
         return message_response(task_assignment_pb2.CreateTaskAssignmentResponse(rejection_info=_rejection(result)),
                                 200, request)
@@ -73,6 +97,11 @@ def create_task_assignment(request: flask.Request, population: str) -> flask.Res
         plan=common_pb2.Resource(uri=result.plan_url), self_uri=result.self_uri, eligibility_task_info=info,
         eligibility_task_info_signature=task_assignment_pb2.EligibilityTaskInfoSignature(),
     )
+    upload_key = UPLOAD_KEY.current()
+    if upload_key is not None:
+        assignment.upload_encryption.CopyFrom(task_assignment_pb2.UploadEncryption(
+            key_id=upload_key.key_id, public_key=upload_key.public_key,
+            required=settings.upload_encryption_required))
     return message_response(task_assignment_pb2.CreateTaskAssignmentResponse(task_assignment=assignment), 201, request)
 
 
@@ -90,9 +119,11 @@ def report_result(request: flask.Request, population: str, task_id: str, round_n
     if body.result == task_assignment_pb2.ReportResultRequest.UNKNOWN:
         raise InvalidRequestError("result is UNKNOWN (or missing)", hint=hint)
     result = ReportedResult(task_assignment_pb2.ReportResultRequest.Result.Name(body.result))
+    device_id = authenticate_message(body, "PUT", _signed_path(request), required=RUNTIME.settings().device_auth_required)
     deps = RUNTIME.deps()
-    outcome = service.report_result(deps.store, deps.blobs, deps.settings,
-                                    RoundKey(population, int(task_id), int(round_number)), assignment_id, result)
+    outcome = call_with_deadline(service.report_result, deps.store, deps.blobs, deps.settings,
+                                 RoundKey(population, int(task_id), int(round_number)), assignment_id, result,
+                                 device_id=device_id)
     response = task_assignment_pb2.ReportResultResponse()
     if isinstance(outcome, service.Rejection):
         response.rejection_info.CopyFrom(_rejection(outcome))

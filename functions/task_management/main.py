@@ -17,6 +17,7 @@ import functions_framework
 from google.protobuf import json_format
 
 from fedcompute import layout
+from fedcompute.deadlines import call_with_deadline, operator_deadline_s
 from fedcompute.proto import task_management_pb2
 from fedcompute.runtime import Runtime
 from fedcompute.services import task_management as service
@@ -55,14 +56,15 @@ def _authorized(request: flask.Request):
 def create_task(request: flask.Request, population: str) -> flask.Response:
     deps = _authorized(request)
     body = parse_message(request, task_management_pb2.CreateTaskRequest, max_bytes=1024 * 1024)
-    record = service.create_task(deps.store, service.new_task_from_proto(population, body.task))
+    record = call_with_deadline(service.create_task, deps.store, service.new_task_from_proto(population, body.task),
+                                deadline_s=operator_deadline_s())
     return message_response(task_management_pb2.CreateTaskResponse(task=service.task_to_proto(record)), 201, request)
 
 
 @ROUTER.route("GET", rf"/taskmanagement/v1/population/{POP}/tasks/{TASK}:get")
 def get_task(request: flask.Request, population: str, task_id: str) -> flask.Response:
     deps = _authorized(request)
-    record = service.get_task(deps.store, population, int(task_id))
+    record = call_with_deadline(service.get_task, deps.store, population, int(task_id), deadline_s=operator_deadline_s())
     return message_response(task_management_pb2.GetTaskByIdResponse(task=service.task_to_proto(record)), 200, request)
 
 

@@ -110,3 +110,36 @@ class StackError(FedComputeError):
 def http_status_for(error: BaseException) -> int:
     """HTTP status for ``error``: its class's status, or 500 for unknown exceptions."""
     return getattr(error, "http_status", 500) if isinstance(error, FedComputeError) else 500
+
+
+# A storage or messaging dependency that is down answers the caller with 503 and this retry window.
+RETRY_AFTER_S = 30
+
+
+def as_transient(error: BaseException) -> TransientError | None:
+    """A :class:`TransientError` for an outage of Firestore, GCS or Pub/Sub, else None.
+
+    One rule for every caller: unavailability, timeouts and exhausted retries of a
+    dependency are transient (HTTP 503 with a retry window; Pub/Sub redelivers); anything
+    else keeps its own meaning.
+    """
+    if isinstance(error, TransientError):
+        return error
+    transient: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError)
+    try:
+        from google.api_core import exceptions as gexc
+
+        transient += (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError, gexc.TooManyRequests,
+                      gexc.GatewayTimeout, gexc.InternalServerError)
+    except ImportError:  # pragma: no cover - google-api-core ships with every client library
+        pass
+    try:
+        import requests
+
+        transient += (requests.ConnectionError, requests.Timeout)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(error, transient):
+        return TransientError(f"a storage dependency is unavailable ({type(error).__name__}: {str(error)[:200]})",
+                              hint=f"retry in {RETRY_AFTER_S} s")
+    return None

@@ -7,6 +7,7 @@ exports them to every process it starts.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DEFAULT_PROJECT = "fedcompute-local"
@@ -48,6 +49,20 @@ class Settings:
     # Public base URL devices use to download artifacts (fake-gcs-server locally).
     storage_public_url: str = ""
     api_key: str = ""
+    # Devices (issue 13): "required" refuses unsigned check-ins / reports and plaintext
+    # uploads; "optional" accepts both (ODP devices that neither sign nor encrypt).
+    device_auth: str = "required"
+    upload_encryption: str = "required"
+    # Check-ins per minute one device identity may make (in-memory token bucket; 0 = no limit).
+    checkins_per_minute: float = 30.0
+
+    @property
+    def device_auth_required(self) -> bool:
+        return self.device_auth != "optional"
+
+    @property
+    def upload_encryption_required(self) -> bool:
+        return self.upload_encryption != "optional"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -62,4 +77,16 @@ class Settings:
             task_assignment_url=e.get("FEDCOMPUTE_TASK_ASSIGNMENT_URL", ""),
             storage_public_url=e.get("FEDCOMPUTE_STORAGE_PUBLIC_URL", e.get("STORAGE_EMULATOR_HOST", "")),
             api_key=e.get("FEDCOMPUTE_API_KEY", ""),
+            device_auth=_choice(e, "FEDCOMPUTE_DEVICE_AUTH", ("required", "optional")),
+            upload_encryption=_choice(e, "FEDCOMPUTE_UPLOAD_ENCRYPTION", ("required", "optional")),
+            checkins_per_minute=float(e.get("FEDCOMPUTE_CHECKINS_PER_MINUTE", "30") or 0),
         )
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or allowed[0]).strip().lower()
+    if value not in allowed:
+        from fedcompute.errors import ConfigError
+
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}", hint=f"unset it or set {allowed[0]}")
+    return value

@@ -36,12 +36,14 @@ from google.protobuf.message import DecodeError, Message
 
 from fedcompute import __version__, layout, strict_json
 from fedcompute.errors import (
+    RETRY_AFTER_S,
     FedComputeError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
     TransientError,
     UnauthenticatedError,
+    as_transient,
     http_status_for,
 )
 from fedcompute.logs import add_labels, configure_json_logging, log_context
@@ -255,13 +257,17 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
     Unknown exceptions become 500 with a generic message: their text may leak internals,
     so it goes to the log (see :func:`error_response`), not to the caller.
     """
+    error = as_transient(error) or error
     code = http_status_for(error)
     message = str(error) if isinstance(error, FedComputeError) else f"internal error ({type(error).__name__}); see the function's log"
     return code, {"error": {"code": code, "status": status_name(code), "message": message}}
 
 
 def error_response(error: BaseException) -> flask.Response:
-    """JSON error response for ``error``; logs 5xx errors with their traceback."""
+    """JSON error response for ``error``; logs 5xx errors with their traceback.
+
+    A dependency outage is a 503 with ``Retry-After`` (devices and clients come back later).
+    """
     code, body = error_body(error)
     if code >= 500:
         logger.error("request failed: %s", error, exc_info=error)
@@ -270,6 +276,10 @@ def error_response(error: BaseException) -> flask.Response:
     headers = {}
     if isinstance(error, MethodNotAllowedError):
         headers["Allow"] = ", ".join(error.allowed)
+    if code == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    elif code == 429:
+        headers["Retry-After"] = str(getattr(error, "retry_after_s", RETRY_AFTER_S))
     return json_response(body, code, headers=headers)
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from fedcompute.cli.main import main as cli_main
+from fedcompute.crypto.hpke import is_envelope
 from fedcompute.load import LoadConfig, round_stages, run_load
 from support.helpers import unique
-from support.tasks import create_numpy_task
+from support.tasks import create_numpy_task, gradient_object
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,7 +33,11 @@ def test_load_runs_the_protocol_and_the_round_aggregates_exactly_the_goal(local_
     assert {"plan_download", "checkpoint_download", "report_result", "upload"} <= set(report["endpoints"])
     assert report["endpoints"]["upload"]["p99_ms"] >= report["endpoints"]["upload"]["p50_ms"] > 0
     task.wait_round(1, timeout_s=90)
-    assert task.count(1) == 20 and len(task.store.accepted_ids(task.key(1))) == 20
+    accepted = task.store.accepted_ids(task.key(1))
+    assert task.count(1) == 20 and len(accepted) == 20
+    # The synthetic devices speak the default protocol: signed requests, HPKE-sealed updates.
+    stored = task.blobs.read(local_stack.settings.gradient_bucket, gradient_object(task, 1, sorted(accepted)[0]))
+    assert is_envelope(stored)
     for got, initial in zip(task.checkpoint_weights(1), task.initial):  # zero deltas: unchanged
         np.testing.assert_allclose(got, initial, atol=1e-6)
     stages = round_stages(task.store, task.population, task.task_id, 1)

@@ -17,7 +17,9 @@ from fedcompute.cli.main import main as cli_main
 from fedcompute.errors import StackError
 from fedcompute.settings import Topics
 from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS, LocalStack, push_subscription_name
+from fedcompute.stack.local import TICKER
 from fedcompute.stack.procs import wait_for
+from fedcompute.stack.ticker import DEFAULT_INTERVAL_S
 from fedcompute.web import EVENT_TYPE_ATTRIBUTE, HEALTH_EVENT_TYPE, health_event_headers
 from support.helpers import http, unique
 from support.stack_plugin import assert_nothing_left
@@ -35,8 +37,15 @@ if TYPE_CHECKING:
 def test_stack_is_healthy_fast(local_stack: StackHandle) -> None:
     status = local_stack.stack.status()
     assert status.healthy, status.table()
-    assert {c.name for c in status.components} == {"firestore", "pubsub", "gcs", *ALL_FUNCTIONS}
+    assert {c.name for c in status.components} == {"firestore", "pubsub", "gcs", *ALL_FUNCTIONS, TICKER}
     assert local_stack.time_to_healthy_s < 30.0
+
+
+def test_the_ticker_runs_the_scheduler_periodically(local_stack: StackHandle) -> None:
+    """Issue 13: locally nothing ticked the scheduler, so expired slots were held forever."""
+    line = local_stack.wait_for_log(TICKER, "tick published: ", timeout_s=DEFAULT_INTERVAL_S + 30)
+    message_id = line.rsplit("tick published: ", 1)[1].strip()
+    assert local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:", timeout_s=30)
 
 
 def test_firestore_round_trip(local_stack: StackHandle) -> None:

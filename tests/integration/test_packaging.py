@@ -102,6 +102,8 @@ def test_pins_come_from_each_functions_own_lock(packaged: Path) -> None:
             heavy = set(pins) & set(TENSORFLOW_FAMILY)
             assert not heavy, f"light function {name} pins {heavy}"
             assert _version(pins["protobuf"]) >= (5,) and _version(pins["grpcio"]) >= (1, 83), pins
+            # Device signatures (Ed25519) and HPKE-sealed uploads: fedcompute.identity, fedcompute.crypto.hpke.
+            assert _version(pins["cryptography"]) >= (50,), name
 
 
 def _version(text: str) -> tuple[int, ...]:

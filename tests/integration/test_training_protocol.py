@@ -33,6 +33,7 @@ from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
 from fedcompute.fleet.protocol import DeviceHttpClient, ProtocolError, Rejected
+from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
 from fedcompute.proto import task_assignment_pb2, task_management_pb2
 from fedcompute.services import aggregator as aggregator_service
@@ -54,6 +55,8 @@ from support.tasks import (
     model_blob_generation,
     random_delta,
     run_device,
+    seal_for_stack,
+    stack_unsealer,
     wait_until,
 )
 
@@ -477,21 +480,23 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
     # Updates land before their assignments exist (ingestion ignores them), then the round is
     # put in AGGREGATING by hand without publishing round-ready: nothing aggregates it yet.
     for aid, delta in zip(ids, deltas):
-        write_gradient(local_stack, gradient_object(task, 1, aid), make_update(task, delta, seed=len(aid))[0])
+        write_gradient(local_stack, gradient_object(task, 1, aid),
+                       seal_for_stack(local_stack, aid, make_update(task, delta, seed=len(aid))[0]))
         assert verdict(local_stack, gradient_object(task, 1, aid)) == "UNKNOWN_ASSIGNMENT"
     now = time.time()
+    unseal = stack_unsealer(local_stack)
     for slot, aid in enumerate(ids):
         task.store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
                                                       AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
         assert task.store.accept_upload(key, aid).outcome == "ACCEPTED"
-    # Marked published so that a scheduler tick started by another test's round does not run it now.
+    # Marked announced, so the stack's periodic scheduler tick leaves it alone for now.
     task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now,
                                       "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
     blobs, events = GcsBlobStore(local_stack.clients.storage), InMemoryRoundEvents()
 
     clean = RecordingBlobs(blobs, dry=True)  # the reference: a whole run that changes nothing
-    assert aggregator_service.aggregate_round(NoCommitStore(task.store), clean, events, settings, key).status \
-        == "ALREADY_DONE"
+    assert aggregator_service.aggregate_round(NoCommitStore(task.store), clean, events, settings, key,
+                                              unseal=unseal).status == "ALREADY_DONE"
     outputs = [layout.checkpoint_path(task.population, task.task_id, 1),
                layout.client_checkpoint_path(task.population, task.task_id, 1),
                layout.metrics_path(task.population, task.task_id, 1)]
@@ -500,17 +505,19 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
 
     killed = RecordingBlobs(blobs, kill_at="/d/0/client_checkpoint")  # dies right after the checkpoint
     with pytest.raises(KeyboardInterrupt):
-        aggregator_service.aggregate_round(task.store, killed, events, settings, key)
+        aggregator_service.aggregate_round(task.store, killed, events, settings, key, unseal=unseal)
     assert [blobs.exists(settings.model_bucket, name) for name in outputs] == [True, False, False]
     assert task.iteration(1).status == IterationStatus.AGGREGATING and not events.completed
 
-    # The scheduler's tick finds the round aggregating and never announced: it publishes
-    # round-ready, and the aggregator function re-runs the round.
-    task.store.update_iteration(key, {"round_ready_published": False}, expected=[IterationStatus.AGGREGATING])
+    # The round now looks stuck (aggregating longer than the timeout): a scheduler tick (ours,
+    # or the stack's periodic one first) re-publishes round-ready, and the aggregator function
+    # re-runs the round.
+    task.store.update_iteration(key, {"aggregating_time": now - 2 * scheduler_service.Timeouts().aggregation},
+                                expected=[IterationStatus.AGGREGATING])
     message_id = publish(local_stack, settings.topics.scheduler_tick, b"{}")
-    line = local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:")
-    assert "0 rounds re-published" not in line
-    task.wait_round(1, timeout_s=90)
+    local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:")
+    assert any("0 rounds re-published" not in line for line in log_lines(local_stack, "scheduler", "re-published"))
+    task.wait_round(1, timeout_s=180)
     for name in outputs:
         assert task.read_model(name) == clean.writes[name], name
     assert_aggregated_once(local_stack, task, 1)
@@ -583,8 +590,15 @@ def test_unknown_route_and_population_and_old_version(local_stack: StackHandle, 
     assert Snapshot.of(guarded) == before
 
 
-def _report(stack: StackHandle, self_uri: str, body: bytes, headers: dict[str, str] = PROTOBUF) -> requests.Response:
+def _report(stack: StackHandle, self_uri: str, body: bytes, headers: dict[str, str] = PROTOBUF,
+            key: DeviceKey | None = None) -> requests.Response:
+    """PUT a raw report body; signed by ``key`` (a fresh one by default) when it is a valid message."""
     url = f"{stack.settings.task_assignment_url}/taskassignment/v1{self_uri}:report-result"
+    if headers is PROTOBUF:
+        message = Result.FromString(body)
+        if message.result in Result.Result.values():
+            sign_message(key or DeviceKey.generate(), message, "PUT", f"/taskassignment/v1{self_uri}:report-result")
+            body = message.SerializeToString()
     return http().put(url, data=body, headers=headers, timeout=30)
 
 
@@ -608,7 +622,8 @@ def test_bad_reports_are_refused_without_state_change(local_stack: StackHandle, 
            "result is UNKNOWN")
     expect(_report(local_stack, fresh.self_uri, b"\x08\x63"), 400, "result 99 is not a ReportResultRequest.Result")
     expect(_report(local_stack, fresh.self_uri, b'{"result": "DONE"}', JSON), 400, "DONE")
-    expect(_report(local_stack, done.self_uri, Result(result=Result.FAILED).SerializeToString()), 412,
+    expect(_report(local_stack, done.self_uri, Result(result=Result.FAILED).SerializeToString(),
+                   key=client.session_key(done.self_uri)), 412,
            "assignment is LOCAL_COMPLETED; a FAILED report is only accepted for an ASSIGNED assignment")
     expect(_report(local_stack, fresh.self_uri.replace("/aggregation/1/", "/aggregation/2/"), completed), 404,
            "in round 2 of task")

@@ -11,6 +11,7 @@ Shared by the integration and e2e tiers (``from support.tasks import ...``).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
 from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.adapters.task_management_client import TaskManagementClient
+from fedcompute.crypto.hpke import KEYS_FILE, UploadKeyRing, open_upload, seal_update
 from fedcompute.dp import DpParams
 from fedcompute.fleet.protocol import DeviceHttpClient, Rejected
 from fedcompute.learning import metric_stats
@@ -294,3 +296,20 @@ __all__ = [
     "log_lines", "make_update", "model_blob_generation", "random_delta", "random_metric_stats", "run_device",
     "wait_until",
 ]
+
+
+def stack_key_ring(stack: StackHandle) -> UploadKeyRing:
+    """The local stack's HPKE upload key ring (what ingestion and the aggregator hold)."""
+    return UploadKeyRing.from_json((stack.state_dir / "keys" / KEYS_FILE).read_text())
+
+
+def seal_for_stack(stack: StackHandle, assignment_id: str, payload: bytes) -> bytes:
+    """``payload`` (a gzip'd ClientUpdate) stored as a device would: gzip(HPKE envelope)."""
+    return gzip.compress(seal_update(payload, stack_key_ring(stack).current, assignment_id=assignment_id))
+
+
+def stack_unsealer(stack: StackHandle) -> Callable[[bytes, str], bytes]:
+    """The aggregator's ``unseal`` for in-process runs against the stack's uploads."""
+    ring = stack_key_ring(stack)
+    return lambda data, assignment_id: open_upload(data, assignment_id=assignment_id, ring=ring, required=True,
+                                                   max_bytes=64 << 20)

@@ -243,3 +243,23 @@ def test_accounting_does_not_import_tensorflow():
         "sys.exit(1 if 'tensorflow' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.timeout(60)  # before the RDP fallback this ran > 10 min with a 5 GiB process
+def test_epsilon_at_noise_0_01_is_a_bounded_rdp_upper_bound() -> None:
+    """Issue 13: ε accounting at noise 0.01 inside the aggregator must be bounded in time and memory."""
+    import resource
+
+    from fedcompute.privacy import accounting
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    eps = [compute_epsilon("FIXED_GAUSSIAN", noise_multiplier=0.01, report_goal=100, population_size=10_000, rounds=n)
+           for n in (1, 10, 100)]
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert eps[0] < eps[1] < eps[2] and all(math.isfinite(e) and e > 100 for e in eps)
+    assert grown_kib < 200 * 1024  # no PLD of 10^8 points
+    # Where both are affordable the RDP value bounds the PLD one from above (same guarantee, looser).
+    z = accounting.PLD_MIN_NOISE * 10
+    rdp_eps = accounting._rdp_gaussian_epsilon(z, 0.01, 5, 1e-4)
+    assert rdp_eps >= compute_epsilon("FIXED_GAUSSIAN", noise_multiplier=z, report_goal=100, population_size=10_000,
+                                      rounds=5, delta=1e-4)

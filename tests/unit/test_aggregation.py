@@ -133,14 +133,27 @@ def test_fixed_gaussian_divides_by_report_goal_not_count() -> None:
 
 def test_no_dp_is_the_plain_mean_of_accepted_updates() -> None:
     rng = np.random.default_rng(4)
-    updates = [_update(rng, 100.0) for _ in range(3)]  # large: nothing may be clipped
-    dp = dp_mechanisms.build_dp_aggregator(DpParams())
+    updates = [_update(rng, 100.0) for _ in range(3)]  # large, under a clip that never binds
+    dp = dp_mechanisms.build_dp_aggregator(DpParams(clip_norm=1e9))
     acc = accumulator.accumulate(dp.start(SPEC, dp.initial_state()), updates)
     mean, _, metrics = dp.finish(acc, dp.initial_state(), report_goal=50, seed=None)
     for i, got in enumerate(mean):
         want = np.mean([u.delta[i] for u in updates], axis=0, dtype=np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
     assert metrics[dp_core.METRIC_CLIPPED] == 0 and metrics[dp_core.METRIC_NOISE_STDDEV] == 0
+
+
+def test_no_dp_still_clips_at_the_default_norm_so_one_huge_update_cannot_destroy_the_model() -> None:
+    rng = np.random.default_rng(7)
+    honest = [_update(rng, 0.001) for _ in range(2)]
+    hostile = ClientUpdate.from_arrays([(n, np.full(s, 1e30, np.float32)) for n, s, _ in SPEC], 5)
+    dp = dp_mechanisms.build_dp_aggregator(DpParams())  # type NONE, no clip_norm configured
+    assert dp.initial_state().clip_norm == dp_gaussian.DEFAULT_CLIP_NORM
+    acc = accumulator.accumulate(dp.start(SPEC, dp.initial_state()), [*honest, hostile])
+    mean, _, metrics = dp.finish(acc, dp.initial_state(), report_goal=3, seed=None)
+    norm = float(np.sqrt(sum(np.sum(np.square(m.astype(np.float64))) for m in mean)))
+    assert metrics[dp_core.METRIC_CLIPPED] == 1
+    assert norm <= dp_gaussian.DEFAULT_CLIP_NORM / 3 + 1e-3
 
 
 def test_streaming_holds_one_update_at_a_time() -> None:

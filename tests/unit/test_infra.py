@@ -33,6 +33,7 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str, str]]] = {
         ("bucket", "roles/storage.objectCreator", "gradient"),
         ("bucket", "roles/storage.objectViewer", "model"),
         ("service_account", "roles/iam.serviceAccountTokenCreator", "task_assignment"),
+        ("secret", "roles/secretmanager.secretAccessor", "upload_public_keys"),
     },
     "task_management": {
         ("project", "roles/datastore.user", "project"),
@@ -50,6 +51,7 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str, str]]] = {
         ("bucket", "roles/storage.objectViewer", "gradient"),
         ("topic", "roles/pubsub.publisher", "round-ready"),
         ("run_service", "roles/run.invoker", "result_ingestion"),
+        ("secret", "roles/secretmanager.secretAccessor", "upload_keys"),
     },
     "aggregator": {
         ("project", "roles/datastore.user", "project"),
@@ -57,10 +59,12 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str, str]]] = {
         ("bucket", "roles/storage.objectUser", "model"),
         ("bucket", "roles/storage.objectUser", "aggregate"),
         ("topic", "roles/pubsub.publisher", "round-completed"),
+        ("secret", "roles/secretmanager.secretAccessor", "upload_keys"),
     },
     "scheduler": {
         ("project", "roles/datastore.user", "project"),
         ("topic", "roles/pubsub.publisher", "round-ready"),
+        ("subscription", "roles/pubsub.subscriber", "round-ready-dead-letter-inspect"),
     },
     "dashboard": {
         ("project", "roles/datastore.viewer", "project"),
@@ -188,11 +192,23 @@ def grants(functions_module: Module, secrets_module: Module, root: Module) -> di
     for function, email in accessors.items():
         assert email == f"${{module.functions.service_account_emails.{function}}}"
         result.setdefault(function, set()).add(("secret", "roles/secretmanager.secretAccessor", "api_key"))
+    # Dead-letter replay: modules/pubsub lets the scheduler pull a topic's dead letters.
+    for function, spec in root.modules["pubsub"].get("dead_letter_replayers", {}).items():
+        assert spec["email"] == f"${{module.functions.service_account_emails.{function}}}"
+        topic = {"${local.topics.round_ready}": "round-ready"}[spec["topic"]]
+        result.setdefault(function, set()).add(("subscription", "roles/pubsub.subscriber",
+                                                f"{topic}-dead-letter-inspect"))
+    # HPKE upload keys: modules/upload_keys grants the private ring and the public keys separately.
+    upload = root.modules["upload_keys"]
+    for kind, secret in (("private_accessors", "upload_keys"), ("public_accessors", "upload_public_keys")):
+        for function, email in upload[kind].items():
+            assert email == f"${{module.functions.service_account_emails.{function}}}"
+            result.setdefault(function, set()).add(("secret", "roles/secretmanager.secretAccessor", secret))
     return result
 
 
 def test_every_tf_file_parses_and_modules_exist(root: Module, modules: dict[str, Module]) -> None:
-    assert {"storage", "pubsub", "firestore", "functions", "scheduler", "secrets"} <= set(modules)
+    assert {"storage", "pubsub", "firestore", "functions", "scheduler", "secrets", "upload_keys"} <= set(modules)
     for name, call in root.modules.items():
         assert call["source"] == f"./modules/{name}"
         # Every argument the root passes is a declared variable of the module.
@@ -291,6 +307,20 @@ def test_secrets_are_injected_only_into_api_key_functions(modules: dict[str, Mod
             assert [(s["key"], s["secret"]) for s in secrets] == [("FEDCOMPUTE_API_KEY", "${var.api_key_secret_id}")]
         else:
             assert secrets == [], f"{function} must not see the API key"
+
+
+def test_only_ingestion_and_aggregator_see_the_private_upload_keys(modules: dict[str, Module]) -> None:
+    mounted = {}
+    for function, body in modules["functions"].of_type("google_cloudfunctions2_function").items():
+        dynamic = block(body, "service_config").get("dynamic", [])
+        mounted[function] = sorted(d["secret_environment_variables"]["content"][0]["key"] for d in dynamic
+                                   if "secret_environment_variables" in d)
+    assert mounted == {f: [] for f in mounted} | {"result_ingestion": ["FEDCOMPUTE_UPLOAD_KEYS"],
+                                                  "aggregator": ["FEDCOMPUTE_UPLOAD_KEYS"],
+                                                  "task_assignment": ["FEDCOMPUTE_UPLOAD_PUBLIC_KEYS"]}
+    resources = modules["upload_keys"].of_type("google_secret_manager_secret_iam_member")
+    assert resources["private_accessor"]["secret_id"] == "${google_secret_manager_secret.upload_keys.secret_id}"
+    assert resources["public_accessor"]["secret_id"] == "${google_secret_manager_secret.upload_public_keys.secret_id}"
 
 
 def test_only_task_assignment_is_public(modules: dict[str, Module]) -> None:
@@ -516,7 +546,7 @@ IMPORT_TO_DISTRIBUTION = {
     "google.api_core": "google-api-core", "google.auth": "google-auth", "google.oauth2": "google-auth",
     "google.cloud.storage": "google-cloud-storage",
     "google.cloud.pubsub_v1": "google-cloud-pubsub", "google.cloud.firestore": "google-cloud-firestore",
-    "google.cloud.firestore_v1": "google-cloud-firestore",
+    "google.cloud.firestore_v1": "google-cloud-firestore", "cryptography": "cryptography",
 }
 
 

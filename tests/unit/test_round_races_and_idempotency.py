@@ -141,7 +141,7 @@ def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner(store, 
     assert again.outcome == "DUPLICATE" and events.ready == [key]
 
 
-def test_aggregator_completes_a_round_with_a_missing_update_and_an_overflowing_metric_sum(store, blobs, events):
+def test_aggregator_completes_a_round_with_a_missing_update_and_a_hostile_metric_statistic(store, blobs, events):
     task, weights = _open(store, blobs, report_goal=2, max_size=3)
     key = RoundKey(POP, task.task_id, 1)
     for i in range(3):
@@ -149,15 +149,29 @@ def test_aggregator_completes_a_round_with_a_missing_update_and_an_overflowing_m
         store.create_assignment(AssignmentRecord(aid, POP, task.task_id, 1, AssignmentStatus.UPLOAD_COMPLETED, "1", i,
                                                  0, 0))
         delta = [("trainable/0", np.full((4, 3), i + 1, np.float32)), ("trainable/1", np.ones(3, np.float32))]
-        huge = {name: np.full_like(value, 1e308) for name, value in _stats().items()}
+        # a1's loss statistics (1e308) are more than one device can produce: the aggregator
+        # re-checks the contribution bounds and skips it, so the round's sum cannot overflow.
+        stats = {name: np.full_like(value, 1e308) for name, value in _stats().items()} if i == 1 else _stats()
         if i < 2:  # a2 was accepted but its object is gone
             blobs.write(SETTINGS.gradient_bucket, layout.gradient_path(POP, task.task_id, 1, aid),
-                        encode_client_update(delta, 5, huge))
+                        encode_client_update(delta, 5, stats))
     store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
-    with np.errstate(over="ignore"):
-        outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
+    outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
     assert outcome.status == "AGGREGATED"
     assert outcome.metrics["server/aggregator/missing_updates"] == 1.0
-    assert outcome.metrics["server/aggregator/metrics_overflowed"] == 1.0  # loss: 1e308 + 1e308
-    assert "server/client_work/train/loss" not in outcome.metrics
+    assert outcome.metrics["server/aggregator/metrics_overflowed"] == 0.0
+    assert outcome.metrics["server/client_work/train/loss"] == pytest.approx(1.0)  # a0's alone
     assert store.get_iteration(key).status == IterationStatus.COMPLETED
+
+
+def test_a_metric_whose_round_sum_overflows_is_left_out_and_counted():
+    """Defence in depth behind the contribution bounds: an overflowed sum drops that metric
+    from the round's metrics (counted) instead of failing the round."""
+    huge = {name: np.full_like(value, 1e308) for name, value in _stats().items()}
+    with np.errstate(over="ignore"):
+        sums = {name: value + value for name, value in huge.items()}
+    faults = {aggregator.MISSING_UPDATES: 0, aggregator.METRICS_OVERFLOWED: 0}
+    assert aggregator.valid_metric_sums(("loss",), sums, faults) == {}
+    assert faults[aggregator.METRICS_OVERFLOWED] == 1
+    assert set(aggregator.valid_metric_sums(("loss",), _stats(), faults)) == {"loss/count", "loss/sum"}
+    assert faults[aggregator.METRICS_OVERFLOWED] == 1

@@ -136,3 +136,18 @@ def test_kill_worker_binaries_kills_ours_and_spares_others() -> None:
         for proc in [*parent.children(), parent]:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+
+
+def test_the_stack_plans_a_scheduler_ticker_and_keeps_private_keys_to_two_functions(tmp_path: Path) -> None:
+    """Issue 13: something must tick the scheduler locally; only ingestion and the aggregator open uploads."""
+    from fedcompute.crypto.hpke import KEYS_FILE_ENV, PUBLIC_KEYS_FILE_ENV
+    from fedcompute.stack.local import PRIVATE_KEY_HOLDERS, TICKER
+
+    stack = LocalStack(tmp_path, task_builder_port=0)
+    comps = {c.name: c for c in stack._plan()}
+    assert comps[TICKER].kind == "process" and comps[TICKER].health == "process"
+    client_env = stack._client_env(comps)
+    assert PUBLIC_KEYS_FILE_ENV in client_env and KEYS_FILE_ENV not in client_env
+    assert set(PRIVATE_KEY_HOLDERS) == {"result_ingestion", "aggregator"}
+    without_scheduler = LocalStack(tmp_path / "b", task_builder_port=0, functions=("task_assignment",))
+    assert TICKER not in {c.name for c in without_scheduler._plan()}

@@ -143,3 +143,7 @@ def test_scheduler_republishes_unpublished_and_stuck_rounds(store, blobs, events
     assert scheduler.tick(store, events, now=lambda: 20.0).republished == []  # published, not stuck yet
     assert scheduler.tick(store, events, now=lambda: 10_000.0).republished == [key]  # stuck
     assert events.ready == [key, key]
+    # Issue 13: one re-publish per timeout, not one more aggregator run on every tick.
+    assert scheduler.tick(store, events, now=lambda: 10_030.0).republished == []
+    timeout = scheduler.Timeouts().aggregation
+    assert scheduler.tick(store, events, now=lambda: 10_001.0 + timeout).republished == [key]

@@ -66,6 +66,9 @@ locals {
     FEDCOMPUTE_AGGREGATE_BUCKET   = var.buckets.aggregate
     FEDCOMPUTE_STORAGE_PUBLIC_URL = ""
     LOG_EXECUTION_ID              = "true"
+    # Devices sign their requests; uploads are sealed once upload keys are configured.
+    FEDCOMPUTE_DEVICE_AUTH       = "required"
+    FEDCOMPUTE_UPLOAD_ENCRYPTION = var.upload_keys_configured ? "required" : "optional"
     # TensorFlow's C++ log lines are plain text (even at import): off, so the logs are JSON only;
     # failures still surface as Python exceptions, logged as JSON with their traceback.
     TF_CPP_MIN_LOG_LEVEL = "3"
@@ -326,6 +329,17 @@ resource "google_cloudfunctions2_function" "task_assignment" {
     ingress_settings                 = "ALLOW_ALL"
     all_traffic_on_latest_revision   = true
     environment_variables            = local.common_env
+
+    # The public upload key handed to devices in their assignment (issue 13).
+    dynamic "secret_environment_variables" {
+      for_each = var.upload_keys_configured ? [var.upload_public_keys_secret_id] : []
+      content {
+        project_id = var.project_id
+        key        = "FEDCOMPUTE_UPLOAD_PUBLIC_KEYS"
+        secret     = secret_environment_variables.value
+        version    = "latest"
+      }
+    }
   }
 
   depends_on = [google_project_iam_member.build_logs, google_project_iam_member.build_images, google_storage_bucket_iam_member.build_sources]
@@ -406,6 +420,17 @@ resource "google_cloudfunctions2_function" "result_ingestion" {
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
     environment_variables            = local.common_env
+
+    # HPKE private key ring (issue 13): only result_ingestion and aggregator open uploads.
+    dynamic "secret_environment_variables" {
+      for_each = var.upload_keys_configured ? [var.upload_keys_secret_id] : []
+      content {
+        project_id = var.project_id
+        key        = "FEDCOMPUTE_UPLOAD_KEYS"
+        secret     = secret_environment_variables.value
+        version    = "latest"
+      }
+    }
   }
 
   event_trigger {
@@ -497,6 +522,17 @@ resource "google_cloudfunctions2_function" "aggregator" {
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
     environment_variables            = local.common_env
+
+    # HPKE private key ring (issue 13): only result_ingestion and aggregator open uploads.
+    dynamic "secret_environment_variables" {
+      for_each = var.upload_keys_configured ? [var.upload_keys_secret_id] : []
+      content {
+        project_id = var.project_id
+        key        = "FEDCOMPUTE_UPLOAD_KEYS"
+        secret     = secret_environment_variables.value
+        version    = "latest"
+      }
+    }
   }
 
   depends_on = [google_project_iam_member.build_logs, google_project_iam_member.build_images, google_storage_bucket_iam_member.build_sources]

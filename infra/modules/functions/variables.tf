@@ -87,3 +87,18 @@ variable "public_task_assignment" {
   type        = bool
   default     = true
 }
+
+variable "upload_keys_secret_id" {
+  description = "Secret id of the HPKE private key ring (mounted into result_ingestion and aggregator)."
+  type        = string
+}
+
+variable "upload_public_keys_secret_id" {
+  description = "Secret id of the HPKE public keys (mounted into task_assignment)."
+  type        = string
+}
+
+variable "upload_keys_configured" {
+  description = "Whether the upload key secrets have a version (then sealed uploads are required)."
+  type        = bool
+}

@@ -127,3 +127,14 @@ resource "google_service_account_iam_member" "push_token_creator" {
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = local.pubsub_agent
 }
+
+# The scheduler replays dead-lettered round-ready messages (issue 13): it pulls them from the
+# dead-letter topic's "-inspect" subscription and publishes them again on their topic.
+resource "google_pubsub_subscription_iam_member" "dead_letter_replayer" {
+  for_each = var.dead_letter_replayers
+
+  project      = var.project_id
+  subscription = google_pubsub_subscription.dead_letter_inspect[each.value.topic].name
+  role         = "roles/pubsub.subscriber"
+  member       = "serviceAccount:${each.value.email}"
+}

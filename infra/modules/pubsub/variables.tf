@@ -52,3 +52,9 @@ variable "maximum_backoff" {
   type        = string
   default     = "600s"
 }
+
+variable "dead_letter_replayers" {
+  description = "Service accounts that replay a topic's dead letters (pull from its -dead-letter-inspect subscription), by name: {topic, email}."
+  type        = map(object({ topic = string, email = string }))
+  default     = {}
+}

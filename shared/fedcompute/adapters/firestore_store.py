@@ -299,6 +299,9 @@ class FirestoreTaskStore:
                 batch.commit()
             except exceptions.Conflict as error:
                 if self._assignment(key, record.assignment_id).get().exists:
+                    # This id (one per identity and round) is taken: the slot goes back to the free
+                    # pool, so repeated check-ins of one identity cannot use up the round's slots.
+                    self._round(key).collection("free_slots").document(str(slot)).set({"slot": slot})
                     raise ConflictError(f"assignment {record.assignment_id} already exists") from error
                 continue  # a slot of the free pool that someone re-claimed meanwhile: take another
             return SlotClaim(claimed, frozenset(known))

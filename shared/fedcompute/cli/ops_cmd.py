@@ -25,6 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plot.add_argument("--task", type=int, default=None)
     plot.add_argument("--out", default="out/ops", help="output directory (default out/ops)")
     plot.set_defaults(func=run_ops_plot)
+    replay = sub.add_parser("replay", help="publish dead-lettered upload notifications and round-ready messages again")
+    replay.add_argument("--max-messages", type=int, default=100, help="per topic (default 100)")
+    replay.set_defaults(func=run_ops_replay)
+    rotate = sub.add_parser("rotate-upload-key",
+                            help="new HPKE upload key for check-ins; older keys still open in-flight uploads")
+    rotate.add_argument("--key-dir", default=None,
+                        help="where the key ring lives (default: <$FEDCOMPUTE_STACK_STATE_DIR>/keys, the local "
+                        "stack's); for the cloud, a private folder passed to Terraform as upload_keys_dir")
+    rotate.set_defaults(func=run_rotate_upload_key)
     ops.set_defaults(func=lambda args: (ops.print_help(sys.stderr), 2)[1])
 
     dashboard = subparsers.add_parser("dashboard", help="serve the monitoring dashboard locally")
@@ -63,6 +72,41 @@ def run_ops_plot(args: argparse.Namespace) -> int:
     for task in ops:
         for figure in plot_ops(task, Path(args.out)):
             print(f"{figure.path}  ({figure.title})")
+    return 0
+
+
+def run_ops_replay(args: argparse.Namespace) -> int:
+    from fedcompute.adapters.clients import make_clients
+    from fedcompute.adapters.deadletters import replay_dead_letters, replayable_topics
+    from fedcompute.cli.metrics_cmd import connect
+
+    if args.max_messages < 1:
+        print("error: --max-messages must be >= 1", file=sys.stderr)
+        return 2
+    settings, _, _ = connect()
+    clients = make_clients(settings)
+    report = replay_dead_letters(clients.subscriber, clients.publisher, settings.project,
+                                 replayable_topics(settings.topics), max_messages=args.max_messages)
+    for topic in replayable_topics(settings.topics):
+        print(f"{topic}: {report.replayed.get(topic, 0)} replayed, "
+              f"{report.left_for_operator.get(topic, 0)} left (replayed too often already)")
+    return 0
+
+
+def run_rotate_upload_key(args: argparse.Namespace) -> int:
+    import os
+
+    from fedcompute.crypto.hpke import KEY_DIR_NAME, describe, rotate_key_files
+
+    state_dir = os.environ.get("FEDCOMPUTE_STACK_STATE_DIR")
+    if not args.key_dir and not state_dir:
+        print("error: no key dir: pass --key-dir DIR, or run `eval \"$(fedcompute stack env)\"` for the local "
+              "stack's", file=sys.stderr)
+        return 2
+    key_dir = Path(args.key_dir) if args.key_dir else Path(str(state_dir)) / KEY_DIR_NAME
+    ring = rotate_key_files(key_dir)
+    print(f"key ring in {key_dir} (upload_keys.json is private: keep it out of version control)", file=sys.stderr)
+    print(strict_json.dumps(describe(ring), indent=2))
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedcompute.errors import DeviceComputationError
 from fedcompute.fleet.protocol import DeviceHttpClient, Rejected, require_uri
+from fedcompute.identity import DeviceKey
 from fedcompute.plans import ClientPlan, UnpackedPlan, unpack_client_plan
 from fedcompute.proto import task_assignment_pb2
 
@@ -123,43 +124,44 @@ class SimulatedDevice:
     last_contribution: dict[str, int] = field(default_factory=dict)  # task name -> round
     fail_probability: float = 0.0
     runtime: Any = "auto"  # auto | tflite | tensorflow, or a fedcompute.fleet.runtimes.DeviceRuntime
+    key: DeviceKey = field(default_factory=DeviceKey.generate)  # its identity (signs its requests)
 
     def run_session(self, client: DeviceHttpClient, population: str, cache: PlanCache) -> SessionOutcome:
-        assignment = client.create_task_assignment(population, self.version_code)
+        assignment = client.create_task_assignment(population, self.version_code, key=self.key)
         if isinstance(assignment, Rejected):
             return SessionOutcome("REJECTED", self.rng.uniform(assignment.retry_min_s, assignment.retry_max_s),
                                   detail=assignment.reason)
         round_number = int(assignment.aggregation_id)
         outcome = SessionOutcome("UPLOADED", task_id=assignment.task_id, round_number=round_number)
         if not self._eligible(assignment):
-            client.report_result(assignment.self_uri, Result.NOT_ELIGIBLE)
+            client.report_result(assignment.self_uri, Result.NOT_ELIGIBLE, key=self.key)
             outcome.status = "NOT_ELIGIBLE"
             return outcome
         plan = cache.plan(require_uri(assignment.plan, "plan"), client)
         weights = cache.checkpoint(require_uri(assignment.init_checkpoint, "init_checkpoint"), client, plan.plan)
         examples = self._examples(population, assignment.task_name, plan.plan)
         if not examples:
-            client.report_result(assignment.self_uri, Result.NOT_ELIGIBLE)
+            client.report_result(assignment.self_uri, Result.NOT_ELIGIBLE, key=self.key)
             outcome.status = "NOT_ELIGIBLE"
             outcome.detail = "no examples"
             return outcome
         if self.fail_probability and self.rng.random() < self.fail_probability:
-            client.report_result(assignment.self_uri, Result.FAILED_MODEL_COMPUTATION)
+            client.report_result(assignment.self_uri, Result.FAILED_MODEL_COMPUTATION, key=self.key)
             outcome.status = "FAILED"
             return outcome
         try:
             payload = self._compute(plan, weights, examples)
         except DeviceComputationError as error:  # never a silent success: the server learns why
             log.warning("device %d cannot run the plan: %s", self.device_id, error)
-            client.report_result(assignment.self_uri, Result.Value(error.result))  # type: ignore[arg-type]
+            client.report_result(assignment.self_uri, Result.Value(error.result), key=self.key)  # type: ignore[arg-type]
             outcome.status = "FAILED"
             outcome.detail = f"{error.result}: {error}"
             return outcome
-        instruction = client.report_result(assignment.self_uri, Result.COMPLETED)
+        instruction = client.report_result(assignment.self_uri, Result.COMPLETED, key=self.key)
         if not isinstance(instruction, task_assignment_pb2.UploadInstruction):
             outcome.status = "DROPPED"  # the round closed while we trained
             return outcome
-        status = client.upload(instruction, payload)
+        status = client.upload(instruction, payload, assignment)
         if status not in (200, 201):
             outcome.status = "UPLOAD_REFUSED"
             outcome.detail = f"HTTP {status}"

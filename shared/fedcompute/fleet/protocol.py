@@ -1,7 +1,10 @@
 """Device side of the ODP Federated Compute HTTP protocol (light: requests + protobuf).
 
 What an Android federated-compute client does over HTTP: check in, download the plan and
-checkpoint, report the result, upload the update (gzip'd if the instruction says so) to the instructed location.
+checkpoint, report the result, upload the update (gzip'd if the instruction says so) to the
+instructed location. Besides ODP, every check-in and report is signed with the device's key
+(``DeviceAuth``, :mod:`fedcompute.identity`) and the update is HPKE-sealed to the key the
+assignment names (:mod:`fedcompute.crypto.hpke`).
 """
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ import gzip
 import threading
 import urllib.parse
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
 from google.protobuf.message import Message
 
+from fedcompute.crypto.hpke import PublicUploadKey, seal_update
 from fedcompute.errors import FedComputeError, InvalidRequestError, TransientError
+from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.proto import common_pb2, task_assignment_pb2
 
 _M = TypeVar("_M", bound=Message)
@@ -27,6 +32,21 @@ class ProtocolError(FedComputeError):
     """The server answered something a device cannot use (status and body in the message)."""
 
 
+class RateLimited(ProtocolError):
+    """HTTP 429: this device identity asked too often; ``retry_after_s`` from ``Retry-After``."""
+
+    def __init__(self, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return max(1.0, float(response.headers.get("Retry-After", "60")))
+    except ValueError:
+        return 60.0
+
+
 @dataclass(frozen=True)
 class Rejected:
     reason: str
@@ -35,12 +55,22 @@ class Rejected:
 
 
 class DeviceHttpClient:
-    """One HTTP session per device process (connection reuse); thread-safe for our use."""
+    """One HTTP session per device process (connection reuse); thread-safe for our use.
 
-    def __init__(self, assignment_url: str, *, timeout: float = 60.0) -> None:
+    Requests are signed with the ``key`` passed per call (a device's own key). Without one,
+    each check-in gets a fresh key, kept for that assignment's report-result: the client
+    then behaves as a new device per check-in (tests, ODP-style callers).
+    """
+
+    def __init__(self, assignment_url: str, *, timeout: float = 60.0, sign: bool = True) -> None:
         self._base = assignment_url.rstrip("/")
         self._timeout = timeout
+        self._sign = sign
         self._local = threading.local()
+        # self_uri -> (the key that checked in, its assignment); upload location -> assignment
+        self._sessions: dict[str, tuple[DeviceKey, task_assignment_pb2.TaskAssignment]] = {}
+        self._uploads: dict[str, task_assignment_pb2.TaskAssignment] = {}
+        self._sessions_lock = threading.Lock()
 
     @property
     def _session(self) -> requests.Session:
@@ -49,8 +79,17 @@ class DeviceHttpClient:
             session = self._local.session = _keep_alive_session()
         return session
 
-    def _call(self, method: str, path: str, message: Message, response_cls: type[_M]) -> tuple[int, _M]:
+    def session_key(self, self_uri: str) -> DeviceKey | None:
+        """The key that checked in for ``self_uri`` (None if this client did not)."""
+        with self._sessions_lock:
+            session = self._sessions.get(self_uri)
+        return session[0] if session else None
+
+    def _call(self, method: str, path: str, message: Message, response_cls: type[_M],
+              key: DeviceKey | None = None) -> tuple[int, _M]:
         url = f"{self._base}{TASK_ASSIGNMENT_PREFIX}{path}"
+        if key is not None and self._sign:
+            sign_message(key, message, method, urllib.parse.unquote(f"{TASK_ASSIGNMENT_PREFIX}{path}"))
         for attempt in (1, 2):
             try:
                 response = self._session.request(
@@ -68,6 +107,8 @@ class DeviceHttpClient:
                 raise TransientError(f"{method} {url} failed: {error}") from error
         if response.status_code >= 500:
             raise TransientError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
+        if response.status_code == 429:  # this identity's rate limit: come back after Retry-After
+            raise RateLimited(_retry_after(response), f"{method} {url}: HTTP 429: {response.text[:300]}")
         if response.status_code >= 400:
             raise ProtocolError(f"{method} {url}: HTTP {response.status_code}: {response.text[:500]}")
         parsed = response_cls()
@@ -75,27 +116,43 @@ class DeviceHttpClient:
         return response.status_code, parsed
 
     def create_task_assignment(
-        self, population: str, version_code: str
+        self, population: str, version_code: str, *, key: DeviceKey | None = None
     ) -> task_assignment_pb2.TaskAssignment | Rejected:
+        key = key or DeviceKey.generate()
         request = task_assignment_pb2.CreateTaskAssignmentRequest(
             client_version=common_pb2.ClientVersion(version_code=version_code),
             resource_capabilities=common_pb2.ResourceCapabilities(
                 supported_compression_formats=[common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP]),
         )
         path = f"/population/{urllib.parse.quote(population, safe='')}:create-task-assignment"
-        _, response = self._call("POST", path, request, task_assignment_pb2.CreateTaskAssignmentResponse)
+        try:
+            _, response = self._call("POST", path, request, task_assignment_pb2.CreateTaskAssignmentResponse, key)
+        except RateLimited as limited:
+            return Rejected("RATE_LIMITED", limited.retry_after_s, 2 * limited.retry_after_s)
         if response.WhichOneof("result") == "task_assignment":
-            return response.task_assignment
+            assignment = response.task_assignment
+            with self._sessions_lock:
+                _remember(self._sessions, assignment.self_uri, (key, assignment))
+            return assignment
         return _rejected(response.rejection_info)
 
     def report_result(
-        self, self_uri: str, result: task_assignment_pb2.ReportResultRequest.Result
+        self, self_uri: str, result: task_assignment_pb2.ReportResultRequest.Result, *,
+        key: DeviceKey | None = None
     ) -> task_assignment_pb2.UploadInstruction | Rejected | None:
+        with self._sessions_lock:
+            session = self._sessions.get(self_uri)
+        if key is None and session is not None:
+            key = session[0]
         request = task_assignment_pb2.ReportResultRequest(result=result)
-        _, response = self._call("PUT", f"{self_uri}:report-result", request, task_assignment_pb2.ReportResultResponse)
+        _, response = self._call("PUT", f"{self_uri}:report-result", request, task_assignment_pb2.ReportResultResponse,
+                                 key)
         if response.HasField("rejection_info"):
             return _rejected(response.rejection_info)
         if response.HasField("upload_instruction"):
+            if session is not None:
+                with self._sessions_lock:
+                    _remember(self._uploads, response.upload_instruction.upload_location, session[1])
             return response.upload_instruction
         return None
 
@@ -108,13 +165,23 @@ class DeviceHttpClient:
             raise ProtocolError(f"GET {url}: HTTP {response.status_code}")
         return response.content
 
-    def upload(self, instruction: task_assignment_pb2.UploadInstruction, payload: bytes) -> int:
-        """PUT ``payload``, gzip'd if the instruction's compression_format asks; returns the HTTP status."""
-        body = payload
-        if instruction.HasField("compression_format") and \
-                instruction.compression_format == common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP:
-            # Level 1: ~5x faster than the default on float deltas for a ~1% larger body.
-            body = gzip.compress(payload, compresslevel=1, mtime=0)
+    def upload(self, instruction: task_assignment_pb2.UploadInstruction, payload: bytes,
+               assignment: task_assignment_pb2.TaskAssignment | None = None) -> int:
+        """PUT ``payload``, gzip'd if the instruction's compression_format asks and HPKE-sealed
+        when ``assignment`` names an upload key; returns the HTTP status."""
+        compress = instruction.HasField("compression_format") and \
+            instruction.compression_format == common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP
+        # Level 1: ~5x faster than the default on float deltas for a ~1% larger body.
+        body = gzip.compress(payload, compresslevel=1, mtime=0) if compress else payload
+        if assignment is None:
+            with self._sessions_lock:
+                assignment = self._uploads.get(instruction.upload_location)
+        if assignment is not None and assignment.HasField("upload_encryption"):
+            encryption = assignment.upload_encryption
+            body = seal_update(body, PublicUploadKey(encryption.key_id, bytes(encryption.public_key)),
+                               assignment_id=assignment.assignment_id)
+            if compress:  # the object is stored with Content-Encoding: gzip
+                body = gzip.compress(body, compresslevel=1, mtime=0)
         headers = dict(instruction.extra_request_headers)
         try:
             response = self._session.put(instruction.upload_location, data=body, headers=headers,
@@ -124,6 +191,16 @@ class DeviceHttpClient:
         if response.status_code >= 500:
             raise TransientError(f"upload: HTTP {response.status_code}")
         return response.status_code
+
+
+_MAX_REMEMBERED = 100_000
+
+
+def _remember(table: dict[str, Any], key: str, value: Any) -> None:
+    """Insert into a bounded insertion-ordered table (the oldest entries are forgotten)."""
+    table[key] = value
+    while len(table) > _MAX_REMEMBERED:
+        table.pop(next(iter(table)))
 
 
 def _keep_alive_session() -> requests.Session:

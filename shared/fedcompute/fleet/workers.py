@@ -35,6 +35,7 @@ from fedcompute.errors import FedComputeError
 from fedcompute.fleet.device import ArrayApp, PlanCache, SessionOutcome, SimulatedDevice
 from fedcompute.fleet.population import PopulationSpec
 from fedcompute.fleet.protocol import DeviceHttpClient
+from fedcompute.identity import DeviceKey
 
 log = logging.getLogger(__name__)
 
@@ -93,28 +94,28 @@ class _TimedClient(DeviceHttpClient):
     def tally(self) -> tuple[dict[str, float], int]:
         return dict(self._tally.steps), self._tally.downloads
 
-    def _timed(self, step: str, call: Callable[..., Any], *args: Any) -> Any:
+    def _timed(self, step: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return call(*args)
+            return call(*args, **kwargs)
         finally:
             steps = getattr(self._tally, "steps", None)
             if steps is not None:
                 steps[step] += time.perf_counter() - start
 
-    def create_task_assignment(self, population: str, version_code: str) -> Any:
-        return self._timed("check_in", super().create_task_assignment, population, version_code)
+    def create_task_assignment(self, population: str, version_code: str, *, key: DeviceKey | None = None) -> Any:
+        return self._timed("check_in", super().create_task_assignment, population, version_code, key=key)
 
-    def report_result(self, self_uri: str, result: int) -> Any:
-        return self._timed("report", super().report_result, self_uri, result)
+    def report_result(self, self_uri: str, result: Any, *, key: DeviceKey | None = None) -> Any:
+        return self._timed("report", super().report_result, self_uri, result, key=key)
 
     def download(self, url: str) -> bytes:
         if hasattr(self._tally, "downloads"):
             self._tally.downloads += 1
         return self._timed("download", super().download, url)
 
-    def upload(self, instruction: Any, payload: bytes) -> int:
-        return self._timed("upload", super().upload, instruction, payload)
+    def upload(self, instruction: Any, payload: bytes, assignment: Any = None) -> int:
+        return self._timed("upload", super().upload, instruction, payload, assignment)
 
 
 _WARM = threading.Event()

@@ -43,16 +43,26 @@ from fedcompute.learning.dp_core import (
 )
 from fedcompute.learning.tensor_codec import ClientUpdate, SpecLike
 
+# Clipping is always on: DP type NONE means no noise, not no clip. Without a configured
+# clip_norm, every update's L2 norm is clipped to this (so one 1e30 update moves the mean
+# by at most DEFAULT_CLIP_NORM / report_goal); honest FedAvg deltas are far smaller.
+DEFAULT_CLIP_NORM = 10.0
+
 
 @dataclass(frozen=True)
 class NoDpAggregator:
-    """No DP: no clipping, no noise; the mean is over the accepted updates (TFF's unweighted mean)."""
+    """No DP: no noise; the mean of the clipped accepted updates (TFF's unweighted mean).
+
+    The clip is ``clip_norm`` or :data:`DEFAULT_CLIP_NORM`: never unbounded, since every
+    device is untrusted.
+    """
 
     params: DpParams
     mechanism: ClassVar[None] = None
 
     def start(self, spec: SpecLike, state: DpState) -> RoundAccumulator:
-        return start_at_state_clip(self.mechanism, spec, state)
+        # Checkpoints written before clipping was always on carry clip_norm None.
+        return start_at_state_clip(self.mechanism, spec, replace(state, clip_norm=state.clip_norm or DEFAULT_CLIP_NORM))
 
     def add(self, acc: RoundAccumulator, update: ClientUpdate) -> RoundAccumulator:
         return add_update(acc, update)
@@ -71,7 +81,7 @@ class NoDpAggregator:
             raise ConfigError(f"clip_norm must be > 0, got {p.clip_norm}", location="differential_privacy.clip_norm")
 
     def initial_state(self) -> DpState:
-        return DpState(None, self.params.clip_norm, 0.0)
+        return DpState(None, self.params.clip_norm or DEFAULT_CLIP_NORM, 0.0)
 
     def finish(
         self, acc: RoundAccumulator, state: DpState, *, report_goal: int, seed: int | None = None

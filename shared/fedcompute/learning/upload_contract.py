@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedcompute.learning import metric_stats
-from fedcompute.learning.tensor_codec import decode_client_update
+from fedcompute.learning.contribution_bounds import check_device_contribution
+from fedcompute.learning.tensor_codec import ClientUpdate, decode_client_update
 from fedcompute.tasks.records import TaskRecord
 
 SpecTriples = list[tuple[str, tuple[int, ...], str]]
@@ -27,11 +28,20 @@ def update_spec(task: TaskRecord) -> SpecTriples:
     return [(s.name, s.shape, s.dtype) for s in task.update_spec]
 
 
+def decode_upload(data: bytes, task: TaskRecord, *, max_bytes: int | None = None) -> ClientUpdate:
+    """A device upload decoded against ``task``'s shapes and metrics, and checked against what
+    one honest device can contribute (:mod:`fedcompute.learning.contribution_bounds`)."""
+    update = decode_client_update(data, expected_spec=update_spec(task), max_bytes=max_bytes,
+                                  expected_metric_spec=metric_statistics_spec(task.metrics))
+    check_device_contribution(update.num_examples, update.metric_statistics, max_examples=task.max_device_examples)
+    return update
+
+
 def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, TaskRecord], None]:
-    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics."""
+    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics,
+    and its example count and metric statistics are ones one honest device can produce."""
 
     def validate(data: bytes, task: TaskRecord) -> None:
-        decode_client_update(data, expected_spec=update_spec(task), max_bytes=max_bytes,
-                             expected_metric_spec=metric_statistics_spec(task.metrics))
+        decode_upload(data, task, max_bytes=max_bytes)
 
     return validate

@@ -3,6 +3,10 @@
 Each device checks in, downloads the plan and the checkpoint, reports COMPLETED and
 uploads a valid update of the checkpoint's trainable shapes (zeros plus the metric
 statistics the task expects), through :class:`fedcompute.fleet.protocol.DeviceHttpClient`.
+Each synthetic device speaks the protocol the server requires by default: it has its own
+Ed25519 key (a new identity per session) that signs its check-in and report-result, and its
+upload is HPKE-sealed to the key its assignment names. Both are cheap next to the HTTP
+calls (an Ed25519 signature and an HPKE seal of a small update take tens of microseconds).
 Threads, not processes: a device is a few HTTP calls, so one Python process keeps the
 server busy long before it runs out of CPU (``benchmarks/bench_load.py`` measures the
 generator against a do-nothing function to show its ceiling).
@@ -25,6 +29,7 @@ import numpy as np
 
 from fedcompute.errors import FedComputeError
 from fedcompute.fleet.protocol import DeviceHttpClient, Rejected, require_uri
+from fedcompute.identity import DeviceKey
 from fedcompute.proto import task_assignment_pb2
 
 COMPLETED = task_assignment_pb2.ReportResultRequest.Result.COMPLETED
@@ -155,8 +160,9 @@ def run_load(config: LoadConfig, *, client: DeviceHttpClient | None = None,
 
 def _device_session(config: LoadConfig, client: DeviceHttpClient, recorder: _Recorder,
                     updates: _UpdateFactory) -> None:
-    assignment = recorder.timed("check_in", lambda: client.create_task_assignment(config.population,
-                                                                                   config.version_code))
+    key = DeviceKey.generate()  # this synthetic device's identity: signs its check-in and report
+    assignment = recorder.timed("check_in", lambda: client.create_task_assignment(
+        config.population, config.version_code, key=key))
     if isinstance(assignment, Rejected):
         recorder.count("rejections", f"check_in:{assignment.reason}")
         return
@@ -167,14 +173,16 @@ def _device_session(config: LoadConfig, client: DeviceHttpClient, recorder: _Rec
     recorder.timed("plan_download", lambda: client.download(plan_url))
     checkpoint = recorder.timed("checkpoint_download", lambda: client.download(checkpoint_url))
     payload = updates.payload(checkpoint_url, checkpoint)
-    instruction = recorder.timed("report_result", lambda: client.report_result(assignment.self_uri, COMPLETED))
+    instruction = recorder.timed("report_result",
+                                 lambda: client.report_result(assignment.self_uri, COMPLETED, key=key))
     if isinstance(instruction, Rejected):
         recorder.count("rejections", f"report_result:{instruction.reason}")
         return
     if instruction is None:
         recorder.count("errors", "no upload instruction")
         return
-    status = recorder.timed("upload", lambda: client.upload(instruction, payload))
+    # Sealed to the assignment's upload key (the server refuses plaintext updates by default).
+    status = recorder.timed("upload", lambda: client.upload(instruction, payload, assignment))
     if status in (200, 201):
         recorder.uploaded()
     else:

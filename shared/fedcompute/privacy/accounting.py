@@ -146,6 +146,23 @@ def _gaussian_epsilon(
     return float(total.get_epsilon_for_delta(delta))
 
 
+PLD_MIN_NOISE = 0.1
+"""Below this noise multiplier ε comes from the RDP accountant, not the PLD one. The PLD's
+support grows like 1/z² (at z=0.01 a few rounds took > 10 min and 5 GiB inside the
+aggregator); RDP costs milliseconds at any z and its ε is a valid upper bound of the same
+(ε, δ) guarantee, only looser -- and at such noise ε is far beyond any budget anyway."""
+
+
+def _rdp_gaussian_epsilon(noise_multiplier: float, sampling_prob: float, rounds: int, delta: float) -> float:
+    import dp_accounting
+    from dp_accounting import rdp
+
+    event = dp_accounting.PoissonSampledDpEvent(sampling_prob, dp_accounting.GaussianDpEvent(noise_multiplier))
+    accountant = rdp.RdpAccountant()  # add-or-remove-one, like the PLD accountant
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return float(accountant.get_epsilon(delta))
+
+
 def _tree_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     import dp_accounting
     from dp_accounting import rdp
@@ -162,6 +179,8 @@ def _epsilon(mechanism: DpMechanism, noise_multiplier: float, sampling_prob: flo
         return math.inf
     if mechanism.is_tree:
         return _tree_epsilon(noise_multiplier, rounds, delta)
+    if noise_multiplier < PLD_MIN_NOISE:
+        return _rdp_gaussian_epsilon(noise_multiplier, sampling_prob, rounds, delta)
     return _gaussian_epsilon(noise_multiplier, sampling_prob, rounds, delta)
 
 

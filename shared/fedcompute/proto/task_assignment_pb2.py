@@ -16,7 +16,7 @@ from fedcompute.proto import common_pb2 as fedcompute_dot_proto_dot_common__pb2
 from fedcompute.proto import eligibility_pb2 as fedcompute_dot_proto_dot_eligibility__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedcompute/proto/task_assignment.proto\x12\x35google.ondevicepersonalization.federatedcompute.proto\x1a\x1d\x66\x65\x64\x63ompute/proto/common.proto\x1a\"fedcompute/proto/eligibility.proto\"\xc3\x01\n\x1b\x43reateTaskAssignmentRequest\x12J\n\x0e\x63lient_version\x18\x01 \x01(\x0b\x32\x32.google.internal.federatedcompute.v1.ClientVersion\x12X\n\x15resource_capabilities\x18\x02 \x01(\x0b\x32\x39.google.internal.federatedcompute.v1.ResourceCapabilities\"\xd8\x01\n\x1c\x43reateTaskAssignmentResponse\x12`\n\x0ftask_assignment\x18\x01 \x01(\x0b\x32\x45.google.ondevicepersonalization.federatedcompute.proto.TaskAssignmentH\x00\x12L\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x32.google.internal.federatedcompute.v1.RejectionInfoH\x00\x42\x08\n\x06result\"\xe5\x03\n\x0eTaskAssignment\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ggregation_id\x18\x03 \x01(\t\x12\x15\n\rassignment_id\x18\x04 \x01(\t\x12\x11\n\ttask_name\x18\x05 \x01(\t\x12\x46\n\x0finit_checkpoint\x18\x06 \x01(\x0b\x32-.google.internal.federatedcompute.v1.Resource\x12;\n\x04plan\x18\x07 \x01(\x0b\x32-.google.internal.federatedcompute.v1.Resource\x12\x10\n\x08self_uri\x18\x08 \x01(\t\x12R\n\x15\x65ligibility_task_info\x18\t \x01(\x0b\x32\x33.google.internal.federated.plan.EligibilityTaskInfo\x12|\n\x1f\x65ligibility_task_info_signature\x18\n \x01(\x0b\x32S.google.ondevicepersonalization.federatedcompute.proto.EligibilityTaskInfoSignature\"\x1e\n\x1c\x45ligibilityTaskInfoSignature\"\xea\x02\n\x13ReportResultRequest\x12\x61\n\x06result\x18\x01 \x01(\x0e\x32Q.google.ondevicepersonalization.federatedcompute.proto.ReportResultRequest.Result\x12X\n\x15resource_capabilities\x18\x02 \x01(\x0b\x32\x39.google.internal.federatedcompute.v1.ResourceCapabilities\"\x95\x01\n\x06Result\x12\x0b\n\x07UNKNOWN\x10\x00\x12\r\n\tCOMPLETED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x12\x10\n\x0cNOT_ELIGIBLE\x10\x03\x12\x1d\n\x19\x46\x41ILED_EXAMPLE_GENERATION\x10\x04\x12\x1c\n\x18\x46\x41ILED_MODEL_COMPUTATION\x10\x05\x12\x14\n\x10\x46\x41ILED_OPS_ERROR\x10\x06\"\xc8\x01\n\x14ReportResultResponse\x12\x64\n\x12upload_instruction\x18\x01 \x01(\x0b\x32H.google.ondevicepersonalization.federatedcompute.proto.UploadInstruction\x12J\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x32.google.internal.federatedcompute.v1.RejectionInfo\"\xe3\x02\n\x11UploadInstruction\x12\x17\n\x0fupload_location\x18\x01 \x01(\t\x12\x80\x01\n\x15\x65xtra_request_headers\x18\x02 \x03(\x0b\x32\x61.google.ondevicepersonalization.federatedcompute.proto.UploadInstruction.ExtraRequestHeadersEntry\x12_\n\x12\x63ompression_format\x18\x03 \x01(\x0e\x32>.google.internal.federatedcompute.v1.ResourceCompressionFormatH\x00\x88\x01\x01\x1a:\n\x18\x45xtraRequestHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x15\n\x13_compression_formatb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fedcompute/proto/task_assignment.proto\x12\x35google.ondevicepersonalization.federatedcompute.proto\x1a\x1d\x66\x65\x64\x63ompute/proto/common.proto\x1a\"fedcompute/proto/eligibility.proto\"\x9b\x02\n\x1b\x43reateTaskAssignmentRequest\x12J\n\x0e\x63lient_version\x18\x01 \x01(\x0b\x32\x32.google.internal.federatedcompute.v1.ClientVersion\x12X\n\x15resource_capabilities\x18\x02 \x01(\x0b\x32\x39.google.internal.federatedcompute.v1.ResourceCapabilities\x12V\n\x0b\x64\x65vice_auth\x18\x64 \x01(\x0b\x32\x41.google.ondevicepersonalization.federatedcompute.proto.DeviceAuth\"X\n\nDeviceAuth\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"H\n\x10UploadEncryption\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x10\n\x08required\x18\x03 \x01(\x08\"\xd8\x01\n\x1c\x43reateTaskAssignmentResponse\x12`\n\x0ftask_assignment\x18\x01 \x01(\x0b\x32\x45.google.ondevicepersonalization.federatedcompute.proto.TaskAssignmentH\x00\x12L\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x32.google.internal.federatedcompute.v1.RejectionInfoH\x00\x42\x08\n\x06result\"\xc9\x04\n\x0eTaskAssignment\x12\x17\n\x0fpopulation_name\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61ggregation_id\x18\x03 \x01(\t\x12\x15\n\rassignment_id\x18\x04 \x01(\t\x12\x11\n\ttask_name\x18\x05 \x01(\t\x12\x46\n\x0finit_checkpoint\x18\x06 \x01(\x0b\x32-.google.internal.federatedcompute.v1.Resource\x12;\n\x04plan\x18\x07 \x01(\x0b\x32-.google.internal.federatedcompute.v1.Resource\x12\x10\n\x08self_uri\x18\x08 \x01(\t\x12R\n\x15\x65ligibility_task_info\x18\t \x01(\x0b\x32\x33.google.internal.federated.plan.EligibilityTaskInfo\x12|\n\x1f\x65ligibility_task_info_signature\x18\n \x01(\x0b\x32S.google.ondevicepersonalization.federatedcompute.proto.EligibilityTaskInfoSignature\x12\x62\n\x11upload_encryption\x18\x64 \x01(\x0b\x32G.google.ondevicepersonalization.federatedcompute.proto.UploadEncryption\"\x1e\n\x1c\x45ligibilityTaskInfoSignature\"\xc2\x03\n\x13ReportResultRequest\x12\x61\n\x06result\x18\x01 \x01(\x0e\x32Q.google.ondevicepersonalization.federatedcompute.proto.ReportResultRequest.Result\x12X\n\x15resource_capabilities\x18\x02 \x01(\x0b\x32\x39.google.internal.federatedcompute.v1.ResourceCapabilities\x12V\n\x0b\x64\x65vice_auth\x18\x64 \x01(\x0b\x32\x41.google.ondevicepersonalization.federatedcompute.proto.DeviceAuth\"\x95\x01\n\x06Result\x12\x0b\n\x07UNKNOWN\x10\x00\x12\r\n\tCOMPLETED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x12\x10\n\x0cNOT_ELIGIBLE\x10\x03\x12\x1d\n\x19\x46\x41ILED_EXAMPLE_GENERATION\x10\x04\x12\x1c\n\x18\x46\x41ILED_MODEL_COMPUTATION\x10\x05\x12\x14\n\x10\x46\x41ILED_OPS_ERROR\x10\x06\"\xc8\x01\n\x14ReportResultResponse\x12\x64\n\x12upload_instruction\x18\x01 \x01(\x0b\x32H.google.ondevicepersonalization.federatedcompute.proto.UploadInstruction\x12J\n\x0erejection_info\x18\x02 \x01(\x0b\x32\x32.google.internal.federatedcompute.v1.RejectionInfo\"\xe3\x02\n\x11UploadInstruction\x12\x17\n\x0fupload_location\x18\x01 \x01(\t\x12\x80\x01\n\x15\x65xtra_request_headers\x18\x02 \x03(\x0b\x32\x61.google.ondevicepersonalization.federatedcompute.proto.UploadInstruction.ExtraRequestHeadersEntry\x12_\n\x12\x63ompression_format\x18\x03 \x01(\x0e\x32>.google.internal.federatedcompute.v1.ResourceCompressionFormatH\x00\x88\x01\x01\x1a:\n\x18\x45xtraRequestHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x15\n\x13_compression_formatb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -26,21 +26,25 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_UPLOADINSTRUCTION_EXTRAREQUESTHEADERSENTRY']._options = None
   _globals['_UPLOADINSTRUCTION_EXTRAREQUESTHEADERSENTRY']._serialized_options = b'8\001'
   _globals['_CREATETASKASSIGNMENTREQUEST']._serialized_start=165
-  _globals['_CREATETASKASSIGNMENTREQUEST']._serialized_end=360
-  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_start=363
-  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_end=579
-  _globals['_TASKASSIGNMENT']._serialized_start=582
-  _globals['_TASKASSIGNMENT']._serialized_end=1067
-  _globals['_ELIGIBILITYTASKINFOSIGNATURE']._serialized_start=1069
-  _globals['_ELIGIBILITYTASKINFOSIGNATURE']._serialized_end=1099
-  _globals['_REPORTRESULTREQUEST']._serialized_start=1102
-  _globals['_REPORTRESULTREQUEST']._serialized_end=1464
-  _globals['_REPORTRESULTREQUEST_RESULT']._serialized_start=1315
-  _globals['_REPORTRESULTREQUEST_RESULT']._serialized_end=1464
-  _globals['_REPORTRESULTRESPONSE']._serialized_start=1467
-  _globals['_REPORTRESULTRESPONSE']._serialized_end=1667
-  _globals['_UPLOADINSTRUCTION']._serialized_start=1670
-  _globals['_UPLOADINSTRUCTION']._serialized_end=2025
-  _globals['_UPLOADINSTRUCTION_EXTRAREQUESTHEADERSENTRY']._serialized_start=1944
-  _globals['_UPLOADINSTRUCTION_EXTRAREQUESTHEADERSENTRY']._serialized_end=2002
+  _globals['_CREATETASKASSIGNMENTREQUEST']._serialized_end=448
+  _globals['_DEVICEAUTH']._serialized_start=450
+  _globals['_DEVICEAUTH']._serialized_end=538
+  _globals['_UPLOADENCRYPTION']._serialized_start=540
+  _globals['_UPLOADENCRYPTION']._serialized_end=612
+  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_start=615
+  _globals['_CREATETASKASSIGNMENTRESPONSE']._serialized_end=831
+  _globals['_TASKASSIGNMENT']._serialized_start=834
+  _globals['_TASKASSIGNMENT']._serialized_end=1419
+  _globals['_ELIGIBILITYTASKINFOSIGNATURE']._serialized_start=1421
+  _globals['_ELIGIBILITYTASKINFOSIGNATURE']._serialized_end=1451
+  _globals['_REPORTRESULTREQUEST']._serialized_start=1454
+  _globals['_REPORTRESULTREQUEST']._serialized_end=1904
+  _globals['_REPORTRESULTREQUEST_RESULT']._serialized_start=1755
+  _globals['_REPORTRESULTREQUEST_RESULT']._serialized_end=1904
+  _globals['_REPORTRESULTRESPONSE']._serialized_start=1907
+  _globals['_REPORTRESULTRESPONSE']._serialized_end=2107
+  _globals['_UPLOADINSTRUCTION']._serialized_start=2110
+  _globals['_UPLOADINSTRUCTION']._serialized_end=2465
+  _globals['_UPLOADINSTRUCTION_EXTRAREQUESTHEADERSENTRY']._serialized_start=2384
+  _globals['_UPLOADINSTRUCTION_EXTRAREQUESTHEADERSENTRY']._serialized_end=2442
 # @@protoc_insertion_point(module_scope)

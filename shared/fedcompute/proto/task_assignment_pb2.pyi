@@ -9,12 +9,36 @@ from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Opti
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CreateTaskAssignmentRequest(_message.Message):
-    __slots__ = ("client_version", "resource_capabilities")
+    __slots__ = ("client_version", "resource_capabilities", "device_auth")
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_AUTH_FIELD_NUMBER: _ClassVar[int]
     client_version: _common_pb2.ClientVersion
     resource_capabilities: _common_pb2.ResourceCapabilities
-    def __init__(self, client_version: _Optional[_Union[_common_pb2.ClientVersion, _Mapping]] = ..., resource_capabilities: _Optional[_Union[_common_pb2.ResourceCapabilities, _Mapping]] = ...) -> None: ...
+    device_auth: DeviceAuth
+    def __init__(self, client_version: _Optional[_Union[_common_pb2.ClientVersion, _Mapping]] = ..., resource_capabilities: _Optional[_Union[_common_pb2.ResourceCapabilities, _Mapping]] = ..., device_auth: _Optional[_Union[DeviceAuth, _Mapping]] = ...) -> None: ...
+
+class DeviceAuth(_message.Message):
+    __slots__ = ("public_key", "timestamp_ms", "nonce", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    timestamp_ms: int
+    nonce: bytes
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class UploadEncryption(_message.Message):
+    __slots__ = ("key_id", "public_key", "required")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    public_key: bytes
+    required: bool
+    def __init__(self, key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., required: bool = ...) -> None: ...
 
 class CreateTaskAssignmentResponse(_message.Message):
     __slots__ = ("task_assignment", "rejection_info")
@@ -25,7 +49,7 @@ class CreateTaskAssignmentResponse(_message.Message):
     def __init__(self, task_assignment: _Optional[_Union[TaskAssignment, _Mapping]] = ..., rejection_info: _Optional[_Union[_common_pb2.RejectionInfo, _Mapping]] = ...) -> None: ...
 
 class TaskAssignment(_message.Message):
-    __slots__ = ("population_name", "task_id", "aggregation_id", "assignment_id", "task_name", "init_checkpoint", "plan", "self_uri", "eligibility_task_info", "eligibility_task_info_signature")
+    __slots__ = ("population_name", "task_id", "aggregation_id", "assignment_id", "task_name", "init_checkpoint", "plan", "self_uri", "eligibility_task_info", "eligibility_task_info_signature", "upload_encryption")
     POPULATION_NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     AGGREGATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +60,7 @@ class TaskAssignment(_message.Message):
     SELF_URI_FIELD_NUMBER: _ClassVar[int]
     ELIGIBILITY_TASK_INFO_FIELD_NUMBER: _ClassVar[int]
     ELIGIBILITY_TASK_INFO_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ENCRYPTION_FIELD_NUMBER: _ClassVar[int]
     population_name: str
     task_id: str
     aggregation_id: str
@@ -46,14 +71,15 @@ class TaskAssignment(_message.Message):
     self_uri: str
     eligibility_task_info: _eligibility_pb2.EligibilityTaskInfo
     eligibility_task_info_signature: EligibilityTaskInfoSignature
-    def __init__(self, population_name: _Optional[str] = ..., task_id: _Optional[str] = ..., aggregation_id: _Optional[str] = ..., assignment_id: _Optional[str] = ..., task_name: _Optional[str] = ..., init_checkpoint: _Optional[_Union[_common_pb2.Resource, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Resource, _Mapping]] = ..., self_uri: _Optional[str] = ..., eligibility_task_info: _Optional[_Union[_eligibility_pb2.EligibilityTaskInfo, _Mapping]] = ..., eligibility_task_info_signature: _Optional[_Union[EligibilityTaskInfoSignature, _Mapping]] = ...) -> None: ...
+    upload_encryption: UploadEncryption
+    def __init__(self, population_name: _Optional[str] = ..., task_id: _Optional[str] = ..., aggregation_id: _Optional[str] = ..., assignment_id: _Optional[str] = ..., task_name: _Optional[str] = ..., init_checkpoint: _Optional[_Union[_common_pb2.Resource, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Resource, _Mapping]] = ..., self_uri: _Optional[str] = ..., eligibility_task_info: _Optional[_Union[_eligibility_pb2.EligibilityTaskInfo, _Mapping]] = ..., eligibility_task_info_signature: _Optional[_Union[EligibilityTaskInfoSignature, _Mapping]] = ..., upload_encryption: _Optional[_Union[UploadEncryption, _Mapping]] = ...) -> None: ...
 
 class EligibilityTaskInfoSignature(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReportResultRequest(_message.Message):
-    __slots__ = ("result", "resource_capabilities")
+    __slots__ = ("result", "resource_capabilities", "device_auth")
     class Result(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[ReportResultRequest.Result]
@@ -72,9 +98,11 @@ class ReportResultRequest(_message.Message):
     FAILED_OPS_ERROR: ReportResultRequest.Result
     RESULT_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_AUTH_FIELD_NUMBER: _ClassVar[int]
     result: ReportResultRequest.Result
     resource_capabilities: _common_pb2.ResourceCapabilities
-    def __init__(self, result: _Optional[_Union[ReportResultRequest.Result, str]] = ..., resource_capabilities: _Optional[_Union[_common_pb2.ResourceCapabilities, _Mapping]] = ...) -> None: ...
+    device_auth: DeviceAuth
+    def __init__(self, result: _Optional[_Union[ReportResultRequest.Result, str]] = ..., resource_capabilities: _Optional[_Union[_common_pb2.ResourceCapabilities, _Mapping]] = ..., device_auth: _Optional[_Union[DeviceAuth, _Mapping]] = ...) -> None: ...
 
 class ReportResultResponse(_message.Message):
     __slots__ = ("upload_instruction", "rejection_info")

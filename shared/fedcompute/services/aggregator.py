@@ -22,7 +22,7 @@ import numpy as np
 
 from fedcompute import layout, strict_json
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
-from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
+from fedcompute.learning.upload_contract import decode_upload
 from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
@@ -40,11 +40,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# (stored bytes, assignment id) -> the ClientUpdate bytes (fedcompute.crypto.hpke.upload_unsealer).
+Unsealer = Callable[[bytes, str], bytes]
 MISSING_UPDATES = "server/aggregator/missing_updates"
 METRICS_OVERFLOWED = "server/aggregator/metrics_overflowed"
 # Updates read ahead of the one being summed (parallel reads; memory: this many updates).
 READ_AHEAD = 16
-
 
 @dataclass(frozen=True)
 class AggregationOutcome:
@@ -61,10 +62,14 @@ def aggregate_round(
     key: RoundKey,
     *,
     now: Callable[[], float] = time.time,
+    unseal: Unsealer | None = None,
 ) -> AggregationOutcome:
-    """Aggregate round ``key`` if it is AGGREGATING; see the module docstring."""
+    """Aggregate round ``key`` if it is AGGREGATING; see the module docstring.
+
+    ``unseal(stored bytes, assignment id)`` opens HPKE-sealed uploads (as ingestion did).
+    """
     from fedcompute.learning import checkpoint, server_round
-    from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
+    from fedcompute.learning.tensor_codec import decode_bundle, encode_bundle
 
     iteration = store.get_iteration(key)
     if iteration is None:
@@ -88,17 +93,15 @@ def aggregate_round(
         log.info("round %s not aggregated: task is %s", key, task.status.value)
         return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value)
     if task.kind == TaskKind.EVALUATION:
-        return _aggregate_evaluation(store, blobs, events, settings, key, task, iteration, now)
+        return _aggregate_evaluation(store, blobs, events, settings, key, task, iteration, now, unseal)
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
     optimizer, dp = server_round.build_round_machinery(phase)
     accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
-    spec = update_spec(task)
-    metric_spec = metric_statistics_spec(task.metrics)
 
     faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
-    names = [layout.gradient_path(key.population, key.task_id, key.round_number, aid) for aid in accepted]
+    names = {layout.gradient_path(key.population, key.task_id, key.round_number, aid): aid for aid in accepted}
 
     def updates() -> Iterator[Any]:
         for name, data in read_ahead(blobs, settings.gradient_bucket, names):
@@ -112,7 +115,7 @@ def aggregate_round(
                 log.error("accepted update %s is missing from storage: aggregated without it", name)
                 continue
             try:
-                yield decode_client_update(data, expected_spec=spec, expected_metric_spec=metric_spec)
+                yield decode_upload(unseal(data, names[name]) if unseal else data, task)
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
@@ -155,29 +158,27 @@ def aggregate_round(
 
 
 def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
-                          task: TaskRecord, iteration: IterationRecord,
-                          now: Callable[[], float]) -> AggregationOutcome:
+                          task: TaskRecord, iteration: IterationRecord, now: Callable[[], float],
+                          unseal: Unsealer | None = None) -> AggregationOutcome:
     """An evaluation round: sum the devices' metric statistics, finalize, write the metrics.
 
     No noise is added to evaluation metrics (like ODP and TFF's federated evaluation); the
     metrics JSON sits at the evaluation task's layout and names the training round evaluated.
     """
     from fedcompute.learning.server_round import evaluation_metrics
-    from fedcompute.learning.tensor_codec import decode_client_update
 
-    metric_spec = metric_statistics_spec(task.metrics)
     faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
     totals: dict[str, np.ndarray] = {}
     reports = excluded = 0
-    names = [layout.gradient_path(key.population, key.task_id, key.round_number, aid)
-             for aid in sorted(store.accepted_ids(key))]  # the frozen accepted set
+    names = {layout.gradient_path(key.population, key.task_id, key.round_number, aid): aid
+             for aid in sorted(store.accepted_ids(key))}  # the frozen accepted set
     for name, data in read_ahead(blobs, settings.gradient_bucket, names):
         if data is None:
             faults[MISSING_UPDATES] += 1
             log.error("accepted update %s is missing from storage: evaluated without it", name)
             continue
         try:
-            update = decode_client_update(data, expected_spec=[], expected_metric_spec=metric_spec)
+            update = decode_upload(unseal(data, names[name]) if unseal else data, task)
         except InvalidRequestError as error:
             log.error("skipping %s: %s", name, error)
             continue

@@ -22,7 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute import layout
-from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+)
+from fedcompute.identity import assignment_id_for
 from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -120,6 +127,8 @@ class CheckInCache:
 class CheckIn:
     population: str
     client_version: str
+    # Verified identity of a signed check-in (fedcompute.identity); "" for unsigned ones.
+    device_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -230,22 +239,21 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
     assert iteration is not None
     if cache.is_full(chosen):
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
-    assignment_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
+    key = RoundKey(task.population, task.task_id, iteration.round_number)
+    assignment_id = _assignment_id(task, key, request.device_id, rng)
     t = now()
-    claim = store.claim_assignment(
-        AssignmentRecord(
-            assignment_id=assignment_id,
-            population=task.population,
-            task_id=task.task_id,
-            round_number=iteration.round_number,
-            status=AssignmentStatus.ASSIGNED,
-            client_version=request.client_version,
-            slot=-1,
-            created_time=t,
-            updated_time=t,
-        ),
-        iteration.max_assignments, exhausted=chosen.exhausted, rng=rng,
+    record = AssignmentRecord(
+        assignment_id=assignment_id, population=task.population, task_id=task.task_id,
+        round_number=iteration.round_number, status=AssignmentStatus.ASSIGNED, client_version=request.client_version,
+        slot=-1, created_time=t, updated_time=t, device_id=request.device_id,
     )
+    try:
+        # The assignment is create-only and its id derives from the identity: one per identity per round.
+        claim = store.claim_assignment(record, iteration.max_assignments, exhausted=chosen.exhausted, rng=rng)
+    except ConflictError:
+        return Rejection(RejectionReason.NO_TASK_AVAILABLE,
+                         f"this device already holds its assignment of round {iteration.round_number}")
     if claim.round_stopped:
         return _Stale()
     if claim.record is None:
@@ -262,6 +270,14 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
         checkpoint_url=cache.url(blobs, settings.model_bucket, _checkpoint_object(task, iteration)),
         min_separation=task.min_separation,
     )
+
+
+def _assignment_id(task: TaskRecord, key: RoundKey, device_id: str, rng: random.Random) -> str:
+    """Signed check-ins: the identity's one id of this round; unsigned ones: a random GUID."""
+    if not device_id:
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    secret = bytes.fromhex(task.noise_secret) if task.noise_secret else task.population.encode()
+    return assignment_id_for(secret, device_id, key.population, key.task_id, key.round_number)
 
 
 def _plan_object(task: TaskRecord) -> str:
@@ -283,6 +299,8 @@ def report_result(
     key: RoundKey,
     assignment_id: str,
     result: ReportedResult,
+    *,
+    device_id: str = "",
 ) -> UploadInstruction | Rejection | None:
     """Record a device's result; on COMPLETED return where to upload its update.
 
@@ -295,6 +313,9 @@ def report_result(
             f"no assignment {assignment_id} in round {key.round_number} of task {key.population}/{key.task_id}",
             hint="use the self_uri of the TaskAssignment you were given",
         )
+    if assignment.device_id and device_id != assignment.device_id:
+        raise PermissionDeniedError(f"assignment {assignment_id} belongs to another device",
+                                    hint="report with the device key that checked in")
     new_status = status_after_report(assignment.status, result)
     if result != ReportedResult.COMPLETED:
         store.transition_assignment(key, assignment_id, expected=[AssignmentStatus.ASSIGNED], new_status=new_status,

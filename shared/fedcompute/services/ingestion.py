@@ -45,6 +45,9 @@ OUTCOME_MISSING = "OBJECT_MISSING"
 OUTCOME_TASK_NOT_OPEN = "TASK_NOT_OPEN"
 
 Validator = Callable[[bytes, TaskRecord], None]
+# (stored bytes, assignment id) -> the ClientUpdate bytes; raises InvalidRequestError
+# (an HPKE envelope that does not open, a plaintext upload where encryption is required).
+Unsealer = Callable[[bytes, str], bytes]
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ def ingest_upload(
     event: ObjectFinalized,
     *,
     validate: Validator,
+    unseal: Unsealer | None = None,
     max_upload_bytes: int = 64 * 1024 * 1024,
     now: Callable[[], float] = time.time,
 ) -> IngestionResult:
@@ -110,7 +114,7 @@ def ingest_upload(
     if len(data) > max_upload_bytes:
         return _invalid(store, key, event, assignment.slot, f"{len(data)} bytes exceeds {max_upload_bytes}", now)
     try:
-        validate(data, task)
+        validate(unseal(data, parsed.assignment_id) if unseal else data, task)
     except InvalidRequestError as error:
         return _invalid(store, key, event, assignment.slot, str(error), now)
     result = store.accept_upload(key, parsed.assignment_id)

@@ -30,18 +30,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. ODP signs upload URLs for 15 minutes; devices get as long to train."""
+    """Seconds. ODP signs upload URLs for 15 minutes; devices get as long to train.
+
+    ``aggregation``: a round AGGREGATING longer than this gets round-ready again. 10 minutes
+    = the aggregator's ack deadline (a live run is never duplicated before Pub/Sub itself
+    would redeliver); the ε accounting is bounded so a run fits in it.
+    """
 
     local_training: float = 15 * 60
     upload: float = 15 * 60
-    aggregation: float = 30 * 60
+    aggregation: float = 10 * 60
     # How long every accept position may stay handed out but unfilled (an ingestion that
     # crashed holding one) before the round closes without it: the ingestion timeout.
     ingestion: float = 10 * 60
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Timeouts:
-        """Overrides from FEDCOMPUTE_{LOCAL_TRAINING,UPLOAD,AGGREGATION}_TIMEOUT_S."""
+        """Overrides from FEDCOMPUTE_{LOCAL_TRAINING,UPLOAD,AGGREGATION,INGESTION}_TIMEOUT_S."""
         import os
 
         e = os.environ if env is None else env
@@ -97,7 +102,13 @@ def tick(
             if publish_pending_round_ready(store, events, key):
                 report.republished.append(key)
             elif iteration.aggregating_time and t - iteration.aggregating_time > timeouts.aggregation:
-                # The aggregator is idempotent per round: re-sending the event is safe.
+                # The aggregator is idempotent per round: re-sending the event is safe. The
+                # clock restarts first, so the next tick does not start yet another run of a
+                # round whose re-run is under way (one re-publish per timeout, not per tick).
+                try:
+                    store.update_iteration(key, {"aggregating_time": t}, expected=[IterationStatus.AGGREGATING])
+                except PreconditionFailedError:
+                    continue  # it completed meanwhile
                 log.warning("round %s aggregating for %.0f s: re-publishing round-ready", key,
                             t - iteration.aggregating_time)
                 events.round_ready(key)

@@ -170,6 +170,7 @@ def open_task(
         "update_spec": [] if task.kind == TaskKind.EVALUATION else
         [TensorSpecRecord(w.name, w.shape, w.dtype).to_dict() for w in phase.update_spec],
         "metrics": list(phase.metrics),
+        "max_device_examples": int(phase.extra.get("max_device_examples", 0) or 0),
         # Never the noise seed: the task record's fields reach the dashboard.
         "dp": {**redact_dp(phase.dp.to_dict()), "target_epsilon": phase.target_epsilon, "delta": phase.delta,
                "population_size": phase.population_size},

@@ -50,6 +50,14 @@ from typing import Any
 import psutil
 import requests
 
+from fedcompute.crypto.hpke import (
+    KEY_DIR_NAME,
+    KEYS_FILE,
+    KEYS_FILE_ENV,
+    PUBLIC_KEYS_FILE,
+    PUBLIC_KEYS_FILE_ENV,
+    ensure_key_files,
+)
 from fedcompute.errors import StackError
 from fedcompute.settings import DEFAULT_PROJECT, Settings, Topics
 from fedcompute.stack import procs
@@ -64,6 +72,7 @@ STATE_FILE = "stack.json"
 ENV_FILE = "stack.env"
 LOCK_FILE = "stack.lock"
 LOG_TAIL_LINES = 25
+TICKER = "ticker"
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,8 @@ FUNCTION_SPECS: dict[str, FunctionSpec] = {
     )
 }
 ALL_FUNCTIONS: tuple[str, ...] = tuple(FUNCTION_SPECS)
+# Only these open sealed uploads (HPKE private keys); check-in sees the public key only.
+PRIVATE_KEY_HOLDERS = ("result_ingestion", "aggregator")
 
 
 def push_subscription_name(topic: str, function: str) -> str:
@@ -127,8 +138,8 @@ class Component:
     """One process of the stack, as recorded in ``stack.json``."""
 
     name: str
-    kind: str  # "emulator", "storage" or "function"
-    health: str  # "root", "gcs", "http" or "cloudevent"
+    kind: str  # "emulator", "storage", "function" or "process" (the scheduler ticker)
+    health: str  # "root", "gcs", "http", "cloudevent" or "process" (alive = healthy)
     port: int
     url: str
     log: str
@@ -407,6 +418,8 @@ class LocalStack:
             spec = FUNCTION_SPECS[name]
             port = pick(self.task_builder_port if name == "task_builder" else 0)
             comps.append(Component(name, "function", spec.signature_type, port, f"http://{HOST}:{port}", log(name)))
+        if "scheduler" in self.functions:  # Cloud Scheduler's stand-in: ticks scheduler-tick
+            comps.append(Component(TICKER, "process", "process", 0, "", log(TICKER)))
         return comps
 
     def _client_env(self, comps: Mapping[str, Component]) -> dict[str, str]:
@@ -422,6 +435,8 @@ class LocalStack:
             "FEDCOMPUTE_AGGREGATE_BUCKET": s.aggregate_bucket,
             "FEDCOMPUTE_STORAGE_PUBLIC_URL": comps["gcs"].url,
             "FEDCOMPUTE_STACK_STATE_DIR": str(self.state_dir),
+            # The current HPKE upload key (public half) check-in hands to devices.
+            PUBLIC_KEYS_FILE_ENV: str(self.upload_key_dir / PUBLIC_KEYS_FILE),
         }
         for name in self.functions:
             env[FUNCTION_SPECS[name].url_env] = comps[name].url
@@ -452,6 +467,8 @@ class LocalStack:
                 self._gcloud(), "beta", "emulators", "pubsub", "start",
                 f"--host-port={HOST}:{comp.port}", f"--project={self.project}", f"--data-dir={data_dir}",
             ], None
+        if comp.name == TICKER:
+            return [sys.executable, "-m", "fedcompute.stack.ticker"], None
         if comp.name == "gcs":
             return [
                 str(fake_gcs_server_binary()), "-scheme", "http",
@@ -485,8 +502,15 @@ class LocalStack:
             )
         return path
 
+    @property
+    def upload_key_dir(self) -> Path:
+        """Where the stack keeps its HPKE upload key ring (created on first start)."""
+        return self.state_dir / KEY_DIR_NAME
+
     def _launch(self, comp: Component, topics: Topics, env: Mapping[str, str]) -> None:
         cmd, cwd = self._command(comp, topics)
+        if comp.name in PRIVATE_KEY_HOLDERS:  # nobody else gets the private keys' location
+            env = {**env, KEYS_FILE_ENV: str(self.upload_key_dir / KEYS_FILE)}
         log = Path(comp.log)
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(b"")  # a fresh log per start
@@ -506,6 +530,7 @@ class LocalStack:
         topics = self.settings.topics
         comps = self._plan()
         by_name = {c.name: c for c in comps}
+        ensure_key_files(self.upload_key_dir)
         stack_id = uuid.uuid4().hex
         client_env = self._client_env(by_name)
         env = self._process_env(client_env, stack_id)
@@ -573,6 +598,9 @@ class LocalStack:
             if topic not in pushed:
                 pubsub.create_pull_subscription(topic, topic)
 
+        if TICKER in by_name:  # last: its first tick finds every subscription in place
+            self._launch(by_name[TICKER], topics, env)
+            self._wait_healthy([by_name[TICKER]], t0)
         state["complete"] = True
         state["time_to_healthy_s"] = round(time.monotonic() - t0, 2)
         state["components"] = [asdict(c) for c in comps]
@@ -581,6 +609,9 @@ class LocalStack:
 
     def _probe(self, comp: Component) -> tuple[bool, str]:
         """One health check of ``comp``: ``(healthy, detail)``."""
+        if comp.health == "process":  # no endpoint: alive is healthy
+            ref = comp.ref()
+            return (True, "ok") if ref is not None and ref.alive() else (False, "process not running")
         try:
             if comp.health == "root":
                 r = self._http.get(comp.url + "/", timeout=2)

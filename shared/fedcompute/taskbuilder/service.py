@@ -25,6 +25,7 @@ import numpy as np
 from fedcompute.config import ValidatedConfig, validate_task_config
 from fedcompute.dp import NO_DP
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
+from fedcompute.learning.contribution_bounds import max_examples_per_device
 from fedcompute.plans import ClientPlan, ServerPhase, TfliteStep, pack_plan
 from fedcompute.ports import BlobStore
 from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
@@ -432,7 +433,10 @@ def _server_phase(spec, specs, metrics, dp, noise, flags, report_goal, over_sele
         delta=spec.delta, dp=params, weights=specs, metrics=metrics,
         # --skip_dp_check opts out of the budget at build time; the ledger then records
         # epsilon after every round but does not stop the task on it.
-        extra={"enforce_privacy_budget": not flags.skip_dp_check},
+        extra={"enforce_privacy_budget": not flags.skip_dp_check,
+               # Ingestion refuses uploads claiming more examples than a device can train on.
+               "max_device_examples": max_examples_per_device(spec.batch_size, spec.max_training_batches_per_client,
+                                                              spec.num_epochs, spec.learning_algo)},
     )
 
 

@@ -164,6 +164,8 @@ class TaskRecord:
     update_spec: tuple[TensorSpecRecord, ...] = ()
     # Metric names the devices report (sufficient statistics).
     metrics: tuple[str, ...] = ()
+    # The most examples one device may report per round (0: the server's default cap).
+    max_device_examples: int = 0
     # Privacy ledger: the server phase's DpParams.to_dict() plus target_epsilon, delta, population_size.
     epsilon_spent: float = 0.0
     dp: dict[str, Any] = field(default_factory=dict)
@@ -259,6 +261,8 @@ class AssignmentRecord:
     created_time: float
     updated_time: float
     status_reason: str = ""
+    # The identity (fedcompute.identity.device_id_for) that checked in; "" when unsigned.
+    device_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Cryptography of device uploads (light: the ``cryptography`` package only, no TensorFlow)."""

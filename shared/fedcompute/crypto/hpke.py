@@ -1,0 +1,300 @@
+"""Confidential uploads: HPKE-sealed device updates and the server's upload key ring.
+
+The suite is ODP's: RFC 9180 base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
+ChaCha20-Poly1305 (``cryptography``'s ``hpke`` module). A device seals
+``gzip(ClientUpdate)`` to the public key named in its assignment and uploads ODP's JSON
+envelope (gzip'd like every upload)::
+
+    {"keyId": "<key id>", "encryptedPayload": base64(enc || ciphertext),
+     "associatedData": base64(<JSON object>)}
+
+``associatedData`` is the HPKE ``info`` (as ODP's server uses it). fedcompute devices put
+``{"assignmentId": "<id>"}`` in it, and the server refuses an envelope whose assignment is
+not the one the object was uploaded for, so a sealed update cannot be replayed into
+another assignment.
+
+Only ingestion and the aggregator hold private keys (:class:`UploadKeyRing`, loaded from a
+JSON key file locally or a Secret Manager secret in the cloud); check-in only needs
+:class:`PublicUploadKey`. Rotation adds a key and makes it current while older keys stay
+for decryption (uploads sealed before the rotation still open), up to :data:`KEEP_KEYS`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from fedcompute.errors import ConfigError, InvalidRequestError
+
+SUITE_NAME = "DHKEM_X25519_HKDF_SHA256/HKDF_SHA256/CHACHA20_POLY1305"
+KEEP_KEYS = 4  # the current key and the three before it stay usable for decryption
+KEY_BYTES = 32
+MAX_ENVELOPE_FIELD = 64 * 1024 * 1024
+_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+
+
+def _raw_public(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass(frozen=True)
+class PublicUploadKey:
+    """What a check-in hands to devices: the key id and the raw X25519 public key."""
+
+    key_id: str
+    public_key: bytes
+
+
+def seal_update(payload: bytes, key: PublicUploadKey, *, assignment_id: str) -> bytes:
+    """The JSON envelope of ``payload`` (already gzip'd ClientUpdate bytes) sealed to ``key``."""
+    associated = json.dumps({"assignmentId": assignment_id}, separators=(",", ":")).encode()
+    sealed = _SUITE.encrypt(payload, X25519PublicKey.from_public_bytes(key.public_key), info=associated)
+    envelope = {"keyId": key.key_id, "encryptedPayload": _b64(sealed), "associatedData": _b64(associated)}
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def is_envelope(data: bytes) -> bool:
+    return data.lstrip()[:1] == b"{"
+
+
+@dataclass(frozen=True)
+class _Key:
+    key_id: str
+    private_key: X25519PrivateKey
+    created: float
+
+
+class UploadKeyRing:
+    """The server's HPKE private keys, newest last; opens sealed uploads."""
+
+    def __init__(self, keys: Sequence[_Key]) -> None:
+        if not keys:
+            raise ConfigError("the upload key ring is empty", hint="create one with `fedcompute ops rotate-upload-key`")
+        self._keys = tuple(keys)
+        self._by_id = {k.key_id: k for k in self._keys}
+
+    # -- keys ----------------------------------------------------------------------------
+    @classmethod
+    def generate(cls) -> UploadKeyRing:
+        return cls([_new_key()])
+
+    def rotated(self) -> UploadKeyRing:
+        """A new current key; the previous ones kept for in-flight uploads (at most KEEP_KEYS)."""
+        return UploadKeyRing([*self._keys, _new_key()][-KEEP_KEYS:])
+
+    @property
+    def current(self) -> PublicUploadKey:
+        key = self._keys[-1]
+        return PublicUploadKey(key.key_id, _raw_public(key.private_key.public_key()))
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return tuple(k.key_id for k in self._keys)
+
+    def to_json(self) -> str:
+        return json.dumps({"suite": SUITE_NAME, "keys": [
+            {"id": k.key_id, "created": k.created,
+             "private_key": _b64(k.private_key.private_bytes(serialization.Encoding.Raw,
+                                                             serialization.PrivateFormat.Raw,
+                                                             serialization.NoEncryption()))}
+            for k in self._keys]}, indent=2)
+
+    def public_json(self) -> str:
+        """Public keys only (what check-in may see): ``{"keys": [{"id", "key"}]}``, current last."""
+        return json.dumps({"suite": SUITE_NAME, "keys": [
+            {"id": k.key_id, "key": _b64(_raw_public(k.private_key.public_key()))} for k in self._keys]}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> UploadKeyRing:
+        try:
+            data = json.loads(text)
+            keys = [_Key(str(k["id"]), X25519PrivateKey.from_private_bytes(base64.b64decode(k["private_key"])),
+                         float(k.get("created", 0.0))) for k in data["keys"]]
+        except (ValueError, KeyError, TypeError, binascii.Error) as error:
+            raise ConfigError(f"the upload key ring is not valid JSON key material: {error}",
+                              hint="regenerate it with `fedcompute ops rotate-upload-key`") from error
+        return cls(keys)
+
+    # -- opening uploads -------------------------------------------------------------------
+    def open(self, data: bytes, *, assignment_id: str) -> bytes:
+        """The sealed payload of envelope ``data``; InvalidRequestError saying why not."""
+        hint = "seal the update to the key named in the task assignment (fedcompute.crypto.hpke.seal_update)"
+        try:
+            envelope = json.loads(data)
+            key_id = envelope["keyId"]
+            sealed = base64.b64decode(envelope["encryptedPayload"], validate=True)
+            associated = base64.b64decode(envelope.get("associatedData", ""), validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error) as error:
+            raise InvalidRequestError(f"upload is not an HPKE envelope: {error}", hint=hint) from error
+        if not isinstance(key_id, str) or key_id not in self._by_id:
+            raise InvalidRequestError(f"upload is sealed to unknown key {str(key_id)[:80]!r} "
+                                      f"(this server has {', '.join(self.key_ids)})", hint=hint)
+        if associated:
+            try:
+                bound = json.loads(associated).get("assignmentId")
+            except (ValueError, AttributeError) as error:
+                raise InvalidRequestError("upload associatedData is not a JSON object", hint=hint) from error
+            if bound is not None and bound != assignment_id:
+                raise InvalidRequestError(f"upload was sealed for assignment {str(bound)[:80]!r}, "
+                                          f"not {assignment_id!r}", hint=hint)
+        try:
+            return _SUITE.decrypt(sealed, self._by_id[key_id].private_key, info=associated)
+        except (InvalidTag, ValueError) as error:
+            raise InvalidRequestError(f"upload does not decrypt with key {key_id!r} (tampered, or sealed to "
+                                      "another key with this id)", hint=hint) from error
+
+
+def _new_key() -> _Key:
+    t = time.time()
+    return _Key(f"k{int(t)}-{secrets.token_hex(4)}", X25519PrivateKey.generate(), t)
+
+
+def public_key_from_json(text: str | bytes) -> PublicUploadKey:
+    """The current (last) key of a public key file or a key ring file."""
+    data = json.loads(text)
+    last = data["keys"][-1]
+    if "key" in last:
+        return PublicUploadKey(str(last["id"]), base64.b64decode(last["key"]))
+    return UploadKeyRing.from_json(text).current
+
+
+# -- where the keys live ------------------------------------------------------------------
+
+KEYS_ENV = "FEDCOMPUTE_UPLOAD_KEYS"  # the key ring JSON itself (a Secret Manager secret in the cloud)
+KEYS_FILE_ENV = "FEDCOMPUTE_UPLOAD_KEYS_FILE"  # or a file holding it (the local stack)
+PUBLIC_KEYS_ENV = "FEDCOMPUTE_UPLOAD_PUBLIC_KEYS"
+PUBLIC_KEYS_FILE_ENV = "FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE"
+KEY_DIR_NAME = "keys"  # under the local stack's state dir
+KEYS_FILE = "upload_keys.json"
+PUBLIC_KEYS_FILE = "upload_public_keys.json"
+
+
+class _Reloading:
+    """Re-reads its source when the file changes (rotation takes effect without a restart)."""
+
+    def __init__(self, env: Mapping[str, str], value_env: str, file_env: str) -> None:
+        self._value = env.get(value_env, "")
+        self._path = Path(env[file_env]) if env.get(file_env) else None
+        self._lock = threading.Lock()
+        self._stamp: float | None = None
+        self._text = self._value
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._value or self._path)
+
+    def text(self) -> str:
+        if self._path is None:
+            return self._value
+        stamp = self._path.stat().st_mtime_ns
+        with self._lock:
+            if stamp != self._stamp:
+                self._text, self._stamp = self._path.read_text(), stamp
+            return self._text
+
+
+class KeyRingSource(_Reloading):
+    """The private key ring for ingestion and the aggregator."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(os.environ if env is None else env, KEYS_ENV, KEYS_FILE_ENV)
+        self._ring: tuple[str, UploadKeyRing] | None = None
+
+    def ring(self) -> UploadKeyRing | None:
+        if not self.configured:
+            return None
+        text = self.text()
+        if self._ring is None or self._ring[0] != text:
+            self._ring = (text, UploadKeyRing.from_json(text))
+        return self._ring[1]
+
+
+class PublicKeySource(_Reloading):
+    """The current public key for check-in."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(os.environ if env is None else env, PUBLIC_KEYS_ENV, PUBLIC_KEYS_FILE_ENV)
+
+    def current(self) -> PublicUploadKey | None:
+        return public_key_from_json(self.text()) if self.configured else None
+
+
+def write_key_files(directory: Path, ring: UploadKeyRing) -> tuple[Path, Path]:
+    """Write the key ring (mode 0600) and its public half atomically; returns both paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / KEYS_FILE, directory / PUBLIC_KEYS_FILE)
+    for path, text, mode in ((paths[0], ring.to_json(), 0o600), (paths[1], ring.public_json(), 0o644)):
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    return paths
+
+
+def ensure_key_files(directory: Path) -> tuple[Path, Path]:
+    """The stack's key files, created with a fresh key ring the first time."""
+    private = directory / KEYS_FILE
+    if private.is_file() and (directory / PUBLIC_KEYS_FILE).is_file():
+        return private, directory / PUBLIC_KEYS_FILE
+    return write_key_files(directory, UploadKeyRing.generate())
+
+
+def rotate_key_files(directory: Path) -> UploadKeyRing:
+    """Add a new current key to the stack's key ring (the old ones still decrypt)."""
+    private = directory / KEYS_FILE
+    ring = UploadKeyRing.from_json(private.read_text()).rotated() if private.is_file() else UploadKeyRing.generate()
+    write_key_files(directory, ring)
+    return ring
+
+
+def describe(ring: UploadKeyRing) -> dict[str, Any]:
+    return {"suite": SUITE_NAME, "current": ring.current.key_id, "keys": list(ring.key_ids)}
+
+
+def open_upload(data: bytes, *, assignment_id: str, ring: UploadKeyRing | None, required: bool,
+                max_bytes: int) -> bytes:
+    """The ClientUpdate bytes of a stored upload: unsealed when it is an envelope.
+
+    A plaintext upload is refused when ``required``; an envelope needs ``ring``. Raises
+    :class:`InvalidRequestError` with the reason (the upload is then counted nowhere).
+    """
+    from fedcompute.learning.tensor_codec import GZIP_MAGIC, gunzip_capped
+
+    inner = gunzip_capped(data, max_bytes=max_bytes) if bytes(data[:2]) == GZIP_MAGIC else data
+    if not is_envelope(inner):
+        if required:
+            raise InvalidRequestError("plaintext upload refused: this server requires HPKE-encrypted updates",
+                                      hint="seal the update to the task assignment's upload_encryption key")
+        return data
+    if ring is None:
+        raise InvalidRequestError("upload is HPKE-sealed but this server holds no upload keys",
+                                  hint="configure FEDCOMPUTE_UPLOAD_KEYS or FEDCOMPUTE_UPLOAD_KEYS_FILE")
+    return ring.open(inner, assignment_id=assignment_id)
+
+
+def upload_unsealer(keys: KeyRingSource, required: Callable[[], bool], *,
+                    max_bytes: int = 64 * 1024 * 1024) -> Callable[[bytes, str], bytes]:
+    """``unseal(stored bytes, assignment id)`` for ingestion and the aggregator."""
+
+    def unseal(data: bytes, assignment_id: str) -> bytes:
+        return open_upload(data, assignment_id=assignment_id, ring=keys.ring(), required=required(),
+                           max_bytes=max_bytes)
+
+    return unseal

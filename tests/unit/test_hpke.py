@@ -1,0 +1,175 @@
+"""HPKE-sealed uploads (issue 13, item 4): seal, open, rotation, tampering, wrong keys, plaintext refusal."""
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedcompute.crypto.hpke import (
+    KEEP_KEYS,
+    KeyRingSource,
+    PublicKeySource,
+    UploadKeyRing,
+    ensure_key_files,
+    open_upload,
+    rotate_key_files,
+    seal_update,
+    upload_unsealer,
+)
+from fedcompute.errors import InvalidRequestError
+from fedcompute.learning.tensor_codec import decode_client_update, encode_client_update
+
+SPEC = [("w", (3,), "float32")]
+CAP = 1 << 20
+
+
+def _update() -> bytes:
+    return encode_client_update([("w", np.arange(3, dtype=np.float32))], 5)
+
+
+def _stored(ring: UploadKeyRing, assignment_id: str = "a-1", payload: bytes | None = None) -> bytes:
+    """What a device stores: gzip(envelope(gzip(update)))."""
+    return gzip.compress(seal_update(payload or _update(), ring.current, assignment_id=assignment_id))
+
+
+def test_a_sealed_update_opens_to_the_same_bytes_and_hides_them() -> None:
+    ring = UploadKeyRing.generate()
+    stored = _stored(ring)
+    envelope = json.loads(gzip.decompress(stored))
+    assert set(envelope) == {"keyId", "encryptedPayload", "associatedData"} and envelope["keyId"] == ring.current.key_id
+    assert _update() not in gzip.decompress(stored)
+    opened = open_upload(stored, assignment_id="a-1", ring=ring, required=True, max_bytes=CAP)
+    assert opened == _update()
+    assert decode_client_update(opened, expected_spec=SPEC).num_examples == 5
+
+
+def test_rotation_keeps_in_flight_uploads_decryptable(tmp_path: Path) -> None:
+    private, public = ensure_key_files(tmp_path)
+    assert oct(private.stat().st_mode & 0o777) == "0o600"
+    keys = KeyRingSource({"FEDCOMPUTE_UPLOAD_KEYS_FILE": str(private)})
+    handed_out = PublicKeySource({"FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE": str(public)})
+    before = handed_out.current()
+    assert before is not None
+    in_flight = gzip.compress(seal_update(_update(), before, assignment_id="a-1"))
+    rotate_key_files(tmp_path)
+    after = handed_out.current()
+    assert after is not None and after.key_id != before.key_id  # new check-ins get the new key
+    unseal = upload_unsealer(keys, lambda: True)
+    assert unseal(in_flight, "a-1") == _update()  # sealed before the rotation, opened after it
+    for _ in range(KEEP_KEYS + 1):
+        rotate_key_files(tmp_path)
+    with pytest.raises(InvalidRequestError, match="unknown key"):
+        unseal(in_flight, "a-1")  # retired after KEEP_KEYS rotations
+
+
+def test_an_upload_sealed_to_another_servers_key_is_refused() -> None:
+    ours, theirs = UploadKeyRing.generate(), UploadKeyRing.generate()
+    with pytest.raises(InvalidRequestError, match="unknown key"):
+        open_upload(_stored(theirs), assignment_id="a-1", ring=ours, required=True, max_bytes=CAP)
+
+
+def test_an_upload_sealed_to_another_key_under_our_key_id_is_refused() -> None:
+    ours, theirs = UploadKeyRing.generate(), UploadKeyRing.generate()
+    envelope = json.loads(seal_update(_update(), theirs.current, assignment_id="a-1"))
+    envelope["keyId"] = ours.current.key_id
+    with pytest.raises(InvalidRequestError, match="does not decrypt"):
+        open_upload(json.dumps(envelope).encode(), assignment_id="a-1", ring=ours, required=True, max_bytes=CAP)
+
+
+@pytest.mark.parametrize("part", ["ciphertext", "enc", "associatedData"])
+def test_a_tampered_upload_is_refused(part: str) -> None:
+    ring = UploadKeyRing.generate()
+    envelope = json.loads(seal_update(_update(), ring.current, assignment_id="a-1"))
+    if part == "associatedData":
+        envelope["associatedData"] = base64.b64encode(b'{"assignmentId":"a-1","x":1}').decode()
+    else:
+        sealed = bytearray(base64.b64decode(envelope["encryptedPayload"]))
+        sealed[40 if part == "ciphertext" else 3] ^= 1
+        envelope["encryptedPayload"] = base64.b64encode(bytes(sealed)).decode()
+    with pytest.raises(InvalidRequestError, match="does not decrypt"):
+        open_upload(json.dumps(envelope).encode(), assignment_id="a-1", ring=ring, required=True, max_bytes=CAP)
+
+
+def test_a_sealed_update_replayed_into_another_assignment_is_refused() -> None:
+    ring = UploadKeyRing.generate()
+    with pytest.raises(InvalidRequestError, match="sealed for assignment"):
+        open_upload(_stored(ring, "a-1"), assignment_id="a-2", ring=ring, required=True, max_bytes=CAP)
+
+
+def test_plaintext_is_refused_when_encryption_is_required_and_passed_through_otherwise() -> None:
+    ring, plain = UploadKeyRing.generate(), gzip.compress(_update())
+    with pytest.raises(InvalidRequestError, match="plaintext upload refused"):
+        open_upload(plain, assignment_id="a-1", ring=ring, required=True, max_bytes=CAP)
+    assert open_upload(plain, assignment_id="a-1", ring=ring, required=False, max_bytes=CAP) == plain
+
+
+def test_an_envelope_bomb_is_capped_before_decryption() -> None:
+    ring = UploadKeyRing.generate()
+    bomb = gzip.compress(b"{" + b" " * (4 * CAP))
+    with pytest.raises(InvalidRequestError, match="more than"):
+        open_upload(bomb, assignment_id="a-1", ring=ring, required=True, max_bytes=CAP)
+
+
+def test_ingestion_counts_sealed_uploads_and_counts_tampered_or_wrong_key_ones_nowhere() -> None:
+    import random
+
+    from fedcompute.adapters.blobs import InMemoryBlobStore
+    from fedcompute.adapters.events import InMemoryRoundEvents
+    from fedcompute.services import assignment as svc
+    from fedcompute.services import ingestion
+    from fedcompute.settings import Settings
+    from fedcompute.tasks.memory_store import InMemoryTaskStore
+    from fedcompute.tasks.records import (
+        AssignmentStatus,
+        IterationRecord,
+        IterationStatus,
+        ReportedResult,
+        RoundKey,
+        TaskKind,
+        TaskRecord,
+        TaskStatus,
+    )
+
+    settings, store, blobs, events = Settings(), InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+    ring, stranger = UploadKeyRing.generate(), UploadKeyRing.generate()
+    task = store.create_task("p", lambda tid: TaskRecord(population="p", task_id=tid, kind=TaskKind.TRAINING,
+                                                        status=TaskStatus.OPEN, report_goal=2, over_selection_rate=1.0,
+                                                        total_rounds=1, current_round=1))
+    store.create_iteration(IterationRecord(population="p", task_id=task.task_id, round_number=1,
+                                           status=IterationStatus.COLLECTING, report_goal=2, max_assignments=4))
+    key = RoundKey("p", task.task_id, 1)
+    unseal = upload_unsealer(KeyRingSource({"FEDCOMPUTE_UPLOAD_KEYS": ring.to_json()}), lambda: True)
+
+    def device(seal: str) -> ingestion.IngestionResult:
+        a = svc.create_task_assignment(store, blobs, settings, svc.CheckIn("p", "1"), rng=random.Random())
+        assert isinstance(a, svc.Assignment)
+        instruction = svc.report_result(store, blobs, settings, key, a.assignment_id, ReportedResult.COMPLETED)
+        assert isinstance(instruction, svc.UploadInstruction)
+        if seal == "tampered":
+            envelope = json.loads(seal_update(_update(), ring.current, assignment_id=a.assignment_id))
+            sealed = bytearray(base64.b64decode(envelope["encryptedPayload"]))
+            sealed[-1] ^= 1  # one bit of the Poly1305 tag
+            envelope["encryptedPayload"] = base64.b64encode(bytes(sealed)).decode()
+            body = gzip.compress(json.dumps(envelope).encode())
+        else:
+            body = {"ours": _stored(ring, a.assignment_id), "stranger": _stored(stranger, a.assignment_id),
+                    "plain": gzip.compress(_update())}[seal]
+        blobs.complete_upload(instruction.upload_location, body)
+        return ingestion.ingest_upload(store, blobs, events, settings,
+                                       ingestion.ObjectFinalized(f"ev-{a.assignment_id}", settings.gradient_bucket,
+                                                                 instruction.object_name, len(body)),
+                                       validate=lambda data, t: decode_client_update(data, expected_spec=SPEC) and None,
+                                       unseal=unseal)
+
+    rejected = [device(kind) for kind in ("stranger", "plain", "tampered")]
+    assert [r.outcome for r in rejected] == [ingestion.OUTCOME_INVALID] * 3
+    assert "unknown key" in rejected[0].reason and "plaintext" in rejected[1].reason
+    assert store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) == 0  # counted nowhere
+    accepted = [device("ours"), device("ours")]
+    assert [r.outcome for r in accepted] == [ingestion.OUTCOME_ACCEPTED] * 2 and accepted[-1].round_closed
+    assert sorted(store.accepted_ids(key)) == sorted(
+        a.assignment_id for a in store.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED))
