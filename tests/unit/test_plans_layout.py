@@ -60,7 +60,7 @@ def test_plan_rejects_unknown_version_non_zip_and_escaping_entries(tmp_path: Pat
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("plan.json", _plan().to_json())
         archive.writestr("../escape.txt", b"x")
-    with pytest.raises(InvalidRequestError, match="escapes"):
+    with pytest.raises(InvalidRequestError, match="contains '..'"):
         unpack_plan(buffer.getvalue(), tmp_path / "t")
     with pytest.raises(InvalidRequestError, match="format_version 7"):
         ClientPlan.from_json(_plan().to_json().replace('"format_version": 1', '"format_version": 7'))
