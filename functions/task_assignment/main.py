@@ -52,6 +52,7 @@ def create_task_assignment(request: flask.Request, population: str) -> flask.Res
     body = parse_message(request, task_assignment_pb2.CreateTaskAssignmentRequest, max_bytes=MAX_REQUEST_BYTES)
     if not body.HasField("client_version"):
         raise InvalidRequestError("client_version is required", hint="send client_version.version_code")
+    service.validate_version_code(body.client_version.version_code)  # bad input never reaches storage
     deps = RUNTIME.deps()
     result = service.create_task_assignment(deps.store, deps.blobs, deps.settings,
                                             service.CheckIn(population, body.client_version.version_code))
