@@ -20,7 +20,8 @@ EVAL ?= 0
 help:
 	@echo "make setup   install uv, the locked Python environment and the Fashion-MNIST data"
 	@echo "make demo    run the main job: local stack, task built, fleet trains, metrics plotted"
-	@echo "make test    run every test tier (unit, integration, e2e) against the real emulators"
+	@echo "make test    lint, then run every test tier (unit, integration, e2e) against the real emulators"
+	@echo "make lint    ruff (lint + import order) and mypy (types) on shared/ and functions/"
 	@echo "make up / down / status   start, stop, inspect the local serverless stack"
 	@echo "make proto   regenerate the protobuf Python code from shared/fedcompute/proto/*.proto"
 	@echo "make bench   run the benchmarks (figures go to BENCHMARKS.md by hand)"
@@ -64,7 +65,12 @@ down:
 status:
 	$(PY) -m fedcompute.cli.main stack status
 
-test: setup
+# Lint gate (pyproject.toml configures both): ruff (style, bugs, import order) and mypy (types).
+lint: sync
+	$(PY) -m ruff check shared functions tests benchmarks examples
+	$(PY) -m mypy
+
+test: setup lint
 	$(PY) -m pytest -q tests
 
 test-unit: setup

@@ -41,7 +41,7 @@ def healthz(request: flask.Request) -> flask.Response:
 def _rejection(rejection: service.Rejection) -> common_pb2.RejectionInfo:
     low, high = rejection.retry_window
     return common_pb2.RejectionInfo(
-        reason=common_pb2.RejectionReason.Enum.Value(rejection.reason.value),
+        reason=common_pb2.RejectionReason.Enum.Value(rejection.reason.value),  # type: ignore[arg-type]  # Value() is typed int
         retry_window=common_pb2.RetryWindow(delay_min=duration_pb2.Duration(seconds=low),
                                             delay_max=duration_pb2.Duration(seconds=high)),
     )

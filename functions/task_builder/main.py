@@ -24,8 +24,7 @@ from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.proto import task_builder_pb2
 from fedcompute.runtime import Runtime
 from fedcompute.taskbuilder import service
-from fedcompute.web import Router, configure_logging, health_payload, json_response, message_response, parse_message
-from fedcompute.web import require_api_key
+from fedcompute.web import Router, configure_logging, health_payload, json_response, message_response, parse_message, require_api_key
 
 NAME = "task_builder"
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # Cloud Functions' limit; models above it go through gs://
@@ -48,6 +47,7 @@ def _build(request: flask.Request, artifacts_only: bool) -> flask.Response:
     deps = RUNTIME.deps()
     require_api_key(request, deps.settings.api_key)
     body = parse_message(request, task_builder_pb2.BuildTaskRequest, max_bytes=MAX_REQUEST_BYTES)
+    task_management: service.TaskManagementPort
     if deps.settings.task_management_url:
         task_management = TaskManagementClient(deps.settings.task_management_url, api_key=deps.settings.api_key)
     else:

@@ -213,7 +213,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         while state["round"] <= completed:
             round_times.append(time.monotonic() - state["t"])
             state["t"] = time.monotonic()
-            metrics = _read_metrics(blobs, settings, population, task.task_id, state["round"])
+            metrics = _read_metrics(blobs, settings, population, task.task_id, int(state["round"]))
             acc = metrics.get("server/client_work/train/sparse_categorical_accuracy", float("nan"))
             bar.set_postfix(train_acc=f"{acc:.3f}", last_round=f"{round_times[-1]:.1f}s")
             bar.update(1)

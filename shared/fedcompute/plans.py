@@ -17,9 +17,12 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcompute.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from fedcompute.learning import aggregation
 
 CLIENT_PLAN_VERSION = 1
 SERVER_PHASE_VERSION = 1
@@ -37,7 +40,7 @@ class WeightSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "trainable": self.trainable}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WeightSpec":
+    def from_dict(cls, d: dict[str, Any]) -> WeightSpec:
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"], bool(d.get("trainable", True)))
 
 
@@ -58,12 +61,12 @@ class DpParameters:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DpParameters":
+    def from_dict(cls, d: dict[str, Any]) -> DpParameters:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def dp_params_from_phase(dp: DpParameters) -> "aggregation.DpParams":
+def dp_params_from_phase(dp: DpParameters) -> aggregation.DpParams:
     """The aggregation core's parameters from a server phase's DP block."""
     from fedcompute.learning import aggregation
 
@@ -101,7 +104,7 @@ class ClientPlan:
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ClientPlan":
+    def from_json(cls, text: str) -> ClientPlan:
         data = json.loads(text)
         _check_version("client plan", data.get("format_version"), CLIENT_PLAN_VERSION)
         data["weights"] = tuple(WeightSpec.from_dict(w) for w in data["weights"])
@@ -142,7 +145,7 @@ class ServerPhase:
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "ServerPhase":
+    def from_json(cls, text: str | bytes) -> ServerPhase:
         data = json.loads(text)
         _check_version("server phase", data.get("format_version"), SERVER_PHASE_VERSION)
         data["weights"] = tuple(WeightSpec.from_dict(w) for w in data["weights"])

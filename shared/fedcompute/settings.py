@@ -50,7 +50,7 @@ class Settings:
     api_key: str = ""
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
         return cls(
             project=e.get("FEDCOMPUTE_PROJECT") or e.get("GOOGLE_CLOUD_PROJECT") or DEFAULT_PROJECT,

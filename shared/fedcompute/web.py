@@ -219,6 +219,7 @@ def message_response(
     """``message`` as binary protobuf or JSON, whichever ``request`` asks for (see :func:`wants_protobuf`)."""
     import flask
 
+    body: bytes | str
     if wants_protobuf(request):
         body, content_type = message.SerializeToString(), PROTOBUF_CONTENT_TYPE
     else:
@@ -257,10 +258,7 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
     so it goes to the log (see :func:`error_response`), not to the caller.
     """
     code = http_status_for(error)
-    if isinstance(error, FedComputeError):
-        message = str(error)
-    else:
-        message = f"internal error ({type(error).__name__}); see the function's log"
+    message = str(error) if isinstance(error, FedComputeError) else f"internal error ({type(error).__name__}); see the function's log"
     return code, {"error": {"code": code, "status": status_name(code), "message": message}}
 
 

@@ -46,10 +46,10 @@ def test_small_demo_trains_and_writes_seed_layout(tmp_path: Path) -> None:
         bucket = storage_client.bucket("fcp-model")
         metrics = collections.defaultdict(list)
         for i in range(summary.rounds):
-            blob = bucket.blob("{}/{}/{}/s/0/metrics".format(summary.population, summary.task_id, i + 1))
+            blob = bucket.blob(f"{summary.population}/{summary.task_id}/{i + 1}/s/0/metrics")
             with blob.open("r") as f:
                 metric = json.loads(f.read())
-                for metric_name in metric.keys():
+                for metric_name in metric:
                     metrics[metric_name].append(metric[metric_name])
         assert len(metrics["server/client_work/train/sparse_categorical_accuracy"]) == 2
         assert metrics["server/finalizer/update_non_finite"] == [0.0, 0.0]

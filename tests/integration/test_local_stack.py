@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shlex
+import signal
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -16,11 +16,11 @@ from google.api_core.exceptions import DeadlineExceeded
 from fedcompute.cli.main import main as cli_main
 from fedcompute.errors import StackError
 from fedcompute.settings import Topics
-from fedcompute.stack.procs import wait_for
 from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS, LocalStack, push_subscription_name
+from fedcompute.stack.procs import wait_for
+from fedcompute.web import EVENT_TYPE_ATTRIBUTE, HEALTH_EVENT_TYPE, health_event_headers
 from support.helpers import http, unique
 from support.stack_plugin import assert_nothing_left
-from fedcompute.web import EVENT_TYPE_ATTRIBUTE, HEALTH_EVENT_TYPE, health_event_headers
 
 pytestmark = pytest.mark.integration
 

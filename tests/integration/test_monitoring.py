@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 import requests
 
-from fedcompute import layout
 from fedcompute.fleet.protocol import DeviceHttpClient
 from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_ops
@@ -34,7 +33,14 @@ from fedcompute.proto import task_assignment_pb2
 from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskStatus
 from support.stack_plugin import StackHandle
 from support.tasks import (
-    NumpyTask, central_metrics, check_in, create_numpy_task, make_update, random_delta, run_device, wait_until,
+    NumpyTask,
+    central_metrics,
+    check_in,
+    create_numpy_task,
+    make_update,
+    random_delta,
+    run_device,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(600)

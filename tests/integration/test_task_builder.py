@@ -527,7 +527,7 @@ def test_type2_model_needs_a_label_name_that_is_not_a_feature(local_stack: Stack
 ])
 def test_config_errors_exit_2_naming_the_line(local_stack: StackHandle, models: Models, configs: Path,
                                               replacement: tuple[str, str] | None, fragments: list[str]) -> None:
-    if replacement is None:
+    if replacement is None:  # noqa: SIM108 (each branch carries its own comment)
         config = SEED_STEP3_CONFIG  # the seed's own Step 3 config, typo included
     else:
         config = write_config(configs / f"bad_{uuid.uuid4().hex[:6]}.pbtxt", DICT_CONFIG.read_text(), [replacement])

@@ -125,7 +125,7 @@ class Snapshot:
     uploads: int
 
     @classmethod
-    def of(cls, task: NumpyTask, round_number: int = 1) -> "Snapshot":
+    def of(cls, task: NumpyTask, round_number: int = 1) -> Snapshot:
         record, iteration = task.record(), task.iteration(round_number)
         assert iteration is not None
         return cls(record.status.value, record.current_round, iteration.status.value,
@@ -163,7 +163,7 @@ def test_two_rounds_average_known_deltas_and_complete(local_stack: StackHandle) 
             deltas.append(delta)
             stats.append(flat)
             if i < task.report_goal - 1:  # below the goal the round keeps collecting
-                wait_until(lambda: task.count(round_number) == i + 1, 20, what=f"upload {i + 1} counted")
+                wait_until(lambda r=round_number, i=i: task.count(r) == i + 1, 20, what=f"upload {i + 1} counted")
                 assert task.iteration(round_number).status == IterationStatus.COLLECTING
         iteration = task.wait_round(round_number)
         latencies.append(round(iteration.completed_time - iteration.aggregating_time, 3))

@@ -22,7 +22,6 @@ from fedcompute.settings import Settings
 from fedcompute.stack import LocalStack
 
 
-
 @dataclass
 class StackHandle:
     """A running local stack plus what tests need to talk to it."""

@@ -332,7 +332,7 @@ BAD_CONFIGS = [
 @pytest.mark.parametrize("case", BAD_CONFIGS, ids=[case[0] for case in BAD_CONFIGS])
 def test_bad_config_reports_its_specific_error(case: tuple[str, ...]) -> None:
     _, old, new, path, message, fix = case
-    if "fixed without clip" == case[0] or "adaptive no clip at all" == case[0]:
+    if case[0] == "fixed without clip" or case[0] == "adaptive no clip at all":
         text = VALID.replace(old, new, 1).replace("  clip_norm: 0.1\n", "")
     else:
         assert old in VALID

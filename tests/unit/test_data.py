@@ -259,7 +259,7 @@ def test_mismatched_counts_are_rejected(tmp_path):
 def test_real_fashion_mnist_shapes():
     x_test, y_test = load_fashion_mnist("test", data_dir=REAL_FASHION_MNIST)
     assert x_test.shape == (10000, 28, 28, 1) and x_test.dtype == np.float32
-    assert 0.0 <= float(x_test.min()) and float(x_test.max()) <= 1.0 and x_test.max() > 0.99
+    assert float(x_test.min()) >= 0.0 and float(x_test.max()) <= 1.0 and x_test.max() > 0.99
     np.testing.assert_array_equal(np.bincount(y_test), [1000] * 10)
     x_train, y_train = load_fashion_mnist("train", data_dir=REAL_FASHION_MNIST)
     assert x_train.shape == (60000, 28, 28, 1) and y_train.shape == (60000,)

@@ -15,8 +15,7 @@ from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.services import aggregator, assignment, scheduler
 from fedcompute.services.aggregator import metric_statistics_spec
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import (AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskKind,
-                                      TaskRecord, TaskStatus)
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskKind, TaskRecord, TaskStatus
 from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()
@@ -124,7 +123,7 @@ def test_eval_round_metrics_equal_central_evaluation_and_name_the_training_round
         predictions.append(p)
         stats = metric_stats.flatten_stats(metric_stats.compute_all(("sparse_categorical_accuracy", "loss",
                                                                      "num_examples"), y, p, batch_loss=0.5))
-        spec = dict((n, s) for n, s, _ in metric_statistics_spec(evaluation.metrics))
+        spec = {n: s for n, s, _ in metric_statistics_spec(evaluation.metrics)}
         stats = {n: stats.get(n, np.zeros(s)) for n, s in spec.items()}
         aid = f"e{i}"
         store.create_assignment(AssignmentRecord(aid, "p", evaluation.task_id, 1, AssignmentStatus.UPLOAD_COMPLETED,

@@ -25,8 +25,8 @@ def test_table_ships_with_the_package_and_is_versioned():
     table = fo.load_flex_ops_table()
     assert table.version == fo.FLEX_OPS_TABLE_VERSION
     with open(fo.FLEX_OPS_TABLE_PATH, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(line for line in fh if not line.startswith("#"))][1:]
-    assert dict((op, version) for version, op in rows) == dict(table.min_versions)
+        rows = list(csv.reader(line for line in fh if not line.startswith("#")))[1:]
+    assert {op: version for version, op in rows} == dict(table.min_versions)
     assert table.min_versions["L2Loss"] == "341912000"
 
 

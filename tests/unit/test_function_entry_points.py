@@ -32,7 +32,7 @@ def test_every_function_has_an_entry_point_named_after_it() -> None:
     for name in ALL_FUNCTIONS:
         module = load(name)
         assert callable(getattr(module, FUNCTION_SPECS[name].entry_point)), name
-        assert module.NAME == name
+        assert name == module.NAME
 
 
 @pytest.mark.parametrize("name", HTTP)

@@ -513,7 +513,7 @@ def _third_party_imports(function: str) -> set[str]:
                 elif isinstance(child, ast.ImportFrom):
                     base = child.module or ""
                     if child.level:
-                        parts = package_name.split(".")[: len(package_name.split(".")) - child.level + 1]
+                        parts = package_name.split(".")[: len(package_name.split(".")) - child.level + 1]  # noqa: B023 (visit runs inside this iteration)
                         base = ".".join(parts + ([child.module] if child.module else []))
                     names = [base] + [f"{base}.{a.name}" for a in child.names]
                 elif isinstance(child, ast.If) and getattr(child.test, "id", "") == "TYPE_CHECKING":

@@ -14,12 +14,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import pytest
+import tensorflow as tf  # noqa: E402  (reference implementation only)
 
 from fedcompute.errors import InvalidRequestError
 from fedcompute.learning import metric_stats as ms
 from fedcompute.metric_names import ALLOWED_METRICS
-
-import tensorflow as tf  # noqa: E402  (reference implementation only)
 
 N = 600
 SPLIT_SIZES = (7, 33, 120, 440)  # deliberately uneven devices

@@ -13,8 +13,7 @@ from fedcompute.services import aggregator
 from fedcompute.services.aggregator import metric_statistics_spec
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import (AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskKind,
-                                      TaskRecord, TaskStatus, TensorSpecRecord)
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
 from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()

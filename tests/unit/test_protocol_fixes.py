@@ -16,9 +16,8 @@ from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
 from fedcompute.plans import DpParameters, ServerPhase
-from fedcompute.services import aggregator
+from fedcompute.services import aggregator, ingestion
 from fedcompute.services import assignment as svc
-from fedcompute.services import ingestion
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs

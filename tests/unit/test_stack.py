@@ -11,8 +11,7 @@ import psutil
 import pytest
 
 from fedcompute.errors import StackError
-from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS, LocalStack, push_subscription_name
-from fedcompute.stack import local, procs
+from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS, LocalStack, local, procs, push_subscription_name
 
 SLEEPER = "import time; time.sleep(60)"
 

@@ -30,10 +30,10 @@ STORAGE_EMULATOR_HOST = "STORAGE_EMULATOR_HOST"
 class Clients:
     """The four Google Cloud clients a process uses. Thread-safe; share them."""
 
-    storage: "storage.Client"
-    publisher: "pubsub_v1.PublisherClient"
-    subscriber: "pubsub_v1.SubscriberClient"
-    firestore: "firestore.Client"
+    storage: storage.Client
+    publisher: pubsub_v1.PublisherClient
+    subscriber: pubsub_v1.SubscriberClient
+    firestore: firestore.Client
 
 
 def emulator_hosts(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -12,7 +12,7 @@ import sys
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``config`` command group to the ``fedcompute`` CLI."""
     parser = subparsers.add_parser("config", help="check and normalize task configs")
     commands = parser.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
@@ -51,10 +51,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from fedcompute.errors import ConfigError
 
     try:
-        if args.file == "-":
-            document = parse_config_document(sys.stdin.read(), source="<stdin>")
-        else:
-            document = load_config_document(args.file)
+        document = parse_config_document(sys.stdin.read(), source="<stdin>") if args.file == "-" else load_config_document(args.file)
         validated = validate_task_config(document)
     except ConfigValidationError as err:
         for issue in err.issues:

@@ -60,7 +60,7 @@ def run_fleet(args: argparse.Namespace) -> int:
     def on_session(outcome, stats) -> None:
         if outcome.status == "UPLOADED":
             bar.update(1)
-        bar.set_postfix({k: v for k, v in stats.outcomes.items()}, refresh=False)
+        bar.set_postfix(dict(stats.outcomes.items()), refresh=False)
 
     def until(stats) -> bool:
         if args.sessions and stats.outcomes["UPLOADED"] >= args.sessions:

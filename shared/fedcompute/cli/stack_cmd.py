@@ -17,7 +17,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_STATE_DIR = ".fedcompute"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``stack`` command group to the ``fedcompute`` CLI."""
     parser = subparsers.add_parser("stack", help="start, stop and inspect the local serverless stack")
     commands = parser.add_subparsers(dest="stack_command", metavar="SUBCOMMAND")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -91,7 +92,7 @@ class _TextScanner:
             sub = field.message_type if field is not None else None
             bare = prefix + name
 
-            def element_path() -> str:
+            def element_path(field: Any = field, bare: str = bare, name: str = name) -> str:
                 if not _is_repeated(field):
                     return bare
                 counts[name] = counts.get(name, 0) + 1
@@ -196,7 +197,7 @@ class _JsonScanner:
                 position += 1
 
     def obj(self, desc: Descriptor | None, json_path: str, proto_path: str) -> None:
-        by_camel = desc.fields_by_camelcase_name if desc is not None else {}
+        by_camel = desc.fields_by_camelcase_name if desc is not None else {}  # type: ignore[attr-defined]  # missing from the stubs
         while (token := self._next()) is not None:
             if token.value == "}":
                 return

@@ -287,7 +287,7 @@ def _check_json(value: Any, desc: Descriptor, path: str, source: str, lines: dic
 
     if not isinstance(value, dict):
         raise fail(f"expected an object for {desc.name}, got {_describe(value)}", path)
-    by_camel = desc.fields_by_camelcase_name
+    by_camel = desc.fields_by_camelcase_name  # type: ignore[attr-defined]  # missing from the stubs
     for key, item in value.items():
         child = path + json_path_key(key)
         field = desc.fields_by_name.get(key) or by_camel.get(key)
@@ -339,9 +339,8 @@ def _check_json_value(value: Any, field: FieldDescriptor, path: str, source: str
     elif kind in _INT_TYPES:
         if not _is_json_int(value):
             raise fail(f"{field.name} must be an integer, got {_describe(value)}", path, token=str(value))
-    elif kind in _FLOAT_TYPES:
-        if not _is_json_float(value):
-            raise fail(f"{field.name} must be a number, got {_describe(value)}", path, token=str(value))
+    elif kind in _FLOAT_TYPES and not _is_json_float(value):
+        raise fail(f"{field.name} must be a number, got {_describe(value)}", path, token=str(value))
 
 
 def _is_json_int(value: Any) -> bool:

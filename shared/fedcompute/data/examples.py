@@ -137,8 +137,9 @@ class ExampleSpec:
               label_name: str, label_shape: Sequence[int] = (1,),
               label_dtype: str = "int64") -> ExampleSpec:
         """Type 2 spec from an ordered ``name -> (shape, dtype)`` mapping (or triples)."""
-        items = ([(n, s, d) for n, (s, d) in features.items()] if isinstance(features, Mapping)
-                 else [tuple(t) for t in features])
+        items: list[tuple[str, Sequence[int], str]] = (
+            [(n, s, d) for n, (s, d) in features.items()] if isinstance(features, Mapping)
+            else [(n, s, d) for n, s, d in features])
         return cls(2, tuple(FeatureSpec(n, tuple(s), d) for n, s, d in items),
                    FeatureSpec(_require_label_name(label_name), tuple(label_shape), label_dtype))
 
@@ -443,6 +444,7 @@ def _fields(buf: bytes) -> Iterable[tuple[int, int, Any]]:
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == 0:
             value, pos = _read_varint(buf, pos)
         elif wire == 2:

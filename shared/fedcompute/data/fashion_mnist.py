@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -45,7 +47,7 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
     magic number or a truncated/oversized payload.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener: Callable[..., IO[bytes]] = gzip.open if path.suffix == ".gz" else open  # type: ignore[assignment]  # both open binary files
     try:
         with opener(path, "rb") as f:
             raw = f.read()

@@ -20,9 +20,10 @@ import shutil
 import sys
 import tomllib
 import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import cast
 
 from fedcompute.errors import ConfigError
 
@@ -124,7 +125,7 @@ class Lock:
 
 def _requirements(entries: Iterable[Mapping[str, object]]) -> tuple[Requirement, ...]:
     return tuple(
-        Requirement(normalize(str(e["name"])), tuple(str(x) for x in e.get("extra", ()) or ()),  # type: ignore[union-attr]
+        Requirement(normalize(str(e["name"])), tuple(str(x) for x in cast(Iterable[object], e.get("extra") or ())),
                     str(e["marker"]) if e.get("marker") else None)
         for e in entries
     )

@@ -9,12 +9,15 @@ import gzip
 import threading
 import urllib.parse
 from dataclasses import dataclass
+from typing import TypeVar
 
 import requests
 from google.protobuf.message import Message
 
 from fedcompute.errors import FedComputeError, InvalidRequestError, TransientError
 from fedcompute.proto import common_pb2, task_assignment_pb2
+
+_M = TypeVar("_M", bound=Message)
 
 PROTOBUF = "application/x-protobuf"
 TASK_ASSIGNMENT_PREFIX = "/taskassignment/v1"
@@ -46,7 +49,7 @@ class DeviceHttpClient:
             session = self._local.session = requests.Session()
         return session
 
-    def _call(self, method: str, path: str, message: Message, response_cls: type[Message]) -> tuple[int, Message]:
+    def _call(self, method: str, path: str, message: Message, response_cls: type[_M]) -> tuple[int, _M]:
         url = f"{self._base}{TASK_ASSIGNMENT_PREFIX}{path}"
         try:
             response = self._session.request(
@@ -78,7 +81,7 @@ class DeviceHttpClient:
         return _rejected(response.rejection_info)
 
     def report_result(
-        self, self_uri: str, result: int
+        self, self_uri: str, result: task_assignment_pb2.ReportResultRequest.Result
     ) -> task_assignment_pb2.UploadInstruction | Rejected | None:
         request = task_assignment_pb2.ReportResultRequest(result=result)
         _, response = self._call("PUT", f"{self_uri}:report-result", request, task_assignment_pb2.ReportResultResponse)

@@ -396,7 +396,8 @@ def decode_partial(data: bytes, spec: SpecLike) -> RoundAccumulator:
             )
         total[...] = sums[s.name].reshape(-1)
     metrics = {n[7:]: a.astype(np.float64) for n, a in named if n.startswith("metric/")}
-    return replace(acc, metric_sums=metrics, **{k: int(meta[k]) for k in _PARTIAL_COUNTERS})
+    counters: dict[str, Any] = {k: int(meta[k]) for k in _PARTIAL_COUNTERS}
+    return replace(acc, metric_sums=metrics, **counters)
 
 
 # --------------------------------------------------------------------------- noise through tensorflow_privacy
@@ -466,8 +467,11 @@ class DpAggregator(Protocol):
     ``DpState.clip_norm`` / ``scalars`` / ``tensors`` (the tree under ``tree/``).
     """
 
-    mechanism: str
-    params: DpParams
+    @property
+    def mechanism(self) -> str: ...
+
+    @property
+    def params(self) -> DpParams: ...
 
     def initial_state(self) -> DpState: ...
 
@@ -478,6 +482,13 @@ class DpAggregator(Protocol):
     def finish(
         self, acc: RoundAccumulator, state: DpState, *, report_goal: int, seed: int | None
     ) -> tuple[tuple[np.ndarray, ...], DpState, dict[str, float]]: ...
+
+
+def _clip_value(clip_norm: float | None) -> float:
+    """A clipping mechanism's clip norm (validation guarantees it is set)."""
+    if clip_norm is None:
+        raise ValueError("this DP mechanism clips, but its clip_norm is unset")
+    return float(clip_norm)
 
 
 def _check_state(mechanism: str, state: DpState) -> None:
@@ -570,7 +581,7 @@ class FixedGaussianAggregator(_ClippedSumAggregator):
             )
 
     def initial_state(self) -> DpState:
-        return DpState(FIXED_GAUSSIAN, float(self.params.clip_norm), float(self.params.noise_multiplier))
+        return DpState(FIXED_GAUSSIAN, _clip_value(self.params.clip_norm), float(self.params.noise_multiplier))
 
     def finish(
         self, acc: RoundAccumulator, state: DpState, *, report_goal: int, seed: int | None
@@ -578,7 +589,7 @@ class FixedGaussianAggregator(_ClippedSumAggregator):
         _check_state(self.mechanism, state)
         if report_goal < 1:
             raise ValueError(f"report_goal must be >= 1, got {report_goal}")
-        clip = float(state.clip_norm)
+        clip = _clip_value(state.clip_norm)
         stddev = state.noise_multiplier * clip
         metrics = _counter_metrics(acc, report_goal)
         sums = clipped_sum(acc)
@@ -806,7 +817,7 @@ class AdaptiveGaussianAggregator(_ClippedSumAggregator):
         value_z, sigma_b = adaptive_noise_split(state.noise_multiplier, report_goal, p.clipped_count_stddev)
         noisy = value_z > 0 or sigma_b > 0
         tf_seed = _need_seed(seed, noisy, self.mechanism)
-        clip = float(state.clip_norm)
+        clip = _clip_value(state.clip_norm)
         metrics = _metrics_base(acc, report_goal)
         sums = clipped_sum(acc)
 
@@ -956,7 +967,7 @@ class TreeAggregationAggregator(_ClippedSumAggregator):
         from tensorflow_privacy.privacy.dp_query.tree_aggregation_query import TreeResidualSumQuery
 
         return TreeResidualSumQuery.build_l2_gaussian_query(
-            clip_norm=float(self.params.clip_norm),
+            clip_norm=_clip_value(self.params.clip_norm),
             noise_multiplier=float(self.params.noise_multiplier),
             record_specs=record_specs,
             noise_seed=None if noise_seed is None else tree_noise_seeds(noise_seed)[0],
@@ -980,7 +991,7 @@ class TreeAggregationAggregator(_ClippedSumAggregator):
             raise ValueError(f"report_goal must be >= 1, got {report_goal}")
         value_z, sigma_b = self._noise_split(report_goal)
         noisy = value_z > 0 or sigma_b > 0
-        clip = float(state.clip_norm)
+        clip = _clip_value(state.clip_norm)
         metrics = _metrics_base(acc, report_goal)
         sums = clipped_sum(acc)
 

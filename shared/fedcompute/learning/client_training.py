@@ -224,13 +224,13 @@ class DeviceModel:
             return grads, pred, loss
 
         @tf.function(input_signature=[tr, nt, self.x_spec, self.y_spec, scalar])
-        def sgd_step(trainable, non_trainable, x, y, lr):  # type: ignore[no-untyped-def]
+        def sgd_step(trainable, non_trainable, x, y, lr):
             grads, pred, loss = gradients(trainable, non_trainable, x, y)
             new = tuple(w - tf.cast(lr, g.dtype) * g for w, g in zip(trainable, grads))
             return new, pred, loss
 
         @tf.function(input_signature=[tr, nt, self.x_spec, self.y_spec, scalar, tr, tr, scalar])
-        def adam_step(trainable, non_trainable, x, y, lr, acc, precond, step):  # type: ignore[no-untyped-def]
+        def adam_step(trainable, non_trainable, x, y, lr, acc, precond, step):
             # tff.learning.optimizers.build_adam, step already incremented (1-based).
             grads, pred, loss = gradients(trainable, non_trainable, x, y)
             beta_1 = tf.constant(ADAM_BETA_1, tf.float32)
@@ -248,13 +248,13 @@ class DeviceModel:
             return tuple(new_w), pred, loss, tuple(new_a), tuple(new_p)
 
         @tf.function(input_signature=[tr, nt, self.x_spec, self.y_spec, tr])
-        def accumulate_gradient(trainable, non_trainable, x, y, acc):  # type: ignore[no-untyped-def]
+        def accumulate_gradient(trainable, non_trainable, x, y, acc):
             grads, pred, loss = gradients(trainable, non_trainable, x, y)
             n = tf.cast(tf.shape(pred)[0], tf.float32)
             return tuple(a + n * g for a, g in zip(acc, grads)), pred, loss
 
         @tf.function(input_signature=[tr, nt, self.x_spec, self.y_spec])
-        def evaluate(trainable, non_trainable, x, y):  # type: ignore[no-untyped-def]
+        def evaluate(trainable, non_trainable, x, y):
             return forward(trainable, non_trainable, x, y, False)
 
         return {

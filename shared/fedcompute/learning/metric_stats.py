@@ -181,7 +181,7 @@ def _need_classes(batch: _Batch, metric: str) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def _scalar(value: float) -> np.ndarray:
+def _scalar(value: float | np.generic) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
 
 
@@ -329,7 +329,9 @@ def _div_no_nan(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def _finalize_ratio(num_key: str, den_keys: tuple[str, ...]) -> Callable[[Mapping[str, np.ndarray]], float]:
     def finalize(stats: Mapping[str, np.ndarray]) -> float:
-        den = sum(np.asarray(stats[k], dtype=np.float64) for k in den_keys)
+        den: np.ndarray = np.zeros((), dtype=np.float64)
+        for k in den_keys:
+            den = den + np.asarray(stats[k], dtype=np.float64)
         return float(_div_no_nan(stats[num_key], den))
 
     return finalize
@@ -385,7 +387,7 @@ class MetricStatsSpec:
 
 _MEAN = {"sum": (), "count": ()}
 _CORRECT = {"correct": (), "count": ()}
-_BUCKETS = {k: (NUM_THRESHOLDS,) for k in ("tp", "fp", "tn", "fn")}
+_BUCKETS = dict.fromkeys(("tp", "fp", "tn", "fn"), (NUM_THRESHOLDS,))
 _mean_finalize = _finalize_ratio("sum", ("count",))
 _correct_finalize = _finalize_ratio("correct", ("count",))
 
@@ -471,7 +473,7 @@ def compute_stats(
             raise InvalidRequestError(
                 "Metric 'loss' needs the batch's mean loss.", hint="pass batch_loss=<mean loss of the batch>"
             )
-        n = int(np.asarray(y_pred).shape[0]) if np.ndim(y_pred) else 1
+        n = int(np.asarray(y_pred).shape[0]) if np.ndim(np.asarray(y_pred)) else 1
         return {"sum": _scalar(float(batch_loss) * n), "count": _scalar(n)}
     return spec.compute(_align(y_true, y_pred, from_logits))
 

@@ -40,7 +40,8 @@ class OptimizerState:
 class ServerOptimizer(Protocol):
     """What ``server_round`` needs from a server optimizer."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def hparams(self) -> dict[str, float]: ...
 

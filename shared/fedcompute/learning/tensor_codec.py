@@ -15,10 +15,11 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
+from numpy.typing import DTypeLike
 
 from fedcompute.errors import InvalidRequestError, PayloadTooLargeError
 from fedcompute.proto import tensors_pb2
@@ -31,7 +32,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 # Headroom over the model delta's own size for metric statistics, metadata and framing.
 DEFAULT_OVERHEAD_BYTES = 16 * 1024 * 1024
 
-_DTYPE_TO_PROTO: dict[np.dtype, int] = {
+_DTYPE_TO_PROTO: dict[np.dtype, tensors_pb2.DType] = {
     np.dtype("float32"): tensors_pb2.DTYPE_FLOAT32,
     np.dtype("float64"): tensors_pb2.DTYPE_FLOAT64,
     np.dtype("int32"): tensors_pb2.DTYPE_INT32,
@@ -52,8 +53,8 @@ class TensorSpec(NamedTuple):
     dtype: str
 
 
-SpecLike = Iterable[Union[TensorSpec, tuple[str, Sequence[int], object]]]
-NamedArrays = Union[Mapping[str, np.ndarray], Iterable[tuple[str, np.ndarray]]]
+SpecLike = Iterable[TensorSpec | tuple[str, Sequence[int], DTypeLike]]
+NamedArrays = Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]
 
 
 def normalize_spec(spec: SpecLike) -> tuple[TensorSpec, ...]:
@@ -226,7 +227,7 @@ def gunzip_capped(data: bytes, *, max_bytes: int) -> bytes:
         except zlib.error as err:
             raise InvalidRequestError(f"upload is not a valid gzip stream: {err}") from err
         rest = memoryview(inflater.unused_data)
-        if not rest or not bytes(rest[:2]) == GZIP_MAGIC:
+        if not rest or bytes(rest[:2]) != GZIP_MAGIC:
             if any(rest):  # gzip writers may pad with zeros; anything else is garbage
                 raise InvalidRequestError("upload has trailing bytes after the gzip stream")
             return b"".join(chunks)
@@ -268,7 +269,7 @@ class ClientUpdate:
         delta: NamedArrays,
         num_examples: int,
         metric_statistics: Mapping[str, np.ndarray] | None = None,
-    ) -> "ClientUpdate":
+    ) -> ClientUpdate:
         """An in-memory update (tests, benchmarks, the simulator) without encoding."""
         items = _items(delta)
         return cls(

@@ -23,7 +23,8 @@ def create_dict_binary_model(seed: int | None = None) -> Any:
     inputs = {name: tf.keras.Input(shape=(1,), dtype=tf.float32, name=name)
               for name in FEATURE_NAMES}
     x = tf.keras.layers.Concatenate(axis=-1, name="concat")([inputs[n] for n in FEATURE_NAMES])
-    init = (lambda k: tf.keras.initializers.GlorotUniform(seed=None if seed is None else seed + k))
+    def init(k):
+        return (tf.keras.initializers.GlorotUniform(seed=None if seed is None else seed + k))
     x = tf.keras.layers.Dense(HIDDEN_UNITS, activation="relu", kernel_initializer=init(0),
                               name="hidden")(x)
     out = tf.keras.layers.Dense(1, activation="sigmoid", kernel_initializer=init(1),

@@ -16,6 +16,7 @@ TensorFlow is imported when a function is called, not at module import.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 NUM_PARAMETERS_DIGITS = 1_663_370
@@ -25,10 +26,12 @@ TYPE2_LABEL_NAME = "my_label"
 
 
 def _layers(num_classes: int, seed: int | None) -> list[Any]:
+    # Distinct deterministic seeds per layer when a seed is given (as TFF's debug_seed).
+    import itertools
+
     import tensorflow as tf
 
-    # Distinct deterministic seeds per layer when a seed is given (as TFF's debug_seed).
-    seeds = iter(range(seed, seed + 100)) if seed is not None else iter(lambda: None, 0)
+    seeds: Iterator[int | None] = iter(range(seed, seed + 100)) if seed is not None else itertools.repeat(None)
 
     def glorot() -> Any:
         return tf.keras.initializers.GlorotUniform(seed=next(seeds))

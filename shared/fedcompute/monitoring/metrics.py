@@ -40,7 +40,7 @@ class RunMetrics:
     def metric_names(self) -> list[str]:
         return list(self.series)
 
-    def select(self, names: Sequence[str] | None) -> "RunMetrics":
+    def select(self, names: Sequence[str] | None) -> RunMetrics:
         """This run restricted to ``names`` (a name may also be a suffix such as ``auc-roc``).
 
         Raises:

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fedcompute.monitoring.metrics import RunMetrics, compare_labels
@@ -120,7 +120,7 @@ def metrics_table(run: RunMetrics, fmt: str) -> str:
 
 
 def _times(values: Sequence[float]) -> list[datetime]:
-    return [datetime.fromtimestamp(v, tz=timezone.utc) for v in values]
+    return [datetime.fromtimestamp(v, tz=UTC) for v in values]
 
 
 def plot_ops(task: TaskOps, out_dir: Path) -> list[Figure]:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import enum
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, Callable
+from typing import Any
 
 from fedcompute.errors import ArtifactBuildError, ConfigError
 
@@ -61,7 +62,7 @@ class DpMechanism(str, enum.Enum):
         return self in (DpMechanism.TREE_AGGREGATION, DpMechanism.ADAPTIVE_TREE)
 
     @classmethod
-    def coerce(cls, value: "DpMechanism | str | int") -> "DpMechanism":
+    def coerce(cls, value: DpMechanism | str | int) -> DpMechanism:
         """Accept a member, its name (any case; the seed's ``TREE`` alias) or the proto number."""
         if isinstance(value, cls):
             return value
@@ -479,7 +480,7 @@ def check_dp(
     d = _check_delta(default_delta(population) if delta is None else delta)
     if clip_norm is not None and (not _is_number(clip_norm) or clip_norm <= 0 or math.isinf(clip_norm)):
         raise ConfigError(f"clip_norm must be a finite number > 0, got {clip_norm!r}", location=_F_CLIP)
-    common = dict(
+    common: dict[str, Any] = dict(
         delta=d, clip_norm=None if clip_norm is None else float(clip_norm), rounds=n,
         target_epsilon=target, mechanism=mech, report_goal=report_goal, population_size=population,
     )

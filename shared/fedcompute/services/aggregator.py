@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,7 @@ def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, Task
 def _noise_seed(task: TaskRecord, phase: ServerPhase, round_number: int) -> int:
     from fedcompute.learning.aggregation import derive_noise_seed
 
-    if phase.dp.noise_seed is not None:  # fixed by the config (tests, reproducible runs)
+    if phase.dp.noise_seed is not None:  # noqa: SIM108 -- fixed by the config (tests, reproducible runs)
         secret = str(int(phase.dp.noise_seed)).encode()
     else:
         secret = bytes.fromhex(task.noise_secret) if task.noise_secret else b""
@@ -147,7 +147,7 @@ def aggregate_round(
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
-    def finalize_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
+    def finalize_metrics(sums: Mapping[str, np.ndarray]) -> Mapping[str, float]:
         grouped = metric_stats.unflatten_stats(sums) if sums else {}
         return {m: metric_stats.finalize(m, grouped[m]) for m in task.metrics if m in grouped}
 

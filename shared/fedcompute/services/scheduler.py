@@ -37,7 +37,7 @@ class Timeouts:
     aggregation: float = 30 * 60
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "Timeouts":
+    def from_env(cls, env: dict[str, str] | None = None) -> Timeouts:
         """Overrides from FEDCOMPUTE_{LOCAL_TRAINING,UPLOAD,AGGREGATION}_TIMEOUT_S."""
         import os
 

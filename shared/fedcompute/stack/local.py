@@ -31,8 +31,8 @@ import json
 import os
 import platform
 import shlex
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -360,7 +360,7 @@ class LocalStack:
             return []
         return procs.find_stack_processes(state["stack_id"], self._leaders(state))
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         self.start()
         return self
 

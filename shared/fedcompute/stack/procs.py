@@ -10,7 +10,6 @@ sessions, and verifies that nothing is left.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -32,7 +31,7 @@ class ProcessRef:
     create_time: float
 
     @classmethod
-    def of(cls, pid: int) -> "ProcessRef":
+    def of(cls, pid: int) -> ProcessRef:
         return cls(pid, psutil.Process(pid).create_time())
 
     def process(self) -> psutil.Process | None:

@@ -13,7 +13,7 @@ import numpy as np
 from fedcompute import layout
 from fedcompute.adapters.blobs import BlobStore
 from fedcompute.errors import ArtifactBuildError
-from fedcompute.plans import ServerPhase, dp_params_from_phase, WeightSpec
+from fedcompute.plans import ServerPhase, WeightSpec, dp_params_from_phase
 from fedcompute.settings import Settings
 
 

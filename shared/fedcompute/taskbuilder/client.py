@@ -15,7 +15,6 @@ import argparse
 import datetime
 import inspect
 import io
-import json
 import os
 import sys
 import threading

@@ -243,7 +243,7 @@ def build_client_modules(
     def first_output(output: Any) -> Any:
         return tf.nest.flatten(output)[0]
 
-    class TrainStep(tf.Module):
+    class TrainStep(tf.Module):  # type: ignore[name-defined]  # tf is imported lazily, so untyped here
         def __init__(self) -> None:
             super().__init__(name="client_train")
             self.trainable = [tf.Variable(w, name=f"trainable_{i}") for i, w in enumerate(trainable0)]
@@ -276,7 +276,7 @@ def build_client_modules(
                     w.assign_sub(tf.cast(scaled_lr, w.dtype) * a / (tf.sqrt(p) + ADAM_EPSILON))
             return {"loss": loss, "predictions": first_output(output)}
 
-    class EvalStep(tf.Module):
+    class EvalStep(tf.Module):  # type: ignore[name-defined]  # tf is imported lazily, so untyped here
         def __init__(self) -> None:
             super().__init__(name="client_eval")
             self.trainable = [tf.Variable(w, trainable=False) for w in trainable0]

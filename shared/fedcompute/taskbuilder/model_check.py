@@ -256,7 +256,7 @@ def _feature_entry(name: str, spec: Any, what: str) -> dict[str, Any]:
             "(examples are parsed as fixed-length features)",
             hint="give every per-example dimension a size",
         )
-    return {"name": name, "shape": [int(d) for d in dims[1:]], "dtype": _dtype_name(spec.dtype)}
+    return {"name": name, "shape": [int(d or 0) for d in dims[1:]], "dtype": _dtype_name(spec.dtype)}  # dims[1:] checked fixed above
 
 
 def check_input_spec(x_spec: Any, y_spec: Any, *, label_name: str | None) -> dict[str, Any]:
@@ -315,7 +315,7 @@ def _check_label(y_spec: Any, name: str) -> dict[str, Any]:
             f"the label has shape {y_spec.shape}; it must be [None, 1] or [None] (one label per example)",
             hint="e.g. tf.TensorSpec([None, 1], tf.int64)",
         )
-    return {"name": name, "shape": [int(d) for d in dims[1:]], "dtype": _dtype_name(y_spec.dtype)}
+    return {"name": name, "shape": [int(d or 0) for d in dims[1:]], "dtype": _dtype_name(y_spec.dtype)}  # checked fixed above
 
 
 # --------------------------------------------------------------------------- examples

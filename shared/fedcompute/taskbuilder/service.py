@@ -10,14 +10,13 @@ failure at any step leaves no task and no artifact behind.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from fedcompute.adapters.blobs import BlobStore
 from fedcompute.config import ValidatedConfig, validate_task_config
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
 from fedcompute.plans import ClientPlan, DpParameters, ServerPhase, pack_plan
-from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_config_pb2, task_management_pb2
+from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
 from fedcompute.safe_extract import ExtractLimits, download_prefix, extract_zip
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import (
@@ -58,7 +57,7 @@ class BuildFlags:
     skip_dp_aggregator: bool = False
 
 
-class TaskManagementPort:
+class TaskManagementPort(Protocol):
     """What the builder needs from task management (HTTP client or in-process)."""
 
     def create_task(self, population: str, task: task_management_pb2.Task) -> task_management_pb2.Task: ...
@@ -167,9 +166,9 @@ def _timed(timings: dict[str, float], name: str):
 
 
 def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, timings) -> BuildOutcome:
+    from fedcompute.data.examples import ExampleSpec
     from fedcompute.privacy import accounting
     from fedcompute.taskbuilder import sandbox
-    from fedcompute.data.examples import ExampleSpec
 
     flags = BuildFlags(request.flags.skip_flex_ops_check, request.flags.skip_dp_check,
                        request.flags.skip_dp_aggregator)
@@ -273,6 +272,7 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                                                   training_artifacts)
             if eval_artifacts is not None:
                 ev = spec.evaluation
+                assert ev is not None  # eval artifacts exist only for a config with an evaluation block
                 source_population = ev.source_training_population or spec.population_name
                 source_id = training_task.task_id if training_task is not None else ev.source_training_task_id
                 if training_task is None:

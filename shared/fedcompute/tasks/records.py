@@ -127,7 +127,7 @@ class TensorSpecRecord:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TensorSpecRecord":
+    def from_dict(cls, data: dict[str, Any]) -> TensorSpecRecord:
         return cls(name=data["name"], shape=tuple(int(d) for d in data["shape"]), dtype=data["dtype"])
 
 
@@ -182,7 +182,7 @@ class TaskRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TaskRecord":
+    def from_dict(cls, data: dict[str, Any]) -> TaskRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["kind"] = TaskKind(values["kind"])
@@ -192,7 +192,7 @@ class TaskRecord:
         values["dp"] = dict(values.get("dp") or {})
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "TaskRecord":
+    def replace(self, **changes: Any) -> TaskRecord:
         return dataclasses.replace(self, **changes)
 
 
@@ -220,13 +220,13 @@ class IterationRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IterationRecord":
+    def from_dict(cls, data: dict[str, Any]) -> IterationRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["status"] = IterationStatus(values["status"])
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "IterationRecord":
+    def replace(self, **changes: Any) -> IterationRecord:
         return dataclasses.replace(self, **changes)
 
 
@@ -251,13 +251,13 @@ class AssignmentRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AssignmentRecord":
+    def from_dict(cls, data: dict[str, Any]) -> AssignmentRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["status"] = AssignmentStatus(values["status"])
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "AssignmentRecord":
+    def replace(self, **changes: Any) -> AssignmentRecord:
         return dataclasses.replace(self, **changes)
 
 

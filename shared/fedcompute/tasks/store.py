@@ -44,7 +44,6 @@ from fedcompute.tasks.records import (
     TaskStatus,
 )
 
-
 _OPTIMISTIC_ATTEMPTS = 25
 
 
@@ -187,7 +186,8 @@ class InMemoryTaskStore:
     def delete_task(self, population, task_id):
         with self._lock:
             self._tasks.pop((population, task_id), None)
-            for store in (self._iterations, self._assignments, self._slots, self._rejections):
+            stores: tuple[dict[Any, Any], ...] = (self._iterations, self._assignments, self._slots, self._rejections)
+            for store in stores:
                 for k in [k for k in store if k[0] == population and k[1] == task_id]:
                     del store[k]
 
@@ -281,10 +281,13 @@ class InMemoryTaskStore:
         with self._lock:
             it = self._iterations.get((key.population, key.task_id, key.round_number))
             rec = self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
-            return _accept_decision(it, rec, lambda: self._assignments.__setitem__(
-                (key.population, key.task_id, key.round_number, assignment_id),
-                rec.replace(status=AssignmentStatus.UPLOAD_COMPLETED, updated_time=time.time()),
-            ))
+
+            def complete() -> None:
+                assert rec is not None  # _accept_decision completes only a known assignment
+                self._assignments[(key.population, key.task_id, key.round_number, assignment_id)] = rec.replace(
+                    status=AssignmentStatus.UPLOAD_COMPLETED, updated_time=time.time())
+
+            return _accept_decision(it, rec, complete)
 
     def accepted_ids(self, key):
         """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
@@ -405,10 +408,7 @@ class FirestoreTaskStore:
         return TaskRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
 
     def list_tasks(self, population=None):
-        if population is not None:
-            docs = self._population(population).collection("tasks").stream()
-        else:
-            docs = self._db.collection_group("tasks").stream()
+        docs = self._population(population).collection("tasks").stream() if population is not None else self._db.collection_group("tasks").stream()
         records = [TaskRecord.from_dict(d.to_dict()) for d in docs]
         return sorted(records, key=lambda t: (t.population, t.task_id))
 
