@@ -21,9 +21,10 @@ import io
 import os
 import stat
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from fedcompute.errors import InvalidRequestError
 
@@ -99,6 +100,11 @@ def _write_new(dest: Path, chunks: Iterable[bytes], budget: _Budget, name: str,
             out.write(chunk)
 
 
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    while chunk := stream.read(CHUNK_BYTES):
+        yield chunk
+
+
 def extract_zip(data: bytes, target: Path, *, what: str, limits: ExtractLimits = ExtractLimits()) -> list[str]:
     """Unpack the zip ``data`` into the directory ``target``; return the file names written."""
     try:
@@ -134,8 +140,7 @@ def extract_zip(data: bytes, target: Path, *, what: str, limits: ExtractLimits =
                                              "(a zip bomb?)")
 
             with archive.open(info) as member:
-                _write_new(dest, iter(lambda member=member: member.read(CHUNK_BYTES), b""), budget, info.filename,
-                           ratio_check)
+                _write_new(dest, _chunks(member), budget, info.filename, ratio_check)
             written.append(info.filename)
     return written
 

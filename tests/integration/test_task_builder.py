@@ -12,7 +12,6 @@ the end of the module (run with ``-s`` or look at the terminal summary).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
