@@ -4,7 +4,6 @@ findings: JSON nested 25,000 deep, version code ``²`` and Arabic-Indic digits, 
 entry points in-process: every case is refused before any storage client is created."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -19,24 +18,16 @@ from fedcompute.config.spec import parse_checkpoint_selector
 from fedcompute.errors import InvalidRequestError
 from fedcompute.proto import task_config_pb2, task_management_pb2
 from fedcompute.services.task_management import new_task_from_proto
+from support.functions import load_function
 
-FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "dict_model_task_config.pbtxt"
 ASSIGN = "/taskassignment/v1/population/{pop}:create-task-assignment"
 REPORT = "/taskassignment/v1/population/pop/task/{task}/aggregation/1/task-assignment/a1:report-result"
 
 
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"fn_hostile_{name}", FUNCTIONS_DIR / name / "main.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def assignment() -> ModuleType:
-    module = load("task_assignment")
+    module = load_function("task_assignment", "fn_hostile_")
 
     def no_storage() -> Any:
         raise AssertionError("bad input must be refused before any storage client is created")
