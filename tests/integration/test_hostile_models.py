@@ -195,6 +195,28 @@ def test_local_stack_runs_with_an_api_key_on_every_operator_api(tmp_path: Path) 
     assert_nothing_left(stack, processes)
 
 
+def test_ordinary_keras_layers_pass_the_op_allow_list(tmp_path: Path) -> None:
+    """The allow-list is generous enough for ordinary models: convolutions, recurrent layers
+    (While + TensorList), layer normalization, the usual activations and a sparse loss."""
+    import tensorflow as tf
+
+    from fedcompute.models.functional import save_functional_model
+    from fedcompute.taskbuilder.op_allowlist import check_saved_model_file
+
+    layers = tf.keras.layers
+
+    def build() -> tf.keras.Model:
+        inputs = layers.Input(shape=(8,))
+        x = layers.Conv1D(4, 2, padding="same", activation="elu")(layers.Reshape((4, 2))(inputs))
+        x = layers.GRU(5)(layers.LSTM(6, return_sequences=True)(x))
+        x = layers.Dense(8, activation="gelu")(layers.LayerNormalization()(x))
+        return tf.keras.Model(inputs, layers.Dense(3, activation="softmax")(x))
+
+    spec = (tf.TensorSpec([None, 8], tf.float32), tf.TensorSpec([None, 1], tf.int64))
+    check_saved_model_file(save_functional_model(build, spec, tf.keras.losses.SparseCategoricalCrossentropy(),
+                                                 tmp_path / "kitchen_sink"))
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_write(hostile_models: HostileModels) -> Iterator[None]:
     yield
