@@ -1,4 +1,4 @@
-"""Benchmark of the streaming DP aggregation core (fedcompute.learning.aggregation).
+"""Benchmark of the streaming DP aggregation core (fedcompute.learning.accumulator, dp_mechanisms, server_round).
 
 Figures printed:
 1. throughput: clip + sum of N updates of the seed's EMNIST CNN (1,663,370 float32
@@ -67,15 +67,16 @@ def numpy_baseline(pool, n: int) -> tuple[float, list[np.ndarray]]:
 
 
 def aggregator_run(pool, n: int):
-    from fedcompute.learning import aggregation as ag
+    from fedcompute.dp import DpMechanism, DpParams
+    from fedcompute.learning import accumulator, dp_mechanisms
 
-    dp = ag.build_dp_aggregator(ag.DpParams(ag.FIXED_GAUSSIAN, clip_norm=CLIP, noise_multiplier=1.0))
+    dp = dp_mechanisms.build_dp_aggregator(DpParams(DpMechanism.FIXED_GAUSSIAN, clip_norm=CLIP, noise_multiplier=1.0))
     state = dp.initial_state()
     start = time.perf_counter()
     acc = dp.start(CNN_SPEC, state)
     for i in range(n):
         acc = dp.add(acc, pool[i % len(pool)])
-    sums = ag.clipped_sum(acc)
+    sums = accumulator.clipped_sum(acc)
     return time.perf_counter() - start, sums, acc
 
 
@@ -101,18 +102,18 @@ def bench_throughput(n: int, pool_size: int) -> dict:
 
 
 def bench_noise() -> dict:
-    from fedcompute.learning import aggregation as ag
+    from fedcompute.learning import dp_core
 
     t0 = time.perf_counter()
     import tensorflow_privacy  # noqa: F401
 
     t_import = time.perf_counter() - t0
     sums = [np.zeros(s, np.float64) for _, s, _ in CNN_SPEC]
-    ag.gaussian_sum_query_noise(sums, clip_norm=CLIP, stddev=CLIP, seed=1)  # warm-up
+    dp_core.gaussian_sum_query_noise(sums, clip_norm=CLIP, stddev=CLIP, seed=1)  # warm-up
     t0 = time.perf_counter()
     reps = 5
     for seed in range(reps):
-        ag.gaussian_sum_query_noise(sums, clip_norm=CLIP, stddev=CLIP, seed=seed)
+        dp_core.gaussian_sum_query_noise(sums, clip_norm=CLIP, stddev=CLIP, seed=seed)
     return {"tf_privacy_import_s": t_import, "noise_draw_ms": (time.perf_counter() - t0) / reps * 1e3}
 
 
@@ -141,7 +142,8 @@ def bench_codec() -> dict:
 
 def rss_child(n: int) -> None:
     """Aggregate ``n`` updates generated on the fly; print peak RSS (KiB) as JSON."""
-    from fedcompute.learning import aggregation as ag
+    from fedcompute.dp import DpMechanism, DpParams
+    from fedcompute.learning import accumulator, dp_core, dp_mechanisms
 
     rng = np.random.default_rng(2)
     base = _make_update(rng, 1e-4)
@@ -153,10 +155,10 @@ def rss_child(n: int) -> None:
         for s in scales:  # a fresh model-sized update each time, as if read from storage
             yield ClientUpdate.from_arrays([(nm, a * np.float32(s * 1e4)) for nm, a in zip(base.names, base.delta)], 10)
 
-    dp = ag.build_dp_aggregator(ag.DpParams(ag.FIXED_GAUSSIAN, clip_norm=CLIP, noise_multiplier=0.0))
-    acc = ag.accumulate(dp.start(CNN_SPEC, dp.initial_state()), updates())
+    dp = dp_mechanisms.build_dp_aggregator(DpParams(DpMechanism.FIXED_GAUSSIAN, clip_norm=CLIP, noise_multiplier=0.0))
+    acc = accumulator.accumulate(dp.start(CNN_SPEC, dp.initial_state()), updates())
     mean, _, metrics = dp.finish(acc, dp.initial_state(), report_goal=n, seed=None)
-    print(json.dumps({"n": n, "peak_rss_kib": _peak_rss_kib(), "accepted": metrics[ag.METRIC_ACCEPTED]}))
+    print(json.dumps({"n": n, "peak_rss_kib": _peak_rss_kib(), "accepted": metrics[dp_core.METRIC_ACCEPTED]}))
 
 
 def _peak_rss_kib() -> int:

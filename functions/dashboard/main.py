@@ -19,11 +19,11 @@ import functions_framework
 from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
 from fedcompute.adapters.clients import ProcessClients
+from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.errors import InvalidRequestError, NotFoundError
 from fedcompute.monitoring import STATIC_DIR
 from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_ops, load_task_ops
-from fedcompute.tasks.store import FirestoreTaskStore
 from fedcompute.web import Router, configure_logging, health_payload, json_response, require_api_key
 
 NAME = "dashboard"

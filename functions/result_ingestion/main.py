@@ -15,9 +15,9 @@ from typing import Any
 
 import functions_framework
 
+from fedcompute.learning.upload_contract import make_upload_validator
 from fedcompute.runtime import Runtime
 from fedcompute.services import ingestion
-from fedcompute.services.aggregator import make_upload_validator
 from fedcompute.web import configure_logging, dispatch_event, storage_object_from_event
 
 NAME = "result_ingestion"

@@ -19,8 +19,7 @@ from fedcompute.errors import InvalidRequestError
 from fedcompute.proto import common_pb2, eligibility_pb2, task_assignment_pb2
 from fedcompute.runtime import Runtime
 from fedcompute.services import assignment as service
-from fedcompute.tasks.records import ReportedResult
-from fedcompute.tasks.store import RoundKey
+from fedcompute.tasks.records import ReportedResult, RoundKey
 from fedcompute.web import Router, configure_logging, health_payload, json_response, message_response, parse_message
 
 NAME = "task_assignment"

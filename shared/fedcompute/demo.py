@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedcompute import layout
+from fedcompute.dp import NO_DP_NAME
 from fedcompute.errors import FedComputeError
 
 DP_TYPES = {"fixed": "FIXED_GAUSSIAN", "adaptive": "ADAPTIVE_GAUSSIAN", "tree": "TREE_AGGREGATION",
@@ -235,7 +236,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     _plot(metrics_rows, plot, f"{population} (noise {options.noise}, {dp_type or 'no DP'})")
     summary = DemoSummary(
         population=population, task_id=task.task_id, rounds=last_round, devices=options.devices,
-        report_goal=options.report_goal, dp_type=dp_type or "NONE", noise_multiplier=options.noise,
+        report_goal=options.report_goal, dp_type=dp_type or NO_DP_NAME, noise_multiplier=options.noise,
         epsilon=epsilon, delta=delta, final_test_accuracy=accuracy, final_test_loss=loss,
         round_wall_times_s=[round(t, 2) for t in round_times], total_wall_time_s=round(time.monotonic() - started, 1),
         fleet_sessions=dict(stats.outcomes), metrics_per_round=metrics_rows, plot=str(plot),
@@ -264,9 +265,9 @@ def run_demo(options: DemoOptions) -> DemoSummary:
 def _monitoring_figures(blobs: Any, clients: Any, settings: Any, population: str, task_id: int,
                         out: Path) -> list[Path]:
     """The seed's monitoring figures: one PNG per metric, and the three operations graphs."""
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
     from fedcompute.monitoring import metrics as run_metrics
     from fedcompute.monitoring import ops, plots
-    from fedcompute.tasks.store import FirestoreTaskStore
 
     run = run_metrics.load_run(blobs, settings.model_bucket, population, task_id)
     figures = plots.plot_metrics(run, out / "metrics")

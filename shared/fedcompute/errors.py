@@ -1,9 +1,15 @@
 """The exception hierarchy shared by the core, the adapters and the functions.
 
 Every error carries a message that says what is wrong *and* what to do about it.
-Functions map these to HTTP status codes with :func:`http_status_for`; Pub/Sub
-handlers re-raise :class:`TransientError` (so the message is redelivered) and log
-and acknowledge everything else.
+Functions map these to HTTP status codes with :func:`http_status_for`.
+
+Permanent vs transient (one rule, applied by :func:`fedcompute.web.dispatch_event`): a
+:class:`FedComputeError` that is not a :class:`TransientError` is permanent — logged and
+acknowledged, since redelivering the event cannot succeed; a :class:`TransientError` or any
+exception outside this hierarchy (a bug, a client library's outage) propagates so Pub/Sub
+redelivers it (and dead-letters it after the subscription's max attempts). The core raises
+only this hierarchy for faults it can classify: :class:`InvariantError` replaces bare
+``ValueError`` for permanent ones.
 """
 from __future__ import annotations
 
@@ -80,6 +86,12 @@ class ArtifactBuildError(FedComputeError):
     """The task builder could not build the artifacts (bad model, unsupported ops, DP)."""
 
     http_status = 400
+
+
+class InvariantError(FedComputeError, ValueError):
+    """A value the server computes with breaks an invariant of the core (a bad argument from
+    the caller, a corrupt checkpoint or state): permanent, since retrying recomputes the same
+    thing. Also a ValueError, so callers that check arguments as ValueErrors still do (HTTP 500)."""
 
 
 class StackError(FedComputeError):

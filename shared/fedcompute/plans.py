@@ -17,12 +17,10 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fedcompute.dp import DpParams
 from fedcompute.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from fedcompute.learning import aggregation
 
 CLIENT_PLAN_VERSION = 1
 SERVER_PHASE_VERSION = 1
@@ -42,39 +40,6 @@ class WeightSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WeightSpec:
         return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"], bool(d.get("trainable", True)))
-
-
-@dataclass(frozen=True)
-class DpParameters:
-    """DP aggregator parameters (names follow the task config)."""
-
-    type: str = "NONE"  # NONE | FIXED_GAUSSIAN | ADAPTIVE_GAUSSIAN | TREE_AGGREGATION | ADAPTIVE_TREE
-    noise_multiplier: float = 0.0
-    clip_norm: float = 0.0
-    init_clip_norm: float = 0.0
-    target_unclipped_quantile: float = 0.5
-    clip_learning_rate: float = 0.2
-    clipped_count_stddev: float | None = None
-    noise_seed: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DpParameters:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def dp_params_from_phase(dp: DpParameters) -> aggregation.DpParams:
-    """The aggregation core's parameters from a server phase's DP block."""
-    from fedcompute.learning import aggregation
-
-    return aggregation.DpParams(
-        mechanism=dp.type, clip_norm=dp.clip_norm or None, noise_multiplier=dp.noise_multiplier,
-        init_clip_norm=dp.init_clip_norm or None, target_unclipped_quantile=dp.target_unclipped_quantile,
-        clip_learning_rate=dp.clip_learning_rate, clipped_count_stddev=dp.clipped_count_stddev,
-    )
 
 
 @dataclass(frozen=True)
@@ -126,7 +91,7 @@ class ServerPhase:
     population_size: int
     target_epsilon: float
     delta: float
-    dp: DpParameters
+    dp: DpParams
     weights: tuple[WeightSpec, ...]
     metrics: tuple[str, ...]
     format_version: int = SERVER_PHASE_VERSION
@@ -150,7 +115,7 @@ class ServerPhase:
         _check_version("server phase", data.get("format_version"), SERVER_PHASE_VERSION)
         data["weights"] = tuple(WeightSpec.from_dict(w) for w in data["weights"])
         data["metrics"] = tuple(data["metrics"])
-        data["dp"] = DpParameters.from_dict(data["dp"])
+        data["dp"] = DpParams.from_dict(data["dp"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

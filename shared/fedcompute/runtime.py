@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from fedcompute.adapters.blobs import GcsBlobStore
 from fedcompute.adapters.clients import ProcessClients
 from fedcompute.adapters.events import PubSubRoundEvents
+from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.settings import Settings
-from fedcompute.tasks.store import FirestoreTaskStore
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import uuid
 import numpy as np
 import pytest
 
+from fedcompute.dp import DpParams
 from fedcompute.fleet.protocol import DeviceHttpClient
-from fedcompute.plans import DpParameters
 from fedcompute.tasks.records import TaskStatus
 from support.tasks import create_numpy_task, make_update, random_delta, run_device, wait_until
 
@@ -26,7 +26,7 @@ def test_mechanism_runs_three_rounds_with_state_in_the_checkpoint(local_stack, m
     task = create_numpy_task(
         local_stack, f"dp-{mechanism.lower().replace('_', '-')}-{uuid.uuid4().hex[:8]}", report_goal=2,
         over_selection_rate=0.5, rounds=3, target_epsilon=1e9,
-        dp=DpParameters(type=mechanism, noise_multiplier=0.05, clip_norm=0.5, init_clip_norm=0.5,
+        dp=DpParams(mechanism=mechanism, noise_multiplier=0.05, clip_norm=0.5, init_clip_norm=0.5,
                         target_unclipped_quantile=0.5, clip_learning_rate=0.2),
     )
     client = DeviceHttpClient(local_stack.settings.task_assignment_url)

@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 import requests
 
+from fedcompute.dp import DpParams
 from fedcompute.fleet.protocol import DeviceHttpClient
 from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_ops
 from fedcompute.monitoring.plots import metric_filename, plot_compare, plot_metrics, plot_ops
-from fedcompute.plans import DpParameters
 from fedcompute.proto import task_assignment_pb2
 from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskStatus
 from support.stack_plugin import StackHandle
@@ -75,7 +75,7 @@ def drive_round(task: NumpyTask, client: DeviceHttpClient, round_number: int, rn
     return central_metrics(task, stats)
 
 
-def build_run(stack: StackHandle, prefix: str, rounds: int, dp: DpParameters | None = None,
+def build_run(stack: StackHandle, prefix: str, rounds: int, dp: DpParams | None = None,
               first_round_failures: tuple[int, ...] = ()) -> DrivenRun:
     task = create_numpy_task(stack, f"{prefix}-{uuid.uuid4().hex[:8]}", report_goal=2, over_selection_rate=0.5,
                              rounds=rounds, dp=dp)
@@ -89,7 +89,7 @@ def build_run(stack: StackHandle, prefix: str, rounds: int, dp: DpParameters | N
 @pytest.fixture(scope="module")
 def runs(local_stack: StackHandle) -> tuple[DrivenRun, DrivenRun]:
     a = build_run(local_stack, "mon-a", 3, first_round_failures=(Result.NOT_ELIGIBLE, Result.FAILED))
-    b = build_run(local_stack, "mon-b", 2, dp=DpParameters(type="FIXED_GAUSSIAN", noise_multiplier=1.0, clip_norm=1.0))
+    b = build_run(local_stack, "mon-b", 2, dp=DpParams(mechanism="FIXED_GAUSSIAN", noise_multiplier=1.0, clip_norm=1.0))
     return a, b
 
 

@@ -28,18 +28,18 @@ import requests
 from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents, encode_round_event
+from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.adapters.task_management_client import TaskManagementClient
+from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
 from fedcompute.fleet.protocol import DeviceHttpClient, ProtocolError, Rejected
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
-from fedcompute.plans import DpParameters
 from fedcompute.proto import task_assignment_pb2, task_management_pb2
 from fedcompute.services import aggregator as aggregator_service
 from fedcompute.services import scheduler as scheduler_service
 from fedcompute.stack.local import default_functions_dir, functions_framework_executable
 from fedcompute.stack.procs import free_port, start_process
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, TaskStatus
-from fedcompute.tasks.store import FirestoreTaskStore, RoundKey
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, RoundKey, TaskStatus
 from support.helpers import http, unique
 from support.tasks import (
     COMPLETED,
@@ -456,7 +456,7 @@ class NoCommitStore:
 def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle) -> None:
     """DP noise included: the re-run (another process, via the scheduler) adds the same noise."""
     task = create_numpy_task(local_stack, unique("rerun"), report_goal=2, rounds=2, target_epsilon=1e6,
-                             dp=DpParameters(type="FIXED_GAUSSIAN", noise_multiplier=0.5, clip_norm=1.0))
+                             dp=DpParams(mechanism="FIXED_GAUSSIAN", noise_multiplier=0.5, clip_norm=1.0))
     settings, key = local_stack.settings, task.key(1)
     rng = np.random.default_rng(5)
     ids = [str(uuid.uuid4()) for _ in range(2)]

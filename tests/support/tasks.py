@@ -20,17 +20,18 @@ import numpy as np
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
+from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.adapters.task_management_client import TaskManagementClient
+from fedcompute.dp import DpParams
 from fedcompute.fleet.protocol import DeviceHttpClient, Rejected
 from fedcompute.learning import metric_stats
 from fedcompute.learning.checkpoint import decode_checkpoint
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
-from fedcompute.plans import DpParameters, ServerPhase
+from fedcompute.learning.upload_contract import metric_statistics_spec
+from fedcompute.plans import ServerPhase
 from fedcompute.proto import eligibility_pb2, task_assignment_pb2, task_management_pb2
-from fedcompute.services.aggregator import metric_statistics_spec
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentStatus, IterationRecord, IterationStatus, TaskRecord
-from fedcompute.tasks.store import FirestoreTaskStore, RoundKey
+from fedcompute.tasks.records import AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskRecord
 
 if TYPE_CHECKING:
     from support.stack_plugin import StackHandle
@@ -130,7 +131,7 @@ def create_numpy_task(
     report_goal: int = 3,
     over_selection_rate: float = 0.5,
     rounds: int = 2,
-    dp: DpParameters | None = None,
+    dp: DpParams | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
     shapes: Sequence[tuple[int, ...]] = DEFAULT_SHAPES,
     seed: int = 0,
@@ -163,7 +164,7 @@ def create_numpy_task(
         learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=server_learning_rate,
         report_goal=report_goal, over_selection_rate=max_size / report_goal - 1.0, total_rounds=rounds,
         population_size=population_size, target_epsilon=target_epsilon, delta=1e-6,
-        dp=dp or DpParameters(type="NONE"), weights=weight_specs(initial), metrics=tuple(metrics),
+        dp=dp or DpParams(mechanism="NONE"), weights=weight_specs(initial), metrics=tuple(metrics),
     )
     plan = f"plan of {population}/{created.task_id}".encode()
     blobs = GcsBlobStore(clients.storage, public_base_url=settings.storage_public_url or None)

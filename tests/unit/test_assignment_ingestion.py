@@ -13,18 +13,19 @@ from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFa
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion
 from fedcompute.settings import Settings
+from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
     ReportedResult,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,
     max_live_assignments,
     status_after_report,
 )
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()
 POP = "pop_a"

@@ -6,8 +6,9 @@ import gzip
 import numpy as np
 import pytest
 
+from fedcompute.dp import DpMechanism, DpParams
 from fedcompute.errors import InvalidRequestError
-from fedcompute.learning import aggregation as ag
+from fedcompute.learning import dp_core, dp_mechanisms, server_round
 from fedcompute.learning.checkpoint import (
     decode_checkpoint,
     decode_checkpoint_with_metadata,
@@ -25,17 +26,17 @@ def _random_update(rng: np.random.Generator, num_examples: int) -> ClientUpdate:
     return ClientUpdate.from_arrays([(n, rng.standard_normal(s).astype(np.float32)) for n, s, _ in SPEC], num_examples)
 
 
-def _state_after_rounds(optimizer, rounds: int = 2) -> ag.ServerState:
+def _state_after_rounds(optimizer, rounds: int = 2) -> server_round.ServerState:
     rng = np.random.default_rng(0)
-    dp = ag.build_dp_aggregator(ag.DpParams(ag.FIXED_GAUSSIAN, clip_norm=0.3, noise_multiplier=0.0))
-    state = ag.initial_server_state([(n, rng.standard_normal(s).astype(np.float32)) for n, s, _ in SPEC], optimizer, dp)
+    dp = dp_mechanisms.build_dp_aggregator(DpParams(DpMechanism.FIXED_GAUSSIAN, clip_norm=0.3, noise_multiplier=0.0))
+    state = server_round.initial_server_state([(n, rng.standard_normal(s).astype(np.float32)) for n, s, _ in SPEC], optimizer, dp)
     for _ in range(rounds):
         updates = [_random_update(rng, 4) for _ in range(3)]
-        state, _, _ = ag.server_round(state, updates, ag.RoundConfig(report_goal=3, optimizer=optimizer, dp=dp))
+        state, _, _ = server_round.server_round(state, updates, server_round.RoundConfig(report_goal=3, optimizer=optimizer, dp=dp))
     return state
 
 
-def _assert_same(a: ag.ServerState, b: ag.ServerState) -> None:
+def _assert_same(a: server_round.ServerState, b: server_round.ServerState) -> None:
     assert (a.round, a.spec) == (b.round, b.spec)
     for x, y in zip(a.weights, b.weights):
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
@@ -54,9 +55,9 @@ def _assert_same(a: ag.ServerState, b: ag.ServerState) -> None:
 def test_round_trip_is_exact(optimizer) -> None:
     state = _state_after_rounds(optimizer)
     # mechanism state of a future variant (seed, quantile estimate, tree buffers) survives too
-    state = ag.ServerState(
+    state = server_round.ServerState(
         state.round, state.spec, state.weights, state.optimizer_state,
-        ag.DpState(ag.FIXED_GAUSSIAN, 0.3, 1.1, release_count=2, last_seed=2**63 - 5,
+        dp_core.DpState(DpMechanism.FIXED_GAUSSIAN, 0.3, 1.1, release_count=2, last_seed=2**63 - 5,
                    scalars={"quantile_estimate": 0.42}, tensors=(("tree/level0", np.arange(4.0)),)),
     )
     data = encode_checkpoint(state, optimizer=optimizer, metadata={"task": "t1"})
@@ -76,10 +77,10 @@ def test_resumed_training_matches_uninterrupted() -> None:
     resumed = decode_checkpoint(encode_checkpoint(straight, optimizer=opt))
     rng = np.random.default_rng(1)
     updates = [_random_update(rng, 1) for _ in range(2)]
-    dp = ag.build_dp_aggregator(ag.DpParams(ag.FIXED_GAUSSIAN, clip_norm=0.3, noise_multiplier=0.0))
-    cfg = ag.RoundConfig(report_goal=2, optimizer=opt, dp=dp)
-    a = ag.server_round(straight, updates, cfg)[0]
-    b = ag.server_round(resumed, updates, cfg)[0]
+    dp = dp_mechanisms.build_dp_aggregator(DpParams(DpMechanism.FIXED_GAUSSIAN, clip_norm=0.3, noise_multiplier=0.0))
+    cfg = server_round.RoundConfig(report_goal=2, optimizer=opt, dp=dp)
+    a = server_round.server_round(straight, updates, cfg)[0]
+    b = server_round.server_round(resumed, updates, cfg)[0]
     _assert_same(a, b)
     assert a.optimizer_state.step == 3
 

@@ -12,11 +12,11 @@ from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.learning import metric_stats
 from fedcompute.learning.tensor_codec import encode_client_update
+from fedcompute.learning.upload_contract import metric_statistics_spec
 from fedcompute.services import aggregator, assignment, scheduler
-from fedcompute.services.aggregator import metric_statistics_spec
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskKind, TaskRecord, TaskStatus
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskKind, TaskRecord, TaskStatus
 
 SETTINGS = Settings()
 HOUR = 3600.0

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedcompute import layout
+from fedcompute.dp import DpParams
 from fedcompute.errors import InvalidRequestError
-from fedcompute.plans import ClientPlan, DpParameters, ServerPhase, WeightSpec, pack_plan, unpack_plan
+from fedcompute.plans import ClientPlan, ServerPhase, WeightSpec, pack_plan, unpack_plan
 
 
 def _plan() -> ClientPlan:
@@ -69,7 +70,7 @@ def test_plan_rejects_unknown_version_non_zip_and_escaping_entries(tmp_path: Pat
 def test_server_phase_round_trip_and_update_spec():
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="ADAM", server_learning_rate=0.01, report_goal=10,
                         over_selection_rate=0.3, total_rounds=3, population_size=1000, target_epsilon=5.0,
-                        delta=1e-3, dp=DpParameters("FIXED_GAUSSIAN", 1.1, 0.5, noise_seed=3),
+                        delta=1e-3, dp=DpParams("FIXED_GAUSSIAN", 1.1, 0.5, noise_seed=3),
                         weights=(WeightSpec("trainable/0", (2,), "float32"),
                                  WeightSpec("non_trainable/0", (2,), "float32", trainable=False)),
                         metrics=("auc-roc",), extra={"enforce_privacy_budget": False})
@@ -89,7 +90,7 @@ def test_impossible_adaptive_noise_split_is_refused_when_building_artifacts():
     def phase(goal: int) -> ServerPhase:
         return ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0,
                            report_goal=goal, over_selection_rate=0.3, total_rounds=3, population_size=10_000,
-                           target_epsilon=10.0, delta=1e-4, dp=DpParameters("ADAPTIVE_GAUSSIAN", 1.5, 1.0, 1.0),
+                           target_epsilon=10.0, delta=1e-4, dp=DpParams("ADAPTIVE_GAUSSIAN", 1.5, 1.0, 1.0),
                            weights=weight_specs(weights), metrics=())
 
     with pytest.raises(ConfigError, match="report goal of at least 16"):

@@ -7,14 +7,25 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.dp import DpParams
 from fedcompute.learning.tensor_codec import encode_client_update
-from fedcompute.plans import DpParameters, ServerPhase
+from fedcompute.learning.upload_contract import metric_statistics_spec
+from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator
-from fedcompute.services.aggregator import metric_statistics_spec
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import (
+    AssignmentRecord,
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    RoundKey,
+    TaskKind,
+    TaskRecord,
+    TaskStatus,
+    TensorSpecRecord,
+)
 
 SETTINGS = Settings()
 GOAL, POPULATION_SIZE, NOISE, ROUNDS = 4, 200, 1.0, 10
@@ -38,7 +49,7 @@ def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded():
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=GOAL,
                         over_selection_rate=0.0, total_rounds=ROUNDS, population_size=POPULATION_SIZE,
                         target_epsilon=target, delta=delta,
-                        dp=DpParameters("FIXED_GAUSSIAN", NOISE, 1.0, noise_seed=1),
+                        dp=DpParams("FIXED_GAUSSIAN", NOISE, 1.0, noise_seed=1),
                         weights=weight_specs(initial), metrics=("loss",))
     store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task = store.create_task("p", lambda tid: TaskRecord(

@@ -6,20 +6,22 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError
-from fedcompute.plans import DpParameters, ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase, WeightSpec
 from fedcompute.proto import task_management_pb2
 from fedcompute.services import scheduler
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
+from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskStatus,
 )
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
 
 SETTINGS = Settings()
 
@@ -37,7 +39,7 @@ def _training_proto(**overrides) -> task_management_pb2.Task:
 def _phase() -> ServerPhase:
     return ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=10,
                        over_selection_rate=0.3, total_rounds=5, population_size=3_000_000, target_epsilon=10.0,
-                       delta=1e-6, dp=DpParameters("FIXED_GAUSSIAN", 1.0, 0.5),
+                       delta=1e-6, dp=DpParams("FIXED_GAUSSIAN", 1.0, 0.5),
                        weights=(WeightSpec("dense/kernel", (4, 2), "float32"),
                                 WeightSpec("bn/moving_mean", (2,), "float32", trainable=False)),
                        metrics=("binary_accuracy",))

@@ -201,7 +201,8 @@ def test_learning_modules_do_not_import_tensorflow() -> None:
     import subprocess
 
     code = (
-        "import sys, fedcompute.learning.tensor_codec, fedcompute.learning.aggregation, "
+        "import sys, fedcompute.learning.tensor_codec, fedcompute.learning.accumulator, "
+        "fedcompute.learning.dp_mechanisms, fedcompute.learning.server_round, fedcompute.learning.upload_contract, "
         "fedcompute.learning.checkpoint, fedcompute.learning.server_optimizer; "
         "print(sorted(m for m in ('tensorflow', 'tensorflow_privacy', 'tensorflow_federated') if m in sys.modules))"
     )

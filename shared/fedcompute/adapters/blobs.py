@@ -1,4 +1,4 @@
-"""Object storage port (:class:`BlobStore`) with a GCS adapter and an in-memory fake.
+"""Object storage: the GCS adapter of the :class:`~fedcompute.ports.BlobStore` port, and an in-memory fake.
 
 All writes that must happen once use generation preconditions
 (``if_generation_match=0`` = create only if absent), so a retried or re-run function
@@ -10,21 +10,9 @@ import datetime
 import os
 import threading
 import urllib.parse
-from typing import Any, Protocol
+from typing import Any
 
 from fedcompute.errors import NotFoundError, PreconditionFailedError, TransientError
-
-
-class BlobStore(Protocol):
-    def read(self, bucket: str, name: str) -> bytes: ...
-    def write(self, bucket: str, name: str, data: bytes, *, create_only: bool = False,
-              content_type: str = "application/octet-stream") -> bool: ...
-    def exists(self, bucket: str, name: str) -> bool: ...
-    def list(self, bucket: str, prefix: str) -> list[str]: ...
-    def delete(self, bucket: str, name: str) -> None: ...
-    def download_url(self, bucket: str, name: str) -> str: ...
-    def create_upload_session(self, bucket: str, name: str) -> tuple[str, dict[str, str]]: ...
-
 
 UPLOAD_HEADERS = {"content-type": "application/octet-stream", "content-encoding": "gzip"}
 

@@ -1,12 +1,13 @@
-"""Pub/Sub port for round events, with the real publisher and an in-memory fake."""
+"""Round events on Pub/Sub: the adapter of the :class:`~fedcompute.ports.RoundEvents` port, the
+event body codec, and an in-memory fake."""
 from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Protocol
+from typing import Any
 
-from fedcompute.errors import TransientError
-from fedcompute.tasks.store import RoundKey
+from fedcompute.errors import InvariantError, TransientError
+from fedcompute.tasks.records import RoundKey
 
 
 def encode_round_event(key: RoundKey, **extra: Any) -> bytes:
@@ -19,13 +20,8 @@ def decode_round_event(data: bytes) -> RoundKey:
     body = json.loads(data.decode())
     population, task_id, round_number = body["population"], body["task_id"], body["round"]
     if not isinstance(population, str) or not isinstance(task_id, int) or not isinstance(round_number, int):
-        raise ValueError("population must be a string, task_id and round integers")
+        raise InvariantError("population must be a string, task_id and round integers")
     return RoundKey(population, task_id, round_number)
-
-
-class RoundEvents(Protocol):
-    def round_ready(self, key: RoundKey) -> None: ...
-    def round_completed(self, key: RoundKey, **extra: Any) -> None: ...
 
 
 class PubSubRoundEvents:

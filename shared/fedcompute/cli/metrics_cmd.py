@@ -53,9 +53,9 @@ def connect() -> tuple[Any, Any, Any]:
     """
     from fedcompute.adapters.blobs import GcsBlobStore
     from fedcompute.adapters.clients import emulator_hosts, make_clients
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
     from fedcompute.errors import StackError
     from fedcompute.settings import Settings
-    from fedcompute.tasks.store import FirestoreTaskStore
 
     hosts = emulator_hosts()
     if not hosts and not (os.environ.get("FEDCOMPUTE_PROJECT") or os.environ.get("GOOGLE_CLOUD_PROJECT")):

@@ -1,7 +1,10 @@
-"""Server-side learning core: tensor codec, server optimizers, DP aggregation, checkpoints.
+"""Server-side learning core: tensor codec, the server round by stage, checkpoints.
 
-Pure modules (no cloud I/O). ``tensor_codec`` needs only numpy and protobuf, so the light
-functions (result ingestion) can validate uploads without TensorFlow; ``aggregation``
-imports TensorFlow / tensorflow_privacy lazily, only when a noised result is computed.
+Pure modules (no cloud I/O). A round composes ``accumulator`` (clip + streaming sum),
+a DP mechanism (``dp_core``, ``dp_gaussian``, ``dp_tree``, picked by ``dp_mechanisms``) and
+``server_round`` (ServerState, optimizer step, metrics, ε ledger, next step).
+``tensor_codec`` and ``upload_contract`` need only numpy and protobuf, so the light functions
+(result ingestion) validate uploads without TensorFlow; the DP mechanisms import TensorFlow /
+tensorflow_privacy lazily, only when a noised result is computed.
 Importing this package imports nothing.
 """

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedcompute.errors import InvalidRequestError
-from fedcompute.learning.aggregation import DpState, ServerState
+from fedcompute.dp import mechanism_name, parse_mechanism
+from fedcompute.errors import InvalidRequestError, InvariantError
+from fedcompute.learning.dp_core import DpState
 from fedcompute.learning.server_optimizer import OptimizerState, ServerOptimizer
+from fedcompute.learning.server_round import ServerState
 from fedcompute.learning.tensor_codec import (
     GZIP_MAGIC,
     SpecLike,
@@ -44,14 +46,14 @@ def encode_checkpoint(
     opt_meta = {"optimizer": opt.name, "step": str(opt.step), "slots": ",".join(slot_names)}
     if optimizer is not None:
         if optimizer.name != opt.name:
-            raise ValueError(f"optimizer {optimizer.name!r} does not own state of {opt.name!r}")
+            raise InvariantError(f"optimizer {optimizer.name!r} does not own state of {opt.name!r}")
         opt_meta.update({f"hparam/{k}": repr(float(v)) for k, v in optimizer.hparams().items()})
     opt_tensors = [
         (f"{slot}/{s.name}", arr) for slot in slot_names for s, arr in zip(state.spec, opt.slots[slot])
     ]
     dp = state.dp_state
     info = tensors_pb2.DpStateInfo(
-        mechanism=dp.mechanism,
+        mechanism=mechanism_name(dp.mechanism),
         clip_norm=0.0 if dp.clip_norm is None else float(dp.clip_norm),
         noise_multiplier=float(dp.noise_multiplier),
         release_count=int(dp.release_count),
@@ -102,7 +104,7 @@ def decode_checkpoint_with_metadata(
     info = msg.dp_info
     clip = info.clip_norm if info.clip_norm > 0 and math.isfinite(info.clip_norm) else None
     dp_state = DpState(
-        mechanism=info.mechanism,
+        mechanism=parse_mechanism(info.mechanism),
         clip_norm=clip,
         noise_multiplier=info.noise_multiplier,
         release_count=int(info.release_count),

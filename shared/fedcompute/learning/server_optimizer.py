@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedcompute.errors import ConfigError
+from fedcompute.errors import ConfigError, InvariantError
 from fedcompute.learning.tensor_codec import SpecLike, normalize_spec
 
 
@@ -54,15 +54,15 @@ class ServerOptimizer(Protocol):
 
 def _check_state(state: OptimizerState, name: str, weights: Sequence[np.ndarray], gradient: Sequence[np.ndarray]) -> None:
     if state.name != name:
-        raise ValueError(f"optimizer state belongs to {state.name!r}, not {name!r}")
+        raise InvariantError(f"optimizer state belongs to {state.name!r}, not {name!r}")
     if len(weights) != len(gradient):
-        raise ValueError(f"{len(weights)} weights but {len(gradient)} gradients")
+        raise InvariantError(f"{len(weights)} weights but {len(gradient)} gradients")
     for i, (w, g) in enumerate(zip(weights, gradient)):
         if np.shape(w) != np.shape(g):
-            raise ValueError(f"weight {i} has shape {np.shape(w)} but its gradient {np.shape(g)}")
+            raise InvariantError(f"weight {i} has shape {np.shape(w)} but its gradient {np.shape(g)}")
     for slot, arrays in state.slots.items():
         if len(arrays) != len(weights) or any(np.shape(a) != np.shape(w) for a, w in zip(arrays, weights)):
-            raise ValueError(f"optimizer slot {slot!r} does not match the weights' shapes")
+            raise InvariantError(f"optimizer slot {slot!r} does not match the weights' shapes")
 
 
 @dataclass(frozen=True)
@@ -167,4 +167,4 @@ def optimizer_from_hparams(name: str, hparams: Mapping[str, float]) -> ServerOpt
         return Sgd(float(hparams["learning_rate"]))
     if name == "adam":
         return Adam(**{k: float(v) for k, v in hparams.items()})
-    raise ValueError(f"unknown optimizer {name!r} in checkpoint; expected 'sgd' or 'adam'")
+    raise InvariantError(f"unknown optimizer {name!r} in checkpoint; expected 'sgd' or 'adam'")

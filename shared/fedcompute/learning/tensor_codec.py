@@ -21,7 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from numpy.typing import DTypeLike
 
-from fedcompute.errors import InvalidRequestError, PayloadTooLargeError
+from fedcompute.errors import InvalidRequestError, InvariantError, PayloadTooLargeError
 from fedcompute.proto import tensors_pb2
 
 FORMAT_VERSION = 1
@@ -62,7 +62,7 @@ def normalize_spec(spec: SpecLike) -> tuple[TensorSpec, ...]:
     out = tuple(TensorSpec(str(n), tuple(int(d) for d in s), np.dtype(t).name) for n, s, t in spec)
     names = [s.name for s in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"tensor names must be unique, got {names}")
+        raise InvariantError(f"tensor names must be unique, got {names}")
     return out
 
 
@@ -94,7 +94,7 @@ def tensor_to_proto(name: str, array: np.ndarray) -> tensors_pb2.TensorProto:
     try:
         code = _DTYPE_TO_PROTO[arr.dtype.newbyteorder("=")]
     except KeyError:
-        raise ValueError(
+        raise InvariantError(
             f"tensor {name!r} has unsupported dtype {arr.dtype}; "
             f"supported: {', '.join(sorted(d.name for d in _DTYPE_TO_PROTO))}"
         ) from None
@@ -132,7 +132,7 @@ def bundle_to_proto(named: NamedArrays, metadata: Mapping[str, str] | None = Non
     items = _items(named)
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
-        raise ValueError(f"tensor names must be unique, got {names}")
+        raise InvariantError(f"tensor names must be unique, got {names}")
     bundle = tensors_pb2.TensorBundle(format_version=FORMAT_VERSION)
     bundle.tensors.extend(tensor_to_proto(n, a) for n, a in items)
     bundle.metadata.update(metadata or {})
@@ -295,7 +295,7 @@ def encode_client_update(
     model order. The gzip header carries no timestamp, so equal inputs give equal bytes.
     """
     if int(num_examples) <= 0:
-        raise ValueError(f"num_examples must be > 0, got {num_examples}")
+        raise InvariantError(f"num_examples must be > 0, got {num_examples}")
     msg = tensors_pb2.ClientUpdate(format_version=FORMAT_VERSION, num_examples=int(num_examples))
     msg.model_delta.CopyFrom(bundle_to_proto(delta))
     msg.metric_statistics.CopyFrom(bundle_to_proto(sorted((metric_statistics or {}).items())))

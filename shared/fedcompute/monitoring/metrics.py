@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedcompute import layout
+from fedcompute.dp import NO_DP_NAME, parse_mechanism
 from fedcompute.errors import InvalidRequestError, NotFoundError
 
 
@@ -99,8 +100,7 @@ def flatten_config(phase: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def run_label(config: Mapping[str, Any]) -> str:
     """A short label for a run: ``noise_multiplier 0.1`` for DP runs, ``no DP`` otherwise."""
-    dp_type = str(config.get("dp.type", "NONE"))
-    if dp_type == "NONE" or not config:
+    if parse_mechanism(str(config.get("dp.type", NO_DP_NAME))) is None or not config:
         return "no DP" if config else "unknown config"
     return f"noise_multiplier {float(config.get('dp.noise_multiplier', 0.0)):g}"
 

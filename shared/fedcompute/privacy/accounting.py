@@ -11,11 +11,10 @@ What the task builder checks and what the live privacy ledger uses to stop a tas
   (no sampling amplification, so the population does not matter).
 
 Pure functions over plain numbers; ``dp_accounting`` is imported lazily so that importing
-:class:`DpMechanism` stays cheap, and nothing here imports TensorFlow.
+this module stays cheap (the mechanism enum is :class:`fedcompute.dp.DpMechanism`), and nothing here imports TensorFlow.
 """
 from __future__ import annotations
 
-import enum
 import functools
 import math
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
+from fedcompute.dp import DpMechanism
 from fedcompute.errors import ArtifactBuildError, ConfigError
 
 DEFAULT_TARGET_EPSILON = 10.0
@@ -41,55 +41,6 @@ _F_ROUNDS = "policies.model_release_policy.num_max_training_rounds"
 _F_TARGET = "policies.model_release_policy.dp_target_epsilon"
 _F_DELTA = "policies.model_release_policy.dp_delta"
 _F_REPORT_GOAL = "federated_learning.learning_process.runtime_config.report_goal"
-_F_TYPE = "differential_privacy.type"
-
-
-class DpMechanism(str, enum.Enum):
-    """The DP aggregators of ODP's ``DpAggregator`` enum (proto numbers in ``proto_number``)."""
-
-    FIXED_GAUSSIAN = "FIXED_GAUSSIAN"
-    TREE_AGGREGATION = "TREE_AGGREGATION"
-    ADAPTIVE_GAUSSIAN = "ADAPTIVE_GAUSSIAN"
-    ADAPTIVE_TREE = "ADAPTIVE_TREE"
-
-    @property
-    def proto_number(self) -> int:
-        return _PROTO_NUMBERS[self]
-
-    @property
-    def is_tree(self) -> bool:
-        """True for the DP-FTRL (tree aggregation) mechanisms."""
-        return self in (DpMechanism.TREE_AGGREGATION, DpMechanism.ADAPTIVE_TREE)
-
-    @classmethod
-    def coerce(cls, value: DpMechanism | str | int) -> DpMechanism:
-        """Accept a member, its name (any case; the seed's ``TREE`` alias) or the proto number."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Integral) and not isinstance(value, bool):
-            for member, number in _PROTO_NUMBERS.items():
-                if number == int(value):
-                    return member
-        elif isinstance(value, str):
-            name = value.strip().upper()
-            if name == "TREE":
-                return cls.TREE_AGGREGATION
-            if name in cls.__members__:
-                return cls[name]
-        choices = ", ".join(m.value for m in cls)
-        raise ConfigError(
-            f"unknown DP aggregator {value!r}; choose one of {choices} (TREE is accepted for "
-            "TREE_AGGREGATION)",
-            location=_F_TYPE,
-        )
-
-
-_PROTO_NUMBERS = {
-    DpMechanism.FIXED_GAUSSIAN: 1,
-    DpMechanism.TREE_AGGREGATION: 2,
-    DpMechanism.ADAPTIVE_GAUSSIAN: 3,
-    DpMechanism.ADAPTIVE_TREE: 4,
-}
 
 
 def default_delta(population_size: int = DEFAULT_POPULATION_SIZE) -> float:

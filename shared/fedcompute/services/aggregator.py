@@ -1,6 +1,10 @@
-"""The aggregator: one round's DP FedAvg, checkpoint and metrics, then the next round.
+"""The aggregator service: I/O around one server round (the round itself is learning/server_round).
 
-Triggered by ``round-ready``. Idempotent: a redelivered message for a COMPLETED round does
+Triggered by ``round-ready``: read the task, server phase, checkpoint and the round's frozen
+accepted uploads; call :func:`fedcompute.learning.server_round.server_round`; write the
+checkpoint, client checkpoint and metrics; finish the round (open the next one or complete
+the task, as :func:`~fedcompute.learning.server_round.next_step` decides); publish
+``round-completed``. No learning logic lives here. Idempotent: a redelivered message for a COMPLETED round does
 nothing, and a run killed midway re-runs to the same checkpoint (the accepted set is frozen
 once the round is AGGREGATING, updates stream in assignment-id order, the noise seed is
 derived from the task's server-side secret and the round, and outputs are create-only).
@@ -9,87 +13,38 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, PreconditionFailedError
-from fedcompute.metric_names import NON_FINITE_METRIC, TRAIN_PREFIX
-from fedcompute.plans import ServerPhase, dp_params_from_phase
+from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
+from fedcompute.plans import ServerPhase
+from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     IterationRecord,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,
-    max_live_assignments,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
+
+if TYPE_CHECKING:
+    from fedcompute.learning.server_round import NextStep
 
 log = logging.getLogger(__name__)
-
-PRIVACY_EPSILON = "server/privacy/epsilon"
-PRIVACY_DELTA = "server/privacy/delta"
-NUM_REPORTS = "server/aggregator/num_reports"
-
 
 @dataclass(frozen=True)
 class AggregationOutcome:
     status: str  # AGGREGATED | ALREADY_DONE | NOT_READY | UNKNOWN_ROUND
     metrics: dict[str, float] | None = None
     task_status: str = ""
-
-
-def metric_statistics_spec(metrics: tuple[str, ...]) -> list[tuple[str, tuple[int, ...], str]]:
-    """The flat ``metric/stat`` tensors a device upload carries for ``metrics`` (+ loss, count)."""
-    from fedcompute.learning import metric_stats
-
-    names = list(dict.fromkeys((*metrics, "loss", "num_examples")))
-    flat = metric_stats.flatten_stats({m: metric_stats.zero_stats(m) for m in names})
-    return [(name, tuple(array.shape), "float64") for name, array in sorted(flat.items())]
-
-
-def update_spec(task: TaskRecord) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(s.name, s.shape, s.dtype) for s in task.update_spec]
-
-
-def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, TaskRecord], None]:
-    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics."""
-    from fedcompute.learning.tensor_codec import decode_client_update
-
-    def validate(data: bytes, task: TaskRecord) -> None:
-        decode_client_update(data, expected_spec=update_spec(task), max_bytes=max_bytes,
-                             expected_metric_spec=metric_statistics_spec(task.metrics))
-
-    return validate
-
-
-def _noise_seed(task: TaskRecord, phase: ServerPhase, round_number: int) -> int:
-    from fedcompute.learning.aggregation import derive_noise_seed
-
-    if phase.dp.noise_seed is not None:  # noqa: SIM108 -- fixed by the config (tests, reproducible runs)
-        secret = str(int(phase.dp.noise_seed)).encode()
-    else:
-        secret = bytes.fromhex(task.noise_secret) if task.noise_secret else b""
-    return derive_noise_seed(secret, round_number, label=f"{task.population}/{task.task_id}")
-
-
-def epsilon_after(phase: ServerPhase, rounds: int) -> float:
-    """ε spent after ``rounds`` releases (same accounting as the task builder's DP check)."""
-    if phase.dp.type in ("", "NONE") or rounds <= 0:
-        return 0.0 if rounds <= 0 else math.inf
-    from fedcompute.privacy.accounting import compute_epsilon
-
-    return compute_epsilon(phase.dp.type, noise_multiplier=phase.dp.noise_multiplier, report_goal=phase.report_goal,
-                           population_size=phase.population_size, rounds=rounds, delta=phase.delta)
 
 
 def aggregate_round(
@@ -102,7 +57,7 @@ def aggregate_round(
     now: Callable[[], float] = time.time,
 ) -> AggregationOutcome:
     """Aggregate round ``key`` if it is AGGREGATING; see the module docstring."""
-    from fedcompute.learning import aggregation, checkpoint, metric_stats, server_optimizer
+    from fedcompute.learning import checkpoint, server_round
     from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
 
     iteration = store.get_iteration(key.population, key.task_id, key.round_number)
@@ -131,9 +86,7 @@ def aggregate_round(
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
-
-    optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
-    dp = aggregation.build_dp_aggregator(dp_params_from_phase(phase.dp))
+    optimizer, dp = server_round.build_round_machinery(phase)
     accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
     spec = update_spec(task)
     metric_spec = metric_statistics_spec(task.metrics)
@@ -147,26 +100,13 @@ def aggregate_round(
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
-    def finalize_metrics(sums: Mapping[str, np.ndarray]) -> Mapping[str, float]:
-        grouped = metric_stats.unflatten_stats(sums) if sums else {}
-        return {m: metric_stats.finalize(m, grouped[m]) for m in task.metrics if m in grouped}
-
-    config = aggregation.RoundConfig(report_goal=task.report_goal, optimizer=optimizer, dp=dp,
-                                     noise_seed=_noise_seed(task, phase, key.round_number),
-                                     metrics_finalizer=finalize_metrics)
-    new_state, result, raw_metrics = aggregation.server_round(previous, updates(), config)
-
-    metrics: dict[str, float] = {TRAIN_PREFIX + m: raw_metrics[TRAIN_PREFIX + m] for m in task.metrics
-                                 if TRAIN_PREFIX + m in raw_metrics}
-    metrics[NON_FINITE_METRIC] = float(result.non_finite)
-    metrics[NUM_REPORTS] = float(result.accepted)
-    for name, value in raw_metrics.items():
-        if name.startswith("server/aggregator/") or name.startswith("server/finalizer/"):
-            metrics.setdefault(name, float(value))
-    epsilon = epsilon_after(phase, key.round_number)
-    if phase.dp.type not in ("", "NONE"):
-        metrics[PRIVACY_EPSILON] = epsilon
-        metrics[PRIVACY_DELTA] = phase.delta
+    config = server_round.RoundConfig(
+        report_goal=task.report_goal, optimizer=optimizer, dp=dp,
+        noise_seed=server_round.round_noise_seed(phase, task.noise_secret, key.population, key.task_id,
+                                                 key.round_number),
+        metrics_finalizer=server_round.task_metrics_finalizer(task.metrics))
+    new_state, result, raw_metrics = server_round.server_round(previous, updates(), config)
+    metrics = server_round.round_metrics(phase, key.round_number, task.metrics, result, raw_metrics)
 
     # Create-only writes: a re-run after a crash finds identical bytes already there.
     ckpt_bytes = checkpoint.encode_checkpoint(new_state, optimizer=optimizer,
@@ -182,7 +122,8 @@ def aggregate_round(
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
                 json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
 
-    task_changes, next_iteration = _next_step(task, phase, key, epsilon, now())
+    task_changes, next_iteration = _task_changes(task, key, server_round.next_step(phase, key.round_number,
+                                                                                   task.total_rounds), now())
     finished = store.finish_round(
         key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, task_changes, next_iteration)
     if not finished:
@@ -195,10 +136,6 @@ def aggregate_round(
     return AggregationOutcome("AGGREGATED", metrics, task_changes.get("status", TaskStatus.OPEN).value)
 
 
-EVAL_PREFIX = "server/client_work/eval/"
-EVALUATED_ROUND = "server/evaluation/training_round"
-
-
 def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
                           task: TaskRecord, iteration: IterationRecord,
                           now: Callable[[], float]) -> AggregationOutcome:
@@ -207,7 +144,7 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     No noise is added to evaluation metrics (like ODP and TFF's federated evaluation); the
     metrics JSON sits at the evaluation task's layout and names the training round evaluated.
     """
-    from fedcompute.learning import metric_stats
+    from fedcompute.learning.server_round import evaluation_metrics
     from fedcompute.learning.tensor_codec import decode_client_update
 
     metric_spec = metric_statistics_spec(task.metrics)
@@ -227,11 +164,8 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         reports += 1
         for stat, value in update.metric_statistics.items():
             totals[stat] = totals.get(stat, 0.0) + np.asarray(value, np.float64)
-    grouped = metric_stats.unflatten_stats(totals) if totals else {}
-    metrics = {EVAL_PREFIX + m: float(metric_stats.finalize(m, grouped[m])) for m in task.metrics if m in grouped}
-    metrics[EVALUATED_ROUND] = float(iteration.evaluated_round)
-    metrics[NUM_REPORTS] = float(reports)
-    metrics["server/aggregator/metrics_non_finite"] = float(excluded)
+    metrics = evaluation_metrics(task.metrics, totals, evaluated_round=iteration.evaluated_round, reports=reports,
+                                 excluded=excluded)
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
                 json.dumps(metrics).encode(), create_only=True, content_type="application/json")
     if store.finish_round(key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, {}, None):
@@ -249,25 +183,11 @@ def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) ->
     return len(names)
 
 
-def _next_step(task: TaskRecord, phase: ServerPhase, key: RoundKey, epsilon: float,
-               t: float) -> tuple[dict[str, Any], IterationRecord | None]:
-    """Task changes after round ``key``: open the next round, or complete the task."""
-    changes: dict[str, Any] = {"epsilon_spent": epsilon if math.isfinite(epsilon) else -1.0}
-    done_reason = ""
-    if key.round_number >= task.total_rounds:
-        done_reason = f"completed num_max_training_rounds ({task.total_rounds})"
-    elif phase.dp.type not in ("", "NONE") and phase.extra.get("enforce_privacy_budget", True):
-        next_epsilon = epsilon_after(phase, key.round_number + 1)
-        if next_epsilon > phase.target_epsilon:
-            done_reason = (f"privacy budget reached: round {key.round_number + 1} would spend "
-                           f"epsilon={next_epsilon:.4g} > dp_target_epsilon={phase.target_epsilon:g} "
-                           f"(spent {epsilon:.4g} after {key.round_number} rounds)")
-    if done_reason:
-        changes.update({"status": TaskStatus.COMPLETED, "status_reason": done_reason, "stop_time": t})
+def _task_changes(task: TaskRecord, key: RoundKey, step: NextStep, t: float) -> tuple[dict[str, Any], IterationRecord | None]:
+    """The store changes for ``step``: the task's ε, and the next round opened or the task completed."""
+    changes: dict[str, Any] = {"epsilon_spent": step.epsilon_spent}
+    if step.next_round is None:
+        changes.update({"status": TaskStatus.COMPLETED, "status_reason": step.done_reason, "stop_time": t})
         return changes, None
-    changes["current_round"] = key.round_number + 1
-    return changes, IterationRecord(
-        population=key.population, task_id=key.task_id, round_number=key.round_number + 1,
-        status=IterationStatus.COLLECTING, report_goal=task.report_goal,
-        max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate), created_time=t,
-    )
+    changes["current_round"] = step.next_round
+    return changes, IterationRecord.opening(task, step.next_round, t)

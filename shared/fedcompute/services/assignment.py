@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     AssignmentRecord,
@@ -22,13 +22,13 @@ from fedcompute.tasks.records import (
     IterationRecord,
     IterationStatus,
     ReportedResult,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,
     client_version_allowed,
     status_after_report,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
 
 HOUR, DAY = 3600, 86400
 

@@ -11,12 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.adapters.events import RoundEvents
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskRecord, TaskStatus
-from fedcompute.tasks.store import ACCEPTED, DUPLICATE, NOT_UPLOADABLE, ROUND_CLOSED, RoundKey, TaskStore
+from fedcompute.tasks.records import ACCEPTED, DUPLICATE, NOT_UPLOADABLE, ROUND_CLOSED, AssignmentStatus, IterationStatus, RoundKey, TaskRecord, TaskStatus
 
 log = logging.getLogger(__name__)
 

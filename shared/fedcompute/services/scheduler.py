@@ -11,19 +11,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedcompute.adapters.events import RoundEvents
-from fedcompute.errors import PreconditionFailedError
+from fedcompute.config.spec import parse_checkpoint_selector
+from fedcompute.errors import InvariantError, PreconditionFailedError
+from fedcompute.ports import RoundEvents, TaskStore
 from fedcompute.services.ingestion import publish_pending_round_ready
 from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskRecord,
     TaskStatus,
-    max_live_assignments,
 )
-from fedcompute.tasks.store import RoundKey, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,10 @@ def pick_checkpoint(selector: str, completed: list[IterationRecord], last_evalua
     ``every_<k>_hour``: at most once every k hours, pick one at random among the checkpoints
     completed in the past k hours. Rounds already evaluated or older are never picked again.
     """
-    parts = selector.split("_")
-    if len(parts) != 3 or parts[0] != "every" or not parts[1].isdigit() or parts[2] not in ("round", "hour"):
-        raise ValueError(f"checkpoint_selector {selector!r} is not every_<k>_round or every_<k>_hour")
-    k, unit = int(parts[1]), parts[2]
+    parsed = parse_checkpoint_selector(selector)
+    if parsed is None:
+        raise InvariantError(f"checkpoint_selector {selector!r} is not every_<k>_round or every_<k>_hour")
+    k, unit = parsed.k, parsed.kind
     newer = sorted((it for it in completed if it.round_number > last_evaluated), key=lambda it: it.round_number)
     if not newer:
         return None
@@ -168,10 +168,7 @@ def schedule_evaluation(store: TaskStore, task: TaskRecord, report: TickReport, 
                 pass
         return
     number = task.current_round + 1
-    created = store.create_iteration(IterationRecord(
-        population=task.population, task_id=task.task_id, round_number=number, status=IterationStatus.COLLECTING,
-        report_goal=task.report_goal, max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate),
-        created_time=now, evaluated_round=pick))
+    created = store.create_iteration(IterationRecord.opening(task, number, now, evaluated_round=pick))
     if not created:
         return  # another tick opened it
     try:

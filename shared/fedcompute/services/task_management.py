@@ -15,21 +15,19 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from fedcompute import layout, limits
-from fedcompute.adapters.blobs import BlobStore
+from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
+from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     IterationRecord,
-    IterationStatus,
     TaskKind,
     TaskRecord,
     TaskStatus,
     TensorSpecRecord,
-    max_live_assignments,
 )
-from fedcompute.tasks.store import TaskStore
 
 # ODP's TaskInfo.traffic_weight is an integer; fedcompute uses per-mille of check-ins.
 TRAFFIC_SCALE = 1000
@@ -186,11 +184,7 @@ def open_task(
     }
     if task.kind == TaskKind.TRAINING:
         changes["current_round"] = 1
-        store.create_iteration(IterationRecord(
-            population=population, task_id=task_id, round_number=1, status=IterationStatus.COLLECTING,
-            report_goal=task.report_goal,
-            max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate), created_time=now(),
-        ))
+        store.create_iteration(IterationRecord.opening(task, 1, now()))
     return store.update_task(population, task_id, changes, expected=[TaskStatus.CREATED])
 
 
@@ -256,11 +250,11 @@ def task_to_proto(task: TaskRecord) -> task_management_pb2.Task:
         ev = proto.info.evaluation_info
         ev.training_population_name = task.source_population
         ev.training_task_id = task.source_task_id
-        k = int(task.checkpoint_selector.split("_")[1]) if task.checkpoint_selector else 1
-        if task.checkpoint_selector.endswith("_hour"):
-            ev.check_point_selector.duration_selector.hours = k
+        selector = parse_checkpoint_selector(task.checkpoint_selector) or CheckpointSelector("round", 1)
+        if selector.kind == "hour":
+            ev.check_point_selector.duration_selector.hours = selector.k
         else:
-            ev.check_point_selector.iteration_selector.size = k
+            ev.check_point_selector.iteration_selector.size = selector.k
     else:
         info = proto.info.training_info.eligibility_task_info
         spec = info.eligibility_policies.add(name="min_separation", min_version=0)

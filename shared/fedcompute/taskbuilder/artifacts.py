@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import BlobStore
-from fedcompute.errors import ArtifactBuildError
-from fedcompute.plans import ServerPhase, WeightSpec, dp_params_from_phase
+from fedcompute.errors import ArtifactBuildError, InvariantError
+from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.ports import BlobStore
 from fedcompute.settings import Settings
 
 
@@ -79,19 +79,20 @@ def artifacts_from_weights(
     extra: dict[str, bytes] | None = None,
 ) -> TaskArtifacts:
     """Checkpoint 0 and client checkpoint 0 for ``weights`` (in ``phase.weights`` order)."""
-    from fedcompute.learning import aggregation, checkpoint, server_optimizer
+    from fedcompute.learning import checkpoint
+    from fedcompute.learning.dp_core import adaptive_noise_split
+    from fedcompute.learning.server_round import build_round_machinery, initial_server_state
     from fedcompute.learning.tensor_codec import encode_bundle
 
     if len(weights) != len(phase.weights):
-        raise ValueError(f"{len(weights)} weight arrays for {len(phase.weights)} weight specs")
+        raise InvariantError(f"{len(weights)} weight arrays for {len(phase.weights)} weight specs")
     named = [(spec.name, np.asarray(w, dtype=spec.dtype)) for spec, w in zip(phase.weights, weights)]
     trainable = [(spec.name, w) for spec, (_, w) in zip(phase.weights, named) if spec.trainable]
-    optimizer = server_optimizer.build_server_optimizer(phase.server_optimizer, phase.server_learning_rate)
-    dp = aggregation.build_dp_aggregator(dp_params_from_phase(phase.dp))
-    if phase.dp.type in (aggregation.ADAPTIVE_GAUSSIAN, aggregation.ADAPTIVE_TREE):
+    optimizer, dp = build_round_machinery(phase)
+    if phase.dp.mechanism is not None and phase.dp.mechanism.is_adaptive:
         # The noise split needs the report goal, known here: refuse impossible configs at build time.
-        aggregation.adaptive_noise_split(phase.dp.noise_multiplier, phase.report_goal, phase.dp.clipped_count_stddev)
-    state = aggregation.initial_server_state(trainable, optimizer, dp)
+        adaptive_noise_split(phase.dp.noise_multiplier, phase.report_goal, phase.dp.clipped_count_stddev)
+    state = initial_server_state(trainable, optimizer, dp)
     return TaskArtifacts(
         server_phase=phase,
         checkpoint=checkpoint.encode_checkpoint(state, optimizer=optimizer),

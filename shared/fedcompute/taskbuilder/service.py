@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedcompute.adapters.blobs import BlobStore
 from fedcompute.config import ValidatedConfig, validate_task_config
+from fedcompute.dp import NO_DP, DpParams
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
-from fedcompute.plans import ClientPlan, DpParameters, ServerPhase, pack_plan
+from fedcompute.plans import ClientPlan, ServerPhase, pack_plan
+from fedcompute.ports import BlobStore
 from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
 from fedcompute.safe_extract import ExtractLimits, download_prefix, extract_zip
 from fedcompute.settings import Settings
@@ -395,10 +396,11 @@ def _client_plan(spec, kind, input_type, example_spec, specs, metrics) -> Client
 
 def _server_phase(spec, specs, metrics, dp, noise, flags, report_goal, over_selection) -> ServerPhase:
     if dp is None or flags.skip_dp_aggregator:
-        params = DpParameters(type="NONE")
+        params = NO_DP
     else:
-        params = DpParameters(
-            type=dp.aggregator, noise_multiplier=float(noise), clip_norm=dp.clip_norm, init_clip_norm=dp.init_clip_norm,
+        params = DpParams(  # an unset clip is 0.0 in the config and None in memory
+            mechanism=dp.aggregator, noise_multiplier=float(noise), clip_norm=dp.clip_norm or None,
+            init_clip_norm=dp.init_clip_norm or None,
             target_unclipped_quantile=dp.target_unclipped_quantile, clip_learning_rate=dp.clip_learning_rate,
             clipped_count_stddev=dp.clipped_count_stddev, noise_seed=dp.noise_seed,
         )

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcompute.errors import PreconditionFailedError
+from fedcompute.errors import ConflictError, PreconditionFailedError
 
 
 class TaskKind(str, enum.Enum):
@@ -214,6 +215,17 @@ class IterationRecord:
     evaluated_round: int = 0
     status_reason: str = ""
 
+    @classmethod
+    def opening(cls, task: TaskRecord, round_number: int, created_time: float,
+                evaluated_round: int = 0) -> IterationRecord:
+        """Round ``round_number`` of ``task``, open for uploads (COLLECTING): the one place a round opens."""
+        return cls(
+            population=task.population, task_id=task.task_id, round_number=round_number,
+            status=IterationStatus.COLLECTING, report_goal=task.report_goal,
+            max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate),
+            created_time=created_time, evaluated_round=evaluated_round,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
@@ -270,3 +282,42 @@ def compare_versions(a: str, b: str) -> int:
 def client_version_allowed(version_code: str, min_version: str, max_version: str) -> bool:
     """True when min <= version <= max (all decimal integers)."""
     return compare_versions(version_code, min_version) >= 0 and compare_versions(version_code, max_version) <= 0
+
+
+@dataclass(frozen=True)
+class RoundKey:
+    """One round of one task: the key of every per-round record and event."""
+
+    population: str
+    task_id: int
+    round_number: int
+
+
+class AcceptOutcome(str):
+    """Result of :meth:`TaskStore.accept_upload` (a string constant)."""
+
+
+ACCEPTED = AcceptOutcome("ACCEPTED")
+DUPLICATE = AcceptOutcome("DUPLICATE")  # already UPLOAD_COMPLETED
+ROUND_CLOSED = AcceptOutcome("ROUND_CLOSED")  # round no longer COLLECTING
+NOT_UPLOADABLE = AcceptOutcome("NOT_UPLOADABLE")  # assignment not LOCAL_COMPLETED
+UNKNOWN_ASSIGNMENT = AcceptOutcome("UNKNOWN_ASSIGNMENT")
+
+
+def check_exclusive_training(existing: Iterable[TaskRecord], new: TaskRecord) -> None:
+    """Refuse a second active training task in a population (a ConflictError with a fix)."""
+    if new.kind != TaskKind.TRAINING:
+        return
+    for task in existing:
+        if task.kind == TaskKind.TRAINING and task.status.is_active:
+            raise ConflictError(
+                f"population {new.population!r} already has an active training task {task.task_id} "
+                f"({task.status.value})",
+                hint=f"cancel it first (fedcompute task cancel --population {new.population} --task {task.task_id}) "
+                "or use another population_name",
+            )
+
+
+def plain_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """Enum values to strings, so changes merge into ``to_dict()`` output."""
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in changes.items()}

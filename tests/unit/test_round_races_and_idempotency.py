@@ -1,6 +1,8 @@
-"""Regression tests for protocol bugs found by tests/integration/test_training_protocol.py.
+"""The round lifecycle under races, redelivery and partial state, on in-memory adapters.
 
-In-memory adapters only: each test pins one fix so it cannot silently come back.
+A concurrent run that loses a conditional write reports the work as done; check-in near a
+full round, upload sessions for objects already written, and opening a task without its
+artifacts each behave as the protocol says.
 """
 from __future__ import annotations
 
@@ -13,16 +15,18 @@ import pytest
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
+from fedcompute.learning import upload_contract
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
-from fedcompute.plans import DpParameters, ServerPhase
+from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator, ingestion
 from fedcompute.services import assignment as svc
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, TaskKind
-from fedcompute.tasks.store import InMemoryTaskStore, RoundKey
+from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, RoundKey, TaskKind
 
 SETTINGS = Settings()
 POP = "fixes"
@@ -33,14 +37,14 @@ def _open(store: InMemoryTaskStore, blobs: InMemoryBlobStore, *, report_goal: in
                                             report_goal=report_goal, max_aggregation_size=max_size))
     weights = [np.ones((4, 3), np.float32), np.zeros(3, np.float32)]
     phase = ServerPhase("FED_AVG", "SGD", 1.0, report_goal, max_size / report_goal - 1, 2, 100, 10.0, 1e-6,
-                        DpParameters(), weight_specs(weights), ("loss",))
+                        DpParams(), weight_specs(weights), ("loss",))
     publish_artifacts(blobs, SETTINGS, POP, task.task_id, artifacts_from_weights(phase, weights))
     tm.open_task(store, blobs, SETTINGS, POP, task.task_id)
     return task, weights
 
 
 def _stats() -> dict[str, np.ndarray]:
-    return {name: np.ones(shape) for name, shape, _ in aggregator.metric_statistics_spec(("loss",))}
+    return {name: np.ones(shape) for name, shape, _ in upload_contract.metric_statistics_spec(("loss",))}
 
 
 def _uploaded_round(store: InMemoryTaskStore, blobs: InMemoryBlobStore, task_id: int, n: int = 2) -> RoundKey:

@@ -1,16 +1,9 @@
-"""Persistence of tasks, rounds and assignments.
+"""The Firestore adapter of the :class:`~fedcompute.ports.TaskStore` port.
 
-:class:`TaskStore` is the port the services use; :class:`FirestoreTaskStore` is the real
-adapter (Firestore, or its emulator) and :class:`InMemoryTaskStore` the fake used by unit
-tests. Both implement the same conditional-write semantics:
-
-* creates are create-if-absent (idempotent on ids);
-* status moves are conditional on the current status (lost races raise
-  :class:`PreconditionFailedError`);
-* the hot path (many devices reporting at once) never writes one shared document: each
-  assignment and each slot is its own document, counts come from aggregation queries,
-  round status moves are optimistic conditional writes, and only completing a round (round,
-  task and next round together) runs in a transaction.
+:class:`FirestoreTaskStore` keeps tasks, rounds and assignments in Firestore (or its
+emulator) with the port's conditional-write semantics (see :class:`~fedcompute.ports.TaskStore`);
+:class:`~fedcompute.tasks.memory_store.InMemoryTaskStore` is the fake with the same semantics
+that unit tests use.
 
 Exactly-once counting without a hot transaction (Firestore): an upload is accepted by a
 conditional write of its assignment alone (LOCAL_COMPLETED -> UPLOAD_COMPLETED), then the
@@ -27,21 +20,26 @@ with "Transaction lock timeout".)
 from __future__ import annotations
 
 import random
-import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError, TransientError
 from fedcompute.tasks.records import (
+    ACCEPTED,
+    DUPLICATE,
+    NOT_UPLOADABLE,
+    ROUND_CLOSED,
+    UNKNOWN_ASSIGNMENT,
+    AcceptOutcome,
     AssignmentRecord,
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
+    RoundKey,
     TaskKind,
     TaskRecord,
-    TaskStatus,
+    check_exclusive_training,
+    plain_changes,
 )
 
 _OPTIMISTIC_ATTEMPTS = 25
@@ -50,304 +48,6 @@ _OPTIMISTIC_ATTEMPTS = 25
 def _backoff(attempt: int) -> None:
     """Short jittered sleep between optimistic retries."""
     time.sleep(random.uniform(0, min(0.5, 0.01 * 2 ** attempt)))
-
-
-class AcceptOutcome(str):
-    """Result of :meth:`TaskStore.accept_upload` (a string constant)."""
-
-
-ACCEPTED = AcceptOutcome("ACCEPTED")
-DUPLICATE = AcceptOutcome("DUPLICATE")  # already UPLOAD_COMPLETED
-ROUND_CLOSED = AcceptOutcome("ROUND_CLOSED")  # round no longer COLLECTING
-NOT_UPLOADABLE = AcceptOutcome("NOT_UPLOADABLE")  # assignment not LOCAL_COMPLETED
-UNKNOWN_ASSIGNMENT = AcceptOutcome("UNKNOWN_ASSIGNMENT")
-
-
-@dataclass(frozen=True)
-class RoundKey:
-    population: str
-    task_id: int
-    round_number: int
-
-
-class TaskStore(Protocol):
-    """What the services need from storage. See module docstring for semantics."""
-
-    # Tasks
-    def create_task(
-        self, population: str, build: Callable[[int], TaskRecord], *, exclusive_training: bool = True
-    ) -> TaskRecord: ...
-    def get_task(self, population: str, task_id: int) -> TaskRecord | None: ...
-    def list_tasks(self, population: str | None = None) -> list[TaskRecord]: ...
-    def update_task(
-        self, population: str, task_id: int, changes: dict[str, Any], *, expected: Iterable[TaskStatus] | None = None
-    ) -> TaskRecord: ...
-    def delete_task(self, population: str, task_id: int) -> None: ...
-
-    # Iterations
-    def create_iteration(self, record: IterationRecord) -> bool: ...
-    def get_iteration(self, population: str, task_id: int, round_number: int) -> IterationRecord | None: ...
-    def list_iterations(self, population: str, task_id: int) -> list[IterationRecord]: ...
-    def update_iteration(
-        self, key: RoundKey, changes: dict[str, Any], *, expected: Iterable[IterationStatus]
-    ) -> IterationRecord: ...
-    def finish_round(
-        self,
-        key: RoundKey,
-        iteration_changes: dict[str, Any],
-        task_changes: dict[str, Any],
-        next_iteration: IterationRecord | None,
-    ) -> bool: ...
-
-    # Assignments
-    def claim_slot(self, key: RoundKey, slot: int, assignment_id: str) -> bool: ...
-    def release_slot(self, key: RoundKey, slot: int, assignment_id: str) -> None: ...
-    def claimed_slots(self, key: RoundKey) -> set[int]: ...
-    def create_assignment(self, record: AssignmentRecord) -> None: ...
-    def get_assignment(self, key: RoundKey, assignment_id: str) -> AssignmentRecord | None: ...
-    def transition_assignment(
-        self,
-        key: RoundKey,
-        assignment_id: str,
-        *,
-        expected: Iterable[AssignmentStatus],
-        new_status: AssignmentStatus,
-        reason: str = "",
-    ) -> AssignmentRecord: ...
-    def accept_upload(self, key: RoundKey, assignment_id: str) -> AcceptOutcome: ...
-    def accepted_ids(self, key: RoundKey) -> list[str]: ...
-    def count_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> int: ...
-    def list_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> list[AssignmentRecord]: ...
-    def record_rejection(self, key: RoundKey, event_id: str, data: dict[str, Any]) -> bool: ...
-    def list_rejections(self, key: RoundKey) -> list[dict[str, Any]]: ...
-
-
-def _check_exclusive(existing: Iterable[TaskRecord], new: TaskRecord) -> None:
-    if new.kind != TaskKind.TRAINING:
-        return
-    for task in existing:
-        if task.kind == TaskKind.TRAINING and task.status.is_active:
-            raise ConflictError(
-                f"population {new.population!r} already has an active training task {task.task_id} "
-                f"({task.status.value})",
-                hint=f"cancel it first (fedcompute task cancel --population {new.population} --task {task.task_id}) "
-                "or use another population_name",
-            )
-
-
-# --------------------------------------------------------------------------------------
-# In-memory fake (unit tests). Thread-safe so concurrency tests can drive it.
-# --------------------------------------------------------------------------------------
-
-
-class InMemoryTaskStore:
-    """A dict-backed :class:`TaskStore` with the same semantics as the Firestore one."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self._tasks: dict[tuple[str, int], TaskRecord] = {}
-        self._iterations: dict[tuple[str, int, int], IterationRecord] = {}
-        self._assignments: dict[tuple[str, int, int, str], AssignmentRecord] = {}
-        self._slots: dict[tuple[str, int, int, int], str] = {}
-        self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
-
-    def create_task(self, population, build, *, exclusive_training=True):
-        with self._lock:
-            existing = [t for (p, _), t in self._tasks.items() if p == population]
-            new_id = max((t.task_id for t in existing), default=0) + 1
-            record = build(new_id)
-            if exclusive_training:
-                _check_exclusive(existing, record)
-            self._tasks[(population, new_id)] = record
-            return record
-
-    def get_task(self, population, task_id):
-        with self._lock:
-            return self._tasks.get((population, task_id))
-
-    def list_tasks(self, population=None):
-        with self._lock:
-            return sorted(
-                (t for (p, _), t in self._tasks.items() if population is None or p == population),
-                key=lambda t: (t.population, t.task_id),
-            )
-
-    def update_task(self, population, task_id, changes, *, expected=None):
-        with self._lock:
-            task = self._tasks.get((population, task_id))
-            if task is None:
-                raise NotFoundError(f"task {population}/{task_id} does not exist")
-            if expected is not None and task.status not in set(expected):
-                raise PreconditionFailedError(f"task {population}/{task_id} is {task.status.value}")
-            updated = TaskRecord.from_dict({**task.to_dict(), **_plain(changes)})
-            self._tasks[(population, task_id)] = updated
-            return updated
-
-    def delete_task(self, population, task_id):
-        with self._lock:
-            self._tasks.pop((population, task_id), None)
-            stores: tuple[dict[Any, Any], ...] = (self._iterations, self._assignments, self._slots, self._rejections)
-            for store in stores:
-                for k in [k for k in store if k[0] == population and k[1] == task_id]:
-                    del store[k]
-
-    def create_iteration(self, record):
-        with self._lock:
-            k = (record.population, record.task_id, record.round_number)
-            if k in self._iterations:
-                return False
-            self._iterations[k] = record
-            return True
-
-    def get_iteration(self, population, task_id, round_number):
-        with self._lock:
-            return self._iterations.get((population, task_id, round_number))
-
-    def list_iterations(self, population, task_id):
-        with self._lock:
-            return sorted(
-                (i for k, i in self._iterations.items() if k[:2] == (population, task_id)),
-                key=lambda i: i.round_number,
-            )
-
-    def update_iteration(self, key, changes, *, expected):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
-            if it is None:
-                raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
-            if it.status not in set(expected):
-                raise PreconditionFailedError(f"round {key.round_number} is {it.status.value}")
-            updated = IterationRecord.from_dict({**it.to_dict(), **_plain(changes)})
-            self._iterations[k] = updated
-            return updated
-
-    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
-            if it is None or it.status != IterationStatus.AGGREGATING:
-                return False
-            self._iterations[k] = IterationRecord.from_dict({**it.to_dict(), **_plain(iteration_changes)})
-            task = self._tasks[(key.population, key.task_id)]
-            self._tasks[(key.population, key.task_id)] = TaskRecord.from_dict({**task.to_dict(), **_plain(task_changes)})
-            if next_iteration is not None:
-                nk = (next_iteration.population, next_iteration.task_id, next_iteration.round_number)
-                self._iterations.setdefault(nk, next_iteration)
-            return True
-
-    def claim_slot(self, key, slot, assignment_id):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number, slot)
-            if k in self._slots:
-                return False
-            self._slots[k] = assignment_id
-            return True
-
-    def release_slot(self, key, slot, assignment_id):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number, slot)
-            if self._slots.get(k) == assignment_id:
-                del self._slots[k]
-
-    def claimed_slots(self, key):
-        with self._lock:
-            return {k[3] for k in self._slots if k[:3] == (key.population, key.task_id, key.round_number)}
-
-    def create_assignment(self, record):
-        with self._lock:
-            k = (record.population, record.task_id, record.round_number, record.assignment_id)
-            if k in self._assignments:
-                raise ConflictError(f"assignment {record.assignment_id} already exists")
-            self._assignments[k] = record
-
-    def get_assignment(self, key, assignment_id):
-        with self._lock:
-            return self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
-
-    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason=""):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number, assignment_id)
-            rec = self._assignments.get(k)
-            if rec is None:
-                raise NotFoundError(f"assignment {assignment_id} does not exist in round {key.round_number}")
-            if rec.status not in set(expected):
-                raise PreconditionFailedError(f"assignment {assignment_id} is {rec.status.value}")
-            updated = rec.replace(status=new_status, updated_time=time.time(), status_reason=reason)
-            self._assignments[k] = updated
-            return updated
-
-    def accept_upload(self, key, assignment_id):
-        with self._lock:
-            it = self._iterations.get((key.population, key.task_id, key.round_number))
-            rec = self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
-
-            def complete() -> None:
-                assert rec is not None  # _accept_decision completes only a known assignment
-                self._assignments[(key.population, key.task_id, key.round_number, assignment_id)] = rec.replace(
-                    status=AssignmentStatus.UPLOAD_COMPLETED, updated_time=time.time())
-
-            return _accept_decision(it, rec, complete)
-
-    def accepted_ids(self, key):
-        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
-        with self._lock:
-            it = self._iterations.get((key.population, key.task_id, key.round_number))
-            if it is None or it.status == IterationStatus.COLLECTING:
-                raise PreconditionFailedError(f"round {key.round_number} is still collecting: its accepted set "
-                                              "is not final")
-            return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
-
-    def count_assignments(self, key, status=None):
-        return len(self.list_assignments(key, status))
-
-    def list_assignments(self, key, status=None):
-        with self._lock:
-            return sorted(
-                (
-                    a
-                    for k, a in self._assignments.items()
-                    if k[:3] == (key.population, key.task_id, key.round_number) and (status is None or a.status == status)
-                ),
-                key=lambda a: a.assignment_id,
-            )
-
-    def record_rejection(self, key, event_id, data):
-        with self._lock:
-            k = (key.population, key.task_id, key.round_number, event_id)
-            if k in self._rejections:
-                return False
-            self._rejections[k] = dict(data)
-            return True
-
-    def list_rejections(self, key):
-        with self._lock:
-            return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
-
-
-def _accept_decision(
-    iteration: IterationRecord | None, assignment: AssignmentRecord | None, commit: Callable[[], None]
-) -> AcceptOutcome:
-    if assignment is None:
-        return UNKNOWN_ASSIGNMENT
-    if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
-        return DUPLICATE
-    if iteration is None or iteration.status != IterationStatus.COLLECTING:
-        return ROUND_CLOSED
-    if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
-        return NOT_UPLOADABLE
-    commit()
-    return ACCEPTED
-
-
-def _plain(changes: dict[str, Any]) -> dict[str, Any]:
-    """Enum values to strings, so changes merge into ``to_dict()`` output."""
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in changes.items()}
-
-
-# --------------------------------------------------------------------------------------
-# Firestore adapter
-# --------------------------------------------------------------------------------------
 
 
 class FirestoreTaskStore:
@@ -393,7 +93,7 @@ class FirestoreTaskStore:
                 if active:
                     current = self._task(population, int(active)).get(transaction=transaction)
                     if current.exists:
-                        _check_exclusive([TaskRecord.from_dict(current.to_dict())], record)
+                        check_exclusive_training([TaskRecord.from_dict(current.to_dict())], record)
             update = {"name": population, "max_task_id": new_id}
             if record.kind == TaskKind.TRAINING:
                 update["active_training_task_id"] = new_id
@@ -426,8 +126,8 @@ class FirestoreTaskStore:
             data = snapshot.to_dict()
             if allowed is not None and data["status"] not in allowed:
                 raise PreconditionFailedError(f"task {population}/{task_id} is {data['status']}")
-            transaction.update(ref, _plain(changes))
-            return TaskRecord.from_dict({**data, **_plain(changes)})
+            transaction.update(ref, plain_changes(changes))
+            return TaskRecord.from_dict({**data, **plain_changes(changes)})
 
         return apply(self._db.transaction())
 
@@ -473,11 +173,11 @@ class FirestoreTaskStore:
             if data["status"] not in allowed:
                 raise PreconditionFailedError(f"round {key.round_number} is {data['status']}")
             try:
-                ref.update(_plain(changes), option=self._db.write_option(last_update_time=snapshot.update_time))
+                ref.update(plain_changes(changes), option=self._db.write_option(last_update_time=snapshot.update_time))
             except exceptions.FailedPrecondition:
                 _backoff(attempt)  # changed since we read it: decide again on the new version
                 continue
-            return IterationRecord.from_dict({**data, **_plain(changes)})
+            return IterationRecord.from_dict({**data, **plain_changes(changes)})
         raise TransientError(f"round {key.round_number} of task {key.population}/{key.task_id} kept changing "
                              f"concurrently ({_OPTIMISTIC_ATTEMPTS} attempts)", hint="retry")
 
@@ -497,9 +197,9 @@ class FirestoreTaskStore:
                 next_ref = self._iteration(next_iteration.population, next_iteration.task_id, next_iteration.round_number)
                 if next_ref.get(transaction=transaction).exists:
                     next_ref = None
-            transaction.update(iteration_ref, _plain(iteration_changes))
+            transaction.update(iteration_ref, plain_changes(iteration_changes))
             if task_changes:
-                transaction.update(task_ref, _plain(task_changes))
+                transaction.update(task_ref, plain_changes(task_changes))
             if next_ref is not None:
                 transaction.create(next_ref, next_iteration.to_dict())
             return True

@@ -1,0 +1,37 @@
+"""The upload contract: what a device's update must look like for its task (light: no TensorFlow).
+
+Result ingestion (a light function) validates every upload with :func:`make_upload_validator`
+before accepting it; the aggregator decodes the same bytes against the same specs, so the
+contract lives here, beside the codec, and neither service imports the other.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedcompute.learning import metric_stats
+from fedcompute.learning.tensor_codec import decode_client_update
+from fedcompute.tasks.records import TaskRecord
+
+SpecTriples = list[tuple[str, tuple[int, ...], str]]
+
+
+def metric_statistics_spec(metrics: tuple[str, ...]) -> SpecTriples:
+    """The flat ``metric/stat`` tensors a device upload carries for ``metrics`` (+ loss, count)."""
+    names = list(dict.fromkeys((*metrics, "loss", "num_examples")))
+    flat = metric_stats.flatten_stats({m: metric_stats.zero_stats(m) for m in names})
+    return [(name, tuple(array.shape), "float64") for name, array in sorted(flat.items())]
+
+
+def update_spec(task: TaskRecord) -> SpecTriples:
+    """The model-delta tensors a device upload carries for ``task`` (none for evaluation)."""
+    return [(s.name, s.shape, s.dtype) for s in task.update_spec]
+
+
+def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, TaskRecord], None]:
+    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics."""
+
+    def validate(data: bytes, task: TaskRecord) -> None:
+        decode_client_update(data, expected_spec=update_spec(task), max_bytes=max_bytes,
+                             expected_metric_spec=metric_statistics_spec(task.metrics))
+
+    return validate

@@ -1,0 +1,107 @@
+"""Ports: what the services need from the outside world, as typing Protocols.
+
+The adapters in :mod:`fedcompute.adapters` implement them on Google Cloud (Firestore, Cloud
+Storage, Pub/Sub); in-memory fakes with the same semantics serve unit tests. Services take
+them as arguments; ``functions/*/main.py`` builds the real ones once per process.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from fedcompute.tasks.records import (
+    AcceptOutcome,
+    AssignmentRecord,
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    RoundKey,
+    TaskRecord,
+    TaskStatus,
+)
+
+
+class TaskStore(Protocol):
+    """What the services need from the store of tasks, rounds and assignments.
+
+    * creates are create-if-absent (idempotent on ids);
+    * status moves are conditional on the current status (lost races raise
+      :class:`~fedcompute.errors.PreconditionFailedError`);
+    * the hot path (many devices reporting at once) never writes one shared document: each
+      assignment and each slot is its own record, counts come from aggregation queries,
+      round status moves are optimistic conditional writes, and only completing a round
+      (round, task and next round together) runs in a transaction;
+    * an upload counts exactly once: :meth:`accept_upload` accepts it while the round
+      collects, and :meth:`accepted_ids` freezes the round's accepted set once it closed.
+
+    Implemented by :class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore` and
+    :class:`~fedcompute.tasks.memory_store.InMemoryTaskStore`.
+    """
+
+    # Tasks
+    def create_task(
+        self, population: str, build: Callable[[int], TaskRecord], *, exclusive_training: bool = True
+    ) -> TaskRecord: ...
+    def get_task(self, population: str, task_id: int) -> TaskRecord | None: ...
+    def list_tasks(self, population: str | None = None) -> list[TaskRecord]: ...
+    def update_task(
+        self, population: str, task_id: int, changes: dict[str, Any], *, expected: Iterable[TaskStatus] | None = None
+    ) -> TaskRecord: ...
+    def delete_task(self, population: str, task_id: int) -> None: ...
+
+    # Iterations
+    def create_iteration(self, record: IterationRecord) -> bool: ...
+    def get_iteration(self, population: str, task_id: int, round_number: int) -> IterationRecord | None: ...
+    def list_iterations(self, population: str, task_id: int) -> list[IterationRecord]: ...
+    def update_iteration(
+        self, key: RoundKey, changes: dict[str, Any], *, expected: Iterable[IterationStatus]
+    ) -> IterationRecord: ...
+    def finish_round(
+        self,
+        key: RoundKey,
+        iteration_changes: dict[str, Any],
+        task_changes: dict[str, Any],
+        next_iteration: IterationRecord | None,
+    ) -> bool: ...
+
+    # Assignments
+    def claim_slot(self, key: RoundKey, slot: int, assignment_id: str) -> bool: ...
+    def release_slot(self, key: RoundKey, slot: int, assignment_id: str) -> None: ...
+    def claimed_slots(self, key: RoundKey) -> set[int]: ...
+    def create_assignment(self, record: AssignmentRecord) -> None: ...
+    def get_assignment(self, key: RoundKey, assignment_id: str) -> AssignmentRecord | None: ...
+    def transition_assignment(
+        self,
+        key: RoundKey,
+        assignment_id: str,
+        *,
+        expected: Iterable[AssignmentStatus],
+        new_status: AssignmentStatus,
+        reason: str = "",
+    ) -> AssignmentRecord: ...
+    def accept_upload(self, key: RoundKey, assignment_id: str) -> AcceptOutcome: ...
+    def accepted_ids(self, key: RoundKey) -> list[str]: ...
+    def count_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> int: ...
+    def list_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> list[AssignmentRecord]: ...
+    def record_rejection(self, key: RoundKey, event_id: str, data: dict[str, Any]) -> bool: ...
+    def list_rejections(self, key: RoundKey) -> list[dict[str, Any]]: ...
+
+
+class BlobStore(Protocol):
+    """Object storage (GCS). ``create_only`` writes are create-if-absent: a retry never overwrites."""
+
+    def read(self, bucket: str, name: str) -> bytes: ...
+    def write(self, bucket: str, name: str, data: bytes, *, create_only: bool = False,
+              content_type: str = "application/octet-stream") -> bool: ...
+    def exists(self, bucket: str, name: str) -> bool: ...
+    def list(self, bucket: str, prefix: str) -> list[str]: ...
+    def delete(self, bucket: str, name: str) -> None: ...
+    def download_url(self, bucket: str, name: str) -> str: ...
+    def create_upload_session(self, bucket: str, name: str) -> tuple[str, dict[str, str]]: ...
+
+
+class RoundEvents(Protocol):
+    """Publishes that a round is ready to aggregate, or completed."""
+
+    def round_ready(self, key: RoundKey) -> None: ...
+    def round_completed(self, key: RoundKey, **extra: Any) -> None: ...

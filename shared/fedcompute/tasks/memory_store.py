@@ -1,0 +1,229 @@
+"""In-memory :class:`~fedcompute.ports.TaskStore` for unit tests and benchmarks.
+
+A dict-backed store with the same conditional-write semantics as
+:class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore`, thread-safe so concurrency
+tests can drive it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
+from fedcompute.tasks.records import (
+    ACCEPTED,
+    DUPLICATE,
+    NOT_UPLOADABLE,
+    ROUND_CLOSED,
+    UNKNOWN_ASSIGNMENT,
+    AcceptOutcome,
+    AssignmentRecord,
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    TaskRecord,
+    check_exclusive_training,
+    plain_changes,
+)
+
+
+class InMemoryTaskStore:
+    """A dict-backed :class:`TaskStore` with the same semantics as the Firestore one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._tasks: dict[tuple[str, int], TaskRecord] = {}
+        self._iterations: dict[tuple[str, int, int], IterationRecord] = {}
+        self._assignments: dict[tuple[str, int, int, str], AssignmentRecord] = {}
+        self._slots: dict[tuple[str, int, int, int], str] = {}
+        self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
+
+    def create_task(self, population, build, *, exclusive_training=True):
+        with self._lock:
+            existing = [t for (p, _), t in self._tasks.items() if p == population]
+            new_id = max((t.task_id for t in existing), default=0) + 1
+            record = build(new_id)
+            if exclusive_training:
+                check_exclusive_training(existing, record)
+            self._tasks[(population, new_id)] = record
+            return record
+
+    def get_task(self, population, task_id):
+        with self._lock:
+            return self._tasks.get((population, task_id))
+
+    def list_tasks(self, population=None):
+        with self._lock:
+            return sorted(
+                (t for (p, _), t in self._tasks.items() if population is None or p == population),
+                key=lambda t: (t.population, t.task_id),
+            )
+
+    def update_task(self, population, task_id, changes, *, expected=None):
+        with self._lock:
+            task = self._tasks.get((population, task_id))
+            if task is None:
+                raise NotFoundError(f"task {population}/{task_id} does not exist")
+            if expected is not None and task.status not in set(expected):
+                raise PreconditionFailedError(f"task {population}/{task_id} is {task.status.value}")
+            updated = TaskRecord.from_dict({**task.to_dict(), **plain_changes(changes)})
+            self._tasks[(population, task_id)] = updated
+            return updated
+
+    def delete_task(self, population, task_id):
+        with self._lock:
+            self._tasks.pop((population, task_id), None)
+            stores: tuple[dict[Any, Any], ...] = (self._iterations, self._assignments, self._slots, self._rejections)
+            for store in stores:
+                for k in [k for k in store if k[0] == population and k[1] == task_id]:
+                    del store[k]
+
+    def create_iteration(self, record):
+        with self._lock:
+            k = (record.population, record.task_id, record.round_number)
+            if k in self._iterations:
+                return False
+            self._iterations[k] = record
+            return True
+
+    def get_iteration(self, population, task_id, round_number):
+        with self._lock:
+            return self._iterations.get((population, task_id, round_number))
+
+    def list_iterations(self, population, task_id):
+        with self._lock:
+            return sorted(
+                (i for k, i in self._iterations.items() if k[:2] == (population, task_id)),
+                key=lambda i: i.round_number,
+            )
+
+    def update_iteration(self, key, changes, *, expected):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number)
+            it = self._iterations.get(k)
+            if it is None:
+                raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
+            if it.status not in set(expected):
+                raise PreconditionFailedError(f"round {key.round_number} is {it.status.value}")
+            updated = IterationRecord.from_dict({**it.to_dict(), **plain_changes(changes)})
+            self._iterations[k] = updated
+            return updated
+
+    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number)
+            it = self._iterations.get(k)
+            if it is None or it.status != IterationStatus.AGGREGATING:
+                return False
+            self._iterations[k] = IterationRecord.from_dict({**it.to_dict(), **plain_changes(iteration_changes)})
+            task = self._tasks[(key.population, key.task_id)]
+            self._tasks[(key.population, key.task_id)] = TaskRecord.from_dict({**task.to_dict(), **plain_changes(task_changes)})
+            if next_iteration is not None:
+                nk = (next_iteration.population, next_iteration.task_id, next_iteration.round_number)
+                self._iterations.setdefault(nk, next_iteration)
+            return True
+
+    def claim_slot(self, key, slot, assignment_id):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, slot)
+            if k in self._slots:
+                return False
+            self._slots[k] = assignment_id
+            return True
+
+    def release_slot(self, key, slot, assignment_id):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, slot)
+            if self._slots.get(k) == assignment_id:
+                del self._slots[k]
+
+    def claimed_slots(self, key):
+        with self._lock:
+            return {k[3] for k in self._slots if k[:3] == (key.population, key.task_id, key.round_number)}
+
+    def create_assignment(self, record):
+        with self._lock:
+            k = (record.population, record.task_id, record.round_number, record.assignment_id)
+            if k in self._assignments:
+                raise ConflictError(f"assignment {record.assignment_id} already exists")
+            self._assignments[k] = record
+
+    def get_assignment(self, key, assignment_id):
+        with self._lock:
+            return self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
+
+    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason=""):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, assignment_id)
+            rec = self._assignments.get(k)
+            if rec is None:
+                raise NotFoundError(f"assignment {assignment_id} does not exist in round {key.round_number}")
+            if rec.status not in set(expected):
+                raise PreconditionFailedError(f"assignment {assignment_id} is {rec.status.value}")
+            updated = rec.replace(status=new_status, updated_time=time.time(), status_reason=reason)
+            self._assignments[k] = updated
+            return updated
+
+    def accept_upload(self, key, assignment_id):
+        with self._lock:
+            it = self._iterations.get((key.population, key.task_id, key.round_number))
+            rec = self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
+
+            def complete() -> None:
+                assert rec is not None  # _accept_decision completes only a known assignment
+                self._assignments[(key.population, key.task_id, key.round_number, assignment_id)] = rec.replace(
+                    status=AssignmentStatus.UPLOAD_COMPLETED, updated_time=time.time())
+
+            return _accept_decision(it, rec, complete)
+
+    def accepted_ids(self, key):
+        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
+        with self._lock:
+            it = self._iterations.get((key.population, key.task_id, key.round_number))
+            if it is None or it.status == IterationStatus.COLLECTING:
+                raise PreconditionFailedError(f"round {key.round_number} is still collecting: its accepted set "
+                                              "is not final")
+            return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
+
+    def count_assignments(self, key, status=None):
+        return len(self.list_assignments(key, status))
+
+    def list_assignments(self, key, status=None):
+        with self._lock:
+            return sorted(
+                (
+                    a
+                    for k, a in self._assignments.items()
+                    if k[:3] == (key.population, key.task_id, key.round_number) and (status is None or a.status == status)
+                ),
+                key=lambda a: a.assignment_id,
+            )
+
+    def record_rejection(self, key, event_id, data):
+        with self._lock:
+            k = (key.population, key.task_id, key.round_number, event_id)
+            if k in self._rejections:
+                return False
+            self._rejections[k] = dict(data)
+            return True
+
+    def list_rejections(self, key):
+        with self._lock:
+            return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
+
+
+def _accept_decision(
+    iteration: IterationRecord | None, assignment: AssignmentRecord | None, commit: Callable[[], None]
+) -> AcceptOutcome:
+    if assignment is None:
+        return UNKNOWN_ASSIGNMENT
+    if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
+        return DUPLICATE
+    if iteration is None or iteration.status != IterationStatus.COLLECTING:
+        return ROUND_CLOSED
+    if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
+        return NOT_UPLOADABLE
+    commit()
+    return ACCEPTED
