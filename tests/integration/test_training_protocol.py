@@ -376,8 +376,8 @@ class CloseDuringAccept(FirestoreTaskStore):
         super().__init__(client)
         self.key, self.freeze, self.armed = key, freeze, True
 
-    def get_iteration(self, population: str, task_id: int, round_number: int):
-        iteration = super().get_iteration(population, task_id, round_number)
+    def get_iteration(self, key: RoundKey):
+        iteration = super().get_iteration(key)
         if self.armed:
             self.armed = False
             other = FirestoreTaskStore(self._db)

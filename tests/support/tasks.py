@@ -5,6 +5,7 @@ artifacts for a tiny numpy model (checkpoint 0, client checkpoint 0, server phas
 stand-in client plan) and opens it. :func:`make_update` builds what a device uploads: a
 ``ClientUpdate`` with a known delta and the metric statistics the task expects.
 :func:`run_device` walks one device through check-in, report and upload over HTTP.
+:func:`open_task_in_memory` is the unit tier's way to open a task on the in-memory store.
 
 Shared by the integration and e2e tiers (``from support.tasks import ...``).
 """
@@ -14,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -29,9 +30,18 @@ from fedcompute.learning.checkpoint import decode_checkpoint
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
 from fedcompute.learning.upload_contract import metric_statistics_spec
 from fedcompute.plans import ServerPhase
+from fedcompute.ports import TaskStore
 from fedcompute.proto import eligibility_pb2, task_assignment_pb2, task_management_pb2
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.records import AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskRecord
+from fedcompute.tasks.records import (
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    RoundKey,
+    TaskKind,
+    TaskRecord,
+    TaskStatus,
+)
 
 if TYPE_CHECKING:
     from support.stack_plugin import StackHandle
@@ -54,6 +64,24 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: 
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout_s} s (last value {value!r})")
         time.sleep(interval_s)
+
+
+def open_task_in_memory(store: TaskStore, population: str, *, kind: TaskKind = TaskKind.TRAINING,
+                        exclusive_training: bool = True, **fields: Any) -> TaskRecord:
+    """An OPEN task at round 1 with round 1 collecting: the records opening a task writes.
+
+    ``fields`` are further :class:`TaskRecord` fields (report_goal, over_selection_rate and
+    total_rounds are required). No artifacts: for services that read them, publish them with
+    ``publish_artifacts`` and open through ``task_management`` instead.
+    """
+    task = store.create_task(
+        population,
+        lambda task_id: TaskRecord(population=population, task_id=task_id, kind=kind, status=TaskStatus.OPEN,
+                                   current_round=1, **fields),
+        exclusive_training=exclusive_training,
+    )
+    store.create_iteration(IterationRecord.opening(task, 1, created_time=0.0))
+    return task
 
 
 @dataclass
@@ -90,7 +118,7 @@ class NumpyTask:
         return task
 
     def iteration(self, round_number: int = 1) -> IterationRecord | None:
-        return self.store.get_iteration(self.population, self.task_id, round_number)
+        return self.store.get_iteration(self.key(round_number))
 
     def count(self, round_number: int = 1, status: AssignmentStatus | None = AssignmentStatus.UPLOAD_COMPLETED) -> int:
         return self.store.count_assignments(self.key(round_number), status)

@@ -7,7 +7,6 @@ import threading
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.adapters.events import InMemoryRoundEvents, decode_round_event, encode_round_event
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.services import assignment as svc
@@ -16,16 +15,15 @@ from fedcompute.settings import Settings
 from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentStatus,
-    IterationRecord,
     IterationStatus,
     ReportedResult,
     RoundKey,
     TaskKind,
     TaskRecord,
-    TaskStatus,
     max_live_assignments,
     status_after_report,
 )
+from support.tasks import open_task_in_memory
 
 SETTINGS = Settings()
 POP = "pop_a"
@@ -33,17 +31,9 @@ POP = "pop_a"
 
 def _open_task(store: InMemoryTaskStore, *, report_goal=3, over=0.34, min_v="100", max_v="999999999",
                kind=TaskKind.TRAINING, weight=1.0, exclusive=True) -> TaskRecord:
-    task = store.create_task(
-        POP,
-        lambda tid: TaskRecord(population=POP, task_id=tid, kind=kind, status=TaskStatus.OPEN, report_goal=report_goal,
+    return open_task_in_memory(store, POP, kind=kind, exclusive_training=exclusive, report_goal=report_goal,
                                over_selection_rate=over, total_rounds=5, min_client_version=min_v,
-                               max_client_version=max_v, current_round=1, traffic_weight=weight, min_separation=2),
-        exclusive_training=exclusive,
-    )
-    store.create_iteration(IterationRecord(population=POP, task_id=task.task_id, round_number=1,
-                                           status=IterationStatus.COLLECTING, report_goal=report_goal,
-                                           max_assignments=task.max_assignments))
-    return task
+                               max_client_version=max_v, traffic_weight=weight, min_separation=2)
 
 
 def _accept_all(data: bytes, task: TaskRecord) -> None:
@@ -76,16 +66,14 @@ def test_cap_is_report_goal_times_one_plus_over_selection():
     assert max_live_assignments(10, 0.0) == 10
 
 
-def test_no_task_means_no_active_task_exists():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_no_task_means_no_active_task_exists(store, blobs):
     result = _checkin(store, blobs)
     assert isinstance(result, svc.Rejection)
     assert result.reason == svc.RejectionReason.NO_ACTIVE_TASK_EXISTS
     assert result.retry_window == (86400, 172800)
 
 
-def test_version_outside_range_is_mismatch():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_version_outside_range_is_mismatch(store, blobs):
     _open_task(store, min_v="341812000")
     result = _checkin(store, blobs, version="341717000")
     assert isinstance(result, svc.Rejection) and result.reason == svc.RejectionReason.CLIENT_VERSION_MISMATCH
@@ -93,15 +81,13 @@ def test_version_outside_range_is_mismatch():
 
 
 @pytest.mark.parametrize("bad", ["", "abc", "-1", "1.5", "9" * 30])
-def test_malformed_version_code_is_invalid_request(bad):
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_malformed_version_code_is_invalid_request(bad, store, blobs):
     _open_task(store)
     with pytest.raises(InvalidRequestError, match="version_code"):
         _checkin(store, blobs, version=bad)
 
 
-def test_assignment_carries_urls_and_round():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_assignment_carries_urls_and_round(store, blobs):
     task = _open_task(store)
     a = _checkin(store, blobs)
     assert isinstance(a, svc.Assignment)
@@ -111,8 +97,7 @@ def test_assignment_carries_urls_and_round():
     assert a.self_uri == f"/population/{POP}/task/{task.task_id}/aggregation/1/task-assignment/{a.assignment_id}"
 
 
-def test_over_selection_cap_rejects_with_no_task_available():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_over_selection_cap_rejects_with_no_task_available(store, blobs):
     task = _open_task(store, report_goal=3, over=0.67)
     results = [_checkin(store, blobs, seed=i) for i in range(8)]
     assigned = [r for r in results if isinstance(r, svc.Assignment)]
@@ -120,8 +105,7 @@ def test_over_selection_cap_rejects_with_no_task_available():
     assert all(r.reason == svc.RejectionReason.NO_TASK_AVAILABLE for r in results if isinstance(r, svc.Rejection))
 
 
-def test_failure_report_frees_the_slot():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_failure_report_frees_the_slot(store, blobs):
     _open_task(store, report_goal=1, over=0.0)
     a = _checkin(store, blobs)
     assert isinstance(_checkin(store, blobs), svc.Rejection)
@@ -131,8 +115,7 @@ def test_failure_report_frees_the_slot():
     assert isinstance(_checkin(store, blobs), svc.Assignment)
 
 
-def test_report_twice_completed_is_a_retry_but_failed_after_completed_is_refused():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_report_twice_completed_is_a_retry_but_failed_after_completed_is_refused(store, blobs):
     _open_task(store)
     a = _checkin(store, blobs)
     key = RoundKey(a.population, a.task_id, a.round_number)
@@ -143,8 +126,7 @@ def test_report_twice_completed_is_a_retry_but_failed_after_completed_is_refused
         svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.FAILED)
 
 
-def test_report_for_unknown_assignment_is_not_found():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_report_for_unknown_assignment_is_not_found(store, blobs):
     task = _open_task(store)
     with pytest.raises(NotFoundError):
         svc.report_result(store, blobs, SETTINGS, RoundKey(POP, task.task_id, 1), "nope", ReportedResult.COMPLETED)
@@ -162,15 +144,14 @@ def test_status_machine_refuses_reports_after_terminal_states():
                     status_after_report(status, result)
 
 
-def test_round_closes_exactly_at_goal_and_publishes_once():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_round_closes_exactly_at_goal_and_publishes_once(store, blobs, events):
     task = _open_task(store, report_goal=3, over=0.67)
     devices = [_checkin(store, blobs, seed=i) for i in range(5)]
     outcomes = [_upload(store, blobs, events, a) for a in devices[:3]]
     assert [o.outcome for o in outcomes] == ["ACCEPTED"] * 3
     assert [o.round_closed for o in outcomes] == [False, False, True]
     assert events.ready == [RoundKey(POP, task.task_id, 1)]
-    it = store.get_iteration(POP, task.task_id, 1)
+    it = store.get_iteration(RoundKey(POP, task.task_id, 1))
     assert it.status == IterationStatus.AGGREGATING and it.round_ready_published
     # A fourth device's upload after the close is late; its report-result is refused.
     late = devices[3]
@@ -181,8 +162,7 @@ def test_round_closes_exactly_at_goal_and_publishes_once():
     assert events.ready == [RoundKey(POP, task.task_id, 1)]
 
 
-def test_duplicate_event_changes_no_count():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_duplicate_event_changes_no_count(store, blobs, events):
     task = _open_task(store, report_goal=2)
     a = _checkin(store, blobs)
     first = _upload(store, blobs, events, a, event_id="e1")
@@ -195,8 +175,7 @@ def test_duplicate_event_changes_no_count():
     assert events.ready == []
 
 
-def test_upload_is_write_once():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_upload_is_write_once(store, blobs):
     _open_task(store)
     a = _checkin(store, blobs)
     instr = svc.report_result(store, blobs, SETTINGS, RoundKey(a.population, a.task_id, 1), a.assignment_id,
@@ -217,8 +196,7 @@ def test_upload_is_write_once():
         ("fcp-gradient", "../etc/passwd", ingestion.OUTCOME_FOREIGN),
     ],
 )
-def test_foreign_and_unknown_objects_change_nothing(bucket, name, outcome):
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_foreign_and_unknown_objects_change_nothing(bucket, name, outcome, store, blobs, events):
     _open_task(store)
     blobs.write(bucket, name, b"x")
     result = ingestion.ingest_upload(store, blobs, events, SETTINGS,
@@ -228,8 +206,7 @@ def test_foreign_and_unknown_objects_change_nothing(bucket, name, outcome):
     assert events.ready == []
 
 
-def test_upload_without_report_result_is_not_uploadable():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_upload_without_report_result_is_not_uploadable(store, blobs, events):
     task = _open_task(store)
     a = _checkin(store, blobs)
     name = layout.gradient_path(POP, task.task_id, 1, a.assignment_id)
@@ -241,8 +218,7 @@ def test_upload_without_report_result_is_not_uploadable():
     assert store.get_assignment(RoundKey(POP, task.task_id, 1), a.assignment_id).status == AssignmentStatus.ASSIGNED
 
 
-def test_invalid_upload_is_rejected_frees_slot_and_is_recorded():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_invalid_upload_is_rejected_frees_slot_and_is_recorded(store, blobs, events):
     task = _open_task(store, report_goal=1, over=0.0)
     a = _checkin(store, blobs)
     result = _upload(store, blobs, events, a, body=b"bad bytes")
@@ -254,8 +230,7 @@ def test_invalid_upload_is_rejected_frees_slot_and_is_recorded():
     assert isinstance(_checkin(store, blobs), svc.Assignment)  # slot freed
 
 
-def test_oversized_upload_is_rejected_before_reading():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_oversized_upload_is_rejected_before_reading(store, blobs, events):
     task = _open_task(store)
     a = _checkin(store, blobs)
     key = RoundKey(POP, task.task_id, 1)
@@ -267,8 +242,7 @@ def test_oversized_upload_is_rejected_before_reading():
     assert result.outcome == ingestion.OUTCOME_INVALID and "exceeds" in result.reason
 
 
-def test_crash_between_close_and_publish_is_repaired_by_next_event():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_crash_between_close_and_publish_is_repaired_by_next_event(store, blobs, events):
     task = _open_task(store, report_goal=1, over=1.0)
     a = _checkin(store, blobs)
     key = RoundKey(POP, task.task_id, 1)
@@ -279,8 +253,8 @@ def test_crash_between_close_and_publish_is_repaired_by_next_event():
 
     with pytest.raises(RuntimeError):
         _upload(store, blobs, CrashingEvents(), a, event_id="e1")
-    assert store.get_iteration(POP, task.task_id, 1).status == IterationStatus.AGGREGATING
-    assert not store.get_iteration(POP, task.task_id, 1).round_ready_published
+    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).status == IterationStatus.AGGREGATING
+    assert not store.get_iteration(RoundKey(POP, task.task_id, 1)).round_ready_published
     # Pub/Sub redelivers the same finalize event: the duplicate path publishes.
     name = layout.gradient_path(POP, task.task_id, 1, a.assignment_id)
     again = ingestion.ingest_upload(store, blobs, events, SETTINGS,
@@ -288,11 +262,10 @@ def test_crash_between_close_and_publish_is_repaired_by_next_event():
                                     validate=_accept_all)
     assert again.outcome == "DUPLICATE"
     assert events.ready == [key]
-    assert store.get_iteration(POP, task.task_id, 1).round_ready_published
+    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).round_ready_published
 
 
-def test_concurrent_uploads_across_goal_boundary_count_exactly():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_concurrent_uploads_across_goal_boundary_count_exactly(store, blobs, events):
     task = _open_task(store, report_goal=40, over=1.5)
     devices = [_checkin(store, blobs, seed=i) for i in range(100)]
     assert all(isinstance(d, svc.Assignment) for d in devices)
@@ -326,11 +299,10 @@ def test_round_event_codec_round_trips_and_rejects_garbage():
             decode_round_event(bad)
 
 
-def test_uploads_for_a_canceled_task_are_rejected_and_its_round_not_aggregated():
+def test_uploads_for_a_canceled_task_are_rejected_and_its_round_not_aggregated(store, blobs, events):
     from fedcompute.services import aggregator
     from fedcompute.services import task_management as tm
 
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task = _open_task(store, report_goal=1, over=1.0)
     first, second = _checkin(store, blobs, seed=1), _checkin(store, blobs, seed=2)
     key = RoundKey(POP, task.task_id, 1)
@@ -346,5 +318,5 @@ def test_uploads_for_a_canceled_task_are_rejected_and_its_round_not_aggregated()
     store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
     outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
     assert outcome.status == "TASK_NOT_OPEN"
-    assert store.get_iteration(POP, task.task_id, 1).status == IterationStatus.CANCELED
+    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).status == IterationStatus.CANCELED
     assert second is not None

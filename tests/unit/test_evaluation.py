@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.learning import metric_stats
 from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.learning.upload_contract import metric_statistics_spec
@@ -72,14 +70,13 @@ def _complete_training_round(store, training, n):
     store.create_iteration(IterationRecord("p", training.task_id, n + 1, IterationStatus.COLLECTING, 2, 1000))
 
 
-def test_scheduler_opens_eval_rounds_one_at_a_time_and_devices_get_that_checkpoint():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_scheduler_opens_eval_rounds_one_at_a_time_and_devices_get_that_checkpoint(store, blobs, events):
     training, evaluation = _training_and_eval(store)
     assert scheduler.tick(store, events, now=lambda: 10.0).evaluations_opened == []  # nothing trained yet
     _complete_training_round(store, training, 1)
     report = scheduler.tick(store, events, now=lambda: 10.0, rng=random.Random(0))
     assert report.evaluations_opened == [RoundKey("p", evaluation.task_id, 1)]
-    it = store.get_iteration("p", evaluation.task_id, 1)
+    it = store.get_iteration(RoundKey("p", evaluation.task_id, 1))
     assert it.status == IterationStatus.COLLECTING and it.evaluated_round == 1
     _complete_training_round(store, training, 2)
     assert scheduler.tick(store, events, now=lambda: 11.0).evaluations_opened == []  # round 1 still collecting
@@ -95,11 +92,10 @@ def test_scheduler_opens_eval_rounds_one_at_a_time_and_devices_get_that_checkpoi
         pytest.fail("no check-in was sent to evaluation")
 
 
-def test_eval_traffic_share_is_within_the_binomial_interval():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_eval_traffic_share_is_within_the_binomial_interval(store, blobs, events):
     training, evaluation = _training_and_eval(store, eval_weight=0.1)
     _complete_training_round(store, training, 1)
-    scheduler.tick(store, InMemoryRoundEvents(), now=lambda: 10.0, rng=random.Random(0))
+    scheduler.tick(store, events, now=lambda: 10.0, rng=random.Random(0))
     n = 600
     kinds = [assignment.create_task_assignment(store, blobs, SETTINGS, assignment.CheckIn("p", "1"),
                                                rng=random.Random(1000 + i)).kind for i in range(n)]
@@ -108,8 +104,7 @@ def test_eval_traffic_share_is_within_the_binomial_interval():
     assert abs(share - 0.1) <= half_width, share
 
 
-def test_eval_round_metrics_equal_central_evaluation_and_name_the_training_round():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_eval_round_metrics_equal_central_evaluation_and_name_the_training_round(store, blobs, events):
     training, evaluation = _training_and_eval(store)
     _complete_training_round(store, training, 1)
     scheduler.tick(store, events, now=lambda: 10.0, rng=random.Random(0))
@@ -136,12 +131,11 @@ def test_eval_round_metrics_equal_central_evaluation_and_name_the_training_round
         "sparse_categorical_accuracy", np.concatenate(labels), np.concatenate(predictions)))
     assert outcome.metrics["server/client_work/eval/sparse_categorical_accuracy"] == pytest.approx(central, abs=1e-12)
     assert outcome.metrics["server/evaluation/training_round"] == 1.0
-    assert store.get_iteration("p", evaluation.task_id, 1).status == IterationStatus.COMPLETED
+    assert store.get_iteration(RoundKey("p", evaluation.task_id, 1)).status == IterationStatus.COMPLETED
     assert not any(blobs.exists(SETTINGS.model_bucket, layout.checkpoint_path("p", evaluation.task_id, 1)) for _ in [0])
 
 
-def test_eval_task_completes_after_the_training_task_and_its_last_round():
-    store, events = InMemoryTaskStore(), InMemoryRoundEvents()
+def test_eval_task_completes_after_the_training_task_and_its_last_round(store, events):
     training, evaluation = _training_and_eval(store)
     _complete_training_round(store, training, 1)
     scheduler.tick(store, events, now=lambda: 10.0, rng=random.Random(0))

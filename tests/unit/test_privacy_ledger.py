@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.dp import DpParams
 from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.learning.upload_contract import metric_statistics_spec
@@ -14,7 +12,6 @@ from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
@@ -41,7 +38,7 @@ def _independent_epsilon(rounds: int, delta: float) -> float:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded():
+def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded(store, blobs, events):
     delta = 1.0 / POPULATION_SIZE
     eps2, eps3 = _independent_epsilon(2, delta), _independent_epsilon(3, delta)
     target = (eps2 + eps3) / 2  # round 3 would exceed it
@@ -51,7 +48,6 @@ def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded():
                         target_epsilon=target, delta=delta,
                         dp=DpParams("FIXED_GAUSSIAN", NOISE, 1.0, noise_seed=1),
                         weights=weight_specs(initial), metrics=("loss",))
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task = store.create_task("p", lambda tid: TaskRecord(
         population="p", task_id=tid, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=GOAL,
         over_selection_rate=0.0, total_rounds=ROUNDS, current_round=1, metrics=("loss",),

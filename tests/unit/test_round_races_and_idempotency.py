@@ -14,7 +14,6 @@ import pytest
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.learning import upload_contract
@@ -59,9 +58,8 @@ def _uploaded_round(store: InMemoryTaskStore, blobs: InMemoryBlobStore, task_id:
     return key
 
 
-def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle():
+def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle(store, blobs, events):
     # decode_bundle returns (named arrays, metadata): the aggregator iterated the tuple.
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task, weights = _open(store, blobs)
     key = _uploaded_round(store, blobs, task.task_id)
     assert aggregator.aggregate_round(store, blobs, events, SETTINGS, key).status == "AGGREGATED"
@@ -72,10 +70,9 @@ def test_aggregator_writes_the_client_checkpoint_from_the_decoded_bundle():
         "server/aggregator/num_reports"] == 2.0
 
 
-def test_aggregator_run_that_loses_the_finish_reports_already_done():
+def test_aggregator_run_that_loses_the_finish_reports_already_done(store, blobs, events):
     # Two round-ready deliveries aggregating at once: only the one that completes the round
     # may report AGGREGATED (and publish round-completed).
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
     task, _ = _open(store, blobs)
     key = _uploaded_round(store, blobs, task.task_id)
 
@@ -90,8 +87,7 @@ def test_aggregator_run_that_loses_the_finish_reports_already_done():
     assert events.completed == []
 
 
-def test_check_in_near_a_full_round_lists_claimed_slots_once():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_check_in_near_a_full_round_lists_claimed_slots_once(store, blobs):
     _open(store, blobs, report_goal=20, max_size=20)
     listings = []
     original = store.claimed_slots
@@ -103,8 +99,7 @@ def test_check_in_near_a_full_round_lists_claimed_slots_once():
     assert 0 < len(listings) <= 20, len(listings)  # at most one per check-in (it was one per slot)
 
 
-def test_no_new_upload_session_for_an_object_already_written():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_no_new_upload_session_for_an_object_already_written(store, blobs):
     _open(store, blobs)
     a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
     key = RoundKey(POP, a.task_id, 1)
@@ -114,16 +109,14 @@ def test_no_new_upload_session_for_an_object_already_written():
         svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
 
 
-def test_opening_a_task_without_artifacts_is_a_precondition_failure():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_opening_a_task_without_artifacts_is_a_precondition_failure(store, blobs):
     task = tm.create_task(store, tm.NewTask(population=POP, kind=TaskKind.TRAINING, total_rounds=1, report_goal=1,
                                             max_aggregation_size=1))
     with pytest.raises(PreconditionFailedError, match="upload the task's artifacts first"):
         tm.open_task(store, blobs, SETTINGS, POP, task.task_id)
 
 
-def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner(store, blobs, events):
     _open(store, blobs, report_goal=1, max_size=2)
     a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"))
     key = RoundKey(POP, a.task_id, 1)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError
 from fedcompute.plans import ServerPhase, WeightSpec
@@ -13,7 +11,6 @@ from fedcompute.proto import task_management_pb2
 from fedcompute.services import scheduler
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
@@ -67,8 +64,7 @@ def test_bad_create_requests_name_the_field(overrides, message):
         tm.new_task_from_proto("p", _training_proto(**overrides))
 
 
-def test_create_open_and_ids_are_max_plus_one():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_create_open_and_ids_are_max_plus_one(store, blobs):
     first = tm.create_task(store, tm.new_task_from_proto("p", _training_proto()))
     assert (first.task_id, first.status) == (1, TaskStatus.CREATED)
     with pytest.raises(ConflictError, match="already has an active training task 1"):
@@ -77,7 +73,7 @@ def test_create_open_and_ids_are_max_plus_one():
     opened = tm.open_task(store, blobs, SETTINGS, "p", 1)
     assert opened.status == TaskStatus.OPEN and opened.current_round == 1
     assert [s.name for s in opened.update_spec] == ["dense/kernel"]
-    assert store.get_iteration("p", 1, 1).status == IterationStatus.COLLECTING
+    assert store.get_iteration(RoundKey("p", 1, 1)).status == IterationStatus.COLLECTING
     assert tm.open_task(store, blobs, SETTINGS, "p", 1) == opened  # idempotent
     tm.cancel_task(store, "p", 1, "operator")
     second = tm.create_task(store, tm.new_task_from_proto("p", _training_proto()))
@@ -86,8 +82,7 @@ def test_create_open_and_ids_are_max_plus_one():
     assert proto.status == task_management_pb2.TaskStatus.CANCELED and proto.status_reason == "operator"
 
 
-def test_evaluation_task_needs_an_existing_source():
-    store = InMemoryTaskStore()
+def test_evaluation_task_needs_an_existing_source(store):
     ev = task_management_pb2.Task(total_iteration=5, min_aggregation_size=2)
     ev.info.evaluation_info.training_task_id = 7
     ev.info.evaluation_info.check_point_selector.iteration_selector.size = 1
@@ -98,8 +93,7 @@ def test_evaluation_task_needs_an_existing_source():
         tm.new_task_from_proto("p", ev)
 
 
-def test_failed_build_rollback_deletes_task_and_artifacts():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_failed_build_rollback_deletes_task_and_artifacts(store, blobs):
     task = tm.create_task(store, tm.new_task_from_proto("p", _training_proto()))
     blobs.write(SETTINGS.model_bucket, layout.client_plan_path("p", task.task_id), b"zip")
     blobs.write(SETTINGS.model_bucket, "other/1/0/s/0/checkpoint", b"keep")
@@ -109,8 +103,7 @@ def test_failed_build_rollback_deletes_task_and_artifacts():
     assert blobs.exists(SETTINGS.model_bucket, "other/1/0/s/0/checkpoint")
 
 
-def test_open_refuses_unknown_server_phase_version():
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+def test_open_refuses_unknown_server_phase_version(store, blobs):
     task = tm.create_task(store, tm.new_task_from_proto("p", _training_proto()))
     blobs.write(SETTINGS.model_bucket, layout.server_phase_path("p", task.task_id),
                 _phase().to_json().replace('"format_version": 1', '"format_version": 99').encode())
@@ -119,8 +112,7 @@ def test_open_refuses_unknown_server_phase_version():
     assert store.get_task("p", task.task_id).status == TaskStatus.CREATED
 
 
-def test_scheduler_times_out_stale_assignments_and_frees_slots():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_scheduler_times_out_stale_assignments_and_frees_slots(store, blobs, events):
     tm.create_task(store, tm.new_task_from_proto("p", _training_proto()))
     blobs.write(SETTINGS.model_bucket, layout.server_phase_path("p", 1), _phase().to_json().encode())
     tm.open_task(store, blobs, SETTINGS, "p", 1)
@@ -141,8 +133,7 @@ def test_scheduler_times_out_stale_assignments_and_frees_slots():
     assert (again.local_timeouts, again.upload_timeouts) == (0, 0)
 
 
-def test_scheduler_republishes_unpublished_and_stuck_rounds():
-    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+def test_scheduler_republishes_unpublished_and_stuck_rounds(store, blobs, events):
     tm.create_task(store, tm.new_task_from_proto("p", _training_proto()))
     blobs.write(SETTINGS.model_bucket, layout.server_phase_path("p", 1), _phase().to_json().encode())
     tm.open_task(store, blobs, SETTINGS, "p", 1)

@@ -149,8 +149,8 @@ class FirestoreTaskStore:
         except exceptions.Conflict:
             return False
 
-    def get_iteration(self, population, task_id, round_number):
-        snapshot = self._iteration(population, task_id, round_number).get()
+    def get_iteration(self, key):
+        snapshot = self._round(key).get()
         return IterationRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
 
     def list_iterations(self, population, task_id):
@@ -273,7 +273,7 @@ class FirestoreTaskStore:
             status = snapshot.to_dict()["status"]
             if status == AssignmentStatus.UPLOAD_COMPLETED.value:
                 return self._settle_accept(key, assignment_id, DUPLICATE)
-            iteration = self.get_iteration(key.population, key.task_id, key.round_number)
+            iteration = self.get_iteration(key)
             if iteration is None or iteration.status != IterationStatus.COLLECTING:
                 return ROUND_CLOSED
             if status != AssignmentStatus.LOCAL_COMPLETED.value:
@@ -293,7 +293,7 @@ class FirestoreTaskStore:
         Read after the assignment's write: a round still COLLECTING closes later, and its
         accepted set (listed after the close) includes this assignment.
         """
-        iteration = self.get_iteration(key.population, key.task_id, key.round_number)
+        iteration = self.get_iteration(key)
         if iteration is not None and iteration.status == IterationStatus.COLLECTING:
             return outcome
         if assignment_id in set(self.accepted_ids(key)):
@@ -318,7 +318,7 @@ class FirestoreTaskStore:
         snapshot = ref.get()
         if snapshot.exists:
             return list(snapshot.to_dict()["assignment_ids"])
-        iteration = self.get_iteration(key.population, key.task_id, key.round_number)
+        iteration = self.get_iteration(key)
         if iteration is None or iteration.status == IterationStatus.COLLECTING:
             raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
                                           "closed: its accepted set is not final")

@@ -60,7 +60,7 @@ def aggregate_round(
     from fedcompute.learning import checkpoint, server_round
     from fedcompute.learning.tensor_codec import decode_bundle, decode_client_update, encode_bundle
 
-    iteration = store.get_iteration(key.population, key.task_id, key.round_number)
+    iteration = store.get_iteration(key)
     if iteration is None:
         log.warning("round-ready for unknown round %s: dropped", key)
         return AggregationOutcome("UNKNOWN_ROUND")

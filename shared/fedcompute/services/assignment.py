@@ -127,7 +127,7 @@ def create_task_assignment(
         )
     candidates: list[tuple[TaskRecord, IterationRecord]] = []
     for task in eligible:
-        iteration = store.get_iteration(task.population, task.task_id, task.current_round)
+        iteration = store.get_iteration(RoundKey(task.population, task.task_id, task.current_round))
         if iteration is not None and iteration.status == IterationStatus.COLLECTING and task.traffic_weight > 0:
             candidates.append((task, iteration))
     if not candidates:
@@ -218,7 +218,7 @@ def report_result(
                                     reason=f"device reported {result.value}")
         store.release_slot(key, assignment.slot, assignment_id)
         return None
-    iteration = store.get_iteration(key.population, key.task_id, key.round_number)
+    iteration = store.get_iteration(key)
     if iteration is None or iteration.status != IterationStatus.COLLECTING:
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {key.round_number} is no longer collecting")
     if assignment.status == AssignmentStatus.ASSIGNED:

@@ -70,7 +70,7 @@ def ingest_upload(
         return _ignored(OUTCOME_FOREIGN, f"{event.name!r} is not {{pop}}/{{task}}/{{round}}/d/{{assignment}}/gradient")
     key = RoundKey(parsed.population, parsed.task_id, parsed.round_number)
     task = store.get_task(parsed.population, parsed.task_id)
-    iteration = store.get_iteration(*_key_tuple(key)) if task else None
+    iteration = store.get_iteration(key) if task else None
     if task is None or iteration is None:
         return _ignored(OUTCOME_FOREIGN, f"no round {key.round_number} of task {key.population}/{key.task_id}")
     assignment = store.get_assignment(key, parsed.assignment_id)
@@ -116,10 +116,6 @@ def ingest_upload(
     return IngestionResult(OUTCOME_ACCEPTED, "", count, closed)
 
 
-def _key_tuple(key: RoundKey) -> tuple[str, int, int]:
-    return key.population, key.task_id, key.round_number
-
-
 def _close_if_goal_reached(
     store: TaskStore, events: RoundEvents, task: TaskRecord, key: RoundKey, now: Callable[[], float],
     *, repair: bool = False,
@@ -153,7 +149,7 @@ def _close_if_goal_reached(
 
 def publish_pending_round_ready(store: TaskStore, events: RoundEvents, key: RoundKey) -> bool:
     """Publish round-ready for an AGGREGATING round not yet marked published. True if published."""
-    iteration = store.get_iteration(*_key_tuple(key))
+    iteration = store.get_iteration(key)
     if iteration is None or iteration.status != IterationStatus.AGGREGATING or iteration.round_ready_published:
         return False
     events.round_ready(key)

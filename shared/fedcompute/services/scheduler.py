@@ -78,7 +78,7 @@ def tick(
         if task.status != TaskStatus.OPEN or task.current_round < 1:
             continue
         key = RoundKey(task.population, task.task_id, task.current_round)
-        iteration = store.get_iteration(key.population, key.task_id, key.round_number)
+        iteration = store.get_iteration(key)
         if iteration is None:
             continue
         if iteration.status == IterationStatus.COLLECTING:
@@ -148,7 +148,7 @@ def schedule_evaluation(store: TaskStore, task: TaskRecord, report: TickReport, 
     source = store.get_task(task.source_population, task.source_task_id)
     if source is None:
         return
-    current = store.get_iteration(task.population, task.task_id, task.current_round) if task.current_round else None
+    current = store.get_iteration(RoundKey(task.population, task.task_id, task.current_round)) if task.current_round else None
     if current is not None and current.status in (IterationStatus.COLLECTING, IterationStatus.AGGREGATING):
         return
     completed = [it for it in store.list_iterations(source.population, source.task_id)

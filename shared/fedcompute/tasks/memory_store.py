@@ -88,9 +88,9 @@ class InMemoryTaskStore:
             self._iterations[k] = record
             return True
 
-    def get_iteration(self, population, task_id, round_number):
+    def get_iteration(self, key):
         with self._lock:
-            return self._iterations.get((population, task_id, round_number))
+            return self._iterations.get((key.population, key.task_id, key.round_number))
 
     def list_iterations(self, population, task_id):
         with self._lock:
