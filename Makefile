@@ -7,22 +7,38 @@ PY := .venv/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-# Demo knobs (see README).
+# Demo knobs (see README). PRIVATE=1: the private demo at 10,000 devices (README, "Private demo").
+PRIVATE ?= 0
+ifeq ($(PRIVATE),1)
+ROUNDS ?= 30
+DEVICES ?= 10000
+REPORT_GOAL ?= 1000
+NOISE ?= 1.0
+CLIP ?= 1.0
+endif
+BASELINE ?= 1
+PROCESSES ?= 2
+TRADEOFF ?= 0,0.5,1.0,1.5
 ROUNDS ?= 12
 DEVICES ?= 200
 REPORT_GOAL ?= 50
 NOISE ?= 0.0
 DP ?= fixed
 EVAL ?= 0
+CLIP ?= 10.0
+RUNTIME ?= auto
 
-.PHONY: help setup uv sync data browser proto up down status test test-unit test-integration test-e2e demo bench lint clean package deploy deploy-check destroy
+.PHONY: help setup uv sync data browser proto up down status test test-unit test-integration test-e2e demo demo-tradeoff bench lint clean package deploy deploy-check destroy
 
 help:
 	@echo "make setup   install uv, the locked Python environment and the Fashion-MNIST data"
 	@echo "make demo    run the main job: local stack, task built, fleet trains, metrics plotted"
+	@echo "make demo PRIVATE=1   10,000 devices, central DP (epsilon <= 5) next to the non-private run"
+	@echo "make demo-tradeoff    privacy/utility figure: noise $(TRADEOFF) -> final epsilon and accuracy"
 	@echo "make test    lint, then run every test tier (unit, integration, e2e) against the real emulators"
 	@echo "make lint    ruff (lint + import order) and mypy (types) on shared/ and functions/"
 	@echo "make up / down / status   start, stop, inspect the local serverless stack"
+	@echo "make clean   stop the stack and delete its data (.fedcompute/: every local task), out/ and build/functions"
 	@echo "make proto   regenerate the protobuf Python code from shared/fedcompute/proto/*.proto"
 	@echo "make bench   run the benchmarks (figures go to BENCHMARKS.md by hand)"
 	@echo "make package                          package the Cloud Functions into build/functions (zips for Terraform)"
@@ -83,7 +99,14 @@ test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
 demo: setup
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --dp $(DP) $(if $(filter 1,$(EVAL)),--eval,)
+ifeq ($(PRIVATE),1)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --private --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --processes $(PROCESSES) $(if $(filter 0,$(BASELINE)),--no-baseline,) $(if $(filter 1,$(DEMO_TRADEOFF)),--tradeoff $(TRADEOFF),)
+else
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --dp $(DP) --runtime $(RUNTIME) $(if $(filter 1,$(EVAL)),--eval,)
+endif
+
+demo-tradeoff:
+	$(MAKE) demo PRIVATE=1 DEMO_TRADEOFF=1
 
 bench: setup
 	$(PY) -m benchmarks.run_all

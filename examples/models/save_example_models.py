@@ -3,7 +3,8 @@
 
 Usage: python examples/models/save_example_models.py OUT_DIR [--seed N] [--only NAME ...]
 
-Writes OUT_DIR/emnist_cnn_type1/, OUT_DIR/emnist_cnn_type2/ and OUT_DIR/dict_binary_type2/,
+Writes OUT_DIR/emnist_cnn_type1/, OUT_DIR/emnist_cnn_type2/, OUT_DIR/dict_binary_type2/ and
+OUT_DIR/fashion_logreg_type1/ (the small model of `make demo PRIVATE=1`),
 each a SavedModel to pass to `task_builder_client --saved_model=...`, and prints each
 model's input type, label_name and tf.train.Example layout.
 """

@@ -3,7 +3,8 @@
 * ``GET /``                                     the page (``fedcompute/monitoring/static/index.html``)
 * ``GET /static/<file>``                        its script and style sheet
 * ``GET /api/tasks[?population=]``              every task: status, current round, epsilon spent, counts
-* ``GET /api/metrics?population=&task=``        the task's metrics per round (model and evaluation)
+* ``GET /api/metrics?population=&task=``        the task's metrics per round (model and evaluation) and its
+                                                privacy ledger (epsilon after and spent in each round)
 * ``GET /api/ops?population=&task=``            per-round counts and timings, assignments per minute
 
 Read-only, no TensorFlow: it reads Firestore records and the model bucket's metrics JSON.

@@ -41,8 +41,8 @@ def handle_event(cloud_event: Any) -> None:
                                   size=obj.size, generation=obj.generation),
         validate=VALIDATE,
     )
-    logger.info("ingestion of gs://%s/%s: %s %s (count %d%s)", obj.bucket, obj.name, result.outcome, result.reason,
-                result.count, ", round closed" if result.round_closed else "")
+    logger.info("ingestion of gs://%s/%s: %s %s%s", obj.bucket, obj.name, result.outcome, result.reason,
+                " (round closed)" if result.round_closed else "")
 
 
 @functions_framework.cloud_event

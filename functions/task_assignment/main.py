@@ -10,6 +10,8 @@ build the wire answer. No TensorFlow: its cold start is part of every device's c
 """
 from __future__ import annotations
 
+import os
+
 import flask
 import functions_framework
 from google.protobuf import duration_pb2
@@ -27,6 +29,8 @@ MAX_REQUEST_BYTES = 64 * 1024  # check-in and report messages are tiny
 
 configure_logging()
 RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
+# Open rounds and signed URLs, per process (see fedcompute.services.assignment.CheckInCache).
+CHECK_IN_CACHE = service.CheckInCache(ttl_s=float(os.environ.get("FEDCOMPUTE_CHECKIN_CACHE_TTL_S", "2")))
 ROUTER = Router(NAME)
 SEGMENT = layout.POPULATION_PATTERN
 
@@ -54,7 +58,8 @@ def create_task_assignment(request: flask.Request, population: str) -> flask.Res
     service.validate_version_code(body.client_version.version_code)  # bad input never reaches storage
     deps = RUNTIME.deps()
     result = service.create_task_assignment(deps.store, deps.blobs, deps.settings,
-                                            service.CheckIn(population, body.client_version.version_code))
+                                            service.CheckIn(population, body.client_version.version_code),
+                                            cache=CHECK_IN_CACHE)
     if isinstance(result, service.Rejection):
         return message_response(task_assignment_pb2.CreateTaskAssignmentResponse(rejection_info=_rejection(result)),
                                 200, request)
@@ -95,7 +100,8 @@ def report_result(request: flask.Request, population: str, task_id: str, round_n
     elif isinstance(outcome, service.UploadInstruction):
         response.upload_instruction.upload_location = outcome.upload_location
         response.upload_instruction.extra_request_headers.update(outcome.extra_request_headers)
-        response.upload_instruction.compression_format = common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP
+        if outcome.gzip:  # unset: the device uploads the raw ClientUpdate bytes
+            response.upload_instruction.compression_format = common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP
     return message_response(response, 200, request)
 
 

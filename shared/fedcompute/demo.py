@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcompute import layout
+from fedcompute import layout, strict_json
 from fedcompute.dp import NO_DP_NAME
 from fedcompute.errors import FedComputeError
 
@@ -79,7 +79,6 @@ DP_BLOCK = """differential_privacy {{
   type: {dp_type}
   noise_multiplier: {noise}
   clip_norm: {clip}
-  noise_seed: {seed}
 }}
 """
 
@@ -108,6 +107,7 @@ class DemoOptions:
     task_builder_port: int = 5000  # the seed's localhost:5000; 0 picks a free port
     keep_stack: bool = True
     evaluation: bool = False  # TRAINING_AND_EVAL: an evaluation task next to the training task
+    runtime: str = "auto"  # device runtime: auto | tflite | tensorflow (fedcompute.fleet.runtimes)
     timeout_s: float = 1800.0
 
 
@@ -130,6 +130,8 @@ class DemoSummary:
     metrics_per_round: list[dict[str, float]] = field(default_factory=list)
     plot: str = ""
     build_time_s: float = 0.0
+    device_runtime: str = ""
+    device_runtime_reason: str = ""
 
 
 def _say(message: str) -> None:
@@ -143,6 +145,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     from fedcompute.adapters.blobs import GcsBlobStore
     from fedcompute.adapters.clients import make_clients
     from fedcompute.adapters.task_management_client import TaskManagementClient
+    from fedcompute.cli.model_cmd import load_hint
     from fedcompute.settings import Settings
     from fedcompute.stack import LocalStack
 
@@ -169,7 +172,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     population = f"fashion_mnist_{time.strftime('%Y%m%d_%H%M%S')}"
     config_path = out / "task_config.pbtxt"
     dp_type = DP_TYPES[options.dp]
-    dp_block = DP_BLOCK.format(dp_type=dp_type, noise=options.noise, clip=options.clip_norm, seed=options.seed) \
+    dp_block = DP_BLOCK.format(dp_type=dp_type, noise=options.noise, clip=options.clip_norm) \
         if dp_type else ""
     config_path.write_text(CONFIG_TEMPLATE.format(
         population=population, rounds=options.rounds, report_goal=options.report_goal, client_lr=options.client_lr,
@@ -191,6 +194,8 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     build_time = time.monotonic() - build_started
     task = next(t for t in management.list_tasks(population) if t.info.WhichOneof("info") == "training_info")
     _say(f"   task {population}/{task.task_id} built in {build_time:.1f} s")
+    runtime = _device_runtime(blobs, settings, population, task.task_id, options.runtime, out)
+    _say(f"   devices run the {runtime.name} runtime: {runtime.reason}")
 
     _say(f"== 4/5  fleet: {options.devices} simulated devices, Fashion-MNIST "
          f"({options.partition}{' α=' + str(options.alpha) if options.partition == 'dirichlet' else ''})")
@@ -221,7 +226,8 @@ def run_demo(options: DemoOptions) -> DemoSummary:
             state["round"] += 1
         return current.status != 1  # no longer OPEN
 
-    stats = fleet.run(until, timeout_s=options.timeout_s, poll_s=1.0)
+    with fleet:
+        stats = fleet.run(until, timeout_s=options.timeout_s, poll_s=1.0)
     bar.close()
     final = management.get_task(population, task.task_id)
     _say(f"   task {final.status_reason or 'finished'}; sessions: {dict(stats.outcomes)}")
@@ -240,16 +246,20 @@ def run_demo(options: DemoOptions) -> DemoSummary:
         epsilon=epsilon, delta=delta, final_test_accuracy=accuracy, final_test_loss=loss,
         round_wall_times_s=[round(t, 2) for t in round_times], total_wall_time_s=round(time.monotonic() - started, 1),
         fleet_sessions=dict(stats.outcomes), metrics_per_round=metrics_rows, plot=str(plot),
-        build_time_s=round(build_time, 1),
+        build_time_s=round(build_time, 1), device_runtime=runtime.name, device_runtime_reason=runtime.reason,
     )
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    (out / "summary.json").write_text(strict_json.dumps(asdict(summary), indent=2))
     figures = _monitoring_figures(blobs, clients, settings, population, task.task_id, out)
+    exported = _export_model(blobs, clients, settings, population, task.task_id, last_round, out / "model")
     eps_text = "inf (noise_multiplier 0: no formal privacy)" if epsilon is None or not np.isfinite(epsilon) \
         else f"{epsilon:.4g} (delta {delta:.3g})"
     _say(f"\nfinal test accuracy: {accuracy:.4f}   test loss: {loss:.4f}")
     _say(f"epsilon after {last_round} rounds: {eps_text}")
     _say(f"metrics plot: {plot}\nsummary: {out / 'summary.json'}")
     _say(f"per-metric and operations figures ({len(figures)}): {out / 'metrics'}/, {out / 'ops'}/")
+    _say(f"trained model ({len(exported)} formats) in {out / 'model'}/; " + load_hint(exported[0], "keras"))
+    _say(f"TensorBoard: fedcompute metrics export --population {population} --task {task.task_id} "
+         f"--tensorboard {out / 'tensorboard'} && tensorboard --logdir {out / 'tensorboard'}")
     if "dashboard" in stack.urls:
         _say(f"dashboard: {stack.urls['dashboard']}/?population={population}&task={task.task_id}")
     _say(f"metrics objects: gs://{settings.model_bucket}/{population}/{task.task_id}/<round>/s/0/metrics "
@@ -276,6 +286,20 @@ def _monitoring_figures(blobs: Any, clients: Any, settings: Any, population: str
     return [f.path for f in figures]
 
 
+def _export_model(blobs: Any, clients: Any, settings: Any, population: str, task_id: int, round_number: int,
+                  out: Path) -> list[Path]:
+    """The final checkpoint as model.keras, saved_model/ and model.tflite under ``out`` (each verified)."""
+    import tempfile
+
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
+    from fedcompute.cli.model_cmd import export_trained_model, load_trained_model
+
+    with tempfile.TemporaryDirectory(prefix="fedcompute-export-") as work:
+        trained = load_trained_model(FirestoreTaskStore(clients.firestore), blobs, settings.model_bucket, population,
+                                     task_id, round_number, Path(work))
+        return [export_trained_model(trained, fmt, out).path for fmt in ("keras", "saved_model", "tflite")]
+
+
 def _save_model(model_dir: Path, seed: int) -> None:
     if (model_dir / "saved_model.pb").exists():
         return
@@ -286,6 +310,16 @@ def _save_model(model_dir: Path, seed: int) -> None:
                           loss(), str(model_dir))
 
 
+def _device_runtime(blobs: Any, settings: Any, population: str, task_id: int, requested: str, out: Path) -> Any:
+    """Which runtime the devices use for this task's plan, and why."""
+    from fedcompute import layout
+    from fedcompute.fleet.runtimes import choose_runtime
+    from fedcompute.plans import unpack_client_plan
+
+    plan = blobs.read(settings.model_bucket, layout.client_plan_path(population, task_id))
+    return choose_runtime(requested, unpack_client_plan(plan, out / "client_plan"))
+
+
 def _make_fleet(options: DemoOptions, settings: Any, population: str):
     from fedcompute.data.fashion_mnist import load_fashion_mnist
     from fedcompute.fleet.population import make_devices
@@ -293,7 +327,8 @@ def _make_fleet(options: DemoOptions, settings: Any, population: str):
     from fedcompute.fleet.runner import Fleet, TrainingInterval
 
     images, labels = load_fashion_mnist("train")
-    devices = make_devices(images, labels, options.devices, options.partition, alpha=options.alpha, seed=options.seed)
+    devices = make_devices(images, labels, options.devices, options.partition, alpha=options.alpha, seed=options.seed,
+                           runtime=options.runtime)
     return Fleet(devices, DeviceHttpClient(settings.task_assignment_url), population, workers=options.workers,
                  interval=TrainingInterval(minimum_interval_s=60.0), time_scale=0.05)
 

@@ -88,6 +88,15 @@ class ArtifactBuildError(FedComputeError):
     http_status = 400
 
 
+class DeviceComputationError(FedComputeError):
+    """A simulated device cannot run the plan. ``result`` names the ODP
+    ``ReportResultRequest.Result`` it reports (``FAILED_OPS_ERROR``, ``FAILED_MODEL_COMPUTATION``)."""
+
+    def __init__(self, result: str, message: str, *, hint: str | None = None) -> None:
+        self.result = result
+        super().__init__(message, hint=hint)
+
+
 class InvariantError(FedComputeError, ValueError):
     """A value the server computes with breaks an invariant of the core (a bad argument from
     the caller, a corrupt checkpoint or state): permanent, since retrying recomputes the same

@@ -1,8 +1,11 @@
 """Versioned task artifacts: client plan, evaluation plan and server phase (pure).
 
-* ``client_only_plan`` / ``eval_plan``: a zip archive with ``plan.json`` (a
-  :class:`ClientPlan`) and ``saved_model/`` (the SavedFunctionalModel files), plus the
-  TFLite models the flex-ops check produced. Everything a device needs, in one object.
+* ``client_only_plan`` / ``eval_plan``: a serialized ODP ``ClientOnlyPlan``
+  (``fedcompute/proto/plan.proto``): ``tflite_graph`` is the client step's TFLite model,
+  ``phase.tensorflow_spec`` its inputs and outputs, and the fedcompute extension field
+  ``fedcompute_plan`` a zip archive with ``plan.json`` (a :class:`ClientPlan`) and
+  ``saved_model/`` (the SavedFunctionalModel files). Everything a device needs, in one object,
+  whichever runtime it trains with (:mod:`fedcompute.fleet.runtimes`).
 * ``server_phase``: JSON (:class:`ServerPhase`): what the aggregator and task management
   need: algorithm, server optimizer, DP aggregator and parameters, goals, tensor specs.
 
@@ -11,16 +14,20 @@ Formats carry ``format_version``; readers refuse versions they do not know.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcompute.dp import DpParams
 from fedcompute.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # numpy-free at run time: task management (no numpy) imports this module
+    from fedcompute.learning.tensor_codec import TensorSpec
 
 CLIENT_PLAN_VERSION = 1
 SERVER_PHASE_VERSION = 1
@@ -128,8 +135,83 @@ def _check_version(what: str, found: Any, supported: int) -> None:
         )
 
 
-def pack_plan(plan: ClientPlan, saved_model_dir: Path, extra_files: dict[str, bytes] | None = None) -> bytes:
-    """Zip ``plan.json`` + the SavedModel directory (+ extra files) deterministically."""
+# tensorflow.DataType numbers (tensorflow/core/framework/types.proto) of the dtypes a step uses.
+TF_DATA_TYPES = {"float32": 1, "float64": 2, "int32": 3, "uint8": 4, "int16": 5, "int8": 6, "string": 7,
+                 "int64": 9, "bool": 10, "float16": 19}
+_TF_DTYPE_NAMES = {number: name for name, number in TF_DATA_TYPES.items()}
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class TfliteStep:
+    """The plan's TFLite model and the inputs/outputs its ``TensorflowSpec`` lists."""
+
+    model: bytes = field(repr=False)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    flex_ops: tuple[str, ...] = ()
+    sha256: bytes = b""  # of ``model`` as built; empty: computed from ``model``
+
+    def __post_init__(self) -> None:
+        if not self.sha256:
+            object.__setattr__(self, "sha256", hashlib.sha256(self.model).digest())
+
+
+@dataclass(frozen=True)
+class UnpackedPlan:
+    """A downloaded plan: its :class:`ClientPlan`, where ``saved_model/`` was extracted, and
+    the TFLite step (None when the task builder could not convert the model)."""
+
+    plan: ClientPlan
+    directory: Path
+    tflite: TfliteStep | None
+
+    @property
+    def saved_model_dir(self) -> Path:
+        return self.directory / "saved_model"
+
+
+def _spec_proto(spec: TensorSpec) -> Any:
+    from fedcompute.proto import plan_pb2
+
+    if spec.dtype not in TF_DATA_TYPES:
+        raise ValueError(f"tensor {spec.name!r}: dtype {spec.dtype} has no tensorflow.DataType here")
+    shape = plan_pb2.TensorShape(dim=[plan_pb2.TensorShape.Dim(size=int(d)) for d in spec.shape])
+    return plan_pb2.TensorSpec(name=spec.name, shape=shape, dtype=TF_DATA_TYPES[spec.dtype])
+
+
+def _spec_from_proto(proto: Any) -> TensorSpec:
+    from fedcompute.learning.tensor_codec import TensorSpec
+
+    dtype = _TF_DTYPE_NAMES.get(proto.dtype)
+    if dtype is None:
+        raise InvalidRequestError(f"plan tensor {proto.name!r} has an unknown tensorflow.DataType {proto.dtype}")
+    return TensorSpec(proto.name, tuple(int(d.size) for d in proto.shape.dim), dtype)
+
+
+def pack_plan(plan: ClientPlan, saved_model_dir: Path, tflite: TfliteStep | None = None,
+              example_selector_uri: str = "") -> bytes:
+    """The serialized ``ClientOnlyPlan`` (deterministic bytes): ``tflite_graph`` and
+    ``phase.tensorflow_spec`` from ``tflite``, ``fedcompute_plan`` = zip of ``plan.json`` +
+    the SavedModel directory."""
+    from fedcompute.proto import plan_pb2
+
+    message = plan_pb2.ClientOnlyPlan(fedcompute_plan=_zip_plan(plan, saved_model_dir))
+    spec = message.phase.tensorflow_spec
+    message.phase.federated_compute.SetInParent()
+    if example_selector_uri:
+        spec.example_selector.collection_uri = example_selector_uri
+    if tflite is not None:
+        message.tflite_graph = tflite.model
+        spec.input_tensor_specs.extend(_spec_proto(s) for s in tflite.inputs)
+        spec.output_tensor_specs.extend(_spec_proto(s) for s in tflite.outputs)
+        message.flex_ops.extend(sorted(tflite.flex_ops))
+        message.tflite_graph_sha256 = tflite.sha256
+    return message.SerializeToString(deterministic=True)
+
+
+def _zip_plan(plan: ClientPlan, saved_model_dir: Path) -> bytes:
+    """Zip ``plan.json`` + the SavedModel directory deterministically."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         _write(archive, "plan.json", plan.to_json().encode())
@@ -137,8 +219,6 @@ def pack_plan(plan: ClientPlan, saved_model_dir: Path, extra_files: dict[str, by
             for filename in sorted(files):
                 path = Path(root) / filename
                 _write(archive, f"saved_model/{path.relative_to(saved_model_dir).as_posix()}", path.read_bytes())
-        for name, data in sorted((extra_files or {}).items()):
-            _write(archive, name, data)
     return buffer.getvalue()
 
 
@@ -149,7 +229,45 @@ def _write(archive: zipfile.ZipFile, name: str, data: bytes) -> None:
 
 
 def unpack_plan(data: bytes, target_dir: Path) -> ClientPlan:
-    """Extract a plan archive into ``target_dir`` (model under ``saved_model/``).
+    """Extract a plan into ``target_dir`` (model under ``saved_model/``); its ClientPlan."""
+    return unpack_client_plan(data, target_dir).plan
+
+
+def unpack_client_plan(data: bytes, target_dir: Path) -> UnpackedPlan:
+    """Parse a ``ClientOnlyPlan`` (or a bare plan zip, the format before ClientOnlyPlan) and
+    extract its SavedModel into ``target_dir``."""
+    from google.protobuf.message import DecodeError
+
+    from fedcompute.proto import plan_pb2
+
+    if bytes(data[:4]) == ZIP_MAGIC:
+        return UnpackedPlan(_unzip_plan(data, target_dir), target_dir, None)
+    if len(data) > MAX_PLAN_BYTES:
+        raise InvalidRequestError(f"the plan is {len(data)} bytes, over {MAX_PLAN_BYTES}")
+    message = plan_pb2.ClientOnlyPlan()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as error:
+        raise InvalidRequestError("the plan is not a ClientOnlyPlan protobuf", hint="rebuild the task") from error
+    if not message.fedcompute_plan:
+        raise InvalidRequestError("the ClientOnlyPlan has no fedcompute_plan (field 100)",
+                                  hint="build the task with fedcompute's task builder")
+    plan = _unzip_plan(message.fedcompute_plan, target_dir)
+    tflite = None
+    if message.tflite_graph:
+        spec = message.phase.tensorflow_spec
+        tflite = TfliteStep(
+            model=message.tflite_graph,
+            inputs=tuple(_spec_from_proto(s) for s in spec.input_tensor_specs),
+            outputs=tuple(_spec_from_proto(s) for s in spec.output_tensor_specs),
+            flex_ops=tuple(message.flex_ops),
+            sha256=message.tflite_graph_sha256,
+        )
+    return UnpackedPlan(plan, target_dir, tflite)
+
+
+def _unzip_plan(data: bytes, target_dir: Path) -> ClientPlan:
+    """Extract the plan zip (plan.json + SavedModel) into ``target_dir``.
 
     Through :func:`fedcompute.safe_extract.extract_zip`: the plan comes from storage a
     device does not control, but it is unpacked with the same containment check and limits

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
-from fedcompute import __version__
+from fedcompute import __version__, layout, strict_json
 from fedcompute.errors import (
     FedComputeError,
     InvalidRequestError,
@@ -45,6 +45,7 @@ from fedcompute.errors import (
     UnauthenticatedError,
     http_status_for,
 )
+from fedcompute.logs import add_labels, configure_json_logging, log_context
 
 if TYPE_CHECKING:  # flask is imported where responses are built: the stack manager imports this module
     import flask
@@ -58,6 +59,7 @@ PROTOBUF_CONTENT_TYPES = frozenset({PROTOBUF_CONTENT_TYPE, "application/protobuf
 # 32 MiB is the Cloud Functions request limit; handlers pass smaller limits where they can.
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 API_KEY_HEADER = "x-api-key"
+TRACE_HEADER = "X-Cloud-Trace-Context"
 
 HEALTH_EVENT_TYPE = "dev.fedcompute.health.v1"
 HEALTH_EVENT_SOURCE = "//fedcompute.dev/stack"
@@ -235,7 +237,7 @@ def json_response(payload: Mapping[str, Any], status: int = 200, *, headers: Map
     """A plain JSON response (health checks, errors)."""
     import flask
 
-    response = flask.Response(json.dumps(payload, sort_keys=True), status=status, content_type=JSON_CONTENT_TYPE)
+    response = flask.Response(strict_json.dumps(payload, sort_keys=True), status=status, content_type=JSON_CONTENT_TYPE)
     for key, value in (headers or {}).items():
         response.headers[key] = value
     return response
@@ -411,15 +413,23 @@ class Router:
         )
 
     def dispatch(self, request: flask.Request) -> Any:
-        """Run the handler for ``request``; errors become JSON error responses."""
+        """Run the handler for ``request``; errors become JSON error responses.
+
+        Log lines written meanwhile carry the request's trace and its population / task /
+        round / assignment labels (see :mod:`fedcompute.logs`).
+        """
         started = time.perf_counter()
-        try:
-            handler, params = self.resolve(request.method, request.path)
-            return handler(request, **params)
-        except Exception as error:  # noqa: BLE001 - every failure must become a response
-            return error_response(error)
-        finally:
-            logger.debug("%s %s took %.1f ms", request.method, request.path, 1000 * (time.perf_counter() - started))
+        with log_context(trace_header=request.headers.get(TRACE_HEADER)):
+            try:
+                handler, params = self.resolve(request.method, request.path)
+                add_labels(population=params.get("population"), task=params.get("task_id"),
+                           round=params.get("round_number"), assignment=params.get("assignment_id"))
+                return handler(request, **params)
+            except Exception as error:  # noqa: BLE001 - every failure must become a response
+                return error_response(error)
+            finally:
+                logger.debug("%s %s took %.1f ms", request.method, request.path,
+                             1000 * (time.perf_counter() - started))
 
 
 def health_payload(function_name: str, **extra: Any) -> dict[str, Any]:
@@ -593,6 +603,27 @@ def dispatch_event(function_name: str, cloud_event: Any, handler: Callable[[Any]
     if is_health_event(cloud_event):
         log_health_event(function_name, cloud_event)
         return
+    with log_context(**event_labels(cloud_event)):
+        _dispatch_event(function_name, cloud_event, handler)
+
+
+def event_labels(cloud_event: Any) -> dict[str, Any]:
+    """Log labels of an event: the round event's JSON fields, or the parts of a gradient object's name."""
+    try:
+        obj = storage_object_from_event(cloud_event)
+        if obj is not None:
+            parsed = layout.parse_gradient_path(obj.name)
+            return {} if parsed is None else {"population": parsed.population, "task": parsed.task_id,
+                                              "round": parsed.round_number, "assignment": parsed.assignment_id}
+        payload = json.loads(decode_pubsub_event(cloud_event).data or b"{}")
+    except (FedComputeError, ValueError, TypeError, AttributeError):
+        return {}
+    if not isinstance(payload, dict):
+        return {}
+    return {"population": payload.get("population"), "task": payload.get("task_id"), "round": payload.get("round")}
+
+
+def _dispatch_event(function_name: str, cloud_event: Any, handler: Callable[[Any], None]) -> None:
     event_id = _event_attr(cloud_event, "id", "?")
     # One line per delivery (like Cloud Functions' invocation log): ties a Pub/Sub
     # message id to the function that processed it.
@@ -610,16 +641,9 @@ def dispatch_event(function_name: str, cloud_event: Any, handler: Callable[[Any]
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Log INFO and above to stderr with a compact format (idempotent).
+    """Log INFO and above as JSON lines on stdout (idempotent); see :mod:`fedcompute.logs`.
 
-    Functions call this at import; Cloud Logging and the local stack's log files both
-    capture stderr.
+    Functions call this at import; Cloud Logging parses the lines (severity, labels,
+    trace), and the local stack's log files capture them.
     """
-    root = logging.getLogger()
-    if getattr(root, "_fedcompute_configured", False):
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
-    root._fedcompute_configured = True  # type: ignore[attr-defined]
+    configure_json_logging(level)

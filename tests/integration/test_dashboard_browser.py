@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -148,3 +149,60 @@ def test_dashboard_renders_the_live_task(local_stack: StackHandle, tmp_path: Pat
     assert int(done.having("body", "data-refreshes")[0]["data-refreshes"]) == 1
     check_metric_points(done, task, [1, 2, 3, 4])
     print(f"\ndashboard rendered in headless Chromium in {render_s:.1f} s; screenshot {SCREENSHOT}")
+
+
+@pytest.fixture
+def keyed_dashboard(local_stack: StackHandle, tmp_path: Path) -> Iterator[str]:
+    """A second dashboard function on the same stack that requires an API key, as deployed."""
+    import os
+
+    import psutil
+    import requests
+
+    from fedcompute.stack import procs
+    from fedcompute.stack.local import HOST, functions_framework_executable
+
+    port = procs.free_port(HOST)
+    source = REPO / "functions" / "dashboard" / "main.py"
+    popen = procs.start_process(
+        [str(functions_framework_executable()), "--source", str(source), "--target", "dashboard",
+         "--host", HOST, "--port", str(port)],
+        log_path=tmp_path / "dashboard.log", env={**os.environ, **local_stack.env(), "FEDCOMPUTE_API_KEY": API_KEY},
+        cwd=source.parent)
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline and popen.poll() is None, (tmp_path / "dashboard.log").read_text()
+            time.sleep(0.2)
+        yield url
+    finally:
+        procs.terminate([psutil.Process(popen.pid), *psutil.Process(popen.pid).children(recursive=True)],
+                        grace_s=5.0)
+        popen.wait(timeout=10)
+
+
+API_KEY = "dashboard-test-key"
+
+
+def test_deployed_dashboard_sends_the_api_key(local_stack: StackHandle, keyed_dashboard: str, tmp_path: Path) -> None:
+    import requests
+
+    task = create_numpy_task(local_stack, f"dashkey-{uuid.uuid4().hex[:8]}", report_goal=2, rounds=2)
+    assert requests.get(f"{keyed_dashboard}/api/tasks", timeout=10).status_code == 401  # the API is guarded
+    query = f"?population={task.population}&task={task.task_id}"
+
+    without = Elements()
+    without.feed(run_chromium(f"{keyed_dashboard}/{query}", tmp_path / "p1", "--dump-dom").stdout)
+    assert without.having("body", "data-state")[0]["data-state"] == "needs-key"
+    (form,) = [a for t, a in without.elements if t == "form" and a.get("id") == "key-form"]
+    assert "hidden" not in form  # the page asks for the key
+
+    page = rendered(f"{keyed_dashboard}/{query}#key={API_KEY}", tmp_path / "p2")
+    rows = [a for a in page.having("tr", "data-run") if a["data-run"] == f"{task.population}/{task.task_id}"]
+    assert len(rows) == 1 and rows[0]["data-status"] == "OPEN"

@@ -392,8 +392,7 @@ def test_dict_model_type2_builds_a_pair_with_the_flex_ops_min_version(local_stac
     # ops TFLite keeps in its training and evaluation computations (worked out here).
     spec = load_and_validate(DICT_CONFIG).spec
     loaded = model_check.load_functional_model_checked(models.dict_binary_type2)
-    report = flex_ops.check_flex_ops(loaded, client_optimizer=spec.client_optimizer,
-                                     client_learning_rate=spec.client_learning_rate,
+    report = flex_ops.check_flex_ops(loaded, client_optimizer=spec.client_optimizer, learning_algo=spec.learning_algo,
                                      example_spec=model_check.check_model(loaded, label_name="my_label").example_spec)
     table = flex_ops.load_flex_ops_table()
     assert report.training_min_client_version == str(max(int(table.min_versions[op]) for op in report.training_ops))

@@ -369,15 +369,16 @@ def test_concurrent_reports_across_the_goal_are_counted_exactly_once(local_stack
 
 
 class CloseDuringAccept(FirestoreTaskStore):
-    """A FirestoreTaskStore on which another instance closes the round (and, with
-    ``freeze``, freezes its accepted set) right after an accept's first look at the round."""
+    """A FirestoreTaskStore on which another instance closes the round early (the scheduler's
+    close of a stalled round) and, with ``freeze``, reads its accepted set, right after an
+    accept's first look at the round."""
 
     def __init__(self, client: Any, key: RoundKey, *, freeze: bool) -> None:
         super().__init__(client)
         self.key, self.freeze, self.armed = key, freeze, True
 
-    def get_iteration(self, key: RoundKey):
-        iteration = super().get_iteration(key)
+    def _accept_snapshots(self, key: RoundKey, assignment_id: str) -> tuple[Any, Any]:
+        snapshots = super()._accept_snapshots(key, assignment_id)
         if self.armed:
             self.armed = False
             other = FirestoreTaskStore(self._db)
@@ -385,7 +386,7 @@ class CloseDuringAccept(FirestoreTaskStore):
                                               "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
             if self.freeze:
                 other.accepted_ids(self.key)
-        return iteration
+        return snapshots
 
 
 def test_an_accept_racing_the_close_counts_only_if_in_the_frozen_set(local_stack: StackHandle) -> None:
@@ -393,32 +394,44 @@ def test_an_accept_racing_the_close_counts_only_if_in_the_frozen_set(local_stack
     db = local_stack.clients.firestore
     management = TaskManagementClient(local_stack.settings.task_management_url)
     for freeze, expected_outcome in ((True, "ROUND_CLOSED"), (False, "ACCEPTED")):
-        task = create_numpy_task(local_stack, unique("race"), report_goal=2, rounds=1)
+        task = create_numpy_task(local_stack, unique("race"), report_goal=3, rounds=1)
         key, store, now = task.key(1), task.store, time.time()
-        ids = [f"{name}-{uuid.uuid4()}" for name in ("a", "b", "c")]
+        ids = [f"{name}-{uuid.uuid4()}" for name in ("a", "b", "c", "d")]
         for slot, aid in enumerate(ids):
             store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
                                                      AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
-        assert [store.accept_upload(key, aid) for aid in ids[:2]] == ["ACCEPTED", "ACCEPTED"]
+        assert [store.accept_upload(key, aid).outcome for aid in ids[:2]] == ["ACCEPTED", "ACCEPTED"]
         with pytest.raises(PreconditionFailedError, match="not closed"):
             store.accepted_ids(key)  # no accepted set while the round collects
         # c passes the "still collecting" check; the round closes before c's write lands.
-        outcome = CloseDuringAccept(db, key, freeze=freeze).accept_upload(key, ids[2])
+        outcome = CloseDuringAccept(db, key, freeze=freeze).accept_upload(key, ids[2]).outcome
         assert outcome == expected_outcome, freeze
-        counted = ids if expected_outcome == "ACCEPTED" else ids[:2]
+        counted = ids[:3] if expected_outcome == "ACCEPTED" else ids[:2]
         assert store.accepted_ids(key) == sorted(counted)
         assert task.count(1) == len(counted)
-        late = store.get_assignment(key, ids[2])
-        if expected_outcome == "ROUND_CLOSED":  # undone: back to LOCAL_COMPLETED, not counted
-            assert late.status == AssignmentStatus.LOCAL_COMPLETED and "after round 1 closed" in late.status_reason
-            # A crash between the write and the undo leaves it UPLOAD_COMPLETED; the redelivery settles it.
-            store.transition_assignment(key, ids[2], expected=[AssignmentStatus.LOCAL_COMPLETED],
-                                        new_status=AssignmentStatus.UPLOAD_COMPLETED)
-            assert store.accept_upload(key, ids[2]) == "ROUND_CLOSED"
+        if expected_outcome == "ROUND_CLOSED":  # its position was voided first: never counted
             assert store.get_assignment(key, ids[2]).status == AssignmentStatus.LOCAL_COMPLETED
-        assert store.accept_upload(key, ids[0]) == "DUPLICATE"
+        assert store.accept_upload(key, ids[0]).outcome == "DUPLICATE"
+        assert store.accept_upload(key, ids[3]).outcome == "ROUND_CLOSED"
         assert store.accepted_ids(key) == sorted(counted)  # frozen: stable for every reader
         management.cancel_task(task.population, task.task_id, "test over")
+
+
+def test_uploads_beyond_the_goal_are_refused_without_counting_the_round(local_stack: StackHandle) -> None:
+    """Exactly report_goal accepts, from the sharded counters alone (the round is never counted)."""
+    task = create_numpy_task(local_stack, unique("surplus"), report_goal=3, rounds=1)
+    key, store, now = task.key(1), task.store, time.time()
+    ids = [f"d{i}-{uuid.uuid4()}" for i in range(5)]
+    for slot, aid in enumerate(ids):
+        store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
+                                                 AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda aid: store.accept_upload(key, aid), ids))
+    outcomes = [r.outcome for r in results]
+    assert sorted(outcomes) == ["ACCEPTED"] * 3 + ["ROUND_CLOSED"] * 2
+    assert sum(r.round_full for r in results) >= 1  # whoever filled the last position knows it
+    assert store.acceptance_state(key, 3).full and task.count(1) == 3
+    TaskManagementClient(local_stack.settings.task_management_url).cancel_task(task.population, task.task_id, "over")
 
 
 class RecordingBlobs:
@@ -469,9 +482,11 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
     now = time.time()
     for slot, aid in enumerate(ids):
         task.store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
-                                                      AssignmentStatus.UPLOAD_COMPLETED, "1", slot, now, now))
-    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now},
-                                expected=[IterationStatus.COLLECTING])
+                                                      AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
+        assert task.store.accept_upload(key, aid).outcome == "ACCEPTED"
+    # Marked published so that a scheduler tick started by another test's round does not run it now.
+    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now,
+                                      "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
     blobs, events = GcsBlobStore(local_stack.clients.storage), InMemoryRoundEvents()
 
     clean = RecordingBlobs(blobs, dry=True)  # the reference: a whole run that changes nothing
@@ -491,6 +506,7 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
 
     # The scheduler's tick finds the round aggregating and never announced: it publishes
     # round-ready, and the aggregator function re-runs the round.
+    task.store.update_iteration(key, {"round_ready_published": False}, expected=[IterationStatus.AGGREGATING])
     message_id = publish(local_stack, settings.topics.scheduler_tick, b"{}")
     line = local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:")
     assert "0 rounds re-published" not in line

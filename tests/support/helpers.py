@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -16,3 +18,24 @@ def http() -> requests.Session:
     session = requests.Session()
     session.trust_env = False
     return session
+
+
+LOG_SEVERITIES = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+
+
+def function_log_entries(log: Path) -> list[dict[str, Any]]:
+    """Every line of a function's log parsed as strict JSON (raises on a plain-text line).
+
+    The first line the stack writes itself (``# <time> $ <command>``) is skipped.
+    """
+    from fedcompute import strict_json
+
+    entries = []
+    for text in log.read_text().splitlines():
+        if text.startswith("# ") and " $ " in text:
+            continue
+        entry = strict_json.loads(text)
+        assert entry["severity"] in LOG_SEVERITIES, text
+        assert "FutureWarning" not in entry["message"], text
+        entries.append(entry)
+    return entries

@@ -225,7 +225,7 @@ def random_metric_stats(task: NumpyTask, rng: np.random.Generator, num_examples:
 def make_update(task: NumpyTask, delta: Sequence[np.ndarray], *, num_examples: int = 10,
                 stats: Mapping[str, np.ndarray] | None = None, seed: int = 0,
                 metadata: Mapping[str, str] | None = None) -> tuple[bytes, dict[str, np.ndarray]]:
-    """``(ClientUpdate bytes, flat metric statistics)``; the bytes are not gzip'd (upload() gzips)."""
+    """``(ClientUpdate bytes, flat metric statistics)``; the bytes are not gzip'd (upload() gzips only if the server asks)."""
     flat = dict(stats) if stats is not None else random_metric_stats(task, np.random.default_rng(seed), num_examples)
     named = [(name, np.asarray(d, dtype=np.float32)) for name, d in zip(task.names, delta)]
     return encode_client_update(named, num_examples, flat, metadata=metadata, compress=False), flat

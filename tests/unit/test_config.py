@@ -125,12 +125,28 @@ def test_json_example_equals_the_text_example() -> None:
 
 @pytest.mark.parametrize(
     "name", ["fcp_server_config.pbtxt", "fcp_server_config.json", "emnist_cnn_task_config.pbtxt",
-             "dict_model_task_config.pbtxt", "tree_dp_task_config.pbtxt"],
+             "dict_model_task_config.pbtxt", "tree_dp_task_config.pbtxt",
+             "fashion_logreg_private_task_config.pbtxt"],
 )
 def test_complete_examples_validate_without_warnings(name: str) -> None:
     validated = cfg.load_and_validate(CONFIGS / name)
     assert validated.warnings == ()
     assert validated.spec.rejected_metrics == ()
+
+
+def test_private_small_model_example_passes_fedcompute_config_validate_and_the_dp_check() -> None:
+    from fedcompute.cli.main import main
+    from fedcompute.privacy import check_dp
+
+    path = CONFIGS / "fashion_logreg_private_task_config.pbtxt"
+    assert main(["config", "validate", "--quiet", str(path)]) == 0
+    spec = cfg.load_and_validate(path).spec
+    assert (spec.population_size, spec.report_goal, spec.num_rounds, spec.delta) == (10_000, 1000, 30, 1e-4)
+    assert spec.dp is not None and spec.dp.noise_seed is None
+    result = check_dp(spec.dp.aggregator, noise_multiplier=spec.dp.noise_multiplier, clip_norm=spec.dp.clip_norm,
+                      report_goal=spec.report_goal, rounds=spec.num_rounds, target_epsilon=spec.target_epsilon,
+                      delta=spec.delta, population_size=spec.population_size)
+    assert result.passed and result.epsilon == pytest.approx(3.40, abs=0.01)  # the comment in the file
 
 
 def test_dict_model_example_keeps_its_label_and_binary_metrics() -> None:

@@ -17,6 +17,7 @@ from fedcompute.models.example_models import EXAMPLE_MODELS, save_example_models
 from fedcompute.models.functional import kill_tff_worker_children
 
 BATCH = 32
+IMAGE_MODELS = ("emnist_cnn", "fashion_logreg")  # 28x28x1 images, softmax over 10 classes
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def _batch(name: str):
     """A parsed batch for model ``name``, built from serialized tf.train.Example."""
     model = EXAMPLE_MODELS[name]
     spec = model.example_spec()
-    if name.startswith("emnist_cnn"):
+    if name.startswith(IMAGE_MODELS):
         images, labels = load_digits(image_size=28)
         images, labels = images[:BATCH], labels[:BATCH]
         features = images if spec.input_type == 1 else {emnist_cnn.TYPE2_FEATURE_NAME: images}
@@ -45,7 +46,7 @@ def _batch(name: str):
 
 
 def _numpy_loss(name: str, predictions: np.ndarray, labels: np.ndarray) -> float:
-    if name.startswith("emnist_cnn"):
+    if name.startswith(IMAGE_MODELS):
         return float(-np.mean(np.log(predictions[np.arange(len(labels)), labels])))
     p = predictions[:, 0].astype(np.float64)
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
@@ -84,7 +85,7 @@ def test_saved_model_loads_and_runs_on_parsed_examples(saved_models, name):
     x, y, labels = _batch(name)
     predictions = loaded.predict_on_batch(loaded.initial_weights, x, training=False)
     probs = predictions.numpy()
-    if name.startswith("emnist_cnn"):
+    if name.startswith(IMAGE_MODELS):
         assert probs.shape == (BATCH, 10)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     else:

@@ -109,3 +109,15 @@ def test_devices_get_disjoint_partitions_with_their_own_seeded_rng():
         [p.tolist() for p in partition_indices(labels, 5, "iid", seed=1)]
     with pytest.raises(ValueError, match="unknown partition"):
         partition_indices(labels, 5, "round_robin")
+
+
+def test_the_fleet_removes_its_plan_cache_directory_on_exit():
+    from pathlib import Path
+
+    from fedcompute.fleet import DeviceHttpClient
+
+    with Fleet([SimulatedDevice(0, None, rng=random.Random(0))], DeviceHttpClient("http://127.0.0.1:9"), "p") as fleet:
+        root = Path(fleet.cache._root)
+        assert root.is_dir()
+    assert not root.exists()
+

@@ -133,17 +133,34 @@ def test_ops_missing_from_the_table_fail_the_build(models):
     assert "'Atan': 'UnaryOp<CPUDevice, functor::atan<float>>'" in str(info.value)
 
 
-def _tflite_losses(tflite_model, serialized, steps=3):
-    runner = tf.lite.Interpreter(model_content=tflite_model).get_signature_runner()
-    batch = np.array(serialized, dtype=object)
-    return [float(runner(serialized_examples=batch)["loss"]) for _ in range(steps)]
+def _initial_feed(model, optimizer):
+    trainable, _ = model.initial_weights()
+    feed = {f"trainable_{i}": w.numpy() for i, w in enumerate(trainable)}
+    if optimizer == "ADAM":
+        for i, w in enumerate(trainable):
+            feed[f"adam_accumulator_{i}"] = np.zeros_like(w.numpy())
+            feed[f"adam_preconditioner_{i}"] = np.zeros_like(w.numpy())
+    return feed
+
+
+def _losses(step, feed, batch, learning_rate, steps=3):
+    """Call a step ``steps`` times, carrying every ``new_<input>`` output into ``<input>``."""
+    feed, losses = dict(feed), []
+    for t in range(steps):
+        inputs = {**feed, "serialized_examples": batch, "learning_rate": np.float32(learning_rate)}
+        if "adam_accumulator_0" in feed:
+            inputs["adam_step"] = np.float32(t + 1)
+        out = {k: np.asarray(v) for k, v in step(**inputs).items()}
+        losses.append(float(out["loss"]))
+        feed.update({name: out[f"new_{name}"] for name in feed})
+    return losses
 
 
 @pytest.mark.parametrize(("optimizer", "learning_rate"), [("SGD", 0.5), ("ADAM", 0.01)])
 def test_dense_softmax_model_version_comes_from_the_table_and_is_deterministic(models, optimizer, learning_rate):
     model, spec = models["softmax"]
     table = fo.load_flex_ops_table()
-    kwargs = dict(example_spec=spec, client_optimizer=optimizer, client_learning_rate=learning_rate)
+    kwargs = dict(example_spec=spec, client_optimizer=optimizer)
     first = fo.check_flex_ops(model, **kwargs)
     second = fo.check_flex_ops(model, **kwargs)
     assert first.training_ops and first.eval_ops
@@ -152,25 +169,53 @@ def test_dense_softmax_model_version_comes_from_the_table_and_is_deterministic(m
     assert (first.training_ops, first.eval_ops, first.min_client_version) == (
         second.training_ops, second.eval_ops, second.min_client_version)
     assert first.table_version == fo.FLEX_OPS_TABLE_VERSION
-    # The kept training artifact really trains, like the TensorFlow step it came from.
+    # The TFLite training step really trains (weights in, new weights out), like the
+    # TensorFlow step it came from.
     rng = np.random.default_rng(0)
     serialized = mc.serialize_examples(spec, {"x": rng.random((6, 4))}, rng.random((6, 1)))
-    losses = _tflite_losses(first.training_tflite, serialized)
+    feed = _initial_feed(model, optimizer)
+    runner = tf.lite.Interpreter(model_content=first.training_tflite).get_signature_runner()
+    losses = _losses(runner, feed, np.array(serialized, dtype=object), learning_rate)
     assert losses[2] < losses[1] < losses[0]
     train, _ = fo.build_client_modules(model, **kwargs)
-    eager = [float(train.step(tf.constant(serialized))["loss"]) for _ in range(3)]
-    assert losses == pytest.approx(eager, rel=1e-4)
+
+    def eager(**inputs):
+        trainable = [inputs.pop(f"trainable_{i}") for i in range(len(model.trainable_specs))]
+        args = [trainable, [], tf.constant(inputs.pop("serialized_examples")), inputs.pop("learning_rate")]
+        if optimizer == "ADAM":
+            n = len(trainable)
+            args += [[inputs.pop(f"adam_accumulator_{i}") for i in range(n)],
+                     [inputs.pop(f"adam_preconditioner_{i}") for i in range(n)], inputs.pop("adam_step")]
+        return train.step(*args)
+
+    assert losses == pytest.approx(_losses(eager, feed, serialized, learning_rate), rel=1e-4)
+    inputs, outputs = fo.signature_io(first.training_tflite)
+    assert {s.name for s in inputs} == set(feed) | {"serialized_examples", "learning_rate"} | (
+        {"adam_step"} if optimizer == "ADAM" else set())
+    assert {f"new_{name}" for name in feed} | {"loss", "predictions", "labels"} == {s.name for s in outputs}
 
 
 def test_without_an_example_spec_the_step_takes_tensors(models):
     model, _ = models["softmax"]
     train, evaluate = fo.build_client_modules(model)
     x, y = tf.ones([2, 4]), tf.zeros([2, 1])
-    before = float(evaluate.step(x, y)["loss"])
-    train.step(x, y)
-    assert float(train.step(x, y)["loss"]) < before
+    weights = list(model.initial_weights()[0])
+    before = float(evaluate.step(weights, [], x, y)["loss"])
+    out = train.step(weights, [], x, y, tf.constant(0.1))
+    new = [out[f"new_trainable_{i}"] for i in range(len(weights))]
+    assert float(evaluate.step(new, [], x, y)["loss"]) < before
     ops = fo.list_flex_ops(fo.convert_to_tflite(train))
     assert "ParseExampleV2" not in ops and "BroadcastGradientArgs" in ops
+
+
+def test_fed_sgd_step_returns_gradients_and_skip_check_reports_unlisted_ops(models):
+    model, spec = models["unsupported"]
+    report = fo.check_flex_ops(model, example_spec=spec, learning_algo="FED_SGD", enforce=False)
+    assert set(report.unsupported) == {"Atan", "SparseSoftmaxCrossEntropyWithLogits"}
+    assert report.min_client_version == fo.NO_FLEX_OPS_VERSION
+    _, outputs = fo.signature_io(report.training_tflite)
+    assert {s.name for s in outputs} >= {"gradient_0", "gradient_1", "loss"}
+    assert not any(s.name.startswith("new_") for s in outputs)
 
 
 def test_unknown_client_optimizer_is_rejected(models):

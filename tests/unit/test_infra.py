@@ -237,7 +237,10 @@ def test_function_resource_entry_point_trigger_and_sizing(function: str, modules
     body = fm.of_type("google_cloudfunctions2_function").get(function)
     assert body is not None, f"no google_cloudfunctions2_function.{function} for functions/{function}"
     build = block(body, "build_config")
-    assert build["entry_point"] == function and build["runtime"] == "python311"
+    from fedcompute.deploy.package import FUNCTIONS as PACKAGED
+
+    assert build["entry_point"] == function and build["runtime"] == f'${{local.runtimes["{function}"]}}'
+    assert fm.locals["runtimes"][function] == PACKAGED[function].runtime  # the runtime its lock targets
     source = block(block(build, "source"), "storage_source")
     assert source["object"] == f'${{google_storage_bucket_object.source["{function}"].name}}'
     service = block(body, "service_config")
@@ -407,80 +410,47 @@ def test_terraform_fmt_is_clean() -> None:
 # ------------------------------------------------------------------ function packaging
 
 from fedcompute.deploy import package  # noqa: E402  (pure: no TensorFlow, no cloud client)
-from fedcompute.errors import ConfigError  # noqa: E402
-
-SYNTHETIC_LOCK = '''
-version = 1
-[manifest]
-overrides = [{ name = "jax", specifier = "==0.4.13" }]
-
-[[package]]
-name = "app"
-version = "1.0"
-dependencies = [
-    { name = "Lib_A", extra = ["grpc"] },
-    { name = "winonly", marker = "sys_platform == 'win32'" },
-    { name = "jax" },
-]
-
-[[package]]
-name = "lib-a"
-version = "2.0"
-dependencies = [{ name = "shared" }]
-[package.optional-dependencies]
-grpc = [{ name = "grpcio", marker = "python_version >= '3.8'" }]
-
-[[package]]
-name = "shared"
-version = "3.0"
-
-[[package]]
-name = "grpcio"
-version = "1.6"
-
-[[package]]
-name = "winonly"
-version = "9"
-
-[[package]]
-name = "jax"
-version = "0.4.13"
-'''
 
 
-def test_closure_follows_extras_and_markers_of_the_target() -> None:
-    lock = package.parse_lock(SYNTHETIC_LOCK)
-    pins = package.closure(lock, ["app"])
-    assert pins == {"app": "1.0", "lib-a": "2.0", "shared": "3.0", "grpcio": "1.6", "jax": "0.4.13"}
-    assert package.requirements_text(pins).splitlines() == [
-        "app==1.0", "grpcio==1.6", "jax==0.4.13", "lib-a==2.0", "shared==3.0"]
-    windows = dict(package.TARGET_ENVIRONMENT, sys_platform="win32")
-    assert "winonly" in package.closure(lock, ["app"], windows)
+@pytest.fixture(scope="module")
+def exported() -> dict[str, dict[str, str]]:
+    """Each function's pins as `uv export` writes them from its own lock (offline, --frozen)."""
+    return {name: package.parse_pins(package.export_requirements(spec, ROOT))
+            for name, spec in package.FUNCTIONS.items()}
 
 
-def test_closure_rejects_unknown_roots_and_broken_overrides() -> None:
-    lock = package.parse_lock(SYNTHETIC_LOCK)
-    with pytest.raises(ConfigError, match="not-there is not in uv.lock"):
-        package.closure(lock, ["not-there"])
-    broken = package.parse_lock(SYNTHETIC_LOCK.replace('version = "0.4.13"', 'version = "0.4.30"'))
-    with pytest.raises(ConfigError, match="override pins 0.4.13"):
-        package.closure(broken, ["jax"])
-    with pytest.raises(ConfigError, match="no \\[\\[package\\]\\]"):
-        package.parse_lock("version = 1\n")
+def test_parse_pins_reads_exported_lines_with_markers_and_comments() -> None:
+    text = ("# header\nanyio==4.16.0\ncffi==2.1.1 ; platform_python_implementation != 'PyPy'\n"
+            "Google_Auth==2.63.0\n    # via x\n\n")
+    assert package.parse_pins(text) == {"anyio": "4.16.0", "cffi": "2.1.1", "google-auth": "2.63.0"}
 
 
-def test_real_lock_light_functions_stay_light() -> None:
-    lock = package.parse_lock((ROOT / "uv.lock").read_text())
+def test_each_function_exports_from_its_own_lock_and_runtime() -> None:
     for name, spec in package.FUNCTIONS.items():
-        pins = package.closure(lock, spec.roots)
-        heavy = {"tensorflow", "tensorflow-privacy", "tensorflow-federated", "jax", "jaxlib"} & set(pins)
+        arguments = spec.export_arguments(ROOT)
+        if spec.heavy:
+            assert (spec.runtime, arguments) == ("python311", ["--project", str(ROOT), "--only-group",
+                                                               package.HEAVY_GROUP]), name
+        else:
+            assert (spec.runtime, arguments) == ("python312", ["--project", str(ROOT / package.LIGHT_PROJECT)]), name
+
+
+def test_light_lock_is_current_python_protobuf_5_and_grpcio_1_83_without_tensorflow(
+        exported: dict[str, dict[str, str]]) -> None:
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(".")[:2])
+
+    for name, spec in package.FUNCTIONS.items():
+        pins = exported[name]
+        family = {"tensorflow", "tensorflow-privacy", "tensorflow-federated", "jax", "jaxlib", "keras"} & set(pins)
         if spec.heavy:
             assert {"tensorflow", "tensorflow-privacy", "dp-accounting"} <= set(pins)
-            assert "tensorflow-federated" not in pins
+            assert "tensorflow-federated" not in pins and version(pins["protobuf"]) < (5, 0)
         else:
-            assert not heavy, f"{name} would install {heavy}"
-        if "jax" in pins:
-            assert pins["jax"] == "0.4.13"
+            assert not family, f"{name} would install {family}"
+            assert version(pins["protobuf"]) >= (5, 0) and version(pins["grpcio"]) >= (1, 83), name
+    light = ROOT / package.LIGHT_PROJECT / "pyproject.toml"
+    assert 'requires-python = ">=3.12' in light.read_text()
 
 
 def _third_party_imports(function: str) -> set[str]:
@@ -551,9 +521,10 @@ IMPORT_TO_DISTRIBUTION = {
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
-def test_packaged_requirements_cover_what_the_function_imports(function: str) -> None:
+def test_packaged_requirements_cover_what_the_function_imports(function: str,
+                                                                exported: dict[str, dict[str, str]]) -> None:
     assert function in package.FUNCTIONS, f"functions/{function} is not in fedcompute.deploy.package.FUNCTIONS"
-    pins = package.closure(package.parse_lock((ROOT / "uv.lock").read_text()), package.FUNCTIONS[function].roots)
+    pins = exported[function]
     for module in sorted(_third_party_imports(function)):
         key = next((k for k in IMPORT_TO_DISTRIBUTION if module == k or module.startswith(k + ".")), None)
         if key is None and module.startswith("google.") and module.count(".") == 1:
@@ -590,3 +561,21 @@ def test_package_cli_rejects_unknown_function(capsys: pytest.CaptureFixture[str]
     assert package.main(["--out", str(tmp_path), "--function", "task_management"]) == 0
     assert (tmp_path / "task_management.zip").is_file()
     assert "task_management:" in capsys.readouterr().out
+
+
+def test_light_functions_serve_concurrent_requests_and_heavy_ones_one(modules: dict[str, Module]) -> None:
+    fm = modules["functions"]
+    concurrency = fm.locals["concurrency"]
+    for function, body in fm.of_type("google_cloudfunctions2_function").items():
+        assert block(body, "service_config")["max_instance_request_concurrency"] == f"${{local.concurrency.{function}}}"
+    assert concurrency["task_assignment"] >= 32 and concurrency["result_ingestion"] > 1
+    assert concurrency["aggregator"] == concurrency["task_builder"] == 1
+
+
+def test_monotonic_timestamps_are_not_indexed(modules: dict[str, Module]) -> None:
+    firestore = modules["firestore"]
+    fields = firestore.locals["unindexed_fields"]
+    assert {(f["collection"], f["field"]) for f in fields.values()} >= {
+        ("assignments", "created_time"), ("assignments", "updated_time"), ("accepted", "time")}
+    resource = firestore.of_type("google_firestore_field")["unindexed"]
+    assert block(resource, "index_config") == {}

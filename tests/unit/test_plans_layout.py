@@ -1,4 +1,4 @@
-"""Artifact formats (client plan zip, server phase JSON) and the ODP storage layout."""
+"""Artifact formats (client plan = ODP ClientOnlyPlan, server phase JSON) and the ODP storage layout."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,17 @@ import pytest
 from fedcompute import layout
 from fedcompute.dp import DpParams
 from fedcompute.errors import InvalidRequestError
-from fedcompute.plans import ClientPlan, ServerPhase, WeightSpec, pack_plan, unpack_plan
+from fedcompute.learning.tensor_codec import TensorSpec
+from fedcompute.plans import (
+    ClientPlan,
+    ServerPhase,
+    TfliteStep,
+    WeightSpec,
+    pack_plan,
+    unpack_client_plan,
+    unpack_plan,
+)
+from fedcompute.proto import plan_pb2
 
 
 def _plan() -> ClientPlan:
@@ -41,28 +51,55 @@ def test_foreign_paths_do_not_parse(name):
     assert layout.parse_gradient_path(name) is None
 
 
+def _step() -> TfliteStep:
+    return TfliteStep(b"TFL3-model", inputs=(TensorSpec("serialized_examples", (-1,), "string"),
+                                            TensorSpec("trainable_0", (3, 2), "float32")),
+                      outputs=(TensorSpec("loss", (), "float32"),), flex_ops=("ParseExampleV2",))
+
+
 def test_plan_round_trip_is_deterministic(tmp_path: Path):
     model = tmp_path / "model"
     (model / "variables").mkdir(parents=True)
     (model / "saved_model.pb").write_bytes(b"pb")
     (model / "variables" / "v.index").write_bytes(b"idx")
-    first = pack_plan(_plan(), model, {"client_training.tflite": b"tfl"})
-    assert first == pack_plan(_plan(), model, {"client_training.tflite": b"tfl"})
-    plan = unpack_plan(first, tmp_path / "out")
-    assert plan == _plan()
+    first = pack_plan(_plan(), model, _step(), "app:/train")
+    assert first == pack_plan(_plan(), model, _step(), "app:/train")
+    unpacked = unpack_client_plan(first, tmp_path / "out")
+    assert unpacked.plan == _plan() == unpack_plan(first, tmp_path / "again")
+    assert unpacked.tflite == _step()
     assert (tmp_path / "out" / "saved_model" / "variables" / "v.index").read_bytes() == b"idx"
-    assert (tmp_path / "out" / "client_training.tflite").read_bytes() == b"tfl"
+    assert unpack_client_plan(pack_plan(_plan(), model), tmp_path / "none").tflite is None
 
 
-def test_plan_rejects_unknown_version_non_zip_and_escaping_entries(tmp_path: Path):
-    with pytest.raises(InvalidRequestError, match="not a zip"):
-        unpack_plan(b"nope", tmp_path)
+def test_plan_is_an_odp_client_only_plan(tmp_path: Path):
+    (tmp_path / "model").mkdir()
+    message = plan_pb2.ClientOnlyPlan.FromString(pack_plan(_plan(), tmp_path / "model", _step(), "app:/train"))
+    assert message.tflite_graph == b"TFL3-model" and message.graph == b""
+    spec = message.phase.tensorflow_spec
+    assert [(s.name, [d.size for d in s.shape.dim], s.dtype) for s in spec.input_tensor_specs] == [
+        ("serialized_examples", [-1], 7), ("trainable_0", [3, 2], 1)]  # DT_STRING, DT_FLOAT
+    assert [s.name for s in spec.output_tensor_specs] == ["loss"]
+    assert spec.example_selector.collection_uri == "app:/train"
+    assert message.phase.WhichOneof("io_router") == "federated_compute"
+    assert list(message.flex_ops) == ["ParseExampleV2"]
+    assert zipfile.ZipFile(io.BytesIO(message.fedcompute_plan)).namelist() == ["plan.json"]
+
+
+def test_plan_rejects_unknown_version_non_plans_and_escaping_entries(tmp_path: Path):
+    with pytest.raises(InvalidRequestError, match="not a ClientOnlyPlan"):
+        unpack_plan(b"\xff\xff", tmp_path)
+    with pytest.raises(InvalidRequestError, match="no fedcompute_plan"):
+        unpack_plan(plan_pb2.ClientOnlyPlan(tflite_graph=b"x").SerializeToString(), tmp_path)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("plan.json", _plan().to_json())
         archive.writestr("../escape.txt", b"x")
     with pytest.raises(InvalidRequestError, match="contains '..'"):
         unpack_plan(buffer.getvalue(), tmp_path / "t")
+    wrapped = plan_pb2.ClientOnlyPlan(fedcompute_plan=buffer.getvalue()).SerializeToString()
+    with pytest.raises(InvalidRequestError, match="contains '..'"):  # the same containment check
+        unpack_plan(wrapped, tmp_path / "u")
+    assert not (tmp_path / "escape.txt").exists()
     with pytest.raises(InvalidRequestError, match="format_version 7"):
         ClientPlan.from_json(_plan().to_json().replace('"format_version": 1', '"format_version": 7'))
 

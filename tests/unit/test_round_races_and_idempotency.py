@@ -87,7 +87,7 @@ def test_aggregator_run_that_loses_the_finish_reports_already_done(store, blobs,
     assert events.completed == []
 
 
-def test_check_in_near_a_full_round_lists_claimed_slots_once(store, blobs):
+def test_check_in_filling_a_round_never_lists_claimed_slots(store, blobs):
     _open(store, blobs, report_goal=20, max_size=20)
     listings = []
     original = store.claimed_slots
@@ -96,7 +96,9 @@ def test_check_in_near_a_full_round_lists_claimed_slots_once(store, blobs):
     for _ in range(20):
         assert isinstance(svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), rng=rng),
                           svc.Assignment)
-    assert 0 < len(listings) <= 20, len(listings)  # at most one per check-in (it was one per slot)
+    assert listings == []  # slots come from counters (it was one listing per slot, then one per check-in)
+    assert isinstance(svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), rng=rng),
+                      svc.Rejection)
 
 
 def test_no_new_upload_session_for_an_object_already_written(store, blobs):
@@ -137,3 +139,25 @@ def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner(store, 
     # If the winner crashed before publishing, the redelivered event repairs it.
     again = ingestion.ingest_upload(store, blobs, events, SETTINGS, event, validate=lambda data, task: None)
     assert again.outcome == "DUPLICATE" and events.ready == [key]
+
+
+def test_aggregator_completes_a_round_with_a_missing_update_and_an_overflowing_metric_sum(store, blobs, events):
+    task, weights = _open(store, blobs, report_goal=2, max_size=3)
+    key = RoundKey(POP, task.task_id, 1)
+    for i in range(3):
+        aid = f"a{i}"
+        store.create_assignment(AssignmentRecord(aid, POP, task.task_id, 1, AssignmentStatus.UPLOAD_COMPLETED, "1", i,
+                                                 0, 0))
+        delta = [("trainable/0", np.full((4, 3), i + 1, np.float32)), ("trainable/1", np.ones(3, np.float32))]
+        huge = {name: np.full_like(value, 1e308) for name, value in _stats().items()}
+        if i < 2:  # a2 was accepted but its object is gone
+            blobs.write(SETTINGS.gradient_bucket, layout.gradient_path(POP, task.task_id, 1, aid),
+                        encode_client_update(delta, 5, huge))
+    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    with np.errstate(over="ignore"):
+        outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
+    assert outcome.status == "AGGREGATED"
+    assert outcome.metrics["server/aggregator/missing_updates"] == 1.0
+    assert outcome.metrics["server/aggregator/metrics_overflowed"] == 1.0  # loss: 1e308 + 1e308
+    assert "server/client_work/train/loss" not in outcome.metrics
+    assert store.get_iteration(key).status == IterationStatus.COMPLETED

@@ -22,7 +22,7 @@ from fedcompute.taskbuilder import client
 REPO = Path(__file__).resolve().parents[2]
 DICT_CONFIG = REPO / "examples" / "configs" / "dict_model_task_config.pbtxt"
 SEED_STEP3_CONFIG = REPO / "examples" / "configs" / "seed_step3_fcp_server_config.pbtxt"
-FLAGS = ("build_artifact_only", "skip_flex_ops_check", "skip_dp_check")
+FLAGS = ("build_artifact_only", "skip_flex_ops_check", "skip_dp_check", "non_private_test_run")
 GLOG = r"I\d{4} \d\d:\d\d:\d\d\.\d{6} \d+ task_builder_client\.py:\d+\] "
 
 
@@ -283,3 +283,16 @@ def test_bad_local_input_exits_2_before_any_request(server: dict[str, Any], mode
     err = capsys.readouterr().err
     assert f"{SEED_STEP3_CONFIG}:47:" in err and 'did you mean "server_learning_rate"?' in err
     assert server["calls"] == []
+
+
+def test_both_commands_print_their_version(capsys):
+    from fedcompute import __version__
+    from fedcompute.cli.main import main as fedcompute_main
+    from fedcompute.taskbuilder.client import main as task_builder_main
+
+    for entry, name in ((fedcompute_main, "fedcompute"), (task_builder_main, "task_builder_client")):
+        with pytest.raises(SystemExit) as exit_info:
+            entry(["--version"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(name) and __version__ in out

@@ -119,15 +119,14 @@ def test_scheduler_times_out_stale_assignments_and_frees_slots(store, blobs, eve
     key = RoundKey("p", 1, 1)
     for i, (status, t) in enumerate([(AssignmentStatus.ASSIGNED, 0.0), (AssignmentStatus.ASSIGNED, 950.0),
                                      (AssignmentStatus.LOCAL_COMPLETED, 10.0)]):
-        store.claim_slot(key, i, f"a{i}")
-        store.create_assignment(AssignmentRecord(f"a{i}", "p", 1, 1, status, "1", i, t, t))
+        assert store.claim_assignment(AssignmentRecord(f"a{i}", "p", 1, 1, status, "1", -1, t, t), 10).record
     report = scheduler.tick(store, events, timeouts=scheduler.Timeouts(local_training=100, upload=100),
                             now=lambda: 1000.0)
     assert (report.local_timeouts, report.upload_timeouts) == (1, 1)
     assert store.get_assignment(key, "a0").status == AssignmentStatus.LOCAL_TIMEOUT
     assert store.get_assignment(key, "a1").status == AssignmentStatus.ASSIGNED
     assert store.get_assignment(key, "a2").status == AssignmentStatus.UPLOAD_TIMEOUT
-    assert store.claimed_slots(key) == {1}
+    assert store.claimed_slots(key) == {store.get_assignment(key, "a1").slot}
     again = scheduler.tick(store, events, timeouts=scheduler.Timeouts(local_training=100, upload=100),
                            now=lambda: 1000.0)
     assert (again.local_timeouts, again.upload_timeouts) == (0, 0)

@@ -17,3 +17,30 @@ resource "google_firestore_database" "default" {
   # Keep the data when the stack is destroyed (`make destroy` removes compute, not state).
   deletion_policy = "ABANDON"
 }
+
+# Single-field index exemptions. Firestore indexes every field by default, and an index on a
+# value that only grows (a timestamp written by every check-in or upload) sends all of its
+# writes to one tablet: ~500 writes/s for the whole collection group. No query filters or
+# orders on these fields (the scheduler compares `updated_time` in memory after a `status`
+# query), so they are not indexed at all.
+locals {
+  unindexed_fields = {
+    "assignments.created_time" = { collection = "assignments", field = "created_time" }
+    "assignments.updated_time" = { collection = "assignments", field = "updated_time" }
+    "accepted.time"            = { collection = "accepted", field = "time" }
+    "rejections.time"          = { collection = "rejections", field = "time" }
+    "counters.issued"          = { collection = "counters", field = "issued" }
+    "counters.filled"          = { collection = "counters", field = "filled" }
+  }
+}
+
+resource "google_firestore_field" "unindexed" {
+  for_each   = local.unindexed_fields
+  project    = var.project_id
+  database   = google_firestore_database.default.name
+  collection = each.value.collection
+  field      = each.value.field
+
+  # An empty index_config removes the automatic single-field indexes of this field.
+  index_config {}
+}

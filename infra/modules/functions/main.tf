@@ -6,6 +6,19 @@
 locals {
   functions = ["task_builder", "task_management", "task_assignment", "result_ingestion", "aggregator", "scheduler", "dashboard"]
 
+  # The heavy functions (TensorFlow 2.14, protobuf 4.25) stay on python311; the light ones run
+  # on python312 with their own lock (functions/light/uv.lock). Must match
+  # fedcompute.deploy.package.FunctionSpec.runtime (tests/unit/test_infra.py checks it).
+  runtimes = {
+    task_builder     = "python311"
+    task_management  = "python312"
+    task_assignment  = "python312"
+    result_ingestion = "python312"
+    aggregator       = "python311"
+    scheduler        = "python312"
+    dashboard        = "python312"
+  }
+
   default_max_instances = {
     task_builder     = 2
     task_management  = 3
@@ -14,6 +27,19 @@ locals {
     aggregator       = 5
     scheduler        = 1
     dashboard        = 2
+  }
+  # Requests one instance serves at once. The light HTTP functions wait on Firestore most of
+  # the time: one instance (1 vCPU) keeps dozens of check-ins in flight. Ingestion holds an
+  # upload in memory while it checks it (a 6 MB CNN update, ~3 copies), so it gets fewer
+  # per 512 MiB instance; the builder and the aggregator use all of their instance.
+  concurrency = {
+    task_builder     = 1
+    task_management  = 8
+    task_assignment  = 80
+    result_ingestion = 8
+    aggregator       = 1
+    scheduler        = 1
+    dashboard        = 8
   }
   min_instances = { for f in local.functions : f => lookup(var.min_instances, f, 0) }
   max_instances = { for f in local.functions : f => lookup(var.max_instances, f, local.default_max_instances[f]) }
@@ -40,6 +66,9 @@ locals {
     FEDCOMPUTE_AGGREGATE_BUCKET   = var.buckets.aggregate
     FEDCOMPUTE_STORAGE_PUBLIC_URL = ""
     LOG_EXECUTION_ID              = "true"
+    # TensorFlow's C++ log lines are plain text (even at import): off, so the logs are JSON only;
+    # failures still surface as Python exceptions, logged as JSON with their traceback.
+    TF_CPP_MIN_LOG_LEVEL = "3"
   }
 
   round_ready_topic     = var.topic_ids["round-ready"]
@@ -161,7 +190,7 @@ resource "google_cloudfunctions2_function" "task_builder" {
   description = "fedcompute task builder: validate config, DP and flex-ops checks, build and upload artifacts"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["task_builder"]
     entry_point     = "task_builder"
     service_account = google_service_account.build.id
     source {
@@ -178,7 +207,7 @@ resource "google_cloudfunctions2_function" "task_builder" {
     timeout_seconds                  = var.task_builder_timeout_seconds
     min_instance_count               = local.min_instances.task_builder
     max_instance_count               = local.max_instances.task_builder
-    max_instance_request_concurrency = 1
+    max_instance_request_concurrency = local.concurrency.task_builder
     service_account_email            = google_service_account.task_builder.email
     ingress_settings                 = "ALLOW_ALL"
     all_traffic_on_latest_revision   = true
@@ -220,7 +249,7 @@ resource "google_cloudfunctions2_function" "task_management" {
   description = "fedcompute task management: create, get, list, open, cancel tasks"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["task_management"]
     entry_point     = "task_management"
     service_account = google_service_account.build.id
     source {
@@ -237,7 +266,7 @@ resource "google_cloudfunctions2_function" "task_management" {
     timeout_seconds                  = var.light_timeout_seconds
     min_instance_count               = local.min_instances.task_management
     max_instance_count               = local.max_instances.task_management
-    max_instance_request_concurrency = 1
+    max_instance_request_concurrency = local.concurrency.task_management
     service_account_email            = google_service_account.task_management.email
     ingress_settings                 = "ALLOW_ALL"
     all_traffic_on_latest_revision   = true
@@ -275,7 +304,7 @@ resource "google_cloudfunctions2_function" "task_assignment" {
   description = "fedcompute task assignment: device check-in and result reporting (public)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["task_assignment"]
     entry_point     = "task_assignment"
     service_account = google_service_account.build.id
     source {
@@ -292,7 +321,7 @@ resource "google_cloudfunctions2_function" "task_assignment" {
     timeout_seconds                  = var.light_timeout_seconds
     min_instance_count               = local.min_instances.task_assignment
     max_instance_count               = local.max_instances.task_assignment
-    max_instance_request_concurrency = 1
+    max_instance_request_concurrency = local.concurrency.task_assignment
     service_account_email            = google_service_account.task_assignment.email
     ingress_settings                 = "ALLOW_ALL"
     all_traffic_on_latest_revision   = true
@@ -355,7 +384,7 @@ resource "google_cloudfunctions2_function" "result_ingestion" {
   description = "fedcompute result ingestion: count each finalized device upload once, publish round-ready"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["result_ingestion"]
     entry_point     = "result_ingestion"
     service_account = google_service_account.build.id
     source {
@@ -372,7 +401,7 @@ resource "google_cloudfunctions2_function" "result_ingestion" {
     timeout_seconds                  = var.light_timeout_seconds
     min_instance_count               = local.min_instances.result_ingestion
     max_instance_count               = local.max_instances.result_ingestion
-    max_instance_request_concurrency = 1
+    max_instance_request_concurrency = local.concurrency.result_ingestion
     service_account_email            = google_service_account.result_ingestion.email
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
@@ -446,7 +475,7 @@ resource "google_cloudfunctions2_function" "aggregator" {
   description = "fedcompute aggregator: clip, sum, noise, server optimizer step (Pub/Sub round-ready)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["aggregator"]
     entry_point     = "aggregator"
     service_account = google_service_account.build.id
     source {
@@ -463,7 +492,7 @@ resource "google_cloudfunctions2_function" "aggregator" {
     timeout_seconds                  = var.aggregator_timeout_seconds
     min_instance_count               = local.min_instances.aggregator
     max_instance_count               = local.max_instances.aggregator
-    max_instance_request_concurrency = 1
+    max_instance_request_concurrency = local.concurrency.aggregator
     service_account_email            = google_service_account.aggregator.email
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
@@ -522,7 +551,7 @@ resource "google_cloudfunctions2_function" "scheduler" {
   description = "fedcompute scheduler: timeouts, stuck rounds, eval iterations (Pub/Sub scheduler-tick)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["scheduler"]
     entry_point     = "scheduler"
     service_account = google_service_account.build.id
     source {
@@ -539,7 +568,7 @@ resource "google_cloudfunctions2_function" "scheduler" {
     timeout_seconds                  = var.light_timeout_seconds
     min_instance_count               = local.min_instances.scheduler
     max_instance_count               = local.max_instances.scheduler
-    max_instance_request_concurrency = 1
+    max_instance_request_concurrency = local.concurrency.scheduler
     service_account_email            = google_service_account.scheduler.email
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
@@ -580,7 +609,7 @@ resource "google_cloudfunctions2_function" "dashboard" {
   description = "fedcompute monitoring dashboard: tasks, metrics per round, operations (read-only)"
 
   build_config {
-    runtime         = "python311"
+    runtime         = local.runtimes["dashboard"]
     entry_point     = "dashboard"
     service_account = google_service_account.build.id
     source {
@@ -597,7 +626,7 @@ resource "google_cloudfunctions2_function" "dashboard" {
     timeout_seconds                  = var.light_timeout_seconds
     min_instance_count               = local.min_instances.dashboard
     max_instance_count               = local.max_instances.dashboard
-    max_instance_request_concurrency = 1
+    max_instance_request_concurrency = local.concurrency.dashboard
     service_account_email            = google_service_account.dashboard.email
     ingress_settings                 = "ALLOW_ALL"
     all_traffic_on_latest_revision   = true

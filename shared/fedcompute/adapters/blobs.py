@@ -14,7 +14,7 @@ from typing import Any
 
 from fedcompute.errors import NotFoundError, PreconditionFailedError, TransientError
 
-UPLOAD_HEADERS = {"content-type": "application/octet-stream", "content-encoding": "gzip"}
+UPLOAD_HEADERS = {"content-type": "application/octet-stream"}
 
 
 class GcsBlobStore:
@@ -92,8 +92,11 @@ class GcsBlobStore:
         email = getattr(credentials, "service_account_email", None)
         return {"service_account_email": email, "access_token": credentials.token} if email else {}
 
-    def create_upload_session(self, bucket, name):
+    def create_upload_session(self, bucket, name, *, gzip=False):
         """A resumable upload session for exactly this object, valid for one write.
+
+        ``gzip``: the device is told to gzip its update (the object is stored with
+        ``Content-Encoding: gzip``); otherwise it uploads the raw bytes.
 
         ``if_generation_match=0`` makes the session fail if the object already exists, so
         a device can write its update once and nothing else. fake-gcs-server ignores that
@@ -111,7 +114,8 @@ class GcsBlobStore:
                 f"gs://{bucket}/{name} was already uploaded; an update is written once",
                 hint="the upload is done: nothing to resend",
             )
-        blob.content_encoding = "gzip"
+        if gzip:
+            blob.content_encoding = "gzip"
         url = blob.create_resumable_upload_session(
             content_type="application/octet-stream", if_generation_match=0, checksum=None
         )
@@ -155,7 +159,7 @@ class InMemoryBlobStore:
     def download_url(self, bucket, name):
         return f"memory://{bucket}/{name}"
 
-    def create_upload_session(self, bucket, name):
+    def create_upload_session(self, bucket, name, *, gzip=False):
         url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
         with self._lock:
             if (bucket, name) in self.objects:

@@ -21,28 +21,40 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError, TransientError
+from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     ACCEPTED,
     DUPLICATE,
     NOT_UPLOADABLE,
     ROUND_CLOSED,
     UNKNOWN_ASSIGNMENT,
-    AcceptOutcome,
+    AcceptanceState,
+    AcceptResult,
     AssignmentRecord,
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
     RoundKey,
+    SlotClaim,
     TaskKind,
     TaskRecord,
+    TaskStatus,
     check_exclusive_training,
     plain_changes,
 )
 
 _OPTIMISTIC_ATTEMPTS = 25
+
+
+class _RoundStopped(Exception):
+    """A slot counter pushed past ``_CLOSED_OFFSET``: the round stopped collecting."""
+
+
+_CLOSED_OFFSET = 1 << 40
 
 
 def _backoff(attempt: int) -> None:
@@ -112,6 +124,21 @@ class FirestoreTaskStore:
         records = [TaskRecord.from_dict(d.to_dict()) for d in docs]
         return sorted(records, key=lambda t: (t.population, t.task_id))
 
+    def open_rounds(self, population):
+        """The OPEN tasks (a status query: never the population's history) and their current rounds."""
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        query = self._population(population).collection("tasks").where(
+            filter=FieldFilter("status", "==", TaskStatus.OPEN.value))
+        tasks = sorted((TaskRecord.from_dict(d.to_dict()) for d in query.stream()), key=lambda t: t.task_id)
+        refs = [self._iteration(population, t.task_id, t.current_round) for t in tasks]
+        found = {snap.reference.path: snap for snap in self._db.get_all(refs)} if refs else {}
+        rounds = []
+        for task, ref in zip(tasks, refs):
+            snap = found.get(ref.path)
+            rounds.append((task, IterationRecord.from_dict(snap.to_dict()) if snap is not None and snap.exists else None))
+        return rounds
+
     def update_task(self, population, task_id, changes, *, expected=None):
         from google.cloud import firestore
 
@@ -129,7 +156,10 @@ class FirestoreTaskStore:
             transaction.update(ref, plain_changes(changes))
             return TaskRecord.from_dict({**data, **plain_changes(changes)})
 
-        return apply(self._db.transaction())
+        updated = apply(self._db.transaction())
+        if not updated.status.is_active and updated.current_round >= 1:  # canceled, failed or completed
+            self._stop_slot_claims(RoundKey(population, task_id, updated.current_round), updated.max_assignments)
+        return updated
 
     def delete_task(self, population, task_id):
         ref = self._task(population, task_id)
@@ -177,7 +207,10 @@ class FirestoreTaskStore:
             except exceptions.FailedPrecondition:
                 _backoff(attempt)  # changed since we read it: decide again on the new version
                 continue
-            return IterationRecord.from_dict({**data, **plain_changes(changes)})
+            updated = IterationRecord.from_dict({**data, **plain_changes(changes)})
+            if data["status"] == IterationStatus.COLLECTING.value and updated.status != IterationStatus.COLLECTING:
+                self._stop_slot_claims(key, updated.max_assignments)
+            return updated
         raise TransientError(f"round {key.round_number} of task {key.population}/{key.task_id} kept changing "
                              f"concurrently ({_OPTIMISTIC_ATTEMPTS} attempts)", hint="retry")
 
@@ -207,25 +240,98 @@ class FirestoreTaskStore:
         return apply(self._db.transaction())
 
     # -- assignments -------------------------------------------------------------------
-    def claim_slot(self, key, slot, assignment_id):
+    def _counter(self, key: RoundKey, kind: str, shard: int):
+        return self._round(key).collection("counters").document(f"{kind}-{shard}")
+
+    def _marker(self, key: RoundKey, position: int):
+        return self._round(key).collection("accepted").document(str(position))
+
+    def _take_position(self, key: RoundKey, kind: str, quota: ShardedQuota, rng: random.Random,
+                       exhausted: Iterable[int] = ()) -> tuple[int | None, int, set[int]]:
+        """(position, shard, shards found exhausted): one atomic increment per shard tried."""
+        from google.cloud import firestore
+
+        found: set[int] = set()
+        for shard in quota.probe_order(rng, exhausted):
+            result = self._counter(key, kind, shard).set({"issued": firestore.Increment(1)}, merge=True)
+            ticket = int(result.transform_results[0].integer_value)
+            if ticket > _CLOSED_OFFSET:
+                raise _RoundStopped()
+            position = quota.position(shard, ticket)
+            if position is not None:
+                return position, shard, found
+            found.add(shard)
+        return None, -1, found
+
+    def _stop_slot_claims(self, key: RoundKey, capacity: int) -> None:
+        """Push every slot counter of the round past ``_CLOSED_OFFSET`` (one batch): a check-in
+        working from a stale view of the round learns from its first increment that it closed."""
+        from google.cloud import firestore
+
+        batch = self._db.batch()
+        for shard in range(ShardedQuota.for_total(capacity).shards):
+            batch.set(self._counter(key, "slot", shard), {"issued": firestore.Increment(_CLOSED_OFFSET)}, merge=True)
+        batch.commit()
+
+    def claim_assignment(self, record, capacity, *, exhausted=(), rng=None):
+        """A slot from the sharded slot counter (else the free pool) and the assignment, in one batch."""
         from google.api_core import exceptions
 
-        try:
-            self._slot(key, slot).create({"assignment_id": assignment_id, "time": time.time()})
-            return True
-        except exceptions.Conflict:
-            return False
+        rng = rng or random.Random()
+        key = RoundKey(record.population, record.task_id, record.round_number)
+        quota = ShardedQuota.for_total(capacity)
+        known = set(exhausted)
+        for _ in range(_OPTIMISTIC_ATTEMPTS):
+            try:
+                slot, _shard, found = self._take_position(key, "slot", quota, rng, known)
+            except _RoundStopped:
+                return SlotClaim(None, frozenset(known), round_stopped=True)
+            known |= found
+            if slot is None:
+                slot = self._take_free_slot(key)
+                if slot is None:
+                    return SlotClaim(None, frozenset(known))
+            claimed = record.replace(slot=slot)
+            batch = self._db.batch()
+            batch.create(self._slot(key, slot), {"assignment_id": record.assignment_id})
+            batch.create(self._assignment(key, record.assignment_id), claimed.to_dict())
+            try:
+                batch.commit()
+            except exceptions.Conflict as error:
+                if self._assignment(key, record.assignment_id).get().exists:
+                    raise ConflictError(f"assignment {record.assignment_id} already exists") from error
+                continue  # a slot of the free pool that someone re-claimed meanwhile: take another
+            return SlotClaim(claimed, frozenset(known))
+        raise TransientError(f"round {key.round_number} of task {key.population}/{key.task_id}: slot claims kept "
+                             "colliding", hint="retry")
+
+    def _take_free_slot(self, key: RoundKey) -> int | None:
+        """A released slot from the round's free pool (deleted with a precondition: one taker)."""
+        from google.api_core import exceptions
+
+        for doc in self._round(key).collection("free_slots").limit(8).stream():
+            try:
+                doc.reference.delete(option=self._db.write_option(exists=True))
+            except (exceptions.NotFound, exceptions.FailedPrecondition):
+                continue  # another claimer took it
+            return int(doc.id)
+        return None
 
     def release_slot(self, key, slot, assignment_id):
+        """Free ``slot`` if ``assignment_id`` holds it: delete it and add it to the free pool, atomically."""
+        from google.api_core import exceptions
+
         ref = self._slot(key, slot)
         snapshot = ref.get()
-        if snapshot.exists and snapshot.to_dict().get("assignment_id") == assignment_id:
-            from google.api_core import exceptions
-
-            try:
-                ref.delete(option=self._db.write_option(last_update_time=snapshot.update_time))
-            except exceptions.FailedPrecondition:
-                pass  # someone else released/reclaimed it meanwhile
+        if not snapshot.exists or snapshot.to_dict().get("assignment_id") != assignment_id:
+            return
+        batch = self._db.batch()
+        batch.delete(ref, option=self._db.write_option(last_update_time=snapshot.update_time))
+        batch.set(self._round(key).collection("free_slots").document(str(slot)), {"slot": slot})
+        try:
+            batch.commit()
+        except exceptions.FailedPrecondition:
+            pass  # someone else released/reclaimed it meanwhile
 
     def claimed_slots(self, key):
         return {int(d.id) for d in self._round(key).collection("slots").select([]).stream()}
@@ -261,74 +367,117 @@ class FirestoreTaskStore:
             raise PreconditionFailedError(f"assignment {assignment_id} changed concurrently") from error
         return AssignmentRecord.from_dict({**data, **changes})
 
+    def get_upload_context(self, key, assignment_id):
+        """Task, round and assignment in one round trip."""
+        refs = [self._task(key.population, key.task_id), self._round(key), self._assignment(key, assignment_id)]
+        found = {snap.reference.path: snap for snap in self._db.get_all(refs)}
+        task, iteration, assignment = (found.get(ref.path) for ref in refs)
+        return (TaskRecord.from_dict(task.to_dict()) if task is not None and task.exists else None,
+                IterationRecord.from_dict(iteration.to_dict()) if iteration is not None and iteration.exists else None,
+                AssignmentRecord.from_dict(assignment.to_dict()) if assignment is not None and assignment.exists
+                else None)
+
+    def _accept_snapshots(self, key: RoundKey, assignment_id: str) -> tuple[Any, Any]:
+        """The round and the assignment as they are now (one round trip)."""
+        refs = [self._round(key), self._assignment(key, assignment_id)]
+        found = {snap.reference.path: snap for snap in self._db.get_all(refs)}
+        return found[refs[0].path], found[refs[1].path]
+
     def accept_upload(self, key, assignment_id):
-        """Count one upload exactly once; see the module docstring for why this is safe."""
+        """Count one upload exactly once, O(1): see the module docstring."""
         from google.api_core import exceptions
+        from google.cloud import firestore
 
-        ref = self._assignment(key, assignment_id)
-        for attempt in range(_OPTIMISTIC_ATTEMPTS):
-            snapshot = ref.get()
-            if not snapshot.exists:
-                return UNKNOWN_ASSIGNMENT
-            status = snapshot.to_dict()["status"]
-            if status == AssignmentStatus.UPLOAD_COMPLETED.value:
-                return self._settle_accept(key, assignment_id, DUPLICATE)
-            iteration = self.get_iteration(key)
-            if iteration is None or iteration.status != IterationStatus.COLLECTING:
-                return ROUND_CLOSED
-            if status != AssignmentStatus.LOCAL_COMPLETED.value:
-                return NOT_UPLOADABLE
-            try:
-                ref.update({"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": time.time()},
-                           option=self._db.write_option(last_update_time=snapshot.update_time))
-            except exceptions.FailedPrecondition:
-                _backoff(attempt)  # a concurrent delivery or a timeout moved it: decide again
-                continue
-            return self._settle_accept(key, assignment_id, ACCEPTED)
-        raise TransientError(f"assignment {assignment_id} kept changing concurrently", hint="retry")
-
-    def _settle_accept(self, key: RoundKey, assignment_id: str, outcome: AcceptOutcome) -> AcceptOutcome:
-        """``outcome`` if the UPLOAD_COMPLETED assignment counts; else undo it: ROUND_CLOSED.
-
-        Read after the assignment's write: a round still COLLECTING closes later, and its
-        accepted set (listed after the close) includes this assignment.
-        """
-        iteration = self.get_iteration(key)
-        if iteration is not None and iteration.status == IterationStatus.COLLECTING:
-            return outcome
-        if assignment_id in set(self.accepted_ids(key)):
-            return outcome
+        round_snapshot, snapshot = self._accept_snapshots(key, assignment_id)
+        if not snapshot.exists:
+            return AcceptResult(UNKNOWN_ASSIGNMENT)
+        status = snapshot.to_dict()["status"]
+        if status == AssignmentStatus.UPLOAD_COMPLETED.value:
+            return AcceptResult(DUPLICATE)
+        if not round_snapshot.exists or round_snapshot.to_dict()["status"] != IterationStatus.COLLECTING.value:
+            return AcceptResult(ROUND_CLOSED)
+        if status != AssignmentStatus.LOCAL_COMPLETED.value:
+            return AcceptResult(NOT_UPLOADABLE)
+        quota = ShardedQuota.for_total(int(round_snapshot.to_dict()["report_goal"]))
+        position, shard, _ = self._take_position(key, "accept", quota, random.Random())
+        if position is None:
+            return AcceptResult(ROUND_CLOSED)  # the goal is reached: this upload is surplus
+        t = time.time()
+        batch = self._db.batch()
+        batch.create(self._marker(key, position), {"assignment_id": assignment_id, "time": t})
+        batch.update(self._assignment(key, assignment_id),
+                     {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": t, "accepted_position": position},
+                     option=self._db.write_option(last_update_time=snapshot.update_time))
+        batch.set(self._counter(key, "accept", shard), {"filled": firestore.Increment(1)}, merge=True)
         try:
-            self.transition_assignment(key, assignment_id, expected=[AssignmentStatus.UPLOAD_COMPLETED],
-                                       new_status=AssignmentStatus.LOCAL_COMPLETED,
-                                       reason=f"upload arrived after round {key.round_number} closed")
-        except (PreconditionFailedError, NotFoundError):
-            pass  # a concurrent delivery of the same upload undid it already
-        return ROUND_CLOSED
+            results = batch.commit()
+        except exceptions.Conflict:
+            return AcceptResult(ROUND_CLOSED)  # the position was voided: the round closed without it
+        except exceptions.FailedPrecondition:
+            # A concurrent delivery of the same upload (or a timeout) moved the assignment:
+            # give the position up so the round still fills, then report what happened.
+            full = self._void_position(key, quota, shard, position, "assignment moved during its accept")
+            current = self.get_assignment(key, assignment_id)
+            if current is not None and current.status == AssignmentStatus.UPLOAD_COMPLETED:
+                return AcceptResult(DUPLICATE, full)
+            return AcceptResult(NOT_UPLOADABLE, full)
+        filled = int(results[2].transform_results[0].integer_value)
+        full = filled >= quota.capacity(shard) and self.acceptance_state(key, quota.total).full
+        return AcceptResult(ACCEPTED, full)
+
+    def _void_position(self, key: RoundKey, quota: ShardedQuota, shard: int, position: int, reason: str) -> bool:
+        """Mark an accept position used-up without a report; True if that made the round full."""
+        from google.api_core import exceptions
+        from google.cloud import firestore
+
+        batch = self._db.batch()
+        batch.create(self._marker(key, position), {"void": True, "reason": reason, "time": time.time()})
+        batch.set(self._counter(key, "accept", shard), {"filled": firestore.Increment(1)}, merge=True)
+        try:
+            results = batch.commit()
+        except exceptions.Conflict:
+            return False
+        filled = int(results[1].transform_results[0].integer_value)
+        return filled >= quota.capacity(shard) and self.acceptance_state(key, quota.total).full
+
+    def acceptance_state(self, key, report_goal):
+        """One round trip over the accept counters."""
+        quota = ShardedQuota.for_total(report_goal)
+        refs = [self._counter(key, "accept", shard) for shard in range(quota.shards)]
+        issued: dict[int, int] = {}
+        filled: dict[int, int] = {}
+        index = {ref.path: shard for shard, ref in enumerate(refs)}
+        for snap in self._db.get_all(refs):
+            data = snap.to_dict() if snap.exists else {}
+            issued[index[snap.reference.path]] = int(data.get("issued", 0))
+            filled[index[snap.reference.path]] = int(data.get("filled", 0))
+        return AcceptanceState(issued_all=quota.is_full(issued), full=quota.is_full(filled))
 
     def accepted_ids(self, key):
-        """The round's accepted set, frozen on first use after the round stopped collecting.
+        """The round's accepted set, final once the round stopped collecting.
 
-        Create-only, so every caller (late accepts, the aggregator, its re-runs) sees the
-        same set. One document holds the ids: fine up to ~25,000 reports per round.
+        Lists the markers (one small document per report: no limit on the round's size)
+        and first voids every empty position with a create-only write, so an upload still
+        in flight for one of them loses its batch: every caller sees the same set.
         """
         from google.api_core import exceptions
 
-        ref = self._round(key).collection("frozen").document("accepted")
-        snapshot = ref.get()
-        if snapshot.exists:
-            return list(snapshot.to_dict()["assignment_ids"])
         iteration = self.get_iteration(key)
         if iteration is None or iteration.status == IterationStatus.COLLECTING:
             raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
                                           "closed: its accepted set is not final")
-        query = self._assignments_query(key, AssignmentStatus.UPLOAD_COMPLETED).select([])
-        ids = sorted(doc.id for doc in query.stream())
-        try:
-            ref.create({"assignment_ids": ids, "time": time.time()})
-        except exceptions.Conflict:
-            return list(ref.get().to_dict()["assignment_ids"])
-        return ids
+        markers = {int(doc.id): doc.to_dict() for doc in self._round(key).collection("accepted").stream()}
+        for position in range(iteration.report_goal):
+            if position in markers:
+                continue
+            ref = self._marker(key, position)
+            try:
+                ref.create({"void": True, "reason": f"empty when round {key.round_number} closed",
+                            "time": time.time()})
+                markers[position] = {"void": True}
+            except exceptions.Conflict:
+                markers[position] = ref.get().to_dict()  # its upload landed first: it counts
+        return sorted(m["assignment_id"] for m in markers.values() if not m.get("void"))
 
     def _assignments_query(self, key, status):
         query = self._round(key).collection("assignments")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import warnings
 
 from fedcompute import __version__
 from fedcompute.errors import FedComputeError
+from fedcompute.logs import quiet_third_party_warnings
 
 # Exit codes: 0 ok, 1 runtime failure, 2 bad input (usage or invalid config).
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -25,6 +25,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedcompute.cli.fleet_cmd",
     "fedcompute.cli.metrics_cmd",
     "fedcompute.cli.ops_cmd",
+    "fedcompute.cli.model_cmd",
+    "fedcompute.cli.task_cmd",
+    "fedcompute.cli.load_cmd",
 )
 
 
@@ -41,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # google-api-core/google-auth warn about Python 3.11 and grpcio dates on every import.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
+    quiet_third_party_warnings()  # google-api-core/google-auth warn about Python and grpcio support dates
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,4 +1,4 @@
-"""``fedcompute metrics plot|compare``: a run's model metrics per round, and runs side by side."""
+"""``fedcompute metrics plot|export|compare``: a run's model metrics per round, TensorBoard, runs side by side."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                   "csv/json default: standard output)")
     plot.add_argument("--format", choices=("png", "csv", "json"), default="png")
     plot.set_defaults(func=run_plot)
+    export = sub.add_parser("export", help="write a run's metrics as TensorBoard event files",
+                            description="One scalar series per metric (step = round), ε included; view with "
+                                        "`tensorboard --logdir DIR`. CSV and JSON: `fedcompute metrics plot "
+                                        "--format csv|json`.")
+    export.add_argument("--population", required=True, help="population_name of the task")
+    export.add_argument("--task", type=int, default=None, help="task id (default: the population's latest task)")
+    export.add_argument("--tensorboard", required=True, type=Path, metavar="DIR",
+                        help="log directory; the events go to DIR/<population>/<task>/")
+    export.set_defaults(func=run_export)
     compare = sub.add_parser("compare", help="one figure per metric with one line per run",
                              description="Compare runs; each RUN is POPULATION/TASK_ID. Lines are labelled "
                                          "from the runs' server configs (e.g. noise_multiplier 0.1).")
@@ -107,6 +116,19 @@ def run_plot(args: argparse.Namespace) -> int:
     path = out / metric_filename(f"{run.population}_{run.task_id}_metrics", "." + args.format)
     path.write_text(text)
     print(path)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fedcompute.monitoring.metrics import load_run
+    from fedcompute.monitoring.tensorboard import write_tensorboard
+
+    settings, store, blobs = connect()
+    task_id = args.task if args.task is not None else latest_task_id(store, args.population)
+    run = load_run(blobs, settings.model_bucket, args.population, task_id)
+    path = write_tensorboard(run, args.tensorboard)
+    print(f"{path}  ({len(run.series)} metrics x {len(run.rounds)} rounds of {run.run_id})")
+    print(f"view it: tensorboard --logdir {args.tensorboard}")
     return 0
 
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+from fedcompute import strict_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +40,7 @@ def run_status(args: argparse.Namespace) -> int:
     _, store, _ = connect()
     ops = load_ops(store, args.population, args.task)
     if args.json:
-        print(json.dumps([t.to_dict() for t in ops], indent=2, sort_keys=True))
+        print(strict_json.dumps([t.to_dict() for t in ops], indent=2, sort_keys=True))
     else:
         print(format_status_table(ops, rounds=not args.no_rounds))
     if not ops and args.population:

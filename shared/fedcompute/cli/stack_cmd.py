@@ -93,9 +93,12 @@ def run_down(args: argparse.Namespace) -> int:
     """Handler of ``stack down``."""
     from fedcompute.stack import LocalStack
 
-    stopped = LocalStack(args.state_dir).stop()
+    stack = LocalStack(args.state_dir)
+    stopped = stack.stop()
     if stopped:
         print(f"stopped: {', '.join(stopped)}")
+        print(f"data kept in {stack.state_dir} (tasks, checkpoints, metrics): `make up` resumes; "
+              "`make clean` deletes it")
     else:
         print(f"no local stack was running from {os.path.abspath(args.state_dir)}")
     return EXIT_OK

@@ -18,6 +18,7 @@ from fedcompute.config.defaults import (
     DEFAULT_CLIPPED_COUNT_STDDEV_FRACTION,
     DEFAULT_TARGET_UNCLIPPED_QUANTILE,
 )
+from fedcompute.dp import DpMechanism, DpParams
 from fedcompute.metric_names import split_metrics
 from fedcompute.proto import task_config_pb2 as pb
 
@@ -56,7 +57,8 @@ def parse_checkpoint_selector(text: str) -> CheckpointSelector | None:
 
 @dataclass(frozen=True)
 class DpSpec:
-    """Central DP settings.
+    """Central DP settings as the config states them; :meth:`params` turns them into the one DP
+    type, :class:`fedcompute.dp.DpParams`, that the server phase, checkpoint and ledger use.
 
     ``aggregator`` is FIXED_GAUSSIAN, TREE_AGGREGATION (also written TREE),
     ADAPTIVE_GAUSSIAN or ADAPTIVE_TREE. ``noise_multiplier`` None means "calibrate it to
@@ -75,12 +77,25 @@ class DpSpec:
     noise_seed: int | None
 
     @property
+    def mechanism(self) -> DpMechanism:
+        return DpMechanism.coerce(self.aggregator)
+
+    @property
     def is_adaptive(self) -> bool:
-        return self.aggregator in ("ADAPTIVE_GAUSSIAN", "ADAPTIVE_TREE")
+        return self.mechanism.is_adaptive
 
     @property
     def is_tree(self) -> bool:
-        return self.aggregator in ("TREE_AGGREGATION", "ADAPTIVE_TREE")
+        return self.mechanism.is_tree
+
+    def params(self, noise_multiplier: float) -> DpParams:
+        """The task's :class:`DpParams` with ``noise_multiplier`` (the config's or the calibrated one)."""
+        return DpParams(  # an unset clip is 0.0 in the config and None in memory
+            mechanism=self.mechanism, noise_multiplier=float(noise_multiplier), clip_norm=self.clip_norm or None,
+            init_clip_norm=self.init_clip_norm or None, target_unclipped_quantile=self.target_unclipped_quantile,
+            clip_learning_rate=self.clip_learning_rate, clipped_count_stddev=self.clipped_count_stddev,
+            noise_seed=self.noise_seed,
+        )
 
 
 @dataclass(frozen=True)

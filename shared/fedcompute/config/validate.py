@@ -85,7 +85,7 @@ class _Checker:
         enum = wrapper.Enum  # type: ignore[attr-defined]
         if value in enum.values():
             return True
-        names = ", ".join(n for n in enum.keys() if n != "UNKNOWN")  # noqa: SIM118 - EnumTypeWrapper is not iterable
+        names = ", ".join(n for n, _ in enum.items() if n != "UNKNOWN")  # an EnumTypeWrapper is not iterable
         self.add(path, f"unknown {wrapper.__name__} value {value}", f"use one of {names}")
         return False
 

@@ -3,14 +3,18 @@
 One :meth:`SimulatedDevice.run_session` is one training session of ODP's
 ``FederatedComputeScheduler``: check in, apply the eligibility policies itself, ask the
 app for examples through an ``on_training_example``-style callback, train (or evaluate)
-per the downloaded plan, report the result and upload the gzip'd update.
+per the downloaded plan with its runtime (:mod:`fedcompute.fleet.runtimes`: the plan's
+TFLite model or full TensorFlow), report the result and upload the update (gzip'd if the server asks). A plan the
+runtime cannot execute is reported as ODP's FAILED_OPS_ERROR / FAILED_MODEL_COMPUTATION.
 """
 from __future__ import annotations
 
 import logging
 import random
+import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedcompute.errors import DeviceComputationError
 from fedcompute.fleet.protocol import DeviceHttpClient, Rejected, require_uri
-from fedcompute.plans import ClientPlan, unpack_plan
+from fedcompute.plans import ClientPlan, UnpackedPlan, unpack_client_plan
 from fedcompute.proto import task_assignment_pb2
 
 log = logging.getLogger(__name__)
@@ -66,18 +71,21 @@ class PlanCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self._root = root or Path(tempfile.mkdtemp(prefix="fedcompute-fleet-"))
+        # A directory the cache made is removed on close(), garbage collection or exit.
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._root, True) if root is None else None
         self._lock = threading.Lock()
-        self._plans: dict[str, tuple[ClientPlan, Any]] = {}
+        self._plans: dict[str, UnpackedPlan] = {}
         self._checkpoints: dict[str, list[np.ndarray]] = {}
 
-    def plan(self, url: str, client: DeviceHttpClient) -> tuple[ClientPlan, Any]:
-        from fedcompute.learning.client_training import load_model
+    def close(self) -> None:
+        """Remove the directory this cache created (plans already loaded stay usable)."""
+        if self._cleanup is not None:
+            self._cleanup()
 
+    def plan(self, url: str, client: DeviceHttpClient) -> UnpackedPlan:
         with self._lock:
             if url not in self._plans:
-                target = self._root / f"plan{len(self._plans)}"
-                plan = unpack_plan(client.download(url), target)
-                self._plans[url] = (plan, load_model(target / "saved_model"))
+                self._plans[url] = unpack_client_plan(client.download(url), self._root / f"plan{len(self._plans)}")
             return self._plans[url]
 
     def checkpoint(self, url: str, client: DeviceHttpClient, plan: ClientPlan) -> list[np.ndarray]:
@@ -114,6 +122,7 @@ class SimulatedDevice:
     rng: random.Random = field(default_factory=random.Random)
     last_contribution: dict[str, int] = field(default_factory=dict)  # task name -> round
     fail_probability: float = 0.0
+    runtime: Any = "auto"  # auto | tflite | tensorflow, or a fedcompute.fleet.runtimes.DeviceRuntime
 
     def run_session(self, client: DeviceHttpClient, population: str, cache: PlanCache) -> SessionOutcome:
         assignment = client.create_task_assignment(population, self.version_code)
@@ -126,10 +135,10 @@ class SimulatedDevice:
             client.report_result(assignment.self_uri, Result.NOT_ELIGIBLE)
             outcome.status = "NOT_ELIGIBLE"
             return outcome
-        plan, model = cache.plan(require_uri(assignment.plan, "plan"), client)
-        weights = cache.checkpoint(require_uri(assignment.init_checkpoint, "init_checkpoint"), client, plan)
-        x, y = self._examples(population, assignment.task_name, plan)
-        if x is None:
+        plan = cache.plan(require_uri(assignment.plan, "plan"), client)
+        weights = cache.checkpoint(require_uri(assignment.init_checkpoint, "init_checkpoint"), client, plan.plan)
+        examples = self._examples(population, assignment.task_name, plan.plan)
+        if not examples:
             client.report_result(assignment.self_uri, Result.NOT_ELIGIBLE)
             outcome.status = "NOT_ELIGIBLE"
             outcome.detail = "no examples"
@@ -138,7 +147,14 @@ class SimulatedDevice:
             client.report_result(assignment.self_uri, Result.FAILED_MODEL_COMPUTATION)
             outcome.status = "FAILED"
             return outcome
-        payload = self._compute(plan, model, weights, x, y)
+        try:
+            payload = self._compute(plan, weights, examples)
+        except DeviceComputationError as error:  # never a silent success: the server learns why
+            log.warning("device %d cannot run the plan: %s", self.device_id, error)
+            client.report_result(assignment.self_uri, Result.Value(error.result))  # type: ignore[arg-type]
+            outcome.status = "FAILED"
+            outcome.detail = f"{error.result}: {error}"
+            return outcome
         instruction = client.report_result(assignment.self_uri, Result.COMPLETED)
         if not isinstance(instruction, task_assignment_pb2.UploadInstruction):
             outcome.status = "DROPPED"  # the round closed while we trained
@@ -161,45 +177,26 @@ class SimulatedDevice:
                     return False
         return True
 
-    def _examples(self, population: str, task_name: str, plan: ClientPlan) -> tuple[Any, Any]:
-        from fedcompute.data.examples import ExampleSpec, parse_examples
+    def _examples(self, population: str, task_name: str, plan: ClientPlan) -> list[bytes]:
+        from fedcompute.data.examples import ExampleSpec
 
-        spec = ExampleSpec.from_dict(plan.example_spec)
         if getattr(self.app, "spec", "absent") is None:
-            self.app.spec = spec  # type: ignore[attr-defined]
-        output = self.app.on_training_example(population, task_name, None)
-        if not output.training_examples:
-            return None, None
-        x, y = parse_examples(output.training_examples, spec)
-        to_numpy = lambda t: t.numpy() if hasattr(t, "numpy") else np.asarray(t)  # noqa: E731
-        x = {k: to_numpy(v) for k, v in x.items()} if isinstance(x, dict) else to_numpy(x)
-        return x, to_numpy(y)
+            self.app.spec = ExampleSpec.from_dict(plan.example_spec)  # type: ignore[attr-defined]
+        return list(self.app.on_training_example(population, task_name, None).training_examples)
 
-    def _compute(self, plan: ClientPlan, model: Any, weights: Sequence[np.ndarray], x: Any, y: Any) -> bytes:
-        from fedcompute.learning import client_training, metric_stats
+    def _compute(self, plan: UnpackedPlan, weights: Sequence[np.ndarray], examples: list[bytes]) -> bytes:
+        from fedcompute.fleet.runtimes import resolve
+        from fedcompute.learning import metric_stats
         from fedcompute.learning.tensor_codec import encode_client_update
 
-        batches = _batches(x, y, plan.batch_size)
-        if plan.kind == "EVALUATION":
-            stats = client_training.evaluate_on_device(model, weights, batches, plan.metrics)
-            num_examples = int(np.asarray(stats["num_examples"]["count"]).sum()) if "num_examples" in stats else len(y)
+        runtime = resolve(self.runtime, plan)
+        if plan.plan.kind == "EVALUATION":
+            stats = runtime.evaluate(plan, weights, examples)
+            num_examples = int(np.asarray(stats["num_examples"]["count"]).sum()) if "num_examples" in stats \
+                else len(examples)
             return encode_client_update([], max(num_examples, 1), metric_stats.flatten_stats(stats), compress=False)
-        result = client_training.train_on_device(
-            model, weights, batches, algorithm=plan.learning_algo, optimizer=plan.client_optimizer,
-            learning_rate=plan.client_learning_rate, epochs=plan.epochs, max_batches=plan.max_batches,
-            metrics=plan.metrics,
-        )
-        trainable = [w for w in plan.weights if w.trainable]
+        result = runtime.train(plan, weights, examples)
+        trainable = [w for w in plan.plan.weights if w.trainable]
         delta = [(w.name, d) for w, d in zip(trainable, result.delta)]
         return encode_client_update(delta, max(result.num_examples, 1), metric_stats.flatten_stats(result.metric_stats),
                                     compress=False)
-
-
-def _batches(x: Any, y: np.ndarray, batch_size: int) -> list[tuple[Any, np.ndarray]]:
-    n = len(y)
-    out = []
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        xb = {k: v[sl] for k, v in x.items()} if isinstance(x, dict) else x[sl]
-        out.append((xb, y[sl]))
-    return out

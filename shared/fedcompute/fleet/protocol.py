@@ -1,7 +1,7 @@
 """Device side of the ODP Federated Compute HTTP protocol (light: requests + protobuf).
 
 What an Android federated-compute client does over HTTP: check in, download the plan and
-checkpoint, report the result, upload the gzip'd update to the instructed location.
+checkpoint, report the result, upload the update (gzip'd if the instruction says so) to the instructed location.
 """
 from __future__ import annotations
 
@@ -46,18 +46,26 @@ class DeviceHttpClient:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = requests.Session()
+            session = self._local.session = _keep_alive_session()
         return session
 
     def _call(self, method: str, path: str, message: Message, response_cls: type[_M]) -> tuple[int, _M]:
         url = f"{self._base}{TASK_ASSIGNMENT_PREFIX}{path}"
-        try:
-            response = self._session.request(
-                method, url, data=message.SerializeToString(),
-                headers={"content-type": PROTOBUF, "accept": PROTOBUF}, timeout=self._timeout,
-            )
-        except requests.RequestException as error:
-            raise TransientError(f"{method} {url} failed: {error}") from error
+        for attempt in (1, 2):
+            try:
+                response = self._session.request(
+                    method, url, data=message.SerializeToString(),
+                    headers={"content-type": PROTOBUF, "accept": PROTOBUF}, timeout=self._timeout,
+                )
+                break
+            except requests.ConnectionError as error:
+                # A kept-alive connection the server closed while idle fails before the request
+                # is read ("Connection aborted"): send it once more on a fresh connection.
+                if attempt == 1 and "aborted" in str(error):
+                    continue
+                raise TransientError(f"{method} {url} failed: {error}") from error
+            except requests.RequestException as error:
+                raise TransientError(f"{method} {url} failed: {error}") from error
         if response.status_code >= 500:
             raise TransientError(f"{method} {url}: HTTP {response.status_code}: {response.text[:300]}")
         if response.status_code >= 400:
@@ -101,9 +109,12 @@ class DeviceHttpClient:
         return response.content
 
     def upload(self, instruction: task_assignment_pb2.UploadInstruction, payload: bytes) -> int:
-        """gzip ``payload`` (as the instruction asks) and PUT it; returns the HTTP status."""
-        # Level 1: ~5x faster than the default on float deltas for a ~1% larger body.
-        body = gzip.compress(payload, compresslevel=1, mtime=0)
+        """PUT ``payload``, gzip'd if the instruction's compression_format asks; returns the HTTP status."""
+        body = payload
+        if instruction.HasField("compression_format") and \
+                instruction.compression_format == common_pb2.RESOURCE_COMPRESSION_FORMAT_GZIP:
+            # Level 1: ~5x faster than the default on float deltas for a ~1% larger body.
+            body = gzip.compress(payload, compresslevel=1, mtime=0)
         headers = dict(instruction.extra_request_headers)
         try:
             response = self._session.put(instruction.upload_location, data=body, headers=headers,
@@ -113,6 +124,24 @@ class DeviceHttpClient:
         if response.status_code >= 500:
             raise TransientError(f"upload: HTTP {response.status_code}")
         return response.status_code
+
+
+def _keep_alive_session() -> requests.Session:
+    """A keep-alive session that resends a request once when its pooled connection was closed.
+
+    Servers close idle keep-alive connections (gunicorn after 2 s); a device that reuses
+    one just then gets "connection reset" before the server saw its request. One retry on
+    a fresh connection is what an HTTP client library on a phone does too.
+    """
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False)
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 def _rejected(info: common_pb2.RejectionInfo) -> Rejected:

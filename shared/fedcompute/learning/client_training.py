@@ -167,6 +167,12 @@ class DeviceModel:
             tensors.append(tf.constant(arr))
         return tuple(tensors[: self.num_trainable]), tuple(tensors[self.num_trainable :])
 
+    def predict(self, weights: Sequence[np.ndarray], x: Any) -> np.ndarray:
+        """The inference outputs (first output tensor) on ``x`` with ``weights``."""
+        trainable, non_trainable = self._split_weights(weights)
+        out = self.module.predict_on_batch_inference((trainable, non_trainable), x, training=False)
+        return np.asarray(_tf().nest.flatten(out)[0])
+
     # -- batches -----------------------------------------------------------------
 
     def _convert(self, value: Any, spec: Any, what: str) -> Any:
@@ -308,7 +314,9 @@ def clear_model_cache() -> None:
 
 
 @dataclass
-class _StatsAccumulator:
+class StatsAccumulator:
+    """Sums a device's per-batch metric statistics (and its loss) over its batches."""
+
     metrics: tuple[str, ...]
     from_logits: bool
     stats: MetricStats = field(default_factory=dict)
@@ -329,14 +337,14 @@ class _StatsAccumulator:
         self.stats = {m: ms.zero_stats(m) for m in self.metrics}
 
 
-def _metric_list(metrics: Iterable[str]) -> tuple[str, ...]:
+def metric_list(metrics: Iterable[str]) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(list(metrics) + list(ALWAYS_REPORTED)))
     for name in names:
         ms.get_spec(name)  # rejects names outside the allow-list, with a hint
     return names
 
 
-def _epoch_batches(batches: Iterable[Batch], epochs: int) -> Iterator[Batch]:
+def epoch_batches(batches: Iterable[Batch], epochs: int) -> Iterator[Batch]:
     if epochs <= 1:
         yield from batches
         return
@@ -369,31 +377,14 @@ def train_on_device(
     the optimizer steps (FED_AVG) or the batches in the gradient (FED_SGD), 0/None = no
     cap. ``from_logits``: the model outputs logits (only affects metric statistics).
     """
-    algorithm = algorithm.upper()
-    optimizer = optimizer.upper()
-    if algorithm not in ALGORITHMS:
-        raise InvalidRequestError(f"Unknown learning algorithm {algorithm!r}.", hint=f"use one of {ALGORITHMS}")
-    if optimizer not in OPTIMIZERS:
-        raise InvalidRequestError(f"Unknown client optimizer {optimizer!r}.", hint=f"use one of {OPTIMIZERS}")
-    try:
-        lr_value = float(learning_rate)
-    except (TypeError, ValueError):
-        lr_value = math.nan
-    if not (math.isfinite(lr_value) and lr_value >= 0):
-        raise InvalidRequestError(
-            f"Client learning rate must be a finite number >= 0, got {learning_rate!r}.",
-            hint="set client_learning_rate in the task config (ODP default 0.1)",
-        )
-    if epochs < 1:
-        raise InvalidRequestError(f"epochs must be >= 1, got {epochs}.")
-    cap = max_batches if max_batches and max_batches > 0 else None
+    algorithm, optimizer, lr_value, cap = check_training_args(algorithm, optimizer, learning_rate, epochs, max_batches)
 
     tf = _tf()
     trainable, non_trainable = model._split_weights(weights)
     initial = [t.numpy() for t in trainable]
-    acc = _StatsAccumulator(_metric_list(metrics), from_logits)
+    acc = StatsAccumulator(metric_list(metrics), from_logits)
     steps = 0
-    source = _epoch_batches(batches, 1 if algorithm == "FED_SGD" else epochs)
+    source = epoch_batches(batches, 1 if algorithm == "FED_SGD" else epochs)
 
     if algorithm == "FED_SGD":
         step_fn = model.fn("accumulate_gradient")
@@ -435,9 +426,37 @@ def train_on_device(
                 steps += 1
         delta = [t.numpy() - w0 for t, w0 in zip(trainable, initial)]
 
+    return local_result(delta, acc, steps)
+
+
+def check_training_args(algorithm: str, optimizer: str, learning_rate: Any, epochs: int,
+                        max_batches: int | None) -> tuple[str, str, float, int | None]:
+    """``(ALGORITHM, OPTIMIZER, learning rate, batch cap or None)``, or a clear error."""
+    algorithm = algorithm.upper()
+    optimizer = optimizer.upper()
+    if algorithm not in ALGORITHMS:
+        raise InvalidRequestError(f"Unknown learning algorithm {algorithm!r}.", hint=f"use one of {ALGORITHMS}")
+    if optimizer not in OPTIMIZERS:
+        raise InvalidRequestError(f"Unknown client optimizer {optimizer!r}.", hint=f"use one of {OPTIMIZERS}")
+    try:
+        lr_value = float(learning_rate)
+    except (TypeError, ValueError):
+        lr_value = math.nan
+    if not (math.isfinite(lr_value) and lr_value >= 0):
+        raise InvalidRequestError(
+            f"Client learning rate must be a finite number >= 0, got {learning_rate!r}.",
+            hint="set client_learning_rate in the task config (ODP default 0.1)",
+        )
+    if epochs < 1:
+        raise InvalidRequestError(f"epochs must be >= 1, got {epochs}.")
+    return algorithm, optimizer, lr_value, (max_batches if max_batches and max_batches > 0 else None)
+
+
+def local_result(delta: list[np.ndarray], acc: StatsAccumulator, steps: int) -> LocalResult:
+    """The device's report from its delta and statistics (a non-finite delta is zeroed and
+    its training metrics dropped, as in TFF)."""
     non_finite = not _finite(delta)
     if non_finite:
-        # As TFF: the update is zeroed and the training metrics of this client dropped.
         delta = [np.zeros_like(d) for d in delta]
         acc.reset()
     mean_loss = acc.loss_sum / acc.count if acc.count else 0.0
@@ -463,7 +482,7 @@ def evaluate_on_device(
     """Forward pass only (inference mode): ``{metric: stats}`` incl. loss and num_examples."""
     trainable, non_trainable = model._split_weights(weights)
     fn = model.fn("evaluate")
-    acc = _StatsAccumulator(_metric_list(metrics), from_logits)
+    acc = StatsAccumulator(metric_list(metrics), from_logits)
     cap = max_batches if max_batches and max_batches > 0 else None
     for i, batch in enumerate(batches):
         if cap is not None and i >= cap:
@@ -474,8 +493,13 @@ def evaluate_on_device(
     return acc.stats
 
 
-def batches_from_arrays(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Consecutive ``(x, y)`` batches of ``batch_size`` (the last one may be smaller)."""
+def batches_from_arrays(x: Any, y: np.ndarray, batch_size: int) -> list[tuple[Any, np.ndarray]]:
+    """Consecutive ``(x, y)`` batches of ``batch_size`` (the last one may be smaller);
+    ``x`` is an array or a dict name -> array (input type 2)."""
     if batch_size < 1:
         raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}.")
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    out = []
+    for i in range(0, len(y), batch_size):
+        part = slice(i, i + batch_size)
+        out.append(({k: v[part] for k, v in x.items()} if isinstance(x, Mapping) else x[part], y[part]))
+    return out

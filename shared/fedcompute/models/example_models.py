@@ -5,6 +5,7 @@
 | ``emnist_cnn_type1`` | EMNIST original FedAvg CNN | 1 | ``x`` 784 floats, ``y`` int64 |
 | ``emnist_cnn_type2`` | same CNN, dict input | 2 | ``image`` 784 floats, ``my_label`` int64 |
 | ``dict_binary_type2`` | seed's two-feature binary model | 2 | ``feature-1``, ``feature-2``, ``my_label`` |
+| ``fashion_logreg_type1`` | logistic regression (7,850 params) for large fleets | 1 | ``x`` 784 floats, ``y`` int64 |
 
 The catalog itself is plain data (no TensorFlow import); saving imports TF/TFF.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcompute.models import dict_binary, emnist_cnn
+from fedcompute.models import dict_binary, emnist_cnn, small_classifier
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,16 @@ def _catalog(seed: int | None) -> dict[str, ExampleModel]:
             input_spec=dict_binary.input_spec,
             loss=dict_binary.loss,
         ),
+        "fashion_logreg_type1": ExampleModel(
+            name="fashion_logreg_type1",
+            description=f"logistic regression on 28x28 images ({small_classifier.num_parameters(0):,} params), "
+                        "the private demo's small model",
+            input_type=1,
+            label_name=None,
+            build_keras=lambda: small_classifier.create_small_classifier(0, seed=seed),
+            input_spec=small_classifier.input_spec,
+            loss=small_classifier.loss,
+        ),
     }
 
 
@@ -82,7 +93,7 @@ def save_example_models(
 ) -> dict[str, str]:
     """Save the example models as TFF functional models under ``out_dir/<name>/``.
 
-    ``names`` selects a subset (default: all three). ``seed`` makes the initial weights
+    ``names`` selects a subset (default: all). ``seed`` makes the initial weights
     reproducible (``None``: random). Returns name → SavedModel directory.
     """
     from fedcompute.models.functional import save_functional_model

@@ -15,6 +15,10 @@ from typing import Any, Protocol
 from fedcompute import layout
 from fedcompute.dp import NO_DP_NAME, parse_mechanism
 from fedcompute.errors import InvalidRequestError, NotFoundError
+from fedcompute.privacy.disclosure import redact_dp
+
+PRIVACY_EPSILON = "server/privacy/epsilon"
+PRIVACY_DELTA = "server/privacy/delta"
 
 
 class ReadableBlobs(Protocol):
@@ -68,6 +72,25 @@ class RunMetrics:
             for i, r in enumerate(self.rounds)
         ]
 
+    def privacy_ledger(self) -> list[dict[str, Any]]:
+        """ε after each round and ε spent in it (the dashboard's ledger); [] for a task without DP.
+
+        ``epsilon`` is cumulative (what the aggregator accounted after the round),
+        ``spent`` the increase over the previous round; None where ε is infinite (no noise).
+        """
+        values = self.series.get(PRIVACY_EPSILON)
+        if values is None:
+            return []
+        deltas = self.series.get(PRIVACY_DELTA, (math.nan,) * len(values))
+        ledger, previous = [], 0.0
+        for r, eps, delta in zip(self.rounds, values, deltas):
+            finite = eps is not None and math.isfinite(eps) and eps >= 0
+            ledger.append({"round": r, "epsilon": eps if finite else None, "delta": _json_number(delta),
+                           "spent": eps - previous if finite else None})
+            if finite:
+                previous = eps
+        return ledger
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (NaN becomes null) used by the CLI and the dashboard API."""
         return {
@@ -78,6 +101,7 @@ class RunMetrics:
             "config": self.config,
             "rounds": list(self.rounds),
             "series": {name: [_json_number(v) for v in values] for name, values in self.series.items()},
+            "ledger": self.privacy_ledger(),
         }
 
 
@@ -92,7 +116,7 @@ def flatten_config(phase: Mapping[str, Any] | None) -> dict[str, Any]:
     keep = ("learning_algo", "server_optimizer", "server_learning_rate", "report_goal", "over_selection_rate",
             "total_rounds", "population_size", "target_epsilon", "delta")
     config = {k: phase[k] for k in keep if k in phase}
-    for key, value in sorted((phase.get("dp") or {}).items()):
+    for key, value in sorted(redact_dp(phase.get("dp")).items()):
         if value is not None:
             config[f"dp.{key}"] = value
     return config

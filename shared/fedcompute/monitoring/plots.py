@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fedcompute import strict_json
 from fedcompute.monitoring.metrics import RunMetrics, compare_labels
 from fedcompute.monitoring.ops import TaskOps, assignments_per_minute, iterations_over_time
 
@@ -108,7 +108,7 @@ def plot_compare(runs: Sequence[RunMetrics], out_dir: Path) -> list[Figure]:
 def metrics_table(run: RunMetrics, fmt: str) -> str:
     """The run's metrics as ``csv`` (one row per round) or ``json`` (:meth:`RunMetrics.to_dict`)."""
     if fmt == "json":
-        return json.dumps(run.to_dict(), indent=2, sort_keys=True)
+        return strict_json.dumps(run.to_dict(), indent=2, sort_keys=True)
     if fmt != "csv":
         raise ValueError(f"unknown table format {fmt!r}")
     buffer = io.StringIO()

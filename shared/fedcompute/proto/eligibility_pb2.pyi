@@ -39,14 +39,14 @@ class DataAvailabilityPolicy(_message.Message):
     def __init__(self, selector: _Optional[_Union[ExampleSelector, _Mapping]] = ..., min_example_count: _Optional[int] = ...) -> None: ...
 
 class ExampleSelector(_message.Message):
-    __slots__ = ("collection_uri", "criteria", "resumption_token")
-    COLLECTION_URI_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("criteria", "collection_uri", "resumption_token")
     CRITERIA_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_URI_FIELD_NUMBER: _ClassVar[int]
     RESUMPTION_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    collection_uri: str
     criteria: _any_pb2.Any
+    collection_uri: str
     resumption_token: _any_pb2.Any
-    def __init__(self, collection_uri: _Optional[str] = ..., criteria: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., resumption_token: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
+    def __init__(self, criteria: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., collection_uri: _Optional[str] = ..., resumption_token: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
 
 class SamplingWithoutReplacementPolicy(_message.Message):
     __slots__ = ()

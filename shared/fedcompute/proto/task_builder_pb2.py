@@ -17,7 +17,7 @@ from fedcompute.proto import task_config_pb2 as fedcompute_dot_proto_dot_task__c
 from fedcompute.proto import task_management_pb2 as fedcompute_dot_proto_dot_task__management__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcompute/proto/task_builder.proto\x12\x35google.ondevicepersonalization.federatedcompute.proto\x1a\x1d\x66\x65\x64\x63ompute/proto/common.proto\x1a\"fedcompute/proto/task_config.proto\x1a&fedcompute/proto/task_management.proto\"\x85\x02\n\x10\x42uildTaskRequest\x12\x42\n\x0bsaved_model\x18\x01 \x01(\x0b\x32-.google.internal.federatedcompute.v1.Resource\x12V\n\x0btask_config\x18\x02 \x01(\x0b\x32\x41.google.ondevicepersonalization.federatedcompute.proto.TaskConfig\x12U\n\x05\x66lags\x18\x03 \x01(\x0b\x32\x46.google.ondevicepersonalization.federatedcompute.proto.ExperimentFlags\"a\n\x0f\x45xperimentFlags\x12\x1b\n\x13skip_flex_ops_check\x18\x01 \x01(\x08\x12\x15\n\rskip_dp_check\x18\x02 \x01(\x08\x12\x1a\n\x12skip_dp_aggregator\x18\x03 \x01(\x08\"\xa5\x02\n\x11\x42uildTaskResponse\x12V\n\ntask_group\x18\x01 \x01(\x0b\x32@.google.ondevicepersonalization.federatedcompute.proto.TaskGroupH\x00\x12V\n\nerror_info\x18\x02 \x01(\x0b\x32@.google.ondevicepersonalization.federatedcompute.proto.ErrorInfoH\x00\x12V\n\x0btask_report\x18\x03 \x01(\x0b\x32\x41.google.ondevicepersonalization.federatedcompute.proto.TaskReportB\x08\n\x06result\"\xaf\x01\n\tTaskGroup\x12R\n\rtraining_task\x18\x01 \x01(\x0b\x32;.google.ondevicepersonalization.federatedcompute.proto.Task\x12N\n\teval_task\x18\x02 \x01(\x0b\x32;.google.ondevicepersonalization.federatedcompute.proto.Task\"m\n\tErrorType\"`\n\x04\x45num\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x19\n\x15TASK_MANAGEMENT_ERROR\x10\x02\x12\x1b\n\x17\x41RTIFACT_BUILDING_ERROR\x10\x03\"}\n\tErrorInfo\x12Y\n\nerror_type\x18\x01 \x01(\x0e\x32\x45.google.ondevicepersonalization.federatedcompute.proto.ErrorType.Enum\x12\x15\n\rerror_message\x18\x02 \x01(\t\"\xbf\x07\n\nTaskReport\x12o\n\x12\x61pplied_algorithms\x18\x01 \x01(\x0b\x32S.google.ondevicepersonalization.federatedcompute.proto.TaskReport.AppliedAlgorithms\x12g\n\x0emetric_results\x18\x03 \x01(\x0b\x32O.google.ondevicepersonalization.federatedcompute.proto.TaskReport.MetricResults\x12o\n\x12\x64p_hyperparameters\x18\x04 \x01(\x0b\x32S.google.ondevicepersonalization.federatedcompute.proto.TaskReport.DPHyperparameters\x1a\x97\x03\n\x11\x41ppliedAlgorithms\x12_\n\rlearning_algo\x18\x01 \x01(\x0e\x32H.google.ondevicepersonalization.federatedcompute.proto.LearningAlgo.Enum\x12_\n\x10\x63lient_optimizer\x18\x02 \x01(\x0e\x32\x45.google.ondevicepersonalization.federatedcompute.proto.Optimizer.Enum\x12_\n\x10server_optimizer\x18\x03 \x01(\x0e\x32\x45.google.ondevicepersonalization.federatedcompute.proto.Optimizer.Enum\x12_\n\rdp_aggregator\x18\x04 \x01(\x0e\x32H.google.ondevicepersonalization.federatedcompute.proto.DpAggregator.Enum\x1a\x43\n\rMetricResults\x12\x18\n\x10\x61\x63\x63\x65pted_metrics\x18\x01 \x01(\t\x12\x18\n\x10rejected_metrics\x18\x02 \x01(\t\x1a\x86\x01\n\x11\x44PHyperparameters\x12\x10\n\x08\x64p_delta\x18\x01 \x01(\x02\x12\x12\n\ndp_epsilon\x18\x02 \x01(\x02\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x02\x12\x14\n\x0c\x64p_clip_norm\x18\x04 \x01(\x02\x12\x1b\n\x13num_training_rounds\x18\x05 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedcompute/proto/task_builder.proto\x12\x35google.ondevicepersonalization.federatedcompute.proto\x1a\x1d\x66\x65\x64\x63ompute/proto/common.proto\x1a\"fedcompute/proto/task_config.proto\x1a&fedcompute/proto/task_management.proto\"\x85\x02\n\x10\x42uildTaskRequest\x12\x42\n\x0bsaved_model\x18\x01 \x01(\x0b\x32-.google.internal.federatedcompute.v1.Resource\x12V\n\x0btask_config\x18\x02 \x01(\x0b\x32\x41.google.ondevicepersonalization.federatedcompute.proto.TaskConfig\x12U\n\x05\x66lags\x18\x03 \x01(\x0b\x32\x46.google.ondevicepersonalization.federatedcompute.proto.ExperimentFlags\"\x7f\n\x0f\x45xperimentFlags\x12\x1b\n\x13skip_flex_ops_check\x18\x01 \x01(\x08\x12\x15\n\rskip_dp_check\x18\x02 \x01(\x08\x12\x1a\n\x12skip_dp_aggregator\x18\x03 \x01(\x08\x12\x1c\n\x14non_private_test_run\x18\x64 \x01(\x08\"\xa5\x02\n\x11\x42uildTaskResponse\x12V\n\ntask_group\x18\x01 \x01(\x0b\x32@.google.ondevicepersonalization.federatedcompute.proto.TaskGroupH\x00\x12V\n\nerror_info\x18\x02 \x01(\x0b\x32@.google.ondevicepersonalization.federatedcompute.proto.ErrorInfoH\x00\x12V\n\x0btask_report\x18\x03 \x01(\x0b\x32\x41.google.ondevicepersonalization.federatedcompute.proto.TaskReportB\x08\n\x06result\"\xaf\x01\n\tTaskGroup\x12R\n\rtraining_task\x18\x01 \x01(\x0b\x32;.google.ondevicepersonalization.federatedcompute.proto.Task\x12N\n\teval_task\x18\x02 \x01(\x0b\x32;.google.ondevicepersonalization.federatedcompute.proto.Task\"m\n\tErrorType\"`\n\x04\x45num\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x13\n\x0fINVALID_REQUEST\x10\x01\x12\x19\n\x15TASK_MANAGEMENT_ERROR\x10\x02\x12\x1b\n\x17\x41RTIFACT_BUILDING_ERROR\x10\x03\"}\n\tErrorInfo\x12Y\n\nerror_type\x18\x01 \x01(\x0e\x32\x45.google.ondevicepersonalization.federatedcompute.proto.ErrorType.Enum\x12\x15\n\rerror_message\x18\x02 \x01(\t\"\xfa\x07\n\nTaskReport\x12o\n\x12\x61pplied_algorithms\x18\x01 \x01(\x0b\x32S.google.ondevicepersonalization.federatedcompute.proto.TaskReport.AppliedAlgorithms\x12g\n\x0emetric_results\x18\x03 \x01(\x0b\x32O.google.ondevicepersonalization.federatedcompute.proto.TaskReport.MetricResults\x12o\n\x12\x64p_hyperparameters\x18\x04 \x01(\x0b\x32S.google.ondevicepersonalization.federatedcompute.proto.TaskReport.DPHyperparameters\x12\x1b\n\x13privacy_assumptions\x18\x64 \x01(\t\x12\x1c\n\x14non_private_test_run\x18\x65 \x01(\x08\x1a\x97\x03\n\x11\x41ppliedAlgorithms\x12_\n\rlearning_algo\x18\x01 \x01(\x0e\x32H.google.ondevicepersonalization.federatedcompute.proto.LearningAlgo.Enum\x12_\n\x10\x63lient_optimizer\x18\x02 \x01(\x0e\x32\x45.google.ondevicepersonalization.federatedcompute.proto.Optimizer.Enum\x12_\n\x10server_optimizer\x18\x03 \x01(\x0e\x32\x45.google.ondevicepersonalization.federatedcompute.proto.Optimizer.Enum\x12_\n\rdp_aggregator\x18\x04 \x01(\x0e\x32H.google.ondevicepersonalization.federatedcompute.proto.DpAggregator.Enum\x1a\x43\n\rMetricResults\x12\x18\n\x10\x61\x63\x63\x65pted_metrics\x18\x01 \x01(\t\x12\x18\n\x10rejected_metrics\x18\x02 \x01(\t\x1a\x86\x01\n\x11\x44PHyperparameters\x12\x10\n\x08\x64p_delta\x18\x01 \x01(\x02\x12\x12\n\ndp_epsilon\x18\x02 \x01(\x02\x12\x18\n\x10noise_multiplier\x18\x03 \x01(\x02\x12\x14\n\x0c\x64p_clip_norm\x18\x04 \x01(\x02\x12\x1b\n\x13num_training_rounds\x18\x05 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -27,23 +27,23 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_BUILDTASKREQUEST']._serialized_start=202
   _globals['_BUILDTASKREQUEST']._serialized_end=463
   _globals['_EXPERIMENTFLAGS']._serialized_start=465
-  _globals['_EXPERIMENTFLAGS']._serialized_end=562
-  _globals['_BUILDTASKRESPONSE']._serialized_start=565
-  _globals['_BUILDTASKRESPONSE']._serialized_end=858
-  _globals['_TASKGROUP']._serialized_start=861
-  _globals['_TASKGROUP']._serialized_end=1036
-  _globals['_ERRORTYPE']._serialized_start=1038
-  _globals['_ERRORTYPE']._serialized_end=1147
-  _globals['_ERRORTYPE_ENUM']._serialized_start=1051
-  _globals['_ERRORTYPE_ENUM']._serialized_end=1147
-  _globals['_ERRORINFO']._serialized_start=1149
-  _globals['_ERRORINFO']._serialized_end=1274
-  _globals['_TASKREPORT']._serialized_start=1277
-  _globals['_TASKREPORT']._serialized_end=2236
-  _globals['_TASKREPORT_APPLIEDALGORITHMS']._serialized_start=1623
-  _globals['_TASKREPORT_APPLIEDALGORITHMS']._serialized_end=2030
-  _globals['_TASKREPORT_METRICRESULTS']._serialized_start=2032
-  _globals['_TASKREPORT_METRICRESULTS']._serialized_end=2099
-  _globals['_TASKREPORT_DPHYPERPARAMETERS']._serialized_start=2102
-  _globals['_TASKREPORT_DPHYPERPARAMETERS']._serialized_end=2236
+  _globals['_EXPERIMENTFLAGS']._serialized_end=592
+  _globals['_BUILDTASKRESPONSE']._serialized_start=595
+  _globals['_BUILDTASKRESPONSE']._serialized_end=888
+  _globals['_TASKGROUP']._serialized_start=891
+  _globals['_TASKGROUP']._serialized_end=1066
+  _globals['_ERRORTYPE']._serialized_start=1068
+  _globals['_ERRORTYPE']._serialized_end=1177
+  _globals['_ERRORTYPE_ENUM']._serialized_start=1081
+  _globals['_ERRORTYPE_ENUM']._serialized_end=1177
+  _globals['_ERRORINFO']._serialized_start=1179
+  _globals['_ERRORINFO']._serialized_end=1304
+  _globals['_TASKREPORT']._serialized_start=1307
+  _globals['_TASKREPORT']._serialized_end=2325
+  _globals['_TASKREPORT_APPLIEDALGORITHMS']._serialized_start=1712
+  _globals['_TASKREPORT_APPLIEDALGORITHMS']._serialized_end=2119
+  _globals['_TASKREPORT_METRICRESULTS']._serialized_start=2121
+  _globals['_TASKREPORT_METRICRESULTS']._serialized_end=2188
+  _globals['_TASKREPORT_DPHYPERPARAMETERS']._serialized_start=2191
+  _globals['_TASKREPORT_DPHYPERPARAMETERS']._serialized_end=2325
 # @@protoc_insertion_point(module_scope)

@@ -19,14 +19,16 @@ class BuildTaskRequest(_message.Message):
     def __init__(self, saved_model: _Optional[_Union[_common_pb2.Resource, _Mapping]] = ..., task_config: _Optional[_Union[_task_config_pb2.TaskConfig, _Mapping]] = ..., flags: _Optional[_Union[ExperimentFlags, _Mapping]] = ...) -> None: ...
 
 class ExperimentFlags(_message.Message):
-    __slots__ = ("skip_flex_ops_check", "skip_dp_check", "skip_dp_aggregator")
+    __slots__ = ("skip_flex_ops_check", "skip_dp_check", "skip_dp_aggregator", "non_private_test_run")
     SKIP_FLEX_OPS_CHECK_FIELD_NUMBER: _ClassVar[int]
     SKIP_DP_CHECK_FIELD_NUMBER: _ClassVar[int]
     SKIP_DP_AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    NON_PRIVATE_TEST_RUN_FIELD_NUMBER: _ClassVar[int]
     skip_flex_ops_check: bool
     skip_dp_check: bool
     skip_dp_aggregator: bool
-    def __init__(self, skip_flex_ops_check: bool = ..., skip_dp_check: bool = ..., skip_dp_aggregator: bool = ...) -> None: ...
+    non_private_test_run: bool
+    def __init__(self, skip_flex_ops_check: bool = ..., skip_dp_check: bool = ..., skip_dp_aggregator: bool = ..., non_private_test_run: bool = ...) -> None: ...
 
 class BuildTaskResponse(_message.Message):
     __slots__ = ("task_group", "error_info", "task_report")
@@ -69,7 +71,7 @@ class ErrorInfo(_message.Message):
     def __init__(self, error_type: _Optional[_Union[ErrorType.Enum, str]] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class TaskReport(_message.Message):
-    __slots__ = ("applied_algorithms", "metric_results", "dp_hyperparameters")
+    __slots__ = ("applied_algorithms", "metric_results", "dp_hyperparameters", "privacy_assumptions", "non_private_test_run")
     class AppliedAlgorithms(_message.Message):
         __slots__ = ("learning_algo", "client_optimizer", "server_optimizer", "dp_aggregator")
         LEARNING_ALGO_FIELD_NUMBER: _ClassVar[int]
@@ -104,7 +106,11 @@ class TaskReport(_message.Message):
     APPLIED_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     METRIC_RESULTS_FIELD_NUMBER: _ClassVar[int]
     DP_HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_ASSUMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NON_PRIVATE_TEST_RUN_FIELD_NUMBER: _ClassVar[int]
     applied_algorithms: TaskReport.AppliedAlgorithms
     metric_results: TaskReport.MetricResults
     dp_hyperparameters: TaskReport.DPHyperparameters
-    def __init__(self, applied_algorithms: _Optional[_Union[TaskReport.AppliedAlgorithms, _Mapping]] = ..., metric_results: _Optional[_Union[TaskReport.MetricResults, _Mapping]] = ..., dp_hyperparameters: _Optional[_Union[TaskReport.DPHyperparameters, _Mapping]] = ...) -> None: ...
+    privacy_assumptions: str
+    non_private_test_run: bool
+    def __init__(self, applied_algorithms: _Optional[_Union[TaskReport.AppliedAlgorithms, _Mapping]] = ..., metric_results: _Optional[_Union[TaskReport.MetricResults, _Mapping]] = ..., dp_hyperparameters: _Optional[_Union[TaskReport.DPHyperparameters, _Mapping]] = ..., privacy_assumptions: _Optional[str] = ..., non_private_test_run: bool = ...) -> None: ...

@@ -11,17 +11,17 @@ derived from the task's server-side secret and the round, and outputs are create
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedcompute import layout
-from fedcompute.errors import InvalidRequestError, PreconditionFailedError
+from fedcompute import layout, strict_json
+from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.learning.upload_contract import metric_statistics_spec, update_spec
 from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore, RoundEvents, TaskStore
@@ -39,6 +39,12 @@ if TYPE_CHECKING:
     from fedcompute.learning.server_round import NextStep
 
 log = logging.getLogger(__name__)
+
+MISSING_UPDATES = "server/aggregator/missing_updates"
+METRICS_OVERFLOWED = "server/aggregator/metrics_overflowed"
+# Updates read ahead of the one being summed (parallel reads; memory: this many updates).
+READ_AHEAD = 16
+
 
 @dataclass(frozen=True)
 class AggregationOutcome:
@@ -91,22 +97,34 @@ def aggregate_round(
     spec = update_spec(task)
     metric_spec = metric_statistics_spec(task.metrics)
 
+    faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
+    names = [layout.gradient_path(key.population, key.task_id, key.round_number, aid) for aid in accepted]
+
     def updates() -> Iterator[Any]:
-        for assignment_id in accepted:
-            name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
-            data = blobs.read(settings.gradient_bucket, name)
+        for name, data in read_ahead(blobs, settings.gradient_bucket, names):
+            if data is None:
+                # Accepted, then lost (deleted by hand, a lifecycle rule, a storage fault). The
+                # round goes on without it rather than failing on every redelivery. The divisor
+                # rule is the aggregator's usual one: with DP the report goal (a fixed
+                # denominator, so sensitivity and accounting are unchanged), without DP the
+                # number of updates summed.
+                faults[MISSING_UPDATES] += 1
+                log.error("accepted update %s is missing from storage: aggregated without it", name)
+                continue
             try:
                 yield decode_client_update(data, expected_spec=spec, expected_metric_spec=metric_spec)
             except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
                 log.error("skipping %s: %s", name, error)
 
+    finalize_task_metrics = server_round.task_metrics_finalizer(task.metrics)
     config = server_round.RoundConfig(
         report_goal=task.report_goal, optimizer=optimizer, dp=dp,
         noise_seed=server_round.round_noise_seed(phase, task.noise_secret, key.population, key.task_id,
                                                  key.round_number),
-        metrics_finalizer=server_round.task_metrics_finalizer(task.metrics))
+        metrics_finalizer=lambda sums: finalize_task_metrics(valid_metric_sums(task.metrics, sums, faults)))
     new_state, result, raw_metrics = server_round.server_round(previous, updates(), config)
     metrics = server_round.round_metrics(phase, key.round_number, task.metrics, result, raw_metrics)
+    metrics.update({name: float(count) for name, count in faults.items()})
 
     # Create-only writes: a re-run after a crash finds identical bytes already there.
     ckpt_bytes = checkpoint.encode_checkpoint(new_state, optimizer=optimizer,
@@ -120,7 +138,7 @@ def aggregate_round(
     blobs.write(settings.model_bucket, layout.client_checkpoint_path(key.population, key.task_id, key.round_number),
                 encode_bundle(client_weights), create_only=True)
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
-                json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
+                strict_json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
 
     task_changes, next_iteration = _task_changes(task, key, server_round.next_step(phase, key.round_number,
                                                                                    task.total_rounds), now())
@@ -148,13 +166,18 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     from fedcompute.learning.tensor_codec import decode_client_update
 
     metric_spec = metric_statistics_spec(task.metrics)
+    faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
     totals: dict[str, np.ndarray] = {}
     reports = excluded = 0
-    for assignment_id in sorted(store.accepted_ids(key)):  # the frozen accepted set
-        name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
+    names = [layout.gradient_path(key.population, key.task_id, key.round_number, aid)
+             for aid in sorted(store.accepted_ids(key))]  # the frozen accepted set
+    for name, data in read_ahead(blobs, settings.gradient_bucket, names):
+        if data is None:
+            faults[MISSING_UPDATES] += 1
+            log.error("accepted update %s is missing from storage: evaluated without it", name)
+            continue
         try:
-            update = decode_client_update(blobs.read(settings.gradient_bucket, name), expected_spec=[],
-                                          expected_metric_spec=metric_spec)
+            update = decode_client_update(data, expected_spec=[], expected_metric_spec=metric_spec)
         except InvalidRequestError as error:
             log.error("skipping %s: %s", name, error)
             continue
@@ -164,14 +187,65 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         reports += 1
         for stat, value in update.metric_statistics.items():
             totals[stat] = totals.get(stat, 0.0) + np.asarray(value, np.float64)
-    metrics = evaluation_metrics(task.metrics, totals, evaluated_round=iteration.evaluated_round, reports=reports,
-                                 excluded=excluded)
+    metrics = evaluation_metrics(task.metrics, valid_metric_sums(task.metrics, totals, faults),
+                                 evaluated_round=iteration.evaluated_round, reports=reports, excluded=excluded)
+    metrics.update({name: float(count) for name, count in faults.items()})
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
-                json.dumps(metrics).encode(), create_only=True, content_type="application/json")
+                strict_json.dumps(metrics).encode(), create_only=True, content_type="application/json")
     if store.finish_round(key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, {}, None):
         events.round_completed(key, task_status=task.status.value)
     delete_round_updates(blobs, settings, key)
     return AggregationOutcome("AGGREGATED", metrics, task.status.value)
+
+
+def read_ahead(blobs: BlobStore, bucket: str, names: Iterable[str],
+               window: int = READ_AHEAD) -> Iterator[tuple[str, bytes | None]]:
+    """``(name, bytes)`` in ``names`` order, read up to ``window`` objects ahead in threads;
+    None for an object that does not exist. The order (hence the float sum) is unchanged."""
+    pending: list[tuple[str, Any]] = []
+
+    def read(name: str) -> bytes | None:
+        try:
+            return blobs.read(bucket, name)
+        except NotFoundError:
+            return None
+
+    with ThreadPoolExecutor(window, thread_name_prefix="read-ahead") as pool:
+        for name in names:
+            pending.append((name, pool.submit(read, name)))
+            if len(pending) >= window:
+                first, future = pending.pop(0)
+                yield first, future.result()
+        for name, future in pending:
+            yield name, future.result()
+
+
+def valid_metric_sums(names: Iterable[str], sums: Mapping[str, np.ndarray],
+                      faults: dict[str, int]) -> dict[str, np.ndarray]:
+    """The summed statistics of the metrics that finalize; the others are dropped and counted.
+
+    Per-device statistics are finite when ingested, but their sum can still overflow
+    (e.g. 1e308 from two devices): that metric is left out of the round's metrics rather
+    than failing the round, which would leave it AGGREGATING on every redelivery.
+    """
+    from fedcompute.learning import metric_stats
+
+    by_metric: dict[str, dict[str, np.ndarray]] = {}
+    for flat_name, array in sums.items():
+        by_metric.setdefault(flat_name.rpartition(metric_stats.STAT_SEPARATOR)[0], {})[flat_name] = array
+    valid: dict[str, np.ndarray] = {}
+    for metric in names:
+        if metric not in by_metric:
+            continue
+        try:
+            stats = metric_stats.unflatten_stats(by_metric[metric])[metric]
+            float(metric_stats.finalize(metric, stats))
+        except (InvalidRequestError, ArithmeticError, ValueError) as error:
+            faults[METRICS_OVERFLOWED] += 1
+            log.error("metric %s left out of the round: its summed statistics are invalid (%s)", metric, error)
+            continue
+        valid.update(by_metric[metric])
+    return valid
 
 
 def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) -> int:

@@ -2,6 +2,15 @@
 
 Light: no TensorFlow, no protobuf-building here (the function's ``main.py`` converts to
 and from the wire messages).
+
+Check-in is O(1): a per-process :class:`CheckInCache` holds each population's open rounds
+(one query of the OPEN tasks and one read of their rounds, refreshed every ``ttl_s``; the
+population's task history is never listed), their download URLs (signed once per round,
+re-signed well before they expire), the slot-counter shards found exhausted and a "full"
+mark. The common path is then the store's slot claim: one counter increment and one batch
+creating the slot and the assignment (2 Firestore calls); a full round is rejected from
+the cache with none. A cache at most ``ttl_s`` stale can assign a device to a round that
+just closed: its report-result is then refused as for any device that trained too late.
 """
 from __future__ import annotations
 
@@ -25,7 +34,6 @@ from fedcompute.tasks.records import (
     RoundKey,
     TaskKind,
     TaskRecord,
-    TaskStatus,
     client_version_allowed,
     status_after_report,
 )
@@ -46,8 +54,66 @@ RETRY_WINDOWS: dict[RejectionReason, tuple[int, int]] = {
     RejectionReason.NO_ACTIVE_TASK_EXISTS: (DAY, 2 * DAY),
 }
 
-# How many random free slots a check-in tries before listing the claimed ones.
-_SLOT_PROBES = 6
+
+
+@dataclass
+class _OpenRound:
+    task: TaskRecord
+    iteration: IterationRecord | None  # None: an open task whose round is not created yet
+    exhausted: frozenset[int] = frozenset()  # slot-counter shards known exhausted
+    full_until: float = 0.0  # "round full" known until then (re-checked after: slots get released)
+
+
+@dataclass
+class _Population:
+    rounds: list[_OpenRound]
+    fetched: float
+
+
+class CheckInCache:
+    """What check-in needs to know about a population's open rounds, kept per process.
+
+    Thread-safe enough for functions-framework's threads: entries are replaced whole, and
+    the worst a race does is one extra refresh or one extra probe of an exhausted shard.
+    """
+
+    def __init__(self, *, ttl_s: float = 2.0, url_max_age_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.url_max_age_s, self.clock = ttl_s, url_max_age_s, clock
+        self._populations: dict[str, _Population] = {}
+        self._urls: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def open_rounds(self, store: TaskStore, population: str, *, refresh: bool = False) -> list[_OpenRound]:
+        t = self.clock()
+        entry = self._populations.get(population)
+        if refresh or entry is None or t - entry.fetched >= self.ttl_s:
+            previous = {(r.task.task_id, r.task.current_round): r for r in (entry.rounds if entry else [])}
+            rounds = []
+            for task, iteration in store.open_rounds(population):
+                known = previous.get((task.task_id, task.current_round)) if iteration is not None else None
+                rounds.append(_OpenRound(task, iteration, known.exhausted if known else frozenset()))
+            entry = _Population(rounds, t)
+            self._populations[population] = entry
+        return entry.rounds
+
+    def url(self, blobs: BlobStore, bucket: str, name: str) -> str:
+        """A download URL, signed at most once per ``url_max_age_s`` (well inside its 15-minute life)."""
+        t = self.clock()
+        cached = self._urls.get((bucket, name))
+        if cached is not None and t - cached[1] < self.url_max_age_s:
+            return cached[0]
+        if len(self._urls) > 1024:  # old rounds' URLs: bounded memory
+            self._urls.clear()
+        url = blobs.download_url(bucket, name)
+        self._urls[(bucket, name)] = (url, t)
+        return url
+
+    def mark_full(self, round_: _OpenRound, exhausted: frozenset[int]) -> None:
+        round_.exhausted = exhausted
+        round_.full_until = self.clock() + self.ttl_s
+
+    def is_full(self, round_: _OpenRound) -> bool:
+        return self.clock() < round_.full_until
 
 
 @dataclass(frozen=True)
@@ -91,6 +157,16 @@ class UploadInstruction:
     upload_location: str
     extra_request_headers: dict[str, str]
     object_name: str
+    gzip: bool = False  # the device gzips its update (the wire's compression_format)
+
+
+# Float model deltas barely compress (gzip level 1 saved 7 % of the seed CNN's 6.2 MB
+# update) while inflating cost the aggregator more than half of its time per update, so
+# uploads are raw unless FEDCOMPUTE_UPLOAD_GZIP=1 asks for gzip.
+def upload_gzip_enabled() -> bool:
+    import os
+
+    return os.environ.get("FEDCOMPUTE_UPLOAD_GZIP", "0") == "1"
 
 
 def validate_version_code(version: str) -> str:
@@ -112,35 +188,52 @@ def create_task_assignment(
     *,
     rng: random.Random | None = None,
     now: Callable[[], float] = time.time,
+    cache: CheckInCache | None = None,
 ) -> Assignment | Rejection:
     """Assign a device to an open round of the population, or say why not."""
     rng = rng or random.Random()
+    cache = cache or CheckInCache(ttl_s=0.0)
     validate_version_code(request.client_version)
-    tasks = [t for t in store.list_tasks(request.population) if t.status == TaskStatus.OPEN]
-    if not tasks:
+    result = _check_in(store, blobs, settings, request, rng, now, cache)
+    if isinstance(result, _Stale):  # the round closed since the cache read it: look again, once
+        result = _check_in(store, blobs, settings, request, rng, now, cache, refresh=True)
+    return result if not isinstance(result, _Stale) else Rejection(RejectionReason.NO_TASK_AVAILABLE,
+                                                                  "no round is collecting right now")
+
+
+class _Stale:
+    """The cached view of the population is out of date."""
+
+
+def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: CheckIn, rng: random.Random,
+              now: Callable[[], float], cache: CheckInCache, *, refresh: bool = False) -> Assignment | Rejection | _Stale:
+    rounds = cache.open_rounds(store, request.population, refresh=refresh)
+    if not rounds:
+        if not refresh and cache.ttl_s > 0:
+            return _Stale()
         return Rejection(RejectionReason.NO_ACTIVE_TASK_EXISTS, f"population {request.population!r} has no open task")
-    eligible = [t for t in tasks if client_version_allowed(request.client_version, t.min_client_version, t.max_client_version)]
+    eligible = [r for r in rounds
+                if client_version_allowed(request.client_version, r.task.min_client_version, r.task.max_client_version)]
     if not eligible:
         return Rejection(
             RejectionReason.CLIENT_VERSION_MISMATCH,
             f"version {request.client_version} is outside every open task's range",
         )
-    candidates: list[tuple[TaskRecord, IterationRecord]] = []
-    for task in eligible:
-        iteration = store.get_iteration(RoundKey(task.population, task.task_id, task.current_round))
-        if iteration is not None and iteration.status == IterationStatus.COLLECTING and task.traffic_weight > 0:
-            candidates.append((task, iteration))
+    candidates = [r for r in eligible if r.iteration is not None
+                  and r.iteration.status == IterationStatus.COLLECTING and r.task.traffic_weight > 0]
     if not candidates:
+        if not refresh and cache.ttl_s > 0:
+            return _Stale()  # between rounds: the next one may have opened since the cache read
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, "no round is collecting right now")
     # ODP's traffic split: one weighted pick among the open rounds; a full round rejects.
-    task, iteration = rng.choices(candidates, weights=[t.traffic_weight for t, _ in candidates], k=1)[0]
-    key = RoundKey(task.population, task.task_id, iteration.round_number)
-    assignment_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    slot = _claim_slot(store, key, iteration.max_assignments, assignment_id, rng)
-    if slot is None:
+    chosen = rng.choices(candidates, weights=[r.task.traffic_weight for r in candidates], k=1)[0]
+    task, iteration = chosen.task, chosen.iteration
+    assert iteration is not None
+    if cache.is_full(chosen):
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
+    assignment_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
     t = now()
-    store.create_assignment(
+    claim = store.claim_assignment(
         AssignmentRecord(
             assignment_id=assignment_id,
             population=task.population,
@@ -148,19 +241,26 @@ def create_task_assignment(
             round_number=iteration.round_number,
             status=AssignmentStatus.ASSIGNED,
             client_version=request.client_version,
-            slot=slot,
+            slot=-1,
             created_time=t,
             updated_time=t,
-        )
+        ),
+        iteration.max_assignments, exhausted=chosen.exhausted, rng=rng,
     )
+    if claim.round_stopped:
+        return _Stale()
+    if claim.record is None:
+        cache.mark_full(chosen, claim.exhausted)
+        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
+    chosen.exhausted = claim.exhausted
     return Assignment(
         population=task.population,
         task_id=task.task_id,
         round_number=iteration.round_number,
         assignment_id=assignment_id,
         kind=task.kind,
-        plan_url=blobs.download_url(settings.model_bucket, _plan_object(task)),
-        checkpoint_url=blobs.download_url(settings.model_bucket, _checkpoint_object(task, iteration)),
+        plan_url=cache.url(blobs, settings.model_bucket, _plan_object(task)),
+        checkpoint_url=cache.url(blobs, settings.model_bucket, _checkpoint_object(task, iteration)),
         min_separation=task.min_separation,
     )
 
@@ -175,22 +275,6 @@ def _checkpoint_object(task: TaskRecord, iteration: IterationRecord) -> str:
     if task.kind == TaskKind.EVALUATION:
         return layout.client_checkpoint_path(task.source_population, task.source_task_id, iteration.evaluated_round)
     return layout.client_checkpoint_path(task.population, task.task_id, iteration.round_number - 1)
-
-
-def _claim_slot(store: TaskStore, key: RoundKey, capacity: int, assignment_id: str, rng: random.Random) -> int | None:
-    """Claim one of ``capacity`` slot documents with create-if-absent; None when full."""
-    if capacity <= 0:
-        return None
-    for slot in rng.sample(range(capacity), k=min(_SLOT_PROBES, capacity)):
-        if store.claim_slot(key, slot, assignment_id):
-            return slot
-    claimed = store.claimed_slots(key)  # one listing (not one per slot)
-    free = [s for s in range(capacity) if s not in claimed]
-    rng.shuffle(free)
-    for slot in free:
-        if store.claim_slot(key, slot, assignment_id):
-            return slot
-    return None
 
 
 def report_result(
@@ -231,5 +315,6 @@ def report_result(
             if current is None or current.status != AssignmentStatus.LOCAL_COMPLETED:
                 raise
     object_name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
-    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name)
-    return UploadInstruction(upload_location=url, extra_request_headers=headers, object_name=object_name)
+    gzip = upload_gzip_enabled()
+    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name, gzip=gzip)
+    return UploadInstruction(upload_location=url, extra_request_headers=headers, object_name=object_name, gzip=gzip)

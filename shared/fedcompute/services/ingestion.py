@@ -1,7 +1,11 @@
 """Result ingestion: count each device upload exactly once and close the round at its goal.
 
 Triggered by the storage object-finalize event. Light: no TensorFlow (uploads are checked
-with the numpy/protobuf codec).
+with the numpy/protobuf codec). O(1) per upload: one read of task, round and assignment,
+the object read and its structural check, then the store's accept (an atomic counter
+increment and one batch; see :mod:`fedcompute.adapters.firestore_store`). Exactly ``report_goal``
+uploads are accepted: the surplus is rejected as LATE_UPLOAD, so the aggregator's divisor
+(the report goal) is the number of reports summed and DP accounting is unchanged.
 """
 from __future__ import annotations
 
@@ -14,7 +18,18 @@ from fedcompute import layout
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import ACCEPTED, DUPLICATE, NOT_UPLOADABLE, ROUND_CLOSED, AssignmentStatus, IterationStatus, RoundKey, TaskRecord, TaskStatus
+from fedcompute.tasks.records import (
+    ACCEPTED,
+    DUPLICATE,
+    NOT_UPLOADABLE,
+    ROUND_CLOSED,
+    AssignmentStatus,
+    IterationRecord,
+    IterationStatus,
+    RoundKey,
+    TaskRecord,
+    TaskStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +62,6 @@ class ObjectFinalized:
 class IngestionResult:
     outcome: str
     reason: str = ""
-    count: int = 0
     round_closed: bool = False
 
 
@@ -69,20 +83,16 @@ def ingest_upload(
     if parsed is None:
         return _ignored(OUTCOME_FOREIGN, f"{event.name!r} is not {{pop}}/{{task}}/{{round}}/d/{{assignment}}/gradient")
     key = RoundKey(parsed.population, parsed.task_id, parsed.round_number)
-    task = store.get_task(parsed.population, parsed.task_id)
-    iteration = store.get_iteration(key) if task else None
+    task, iteration, assignment = store.get_upload_context(key, parsed.assignment_id)
     if task is None or iteration is None:
         return _ignored(OUTCOME_FOREIGN, f"no round {key.round_number} of task {key.population}/{key.task_id}")
-    assignment = store.get_assignment(key, parsed.assignment_id)
     if assignment is None:
         return _reject(store, key, event, OUTCOME_UNKNOWN_ASSIGNMENT, f"no assignment {parsed.assignment_id}", now)
     if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
-        # A redelivery. If the round closed, settle whether the first delivery counted
-        # (it may have crashed between accepting and finding out it was too late).
-        if iteration.status != IterationStatus.COLLECTING and store.accept_upload(key, parsed.assignment_id) == ROUND_CLOSED:
-            return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} closed before it counted", now)
-        count, closed = _close_if_goal_reached(store, events, task, key, now, repair=True)
-        return IngestionResult(OUTCOME_DUPLICATE, "already counted", count, closed)
+        # A redelivery: it counted. Repair a crash of the first delivery between filling
+        # the last position and closing (or publishing).
+        closed = _close_if_full(store, events, key, iteration, now)
+        return IngestionResult(OUTCOME_DUPLICATE, "already counted", round_closed=closed)
     if iteration.status != IterationStatus.COLLECTING:
         return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {iteration.status.value}", now)
     # After the duplicate and late checks: a redelivery keeps its first verdict after the task ends.
@@ -103,48 +113,52 @@ def ingest_upload(
         validate(data, task)
     except InvalidRequestError as error:
         return _invalid(store, key, event, assignment.slot, str(error), now)
-    outcome = store.accept_upload(key, parsed.assignment_id)
-    if outcome == ROUND_CLOSED:
-        return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} closed meanwhile", now)
-    if outcome == NOT_UPLOADABLE:
+    result = store.accept_upload(key, parsed.assignment_id)
+    if result.outcome == ROUND_CLOSED:
+        return _reject(store, key, event, OUTCOME_LATE,
+                       f"round {key.round_number} reached its goal ({task.report_goal}) or closed meanwhile", now)
+    closed = close_round(store, events, key, now) if result.round_full else False
+    if result.outcome == NOT_UPLOADABLE:
         return _reject(store, key, event, OUTCOME_NOT_UPLOADABLE, "assignment changed meanwhile", now)
-    count, closed = _close_if_goal_reached(store, events, task, key, now, repair=outcome == DUPLICATE)
-    if outcome == DUPLICATE:
-        return IngestionResult(OUTCOME_DUPLICATE, "already counted", count, closed)
-    assert outcome == ACCEPTED
-    log.info("accepted %s (%d/%d)", event.name, count, task.report_goal)
-    return IngestionResult(OUTCOME_ACCEPTED, "", count, closed)
+    if result.outcome == DUPLICATE:
+        return IngestionResult(OUTCOME_DUPLICATE, "already counted", round_closed=closed)
+    assert result.outcome == ACCEPTED
+    log.info("accepted %s (goal %d)", event.name, task.report_goal)
+    return IngestionResult(OUTCOME_ACCEPTED, "", round_closed=closed)
 
 
-def _close_if_goal_reached(
-    store: TaskStore, events: RoundEvents, task: TaskRecord, key: RoundKey, now: Callable[[], float],
-    *, repair: bool = False,
-) -> tuple[int, bool]:
-    """Close the round once the accepted count reaches the goal; publish round-ready.
+def _close_if_full(store: TaskStore, events: RoundEvents, key: RoundKey, iteration: IterationRecord,
+                   now: Callable[[], float]) -> bool:
+    """Close a COLLECTING round whose accept positions are all filled; publish a pending round-ready."""
+    if iteration.status == IterationStatus.COLLECTING:
+        if not store.acceptance_state(key, iteration.report_goal).full:
+            return False
+        return close_round(store, events, key, now)
+    publish_pending_round_ready(store, events, key)
+    return True
 
-    Exactly one caller wins the COLLECTING -> AGGREGATING flip (a conditional write) and
-    then freezes the round's accepted set (:meth:`TaskStore.accepted_ids`). Publishing
-    comes after the flip and is recorded with ``round_ready_published``; a crash between the
-    two is repaired by a redelivered upload event (``repair``: the duplicate path) and by
-    the scheduler tick (:func:`publish_pending_round_ready`). Callers that lose the flip to
-    a concurrent one leave publishing to the winner: each extra round-ready runs a whole
-    aggregation (idempotent, so a duplicate is harmless, only wasteful).
+
+def close_round(store: TaskStore, events: RoundEvents, key: RoundKey, now: Callable[[], float],
+                 reason: str = "") -> bool:
+    """Flip the round COLLECTING -> AGGREGATING and publish round-ready.
+
+    Exactly one caller wins the flip (a conditional write). Publishing comes after it and
+    is recorded with ``round_ready_published``; a crash between the two is repaired by a
+    redelivered upload event (the duplicate path) and by the scheduler tick
+    (:func:`publish_pending_round_ready`). Each extra round-ready would run a whole
+    aggregation (idempotent, so only wasteful): only the winner publishes here.
     """
-    count = store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)
-    if count < task.report_goal:
-        return count, False
-    won = False
+    changes: dict[str, object] = {"status": IterationStatus.AGGREGATING, "aggregating_time": now()}
+    if reason:
+        changes["status_reason"] = reason
     try:
-        store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now()},
-                               expected=[IterationStatus.COLLECTING])
-        won = True
-        log.info("round %s/%s/%s reached its goal (%d): closed", key.population, key.task_id, key.round_number, count)
-        store.accepted_ids(key)  # freeze now: uploads still in flight count only if already written
+        store.update_iteration(key, changes, expected=[IterationStatus.COLLECTING])
     except PreconditionFailedError:
-        pass  # another instance closed it (and publishes round-ready)
-    if won or repair:
-        publish_pending_round_ready(store, events, key)
-    return count, True
+        return True  # another instance closed it (and publishes round-ready)
+    log.info("round %s/%s/%s reached its goal: closed%s", key.population, key.task_id, key.round_number,
+             f" ({reason})" if reason else "")
+    publish_pending_round_ready(store, events, key)
+    return True
 
 
 def publish_pending_round_ready(store: TaskStore, events: RoundEvents, key: RoundKey) -> bool:

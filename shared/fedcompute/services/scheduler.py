@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from fedcompute.config.spec import parse_checkpoint_selector
 from fedcompute.errors import InvariantError, PreconditionFailedError
 from fedcompute.ports import RoundEvents, TaskStore
-from fedcompute.services.ingestion import publish_pending_round_ready
+from fedcompute.services.ingestion import close_round, publish_pending_round_ready
 from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationRecord,
@@ -35,6 +35,9 @@ class Timeouts:
     local_training: float = 15 * 60
     upload: float = 15 * 60
     aggregation: float = 30 * 60
+    # How long every accept position may stay handed out but unfilled (an ingestion that
+    # crashed holding one) before the round closes without it: the ingestion timeout.
+    ingestion: float = 10 * 60
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Timeouts:
@@ -47,6 +50,7 @@ class Timeouts:
             local_training=float(e.get("FEDCOMPUTE_LOCAL_TRAINING_TIMEOUT_S", default.local_training)),
             upload=float(e.get("FEDCOMPUTE_UPLOAD_TIMEOUT_S", default.upload)),
             aggregation=float(e.get("FEDCOMPUTE_AGGREGATION_TIMEOUT_S", default.aggregation)),
+            ingestion=float(e.get("FEDCOMPUTE_INGESTION_TIMEOUT_S", default.ingestion)),
         )
 
 
@@ -55,6 +59,7 @@ class TickReport:
     local_timeouts: int = 0
     upload_timeouts: int = 0
     republished: list[RoundKey] = field(default_factory=list)
+    closed: list[RoundKey] = field(default_factory=list)
     evaluations_opened: list[RoundKey] = field(default_factory=list)
     evaluations_completed: list[tuple[str, int]] = field(default_factory=list)
 
@@ -86,6 +91,8 @@ def tick(
                     t - timeouts.local_training, report, "local_timeouts")
             _expire(store, key, AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOAD_TIMEOUT,
                     t - timeouts.upload, report, "upload_timeouts")
+            if _close_full_or_stalled(store, events, key, iteration, timeouts, t):
+                report.closed.append(key)
         elif iteration.status == IterationStatus.AGGREGATING:
             if publish_pending_round_ready(store, events, key):
                 report.republished.append(key)
@@ -96,6 +103,33 @@ def tick(
                 events.round_ready(key)
                 report.republished.append(key)
     return report
+
+
+def _close_full_or_stalled(store: TaskStore, events: RoundEvents, key: RoundKey, iteration: IterationRecord,
+                           timeouts: Timeouts, t: float) -> bool:
+    """Repair a collecting round ingestion left behind (one read of its accept counters).
+
+    Full (every position filled) but still collecting: the closer crashed, close it now.
+    Every position handed out but some never filled for ``timeouts.ingestion``: an
+    ingestion crashed holding one; close the round, the accepted set voids the empty ones.
+    """
+    state = store.acceptance_state(key, iteration.report_goal)
+    if state.full:
+        return close_round(store, events, key, lambda: t)
+    if not state.issued_all:
+        return False
+    if not iteration.stalled_time:
+        try:
+            store.update_iteration(key, {"stalled_time": t}, expected=[IterationStatus.COLLECTING])
+        except PreconditionFailedError:
+            pass
+        return False
+    if t - iteration.stalled_time < timeouts.ingestion:
+        return False
+    log.warning("round %s: accept positions unfilled for %.0f s: closing without them", key,
+                t - iteration.stalled_time)
+    return close_round(store, events, key, lambda: t, reason="closed with accept positions left empty by "
+                       "crashed ingestions")
 
 
 def _expire(store: TaskStore, key: RoundKey, current: AssignmentStatus, timed_out: AssignmentStatus,

@@ -19,6 +19,7 @@ from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore, TaskStore
+from fedcompute.privacy.disclosure import redact_dp
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -179,7 +180,8 @@ def open_task(
         "update_spec": [] if task.kind == TaskKind.EVALUATION else
         [TensorSpecRecord(w.name, w.shape, w.dtype).to_dict() for w in phase.update_spec],
         "metrics": list(phase.metrics),
-        "dp": {**phase.dp.to_dict(), "target_epsilon": phase.target_epsilon, "delta": phase.delta,
+        # Never the noise seed: the task record's fields reach the dashboard.
+        "dp": {**redact_dp(phase.dp.to_dict()), "target_epsilon": phase.target_epsilon, "delta": phase.delta,
                "population_size": phase.population_size},
     }
     if task.kind == TaskKind.TRAINING:

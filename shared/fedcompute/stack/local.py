@@ -15,6 +15,12 @@
    on each dead-letter topic (same name as the topic) for inspection, and a pull
    subscription named after every topic that has no push subscriber (``round-completed``).
 
+Data is durable: fake-gcs-server keeps objects under ``state_dir/gcs-data`` (filesystem
+backend); ``stop()`` exports the Firestore emulator's documents to ``state_dir/firestore-data``
+and the next ``start()`` imports them, so a stopped stack resumes with every task,
+checkpoint and metric (``make clean`` deletes the state dir). Pub/Sub messages in flight
+are not kept: the scheduler re-drives rounds from Firestore.
+
 State (pids, ports, URLs) goes to ``state_dir/stack.json`` and ``state_dir/stack.env``,
 logs to ``state_dir/logs/<component>.log``; ``stop()`` works from any process that can
 read the state file. The Pub/Sub emulator honours dead-letter policies (measured: a
@@ -241,6 +247,22 @@ class LocalStack:
         return self.state_dir / ENV_FILE
 
     @property
+    def gcs_data_dir(self) -> Path:
+        """fake-gcs-server's filesystem root: every bucket and object of the stack."""
+        return self.state_dir / "gcs-data"
+
+    @property
+    def firestore_data_dir(self) -> Path:
+        """Firestore exports (the newest one is imported at start)."""
+        return self.state_dir / "firestore-data"
+
+    def latest_firestore_export(self) -> Path | None:
+        """The metadata file of the newest complete Firestore export, if any."""
+        exports = sorted(self.firestore_data_dir.glob("firestore_export_*/*.overall_export_metadata"),
+                         key=lambda p: int(p.parent.name.rsplit("_", 1)[-1]))
+        return exports[-1] if exports else None
+
+    @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
 
@@ -439,7 +461,9 @@ class LocalStack:
         if self.api_key:
             env[API_KEY_ENV] = self.api_key  # the functions require it; never written to the env file
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log files as they happen
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # TensorFlow's C++ logging writes plain-text lines (even at import): off, so function logs
+        # are JSON only; failures still surface as Python exceptions, logged as JSON.
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
         env["CLOUDSDK_CORE_DISABLE_PROMPTS"] = "1"
         no_proxy = ",".join(x for x in (env.get("NO_PROXY") or env.get("no_proxy"), "127.0.0.1,localhost") if x)
         env["NO_PROXY"] = env["no_proxy"] = no_proxy
@@ -447,7 +471,9 @@ class LocalStack:
 
     def _command(self, comp: Component, topics: Topics) -> tuple[list[str], Path | None]:
         if comp.name == "firestore":
-            return [self._gcloud(), "emulators", "firestore", "start", f"--host-port={HOST}:{comp.port}"], None
+            command = [self._gcloud(), "emulators", "firestore", "start", f"--host-port={HOST}:{comp.port}"]
+            export = self.latest_firestore_export()
+            return command + ([f"--import-data={export}"] if export else []), None
         if comp.name == "pubsub":
             data_dir = self.state_dir / "pubsub-data"
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -457,7 +483,8 @@ class LocalStack:
             ], None
         if comp.name == "gcs":
             return [
-                str(fake_gcs_server_binary()), "-scheme", "http", "-backend", "memory",
+                str(fake_gcs_server_binary()), "-scheme", "http",
+                "-backend", "filesystem", "-filesystem-root", str(self.gcs_data_dir),
                 "-host", HOST, "-port", str(comp.port),
                 "-external-url", comp.url, "-public-host", f"{HOST}:{comp.port}",
                 "-event.pubsub-project-id", self.project, "-event.pubsub-topic", topics.gcs_notifications,
@@ -648,6 +675,9 @@ class LocalStack:
             self._last_state = state
             comps = self._components(state)
             stopped = [c.name for c in comps if (ref := c.ref()) is not None and ref.alive()]
+            firestore = next((c for c in comps if c.name == "firestore" and "firestore" in stopped), None)
+            if firestore is not None and state.get("complete"):
+                self._export_firestore(firestore, state.get("project", self.project))
             # SIGINT to the gunicorn arbiter only is its quick shutdown (~0.7 s; it stops its
             # worker itself). SIGTERM waits ~3 s for idle keep-alives, and a signal to the
             # whole group sometimes leaves the worker hanging. The emulators' wrappers (with
@@ -681,6 +711,29 @@ class LocalStack:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         return stopped
+
+
+    def _export_firestore(self, firestore: Component, project: str) -> None:
+        """Export every document to a new directory under firestore_data_dir; keep only the newest export.
+
+        The emulator writes ``firestore_export_<seconds>/``; an export that fails leaves the
+        previous one in place (and says so on stderr), so a stop never loses older data.
+        """
+        self.firestore_data_dir.mkdir(parents=True, exist_ok=True)
+        previous = self.latest_firestore_export()
+        try:
+            r = self._http.post(f"{firestore.url}/emulator/v1/projects/{project}:export", timeout=120,
+                                json={"database": f"projects/{project}/databases/(default)",
+                                      "export_directory": str(self.firestore_data_dir)})
+            r.raise_for_status()
+        except requests.RequestException as error:
+            print(f"warning: the Firestore export to {self.firestore_data_dir} failed ({error}); "
+                  f"the next start imports {previous or 'nothing'}", file=sys.stderr)
+            return
+        latest = self.latest_firestore_export()
+        for old in self.firestore_data_dir.glob("firestore_export_*"):
+            if latest is not None and old != latest.parent:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 class PubSubAdmin:

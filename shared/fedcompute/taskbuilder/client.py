@@ -21,6 +21,7 @@ import threading
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from fedcompute.errors import ConfigError, FedComputeError
 
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="task_builder_client",
         description="Build a federated learning task (training + evaluation) on a fedcompute server.",
     )
+    from fedcompute import __version__
+
+    parser.add_argument("--version", action="version", version=f"task_builder_client (fedcompute {__version__})")
     parser.add_argument("--task_builder_server", default=os.environ.get("FEDCOMPUTE_TASK_BUILDER_URL", DEFAULT_SERVER),
                         help=f"task builder endpoint (default {DEFAULT_SERVER}, the local stack)")
     parser.add_argument("--saved_model", required=True,
@@ -55,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task_config", required=True, help="task config (protobuf text format or JSON)")
     for flag, text in (("--build_artifact_only", "build and upload the artifacts, create no task"),
                        ("--skip_flex_ops_check", "skip the TFLite flex-ops check"),
-                       ("--skip_dp_check", "build even if epsilon exceeds dp_target_epsilon")):
+                       ("--skip_dp_check", "build even if epsilon exceeds dp_target_epsilon"),
+                       ("--non_private_test_run", "allow differential_privacy.noise_seed: a reproducible test run "
+                                                  "whose epsilon is not a guarantee (printed in the report)")):
         parser.add_argument(flag, nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL", help=text)
     parser.add_argument("--population_name", default="", help="override the config's population_name")
     parser.add_argument("--api_key", default=os.environ.get("FEDCOMPUTE_API_KEY", ""),
@@ -143,43 +149,84 @@ def _post_with_progress(url: str, body: bytes, headers: dict[str, str], timeout:
                     bar.refresh()
 
 
-def run(args: argparse.Namespace) -> int:
-    import requests
-    from google.protobuf import json_format
+class BuildRefused(FedComputeError):
+    """The task builder answered with an HTTP error (``http_status`` is its status)."""
 
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"task builder answered HTTP {status}: {message}")
+        self.http_status = status
+
+
+def build_request(task_config: str | os.PathLike[str], saved_model: str, *, population_name: str = "",
+                  skip_flex_ops_check: bool = False, skip_dp_check: bool = False,
+                  non_private_test_run: bool = False) -> tuple[Any, list[Any]]:
+    """The ``BuildTaskRequest`` for a config file and a model, and the config's warnings.
+
+    The config is validated locally first. Raises:
+        ConfigError: the config or the model path is invalid (the message names the field and the fix).
+    """
     from fedcompute.config import load_config_document, validate_task_config
     from fedcompute.proto import task_builder_pb2
-    from fedcompute.taskbuilder.service import report_to_text
 
-    document = load_config_document(args.task_config)
+    document = load_config_document(os.fspath(task_config))
     config = document.config
-    if args.population_name:
-        config.population_name = args.population_name
+    if population_name:
+        config.population_name = population_name
     validated = validate_task_config(document)  # errors name the line and the fix
-    for warning in validated.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    request = task_builder_pb2.BuildTaskRequest(saved_model=model_resource(args.saved_model))
+    request = task_builder_pb2.BuildTaskRequest(saved_model=model_resource(saved_model))
     request.task_config.CopyFrom(config)
-    request.flags.skip_flex_ops_check = args.skip_flex_ops_check
-    request.flags.skip_dp_check = args.skip_dp_check
-    verb = "build-artifacts" if args.build_artifact_only else "build-task-group"
-    url = f"{args.task_builder_server.rstrip('/')}/taskbuilder/v1:{verb}"
+    request.flags.skip_flex_ops_check = skip_flex_ops_check
+    request.flags.skip_dp_check = skip_dp_check
+    request.flags.non_private_test_run = non_private_test_run
+    return request, list(validated.warnings)
+
+
+def post_build(server: str, request: Any, *, build_artifact_only: bool = False, api_key: str = "",
+               timeout: float = 900.0) -> Any:
+    """POST ``request`` to the task builder; returns the ``BuildTaskResponse``.
+
+    Raises:
+        FedComputeError: the server is unreachable. BuildRefused: it answered an HTTP error.
+    """
+    import requests
+
+    from fedcompute.proto import task_builder_pb2
+
+    verb = "build-artifacts" if build_artifact_only else "build-task-group"
+    url = f"{server.rstrip('/')}/taskbuilder/v1:{verb}"
     headers = {"content-type": "application/x-protobuf", "accept": "application/x-protobuf"}
-    if args.api_key:
-        headers["x-api-key"] = args.api_key
+    if api_key:
+        headers["x-api-key"] = api_key
     try:
-        http = _post_with_progress(url, request.SerializeToString(), headers, args.timeout)
+        http = _post_with_progress(url, request.SerializeToString(), headers, timeout)
     except requests.RequestException as error:
-        raise FedComputeError(f"cannot reach the task builder at {args.task_builder_server}: {error}",
+        raise FedComputeError(f"cannot reach the task builder at {server}: {error}",
                               hint="start the local stack with `make up`, or pass --task_builder_server") from error
     if http.headers.get("content-type", "").startswith("application/json") and http.status_code >= 400:
         try:
             message = http.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = http.text[:500]
-        print(f"error: task builder answered HTTP {http.status_code}: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT if http.status_code in (400, 401, 413, 415) else EXIT_BUILD_FAILED
-    response = task_builder_pb2.BuildTaskResponse.FromString(http.content)
+        raise BuildRefused(http.status_code, message)
+    return task_builder_pb2.BuildTaskResponse.FromString(http.content)
+
+
+def run(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from fedcompute.taskbuilder.service import report_to_text
+
+    request, warnings = build_request(args.task_config, args.saved_model, population_name=args.population_name,
+                                      skip_flex_ops_check=args.skip_flex_ops_check, skip_dp_check=args.skip_dp_check,
+                                      non_private_test_run=args.non_private_test_run)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    try:
+        response = post_build(args.task_builder_server, request, build_artifact_only=args.build_artifact_only,
+                              api_key=args.api_key, timeout=args.timeout)
+    except BuildRefused as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT if error.http_status in (400, 401, 413, 415) else EXIT_BUILD_FAILED
     if args.output == "json":
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))
     if response.WhichOneof("result") == "error_info":

@@ -27,7 +27,7 @@ import functools
 import io
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,93 +202,120 @@ def build_client_modules(
     model: Any,
     *,
     client_optimizer: str = "SGD",
-    client_learning_rate: float = 0.1,
+    learning_algo: str = "FED_AVG",
     example_spec: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any]:
-    """``(train_module, eval_module)``: ``tf.Module``s with the weights as variables and a
-    ``step`` ``tf.function`` with a concrete input signature (batch dimension None).
+    """``(train_module, eval_module)``: ``tf.Module``s whose ``step`` ``tf.function`` is one
+    client step with the weights as inputs and outputs (names:
+    :mod:`fedcompute.learning.step_signature`; batch dimension None).
+
+    A device runs a whole local epoch by calling the step once per batch and feeding each
+    call's new weights to the next, so the converted TFLite model is what devices execute,
+    not a stand-in for the flex-ops check.
 
     With ``example_spec`` (from :func:`fedcompute.taskbuilder.model_check.check_model`) the
     step takes a batch of serialized ``tf.train.Example``s (``tf.string [None]``) and parses
     it in the graph, as ODP's client plans do (``ParseExampleV2`` becomes a Flex op);
-    without it the step takes the model's ``(x, y)`` tensors.
+    without it the step takes the model's ``x`` and ``y`` tensors.
 
-    Training: forward (training mode), loss, gradients, one client optimizer update (SGD, or
-    Adam as in ``tff.learning.optimizers.build_adam``), returns ``loss`` and ``predictions``.
-    Evaluation: forward (inference mode) and loss, returns ``loss`` and ``predictions``.
+    Training (FED_AVG): forward (training mode), loss, gradients, one client optimizer step
+    (SGD, or Adam as in ``tff.learning.optimizers.build_adam``, its state as inputs and
+    outputs); FED_SGD: the gradients instead of new weights. Evaluation: forward (inference
+    mode) and loss. Both return ``loss``, ``predictions`` and ``labels``.
     ``model`` is anything :func:`fedcompute.taskbuilder.model_check.as_loaded_model` takes.
     """
+    from fedcompute.learning import step_signature as sig
     from fedcompute.taskbuilder.model_check import as_loaded_model
 
     tf = _tf()
     optimizer = str(client_optimizer).upper()
     if optimizer not in OPTIMIZERS:
         raise ArtifactBuildError(f"unknown client optimizer {client_optimizer!r}; choose SGD or ADAM")
+    algorithm = str(learning_algo).upper()
+    if algorithm not in ("FED_AVG", "FED_SGD"):
+        raise ArtifactBuildError(f"unknown learning algorithm {learning_algo!r}; choose FED_AVG or FED_SGD")
     loaded = as_loaded_model(model)
-    trainable0, non_trainable0 = loaded.initial_weights()
+
+    def named(specs: Any, name: Any) -> list[Any]:
+        return [tf.TensorSpec(s.shape, s.dtype, name=name(i)) for i, s in enumerate(specs)]
+
+    trainable_specs = named(loaded.trainable_specs, sig.trainable)
+    non_trainable_specs = named(loaded.non_trainable_specs, sig.non_trainable)
     if example_spec is not None:
         from fedcompute.taskbuilder.model_check import parse_examples
 
-        signature = [tf.TensorSpec([None], tf.string, name="serialized_examples")]
+        data_specs = [tf.TensorSpec([None], tf.string, name=sig.SERIALIZED_EXAMPLES)]
 
-        def inputs(args: tuple[Any, ...]) -> tuple[Any, Any]:
-            return parse_examples(example_spec, args[0])
+        def inputs(data: Sequence[Any]) -> tuple[Any, Any]:
+            return parse_examples(example_spec, data[0])
     else:
-        signature = [tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape, s.dtype), loaded.x_spec),
-                     tf.TensorSpec(loaded.y_spec.shape, loaded.y_spec.dtype)]
+        def strip(s: Any) -> Any:
+            return tf.TensorSpec(s.shape, s.dtype)
 
-        def inputs(args: tuple[Any, ...]) -> tuple[Any, Any]:
-            return args[0], args[1]
+        data_specs = [tf.nest.map_structure(strip, loaded.x_spec), strip(loaded.y_spec)]
 
-    def first_output(output: Any) -> Any:
-        return tf.nest.flatten(output)[0]
+        def inputs(data: Sequence[Any]) -> tuple[Any, Any]:
+            return data[0], data[1]
 
-    class TrainStep(tf.Module):  # type: ignore[name-defined]  # tf is imported lazily, so untyped here
-        def __init__(self) -> None:
-            super().__init__(name="client_train")
-            self.trainable = [tf.Variable(w, name=f"trainable_{i}") for i, w in enumerate(trainable0)]
-            self.non_trainable = [tf.Variable(w, trainable=False, name=f"non_trainable_{i}")
-                                  for i, w in enumerate(non_trainable0)]
-            if optimizer == "ADAM":
-                self.accumulator = [tf.Variable(tf.zeros_like(w), trainable=False) for w in trainable0]
-                self.preconditioner = [tf.Variable(tf.zeros_like(w), trainable=False) for w in trainable0]
-                self.iteration = tf.Variable(0.0, trainable=False, name="iteration")
+    def common(output: Any, loss: Any, y: Any) -> dict[str, Any]:
+        return {sig.LOSS: loss, sig.PREDICTIONS: tf.nest.flatten(output)[0], sig.LABELS: y}
 
-        @tf.function(input_signature=signature)
-        def step(self, *args: Any) -> dict[str, Any]:
-            x, y = inputs(args)
-            weights = (tuple(self.trainable), tuple(self.non_trainable))
-            with tf.GradientTape() as tape:
-                output = loaded.predict(weights, x, training=True)
-                loss = loaded.loss(output, y)
-            grads = tape.gradient(loss, self.trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            lr = tf.constant(client_learning_rate, tf.float32)
-            if optimizer == "SGD":
-                for w, g in zip(self.trainable, grads):
-                    w.assign_sub(tf.cast(lr, w.dtype) * g)
-            else:
-                self.iteration.assign_add(1.0)
-                t = self.iteration
+    def forward_backward(trainable: Any, non_trainable: Any, data: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
+        x, y = inputs(data)
+        trainable = list(trainable)
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            output = loaded.predict((tuple(trainable), tuple(non_trainable)), x, training=True)
+            loss = loaded.loss(output, y)
+        grads = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return grads, output, loss, y
+
+    lr_spec = tf.TensorSpec([], tf.float32, name=sig.LEARNING_RATE)
+    if algorithm == "FED_SGD":
+        class TrainStep(tf.Module):  # type: ignore[name-defined]  # tf is imported lazily, so untyped here
+            @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs])
+            def step(self, trainable: Any, non_trainable: Any, *data: Any) -> dict[str, Any]:
+                grads, output, loss, y = forward_backward(trainable, non_trainable, data)
+                return {**common(output, loss, y), **{sig.gradient(i): g for i, g in enumerate(grads)}}
+    elif optimizer == "SGD":
+        class TrainStep(tf.Module):  # type: ignore[name-defined,no-redef]
+            @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs, lr_spec])
+            def step(self, trainable: Any, non_trainable: Any, *rest: Any) -> dict[str, Any]:
+                *data, lr = rest
+                grads, output, loss, y = forward_backward(trainable, non_trainable, data)
+                new = {sig.new_trainable(i): w - tf.cast(lr, w.dtype) * g
+                       for i, (w, g) in enumerate(zip(trainable, grads))}
+                return {**common(output, loss, y), **new}
+    else:
+        accumulator_specs = named(loaded.trainable_specs, sig.adam_accumulator)
+        preconditioner_specs = named(loaded.trainable_specs, sig.adam_preconditioner)
+        step_spec = tf.TensorSpec([], tf.float32, name=sig.ADAM_STEP)
+
+        class TrainStep(tf.Module):  # type: ignore[name-defined,no-redef]
+            @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs, lr_spec,
+                                          accumulator_specs, preconditioner_specs, step_spec])
+            def step(self, trainable: Any, non_trainable: Any, *rest: Any) -> dict[str, Any]:
+                *data, lr, accumulator, preconditioner, t = rest
+                grads, output, loss, y = forward_backward(trainable, non_trainable, data)
+                # tff.learning.optimizers.build_adam; t is the 1-based step.
                 scaled_lr = lr * tf.sqrt(1.0 - tf.pow(ADAM_BETA_2, t)) / (1.0 - tf.pow(ADAM_BETA_1, t))
-                for w, a, p, g in zip(self.trainable, self.accumulator, self.preconditioner, grads):
-                    a.assign(a + (g - a) * (1.0 - ADAM_BETA_1))
-                    p.assign(p + (tf.square(g) - p) * (1.0 - ADAM_BETA_2))
-                    w.assign_sub(tf.cast(scaled_lr, w.dtype) * a / (tf.sqrt(p) + ADAM_EPSILON))
-            return {"loss": loss, "predictions": first_output(output)}
+                out = common(output, loss, y)
+                for i, (w, a, p, g) in enumerate(zip(trainable, accumulator, preconditioner, grads)):
+                    a = a + (g - a) * (1.0 - ADAM_BETA_1)
+                    p = p + (tf.square(g) - p) * (1.0 - ADAM_BETA_2)
+                    out[sig.new_trainable(i)] = w - tf.cast(scaled_lr, w.dtype) * a / (tf.sqrt(p) + ADAM_EPSILON)
+                    out[sig.new(sig.adam_accumulator(i))] = a
+                    out[sig.new(sig.adam_preconditioner(i))] = p
+                return out
 
-    class EvalStep(tf.Module):  # type: ignore[name-defined]  # tf is imported lazily, so untyped here
-        def __init__(self) -> None:
-            super().__init__(name="client_eval")
-            self.trainable = [tf.Variable(w, trainable=False) for w in trainable0]
-            self.non_trainable = [tf.Variable(w, trainable=False) for w in non_trainable0]
+    class EvalStep(tf.Module):  # type: ignore[name-defined]
+        @tf.function(input_signature=[trainable_specs, non_trainable_specs, *data_specs])
+        def step(self, trainable: Any, non_trainable: Any, *data: Any) -> dict[str, Any]:
+            x, y = inputs(data)
+            output = loaded.predict((tuple(trainable), tuple(non_trainable)), x, training=False)
+            return common(output, loaded.loss(output, y), y)
 
-        @tf.function(input_signature=signature)
-        def step(self, *args: Any) -> dict[str, Any]:
-            x, y = inputs(args)
-            output = loaded.predict((tuple(self.trainable), tuple(self.non_trainable)), x, training=False)
-            return {"loss": loaded.loss(output, y), "predictions": first_output(output)}
-
-    return TrainStep(), EvalStep()
+    return TrainStep(name="client_train"), EvalStep(name="client_eval")
 
 
 def convert_to_tflite(module: Any, what: str = "client computation") -> bytes:
@@ -338,6 +365,7 @@ class FlexOpsReport:
     training_tflite: bytes = field(repr=False)
     eval_tflite: bytes = field(repr=False)
     table_version: str = FLEX_OPS_TABLE_VERSION
+    unsupported: dict[str, str] = field(default_factory=dict)  # only with enforce=False
 
     @property
     def ops(self) -> dict[str, str]:
@@ -349,14 +377,24 @@ class FlexOpsReport:
         """The highest of the two computations' minimum versions."""
         return str(max(int(self.training_min_client_version), int(self.eval_min_client_version)))
 
+    def plan_step(self, kind: str) -> Any:
+        """The :class:`~fedcompute.plans.TfliteStep` a ``TRAINING`` or ``EVALUATION`` plan carries."""
+        from fedcompute.plans import TfliteStep
+
+        model, ops = (self.training_tflite, self.training_ops) if kind == "TRAINING" else \
+            (self.eval_tflite, self.eval_ops)
+        inputs, outputs = signature_io(model)
+        return TfliteStep(model, inputs, outputs, tuple(ops))
+
 
 def check_flex_ops(
     model: Any,
     *,
     client_optimizer: str = "SGD",
-    client_learning_rate: float = 0.1,
+    learning_algo: str = "FED_AVG",
     table: FlexOpsTable | None = None,
     example_spec: Mapping[str, Any] | None = None,
+    enforce: bool = True,
 ) -> FlexOpsReport:
     """Convert one training step and one evaluation step to TFLite and map their Flex ops.
 
@@ -364,12 +402,13 @@ def check_flex_ops(
     (see :func:`build_client_modules`).
 
     Raises :class:`UnsupportedOpsError` (ops of both computations together) when an op is
-    not in the table, :class:`TfliteConversionError` when conversion fails.
+    not in the table, :class:`TfliteConversionError` when conversion fails. With
+    ``enforce=False`` (``--skip_flex_ops_check``, as ODP) unlisted ops do not fail the build:
+    the report lists them in ``unsupported`` and the minimum versions stay ``"0"``.
     """
     table = table or load_flex_ops_table()
     train_module, eval_module = build_client_modules(
-        model, client_optimizer=client_optimizer, client_learning_rate=client_learning_rate,
-        example_spec=example_spec,
+        model, client_optimizer=client_optimizer, learning_algo=learning_algo, example_spec=example_spec,
     )
     training_tflite = convert_to_tflite(train_module, "client training step")
     eval_tflite = convert_to_tflite(eval_module, "client evaluation step")
@@ -378,14 +417,33 @@ def check_flex_ops(
     unsupported = {
         op: kernel for op, kernel in {**eval_ops, **training_ops}.items() if op not in table.min_versions
     }
-    if unsupported:
+    if unsupported and enforce:
         raise UnsupportedOpsError(unsupported)
     return FlexOpsReport(
         training_ops=training_ops,
         eval_ops=eval_ops,
-        training_min_client_version=table.min_client_version(training_ops),
-        eval_min_client_version=table.min_client_version(eval_ops),
+        training_min_client_version=table.min_client_version(training_ops) if enforce else NO_FLEX_OPS_VERSION,
+        eval_min_client_version=table.min_client_version(eval_ops) if enforce else NO_FLEX_OPS_VERSION,
         training_tflite=training_tflite,
         eval_tflite=eval_tflite,
         table_version=table.version,
+        unsupported=dict(sorted(unsupported.items())),
     )
+
+
+def signature_io(tflite_model: bytes) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """``(inputs, outputs)`` of the model's only signature as
+    :class:`~fedcompute.learning.tensor_codec.TensorSpec`s sorted by name, ``-1`` for a
+    dimension of any size (what the plan's ``TensorflowSpec`` lists)."""
+    from fedcompute.learning.tensor_codec import TensorSpec
+
+    tf = _tf()
+    runner = tf.lite.Interpreter(model_content=tflite_model).get_signature_runner()
+
+    def describe(details: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(name, tuple(int(d) for d in detail["shape_signature"]), tf.as_dtype(detail["dtype"]).name)
+            for name, detail in sorted(details.items())
+        )
+
+    return describe(runner.get_input_details()), describe(runner.get_output_details())

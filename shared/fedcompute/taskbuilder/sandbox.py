@@ -71,17 +71,41 @@ class ModelJob:
 
     model_dir: str
     label_name: str | None
-    flex_ops_check: bool = True
+    flex_ops_check: bool = True  # False: --skip_flex_ops_check (ops outside the table pass)
     client_optimizer: str = "SGD"
-    client_learning_rate: float = 0.1
+    learning_algo: str = "FED_AVG"
+
+
+# One tensor of a TFLite signature as it crosses the process boundary: [name, shape, dtype].
+SpecRecord = tuple[str, tuple[int, ...], str]
+MAX_SPEC_ENTRIES = 4096
+MAX_NAME_CHARS = 256
 
 
 @dataclass(frozen=True)
 class FlexOutcome:
+    """The TFLite client steps and what the plan says about them (all plain data)."""
+
     training_min_client_version: str
     eval_min_client_version: str
     training_tflite: bytes = field(repr=False)
     eval_tflite: bytes = field(repr=False)
+    training_ops: tuple[str, ...] = ()
+    eval_ops: tuple[str, ...] = ()
+    # (inputs, outputs) of each step's signature, read in the child (the builder never
+    # opens the TFLite model with an interpreter).
+    training_io: tuple[tuple[SpecRecord, ...], tuple[SpecRecord, ...]] = ((), ())
+    eval_io: tuple[tuple[SpecRecord, ...], tuple[SpecRecord, ...]] = ((), ())
+
+    def plan_step(self, kind: str) -> Any:
+        """The :class:`~fedcompute.plans.TfliteStep` a ``TRAINING`` or ``EVALUATION`` plan carries."""
+        from fedcompute.learning.tensor_codec import TensorSpec
+        from fedcompute.plans import TfliteStep
+
+        model, ops, (inputs, outputs) = (self.training_tflite, self.training_ops, self.training_io) \
+            if kind == "TRAINING" else (self.eval_tflite, self.eval_ops, self.eval_io)
+        return TfliteStep(model, tuple(TensorSpec(*s) for s in inputs), tuple(TensorSpec(*s) for s in outputs),
+                          tuple(ops))
 
 
 @dataclass(frozen=True)
@@ -123,13 +147,23 @@ def run_job(job: ModelJob) -> ModelFacts:
     loaded = model_check.load_functional_model_checked(job.model_dir)
     checked = model_check.check_model(loaded, label_name=job.label_name)
     input_spec = ExampleSpec.from_input_spec((loaded.x_spec, loaded.y_spec), checked.label_name)
+    # Like ODP, the TFLite client steps are always built; --skip_flex_ops_check only lets ops
+    # outside the table through (and a conversion failure leaves a plan without TFLite).
     flex = None
-    if job.flex_ops_check:
+    try:
         report = flex_ops.check_flex_ops(loaded, client_optimizer=job.client_optimizer,
-                                         client_learning_rate=job.client_learning_rate,
-                                         example_spec=checked.example_spec)
+                                         learning_algo=job.learning_algo, example_spec=checked.example_spec,
+                                         enforce=job.flex_ops_check)
+    except flex_ops.TfliteConversionError as error:
+        if job.flex_ops_check:
+            raise
+        log.warning("no TFLite client steps in the plan (devices will train with TensorFlow): %s", error)
+    else:
         flex = FlexOutcome(report.training_min_client_version, report.eval_min_client_version,
-                           report.training_tflite, report.eval_tflite)
+                           report.training_tflite, report.eval_tflite,
+                           training_ops=tuple(report.training_ops), eval_ops=tuple(report.eval_ops),
+                           training_io=_io_records(flex_ops.signature_io(report.training_tflite)),
+                           eval_io=_io_records(flex_ops.signature_io(report.eval_tflite)))
     trainable, non_trainable = loaded.initial_weights()
     return ModelFacts(
         input_type=checked.input_type, label_name=checked.label_name, example_spec=checked.example_spec,
@@ -138,6 +172,12 @@ def run_job(job: ModelJob) -> ModelFacts:
         non_trainable=tuple(np.asarray(w.numpy()) for w in non_trainable),
         flex=flex, seconds=time.perf_counter() - started,
     )
+
+
+def _io_records(io: tuple[tuple[Any, ...], tuple[Any, ...]]) -> tuple[tuple[SpecRecord, ...], tuple[SpecRecord, ...]]:
+    inputs, outputs = io
+    return (tuple((str(s.name), tuple(int(d) for d in s.shape), str(s.dtype)) for s in inputs),
+            tuple((str(s.name), tuple(int(d) for d in s.shape), str(s.dtype)) for s in outputs))
 
 
 def _write_result(out: Path, facts: ModelFacts) -> None:
@@ -154,7 +194,9 @@ def _write_result(out: Path, facts: ModelFacts) -> None:
         (out / "training.tflite").write_bytes(facts.flex.training_tflite)
         (out / "eval.tflite").write_bytes(facts.flex.eval_tflite)
         meta["flex"] = {"training_min_client_version": facts.flex.training_min_client_version,
-                        "eval_min_client_version": facts.flex.eval_min_client_version}
+                        "eval_min_client_version": facts.flex.eval_min_client_version,
+                        "training_ops": list(facts.flex.training_ops), "eval_ops": list(facts.flex.eval_ops),
+                        "training_io": facts.flex.training_io, "eval_io": facts.flex.eval_io}
     (out / "result.json").write_text(json.dumps(meta))
 
 
@@ -244,6 +286,40 @@ def _raise_child_error(record: Mapping[str, Any]) -> None:
     raise error_class(message, hint=hint)
 
 
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    """A list of short strings from the child's JSON, or an error (the child is not trusted)."""
+    if not isinstance(value, list) or len(value) > MAX_SPEC_ENTRIES or \
+            not all(isinstance(v, str) and len(v) <= MAX_NAME_CHARS for v in value):
+        raise ArtifactBuildError(f"the model check returned a malformed {what}")
+    return tuple(value)
+
+
+def _spec_records(value: Any, what: str) -> tuple[SpecRecord, ...]:
+    """``[[name, shape, dtype], ...]`` from the child's JSON, checked entry by entry."""
+    if not isinstance(value, list) or len(value) > MAX_SPEC_ENTRIES:
+        raise ArtifactBuildError(f"the model check returned a malformed {what}")
+    records: list[SpecRecord] = []
+    for entry in value:
+        ok = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and \
+            len(entry[0]) <= MAX_NAME_CHARS and isinstance(entry[1], list) and len(entry[1]) <= 32 and \
+            all(isinstance(d, int) and not isinstance(d, bool) and -1 <= d < 2**31 for d in entry[1]) and \
+            isinstance(entry[2], str) and len(entry[2]) <= 32
+        if not ok:
+            raise ArtifactBuildError(f"the model check returned a malformed {what}")
+        try:
+            dtype = np.dtype(entry[2]).name
+        except TypeError as error:
+            raise ArtifactBuildError(f"the model check returned a malformed {what}") from error
+        records.append((entry[0], tuple(entry[1]), dtype))
+    return tuple(records)
+
+
+def _io(value: Any, what: str) -> tuple[tuple[SpecRecord, ...], tuple[SpecRecord, ...]]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise ArtifactBuildError(f"the model check returned a malformed {what}")
+    return _spec_records(value[0], f"{what} inputs"), _spec_records(value[1], f"{what} outputs")
+
+
 def _read_result(out: Path) -> ModelFacts:
     meta = json.loads(_bounded_read(out / "result.json", MAX_JSON_BYTES))
     with np.load(out / "weights.npz", allow_pickle=False) as arrays:
@@ -256,7 +332,11 @@ def _read_result(out: Path) -> ModelFacts:
         flex = FlexOutcome(str(meta["flex"]["training_min_client_version"]),
                            str(meta["flex"]["eval_min_client_version"]),
                            _bounded_read(out / "training.tflite", MAX_RESULT_BYTES),
-                           _bounded_read(out / "eval.tflite", MAX_RESULT_BYTES))
+                           _bounded_read(out / "eval.tflite", MAX_RESULT_BYTES),
+                           training_ops=_names(meta["flex"].get("training_ops", []), "training op list"),
+                           eval_ops=_names(meta["flex"].get("eval_ops", []), "evaluation op list"),
+                           training_io=_io(meta["flex"].get("training_io"), "training signature"),
+                           eval_io=_io(meta["flex"].get("eval_io"), "evaluation signature"))
     return ModelFacts(
         input_type=int(meta["input_type"]), label_name=str(meta["label_name"]),
         example_spec=dict(meta["example_spec"]), input_spec=dict(meta["input_spec"]),

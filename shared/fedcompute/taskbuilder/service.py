@@ -21,9 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedcompute.config import ValidatedConfig, validate_task_config
-from fedcompute.dp import NO_DP, DpParams
+from fedcompute.dp import NO_DP
 from fedcompute.errors import ArtifactBuildError, ConflictError, FedComputeError, InvalidRequestError
-from fedcompute.plans import ClientPlan, ServerPhase, pack_plan
+from fedcompute.plans import ClientPlan, ServerPhase, TfliteStep, pack_plan
 from fedcompute.ports import BlobStore
 from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
 from fedcompute.safe_extract import ExtractLimits, download_prefix, extract_zip
@@ -56,6 +56,7 @@ class BuildFlags:
     skip_flex_ops_check: bool = False
     skip_dp_check: bool = False
     skip_dp_aggregator: bool = False
+    non_private_test_run: bool = False  # the only way a config may fix noise_seed
 
 
 class TaskManagementPort(Protocol):
@@ -168,14 +169,18 @@ def _timed(timings: dict[str, float], name: str):
 
 def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, timings) -> BuildOutcome:
     from fedcompute.data.examples import ExampleSpec
-    from fedcompute.privacy import accounting
+    from fedcompute.privacy import accounting, disclosure
     from fedcompute.taskbuilder import sandbox
 
     flags = BuildFlags(request.flags.skip_flex_ops_check, request.flags.skip_dp_check,
-                       request.flags.skip_dp_aggregator)
+                       request.flags.skip_dp_aggregator, request.flags.non_private_test_run)
     validated = validate_task_config(request.task_config)
     spec = validated.spec
     report = _report_skeleton(validated)
+    report.non_private_test_run = flags.non_private_test_run
+    if spec.dp is not None:
+        # Before any work: a fixed noise seed is public noise (no privacy) unless declared a test run.
+        disclosure.check_noise_seed(spec.dp.noise_seed, non_private_test_run=flags.non_private_test_run)
 
     with _timed(timings, "model_check"):
         model_dir = fetch_saved_model(request.saved_model, blobs, tmp / "model")
@@ -186,7 +191,7 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
         facts = sandbox.inspect_model(sandbox.ModelJob(
             model_dir=str(model_dir), label_name=request.task_config.label_name or None,
             flex_ops_check=not flags.skip_flex_ops_check, client_optimizer=spec.client_optimizer,
-            client_learning_rate=spec.client_learning_rate), tmp / "sandbox")
+            learning_algo=spec.learning_algo), tmp / "sandbox")
     example_spec = ExampleSpec.from_dict(facts.input_spec)
 
     dp_result = None
@@ -202,6 +207,9 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                 explain_failure=not flags.skip_dp_check,
             )
         _fill_dp_report(report, dp_result)
+        report.privacy_assumptions = disclosure.privacy_assumptions(
+            dp_result.mechanism.value, report_goal=spec.report_goal, population_size=dp_result.population_size,
+            over_selection_rate=spec.over_selection_rate)
         if not dp_result.passed and not flags.skip_dp_check:
             error = accounting.DpBudgetExceededError(dp_result)
             error.task_report = report  # type: ignore[attr-defined]
@@ -209,10 +217,15 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
 
     training_min_version = eval_min_version = "0"
     extra: dict[str, bytes] = {}
+    steps: dict[str, TfliteStep | None] = {"TRAINING": None, "EVALUATION": None}
     if facts.flex is not None:
         training_min_version = facts.flex.training_min_client_version
         eval_min_version = facts.flex.eval_min_client_version
         extra = {"client_training.tflite": facts.flex.training_tflite, "client_eval.tflite": facts.flex.eval_tflite}
+        steps = {kind: facts.flex.plan_step(kind) for kind in steps}
+    else:  # only with --skip_flex_ops_check: the sandbox reports a conversion failure as no TFLite
+        log.warning("no TFLite client steps in the plan (devices will train with TensorFlow): "
+                    "the model did not convert to TFLite")
 
     with _timed(timings, "artifacts"):
         weights = list(facts.trainable) + list(facts.non_trainable)
@@ -226,16 +239,15 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
             phase = _server_phase(spec, specs, accepted, dp, noise, flags, spec.report_goal,
                                   spec.over_selection_rate)
             training_artifacts = artifacts_from_weights(
-                phase, weights, client_plan=pack_plan(plan, model_dir, {"client_training.tflite": extra.get(
-                    "client_training.tflite", b"")} if extra else None), extra=extra)
+                phase, weights, client_plan=pack_plan(plan, model_dir, steps["TRAINING"], spec.example_selector_uri),
+                extra=extra)
         if spec.has_evaluation:
             ev = spec.evaluation
             assert ev is not None
             plan = _client_plan(spec, "EVALUATION", facts.input_type, example_spec, specs, accepted)
             phase = _server_phase(spec, specs, accepted, None, 0.0, flags, ev.report_goal, ev.over_selection_rate)
             eval_artifacts = artifacts_from_weights(
-                phase, weights, eval_plan=pack_plan(plan, model_dir, {"client_eval.tflite": extra.get(
-                    "client_eval.tflite", b"")} if extra else None))
+                phase, weights, eval_plan=pack_plan(plan, model_dir, steps["EVALUATION"], ev.example_selector_uri))
 
     group = task_builder_pb2.TaskGroup()
     outcome = BuildOutcome(task_builder_pb2.BuildTaskResponse(task_report=report), timings=timings)
@@ -395,15 +407,7 @@ def _client_plan(spec, kind, input_type, example_spec, specs, metrics) -> Client
 
 
 def _server_phase(spec, specs, metrics, dp, noise, flags, report_goal, over_selection) -> ServerPhase:
-    if dp is None or flags.skip_dp_aggregator:
-        params = NO_DP
-    else:
-        params = DpParams(  # an unset clip is 0.0 in the config and None in memory
-            mechanism=dp.aggregator, noise_multiplier=float(noise), clip_norm=dp.clip_norm or None,
-            init_clip_norm=dp.init_clip_norm or None,
-            target_unclipped_quantile=dp.target_unclipped_quantile, clip_learning_rate=dp.clip_learning_rate,
-            clipped_count_stddev=dp.clipped_count_stddev, noise_seed=dp.noise_seed,
-        )
+    params = NO_DP if dp is None or flags.skip_dp_aggregator else dp.params(noise)
     return ServerPhase(
         learning_algo=spec.learning_algo, server_optimizer=spec.server_optimizer,
         server_learning_rate=spec.server_learning_rate, report_goal=report_goal, over_selection_rate=over_selection,

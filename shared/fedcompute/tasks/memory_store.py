@@ -6,24 +6,28 @@ tests can drive it.
 """
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
+from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     ACCEPTED,
     DUPLICATE,
     NOT_UPLOADABLE,
     ROUND_CLOSED,
     UNKNOWN_ASSIGNMENT,
-    AcceptOutcome,
+    AcceptanceState,
+    AcceptResult,
     AssignmentRecord,
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
+    SlotClaim,
     TaskRecord,
+    TaskStatus,
     check_exclusive_training,
     plain_changes,
 )
@@ -60,6 +64,11 @@ class InMemoryTaskStore:
                 (t for (p, _), t in self._tasks.items() if population is None or p == population),
                 key=lambda t: (t.population, t.task_id),
             )
+
+    def open_rounds(self, population):
+        with self._lock:
+            return [(t, self._iterations.get((population, t.task_id, t.current_round)))
+                    for t in self.list_tasks(population) if t.status == TaskStatus.OPEN]
 
     def update_task(self, population, task_id, changes, *, expected=None):
         with self._lock:
@@ -125,13 +134,27 @@ class InMemoryTaskStore:
                 self._iterations.setdefault(nk, next_iteration)
             return True
 
-    def claim_slot(self, key, slot, assignment_id):
+    def claim_assignment(self, record, capacity, *, exhausted=(), rng=None):
         with self._lock:
-            k = (key.population, key.task_id, key.round_number, slot)
-            if k in self._slots:
-                return False
-            self._slots[k] = assignment_id
-            return True
+            rk = (record.population, record.task_id, record.round_number)
+            iteration, task = self._iterations.get(rk), self._tasks.get(rk[:2])
+            if iteration is None or iteration.status != IterationStatus.COLLECTING or task is None or \
+                    not task.status.is_active:
+                return SlotClaim(None, round_stopped=True)  # like the stopped counters of the Firestore store
+            taken = {k[3] for k in self._slots if k[:3] == rk}
+            free = [s for s in range(capacity) if s not in taken]
+            if not free:
+                return SlotClaim(None, frozenset(range(ShardedQuota.for_total(capacity).shards)))
+            slot = (rng or random).choice(free)
+            claimed = record.replace(slot=slot)
+            self.create_assignment(claimed)
+            self._slots[(*rk, slot)] = record.assignment_id
+            return SlotClaim(claimed)
+
+    def get_upload_context(self, key, assignment_id):
+        return (self.get_task(key.population, key.task_id),
+                self.get_iteration(key),
+                self.get_assignment(key, assignment_id))
 
     def release_slot(self, key, slot, assignment_id):
         with self._lock:
@@ -168,22 +191,32 @@ class InMemoryTaskStore:
 
     def accept_upload(self, key, assignment_id):
         with self._lock:
-            it = self._iterations.get((key.population, key.task_id, key.round_number))
-            rec = self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
+            rk = (key.population, key.task_id, key.round_number)
+            it = self._iterations.get(rk)
+            rec = self._assignments.get((*rk, assignment_id))
+            if rec is None:
+                return AcceptResult(UNKNOWN_ASSIGNMENT)
+            if rec.status == AssignmentStatus.UPLOAD_COMPLETED:
+                return AcceptResult(DUPLICATE)
+            accepted = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)  # a fake: counting is fine
+            if it is None or it.status != IterationStatus.COLLECTING or accepted >= it.report_goal:
+                return AcceptResult(ROUND_CLOSED)
+            if rec.status != AssignmentStatus.LOCAL_COMPLETED:
+                return AcceptResult(NOT_UPLOADABLE)
+            self._assignments[(*rk, assignment_id)] = rec.replace(status=AssignmentStatus.UPLOAD_COMPLETED,
+                                                                   updated_time=time.time())
+            return AcceptResult(ACCEPTED, round_full=accepted + 1 == it.report_goal)
 
-            def complete() -> None:
-                assert rec is not None  # _accept_decision completes only a known assignment
-                self._assignments[(key.population, key.task_id, key.round_number, assignment_id)] = rec.replace(
-                    status=AssignmentStatus.UPLOAD_COMPLETED, updated_time=time.time())
-
-            return _accept_decision(it, rec, complete)
+    def acceptance_state(self, key, report_goal):
+        done = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) >= report_goal
+        return AcceptanceState(issued_all=done, full=done)
 
     def accepted_ids(self, key):
         """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
         with self._lock:
             it = self._iterations.get((key.population, key.task_id, key.round_number))
             if it is None or it.status == IterationStatus.COLLECTING:
-                raise PreconditionFailedError(f"round {key.round_number} is still collecting: its accepted set "
+                raise PreconditionFailedError(f"round {key.round_number} is not closed: its accepted set "
                                               "is not final")
             return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
 
@@ -212,18 +245,3 @@ class InMemoryTaskStore:
     def list_rejections(self, key):
         with self._lock:
             return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
-
-
-def _accept_decision(
-    iteration: IterationRecord | None, assignment: AssignmentRecord | None, commit: Callable[[], None]
-) -> AcceptOutcome:
-    if assignment is None:
-        return UNKNOWN_ASSIGNMENT
-    if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
-        return DUPLICATE
-    if iteration is None or iteration.status != IterationStatus.COLLECTING:
-        return ROUND_CLOSED
-    if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
-        return NOT_UPLOADABLE
-    commit()
-    return ACCEPTED

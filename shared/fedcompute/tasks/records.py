@@ -1,4 +1,5 @@
-"""Records stored in Firestore and the state machines that move them (pure, no I/O).
+"""Records stored in Firestore, the domain values around them (`RoundKey`, the accept outcomes)
+and the state machines and rules that move them (pure, no I/O).
 
 Firestore layout::
 
@@ -163,7 +164,7 @@ class TaskRecord:
     update_spec: tuple[TensorSpecRecord, ...] = ()
     # Metric names the devices report (sufficient statistics).
     metrics: tuple[str, ...] = ()
-    # Privacy ledger.
+    # Privacy ledger: the server phase's DpParams.to_dict() plus target_epsilon, delta, population_size.
     epsilon_spent: float = 0.0
     dp: dict[str, Any] = field(default_factory=dict)
     # Server-private secret from which per-round noise seeds are derived (never published).
@@ -211,6 +212,8 @@ class IterationRecord:
     aggregating_time: float = 0.0
     completed_time: float = 0.0
     round_ready_published: bool = False
+    # When the scheduler first saw every accept position handed out but not all filled.
+    stalled_time: float = 0.0
     # Evaluation rounds: which training round's checkpoint they evaluate.
     evaluated_round: int = 0
     status_reason: str = ""
@@ -321,3 +324,29 @@ def check_exclusive_training(existing: Iterable[TaskRecord], new: TaskRecord) ->
 def plain_changes(changes: dict[str, Any]) -> dict[str, Any]:
     """Enum values to strings, so changes merge into ``to_dict()`` output."""
     return {k: (v.value if hasattr(v, "value") else v) for k, v in changes.items()}
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    """What ``TaskStore.accept_upload`` decided; ``round_full``: this call filled the last position."""
+
+    outcome: AcceptOutcome
+    round_full: bool = False
+
+
+@dataclass(frozen=True)
+class AcceptanceState:
+    """How far a round's accept positions went: all handed out, all filled (or voided)."""
+
+    issued_all: bool
+    full: bool
+
+
+@dataclass(frozen=True)
+class SlotClaim:
+    """An assignment created in a free slot (``record``, None when the round is full) and the
+    counter shards found exhausted on the way (a hint the caller may cache for the round)."""
+
+    record: AssignmentRecord | None
+    exhausted: frozenset[int] = frozenset()
+    round_stopped: bool = False  # the round stopped collecting (the caller's view of it is stale)

@@ -14,11 +14,45 @@ let selected = params.get("population") && params.get("task")
   ? { population: params.get("population"), task_id: Number(params.get("task")) } : null;
 let refreshes = 0;
 
+// The deployed dashboard's /api needs the operator API key (x-api-key). Open the page as
+// .../#key=<FEDCOMPUTE_API_KEY> or type the key into the form: it is kept in this tab's
+// sessionStorage only, and the fragment never reaches a server or its logs.
+const KEY_STORAGE = "fedcompute.apiKey";
+
+function takeKeyFromFragment() {
+  const fragment = new URLSearchParams(window.location.hash.slice(1));
+  if (fragment.get("key")) {
+    sessionStorage.setItem(KEY_STORAGE, fragment.get("key"));
+    history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+}
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+class NeedsKey extends Error {}
+
 async function getJson(url) {
-  const response = await fetch(url, { cache: "no-store" });
+  const key = apiKey();
+  const response = await fetch(url, { cache: "no-store", headers: key ? { "x-api-key": key } : {} });
   const body = await response.json();
+  if (response.status === 401) {
+    throw new NeedsKey(key ? "the API key was refused: enter the current FEDCOMPUTE_API_KEY"
+                           : "this dashboard needs the API key (FEDCOMPUTE_API_KEY): enter it below");
+  }
   if (!response.ok) throw new Error((body.error && body.error.message) || response.statusText);
   return body;
+}
+
+function setUpKeyForm() {
+  const form = document.getElementById("key-form");
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, document.getElementById("key-input").value);
+    form.hidden = true;
+    refresh();
+  });
 }
 
 function el(tag, attrs = {}, text) {
@@ -219,6 +253,26 @@ function renderCounts(rounds) {
   }
 }
 
+// The privacy ledger: epsilon after each round and spent in it (null: infinite, no noise).
+function renderLedger(ledger, delta) {
+  const table = document.getElementById("privacy-ledger");
+  const note = document.getElementById("ledger-note");
+  table.tBodies[0].replaceChildren();
+  if (!ledger || !ledger.length) {
+    note.textContent = "no DP for this task: no privacy ledger";
+    return;
+  }
+  note.textContent = `client-level epsilon at delta ${fmt(delta)}, accounted after every round`;
+  for (const row of ledger) {
+    const tr = el("tr", { "data-round": String(row.round), "data-epsilon": String(row.epsilon),
+      "data-spent": String(row.spent) });
+    tr.appendChild(el("td", { class: "num" }, String(row.round)));
+    tr.appendChild(el("td", { class: "num" }, row.epsilon === null ? "∞" : fmt(row.epsilon)));
+    tr.appendChild(el("td", { class: "num" }, row.spent === null ? "∞" : fmt(row.spent)));
+    table.tBodies[0].appendChild(tr);
+  }
+}
+
 function renderTasks(tasks) {
   const body = document.querySelector("#tasks tbody");
   body.replaceChildren();
@@ -267,6 +321,7 @@ async function refresh() {
       document.getElementById("selected-title").textContent =
         `${ops.task.run} — ${ops.task.status}, round ${ops.task.current_round}/${ops.task.total_rounds}, ε spent ${fmtEpsilon(ops.task.epsilon_spent)}`;
       renderMetrics(run);
+      renderLedger(run.ledger, run.config.delta);
       renderOps(ops);
       section.dataset.run = ops.task.run;
       section.dataset.rounds = String(run.rounds.length);
@@ -283,10 +338,17 @@ async function refresh() {
   } catch (err) {
     errorBox.textContent = `could not load: ${err.message}`;
     errorBox.hidden = false;
+    if (err instanceof NeedsKey) {
+      document.getElementById("key-form").hidden = false;
+      document.body.dataset.state = "needs-key";
+      return;  // no polling until a key is entered
+    }
     document.body.dataset.state = "error";
     delay = FAST_REFRESH_MS;
   }
   timer = setTimeout(refresh, delay);
 }
 
+takeKeyFromFragment();
+setUpKeyForm();
 refresh();

@@ -1,0 +1,287 @@
+"""Load scenarios against the local stack with ``fedcompute.load`` (one stack, one run).
+
+    python -m benchmarks.bench_load                      # standard scenarios, short
+    python -m benchmarks.bench_load --goal 10000         # a 10,000-report round of the small model
+    python -m benchmarks.bench_load --scenario checkin   # check-in only (open, full, do-nothing baseline)
+
+Scenarios (every rate has its baseline from the same run; the machine may be shared):
+
+* ``noop``: the same generator against a do-nothing functions-framework HTTP function
+  (its ceiling on this machine: the reference for check-in).
+* ``checkin_open`` / ``checkin_full``: check-ins only, on a round with room to spare and
+  on a full round (every check-in rejected).
+* ``round``: a small-model round of ``--goal`` reports through the whole protocol; the
+  round's per-stage times come from its Firestore record; exactly-once is checked
+  (accepted == goal, one checkpoint, equal to the initial weights + the mean of zero deltas).
+
+Writes the JSON report to ``--out`` (default: standard output).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+NOOP_SOURCE = '''
+import functions_framework
+
+
+@functions_framework.http
+def noop(request):
+    request.get_data()
+    return b"", 200, {"content-type": "application/x-protobuf"}
+'''
+
+SHAPES = ((64, 10), (10,))  # a small model: 650 weights
+# The seed's EMNIST CNN (1,663,370 float32 weights, a 6.6 MB update), as trainable shapes.
+CNN_SHAPES = ((5, 5, 1, 32), (32,), (5, 5, 32, 64), (64,), (3136, 512), (512,), (512, 10), (10,))
+
+
+def create_task(settings: Any, clients: Any, population: str, goal: int, over: float,
+                shapes: tuple[tuple[int, ...], ...] = SHAPES) -> int:
+    import numpy as np
+
+    from fedcompute.adapters.blobs import GcsBlobStore
+    from fedcompute.adapters.task_management_client import TaskManagementClient
+    from fedcompute.plans import DpParameters, ServerPhase
+    from fedcompute.proto import task_management_pb2
+    from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
+
+    management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key, timeout=180)
+    max_size = int(np.floor(goal * (1.0 + over) + 1e-9))
+    created = management.create_task(population, task_management_pb2.Task(
+        total_iteration=1, min_aggregation_size=goal, max_aggregation_size=max_size))
+    initial = [np.random.default_rng(0).normal(size=s).astype(np.float32) for s in shapes]
+    phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=goal,
+                        over_selection_rate=max_size / goal - 1.0, total_rounds=1, population_size=1_000_000,
+                        target_epsilon=10.0, delta=1e-6, dp=DpParameters(type="NONE"),
+                        weights=weight_specs(initial), metrics=())
+    blobs = GcsBlobStore(clients.storage, public_base_url=settings.storage_public_url or None)
+    publish_artifacts(blobs, settings, population, created.task_id,
+                      artifacts_from_weights(phase, initial, client_plan=b"synthetic plan"))
+    management.open_task(population, created.task_id)
+    return int(created.task_id)
+
+
+def start_noop(work: Path) -> tuple[Any, str]:
+    import requests
+
+    from fedcompute.stack.local import functions_framework_executable
+    from fedcompute.stack.procs import free_port, start_process
+
+    source = work / "noop" / "main.py"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(NOOP_SOURCE)
+    port = free_port()
+    process = start_process([str(functions_framework_executable()), "--source", str(source), "--target", "noop",
+                             "--signature-type", "http", "--host", "127.0.0.1", "--port", str(port)],
+                            log_path=work / "noop.log", env=dict(os.environ), cwd=source.parent)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            requests.post(f"{url}/x", timeout=1)
+            return process, url
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError("the do-nothing function did not start")
+
+
+def function_pids(stack: Any) -> dict[str, int]:
+    """Function name -> pid of the worker process serving it (the leader's newest child, or itself)."""
+    import psutil
+
+    pids = {}
+    for component in stack.status().components:
+        if component.kind != "function" or not component.pid:
+            continue
+        try:
+            proc = psutil.Process(component.pid)
+            children = proc.children(recursive=True)
+            pids[component.name] = children[-1].pid if children else proc.pid
+        except psutil.Error:
+            continue
+    return pids
+
+
+class Profiler:
+    """``py-spy record`` of named processes while a scenario runs; top frames from the raw stacks."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.running: dict[str, tuple[Any, Path]] = {}
+
+    def start(self, name: str, pid: int) -> None:
+        import shutil
+        import subprocess
+
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        if self.directory is None or not Path(spy).exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        out = self.directory / f"{name}.txt"
+        process = subprocess.Popen([spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+                                    "--output", str(out), "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.running[name] = (process, out)
+
+    def stop(self, top: int = 12) -> dict[str, Any]:
+        import signal
+
+        found: dict[str, Any] = {}
+        for name, (process, out) in self.running.items():
+            process.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            process.wait(timeout=60)
+            found[name] = top_frames(out, top)
+        self.running.clear()
+        return found
+
+
+def top_frames(path: Path, top: int) -> dict[str, Any]:
+    """Self and inclusive sample shares of the hottest frames of a py-spy raw (collapsed) file."""
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [f for f in stack.split(";") if f]
+        total += n
+        if frames:
+            own[frames[-1]] += n
+        for frame in set(frames):
+            inclusive[frame] += n
+    def share(counts: Counter[str]) -> dict[str, float]:
+        return {f: round(100.0 * n / total, 1) for f, n in counts.most_common(top)} if total else {}
+
+    ours = Counter({f: n for f, n in inclusive.items() if "fedcompute/" in f or "main.py" in f})
+    return {"samples": total, "self_pct": share(own), "project_inclusive_pct": share(ours)}
+
+
+def wait_round(store: Any, population: str, task_id: int, timeout_s: float) -> Any:
+    from fedcompute.tasks.records import RoundKey
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        iteration = store.get_iteration(RoundKey(population, task_id, 1))
+        if iteration is not None and iteration.status.value in ("COMPLETED", "FAILED", "CANCELED"):
+            return iteration
+        time.sleep(0.5)
+    raise TimeoutError(f"round 1 of {population}/{task_id} did not complete in {timeout_s} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=("all", "checkin", "round"), default="all")
+    parser.add_argument("--checkins", type=int, default=2000, help="check-ins per check-in scenario")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--goal", type=int, default=1000, help="report goal of the round scenario")
+    parser.add_argument("--model", choices=("small", "cnn"), default="small",
+                        help="round scenario's model: small (650 weights) or the seed CNN's shapes (6.6 MB updates)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="py-spy record the functions during each scenario; top frames go to the report")
+    args = parser.parse_args(argv)
+
+    from fedcompute.adapters.clients import make_clients
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
+    from fedcompute.load import LoadConfig, peak_rss_mib, round_stages, run_load
+    from fedcompute.settings import Settings
+    from fedcompute.stack import LocalStack
+    from fedcompute.stack.procs import terminate
+
+    work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    stack = LocalStack(work / "stack", task_builder_port=0)
+    stack.start()
+    noop = None
+    profiler = Profiler(Path(args.profile) if args.profile else None)
+    report: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, shared with other work; ratios are from one run"}
+    try:
+        os.environ.update(stack.env())
+        settings = Settings.from_env()
+        clients = make_clients(settings)
+        store = FirestoreTaskStore(clients.firestore)
+        url = settings.task_assignment_url
+        tag = str(int(time.time()))
+        if args.scenario in ("all", "checkin"):
+            import psutil
+
+            noop, noop_url = start_noop(work)
+            warm = LoadConfig(url=noop_url, population="noop", devices=200, concurrency=args.concurrency,
+                              protocol="check-in")
+            run_load(warm)
+            report["noop"] = run_load(LoadConfig(url=noop_url, population="noop", devices=args.checkins,
+                                                 concurrency=args.concurrency, protocol="check-in"))
+            open_pop = f"open_{tag}"
+            create_task(settings, clients, open_pop, goal=10 * args.checkins, over=0.3)
+            run_load(LoadConfig(url=url, population=open_pop, devices=100, concurrency=8, protocol="check-in"))
+            profiler.start("task_assignment", function_pids(stack)["task_assignment"])
+            report["checkin_open"] = run_load(LoadConfig(url=url, population=open_pop, devices=args.checkins,
+                                                         concurrency=args.concurrency, protocol="check-in"))
+            report["profile_checkin_open"] = profiler.stop()
+            full_pop = f"full_{tag}"
+            create_task(settings, clients, full_pop, goal=5, over=0.0)
+            run_load(LoadConfig(url=url, population=full_pop, devices=20, concurrency=4, protocol="check-in"))
+            report["checkin_full"] = run_load(LoadConfig(url=url, population=full_pop, devices=args.checkins,
+                                                         concurrency=args.concurrency, protocol="check-in"))
+            noop_rate = report["noop"]["endpoints"]["check_in"]["per_s"]
+            report["ratios_vs_noop"] = {
+                name: round(report[name]["endpoints"]["check_in"]["per_s"] / noop_rate, 3)
+                for name in ("checkin_open", "checkin_full")}
+            report["noop_function_rss_mib"] = round(psutil.Process(noop.pid).memory_info().rss / 2**20, 1)
+        if args.scenario in ("all", "round"):
+            pop = f"round_{tag}"
+            over = 0.3
+            task_id = create_task(settings, clients, pop, goal=args.goal, over=over,
+                                  shapes=CNN_SHAPES if args.model == "cnn" else SHAPES)
+            devices = int(args.goal * (1 + over))
+            pids = function_pids(stack)
+            for name in ("task_assignment", "result_ingestion", "aggregator"):
+                profiler.start(name, pids[name])
+            started = time.time()
+            load = run_load(LoadConfig(url=url, population=pop, devices=devices, concurrency=args.concurrency))
+            iteration = wait_round(store, pop, task_id, timeout_s=max(300.0, args.goal / 5))
+            report["profile_round"] = profiler.stop()
+            from fedcompute.tasks.records import AssignmentStatus, RoundKey
+
+            key = RoundKey(pop, task_id, 1)
+            accepted = store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)
+            frozen = len(store.accepted_ids(key))
+            stages = round_stages(store, pop, task_id, 1)
+            collect_from_first_upload = iteration.aggregating_time - started
+            report["round"] = {
+                "goal": args.goal, "model": args.model, "devices": devices, "load": load, "stages": stages,
+                "accepted": accepted, "accepted_set": frozen,
+                "exactly_goal": accepted == frozen == args.goal,
+                "metrics": json.loads(clients.storage.bucket(settings.model_bucket)
+                                      .blob(f"{pop}/{task_id}/1/s/0/metrics").download_as_bytes()),
+                "accepted_per_s_over_collect": round(args.goal / max(collect_from_first_upload, 1e-9), 1),
+            }
+        report["peak_rss_mib"] = peak_rss_mib(function_pids(stack))
+    finally:
+        profiler.stop()
+        if noop is not None:
+            import psutil
+
+            terminate([psutil.Process(noop.pid)])
+        stack.stop()
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

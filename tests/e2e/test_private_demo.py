@@ -1,0 +1,61 @@
+"""End to end: a small `make demo PRIVATE=1` on the session stack (worker-process fleet, DP build).
+
+The demo's summary must carry, for every round, the test accuracy and an ε that equals an
+independent dp_accounting computation (Poisson-sampled Gaussian, PLD accountant) to 1e-6;
+the private task is built without --skip_dp_check, the baseline run beside it has no noise.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedcompute.private_demo import PrivateDemoOptions, run_private_demo
+from support.stack_plugin import StackHandle
+
+pytestmark = pytest.mark.e2e
+
+DEVICES, GOAL, ROUNDS, NOISE = 240, 24, 3, 1.0
+
+
+def independent_epsilon(rounds: int, delta: float) -> float:
+    import dp_accounting
+    from dp_accounting import pld
+
+    accountant = pld.PLDAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(GOAL / DEVICES, dp_accounting.GaussianDpEvent(NOISE)), rounds))
+    return float(accountant.get_epsilon(delta))
+
+
+def test_small_private_demo_records_accuracy_and_exact_epsilon_per_round(local_stack: StackHandle,
+                                                                        tmp_path: Path) -> None:
+    options = PrivateDemoOptions(devices=DEVICES, examples_per_device=6, report_goal=GOAL, rounds=ROUNDS, noise=NOISE,
+                                 target_epsilon=10.0, processes=2, threads=4, time_scale=0.01,
+                                 out_dir=tmp_path / "out", timeout_s=600)
+    summary = run_private_demo(options, stack=local_stack.stack)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["population_size"] == DEVICES and saved["delta"] == pytest.approx(1 / DEVICES)
+    private, baseline = saved["private"], saved["non_private"]
+    assert [r["round"] for r in private["rounds"]] == list(range(1, ROUNDS + 1))
+    for row in private["rounds"]:
+        assert abs(row["epsilon"] - independent_epsilon(row["round"], 1 / DEVICES)) <= 1e-6
+        assert 0.0 < row["test_accuracy"] <= 1.0
+    assert saved["final_epsilon"] == private["rounds"][-1]["epsilon"] <= 10.0
+    assert saved["goals"]["epsilon_at_most_5"] == (saved["final_epsilon"] <= 5.0)
+    # Built without --skip_dp_check: the report carries the check's epsilon and its assumptions.
+    assert "--skip_dp_check" not in Path(tmp_path / "out" / "task_config_private.pbtxt").read_text()
+    assert "q = report_goal / population_size = 24/240" in private["build_report"]
+    assert "noise_seed" not in (tmp_path / "out" / "task_config_private.pbtxt").read_text()
+    # The non-private run of the same configuration: same rounds, epsilon infinite (None).
+    assert [r["round"] for r in baseline["rounds"]] == list(range(1, ROUNDS + 1))
+    assert all(r["epsilon"] is None for r in baseline["rounds"])
+    table = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert len(table) == 2 + ROUNDS and table[2].startswith("| 1 | ")
+    assert Path(saved["figure"]).stat().st_size > 10_000
+    fleet = private["fleet"]
+    assert fleet["worker_processes"] == 2 and fleet["sessions"]["UPLOADED"] >= GOAL * ROUNDS
+    # Plans and checkpoints come from the origin once per worker process and round, not per device.
+    assert fleet["origin_downloads"] <= 2 * (ROUNDS + 1)
+    assert summary["final_test_accuracy"] == private["final_test_accuracy"]
