@@ -59,3 +59,42 @@ def test_an_unexpected_child_exception_is_reported_without_its_text() -> None:
     record = sandbox._error_record(ValueError("could not convert string: TOPSECRET"))
     assert record["kind"] == "unexpected"
     assert "TOPSECRET" not in json.dumps(record)
+
+
+def _facts_with_tflite() -> sandbox.ModelFacts:
+    import numpy as np
+
+    flex = sandbox.FlexOutcome(
+        "0", "0", b"train-model", b"eval-model", training_ops=("FlexAddV2",), eval_ops=(),
+        training_io=((("x", (-1, 2), "float32"), ("trainable_0", (2, 1), "float32")),
+                     (("loss", (), "float32"),)),
+        eval_io=((("x", (-1, 2), "float32"),), (("accuracy", (), "float32"),)))
+    return sandbox.ModelFacts(input_type=1, label_name="y", example_spec={}, input_spec={}, num_parameters=2,
+                              trainable=(np.ones((2, 1), np.float32),), non_trainable=(), flex=flex)
+
+
+def test_the_tflite_steps_cross_the_process_boundary_as_plain_data(tmp_path: Path) -> None:
+    sandbox._write_result(tmp_path, _facts_with_tflite())
+    assert not list(tmp_path.glob("*.pkl"))
+    facts = sandbox._read_result(tmp_path)
+    assert facts.flex is not None
+    step = facts.flex.plan_step("TRAINING")
+    assert step.model == b"train-model" and step.flex_ops == ("FlexAddV2",)
+    assert [tuple(s) for s in step.inputs] == [("x", (-1, 2), "float32"), ("trainable_0", (2, 1), "float32")]
+    assert [s.name for s in facts.flex.plan_step("EVALUATION").outputs] == ["accuracy"]
+
+
+@pytest.mark.parametrize("bad_io", [
+    [[["x", [-1, 2], "float32"]]],  # not (inputs, outputs)
+    [[["x", ["2"], "float32"]], []],  # a shape that is not ints
+    [[["x", [2], "not-a-dtype"]], []],
+    [[["x" * 1000, [2], "float32"]], []],
+    [[["x", [2], "float32", "extra"]], []],
+])
+def test_a_malformed_signature_from_the_child_fails_the_build(tmp_path: Path, bad_io: list) -> None:
+    sandbox._write_result(tmp_path, _facts_with_tflite())
+    meta = json.loads((tmp_path / "result.json").read_text())
+    meta["flex"]["training_io"] = bad_io
+    (tmp_path / "result.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactBuildError, match="malformed training signature"):
+        sandbox._read_result(tmp_path)
