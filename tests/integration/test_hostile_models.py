@@ -17,8 +17,10 @@ test_safe_extract.py, test_hostile_input.py and test_operator_auth.py.
 """
 from __future__ import annotations
 
+import io
 import os
 import uuid
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +127,15 @@ def test_model_that_reads_a_secret_is_refused_and_nothing_is_echoed(
     assert_nothing_created(local_stack, population)
 
 
-def test_gs_model_directory_with_escaping_names_is_refused(local_stack: StackHandle, cheap_config: Path,
-                                                            tmp_path: Path) -> None:
+def test_gs_model_zip_with_escaping_names_is_refused(local_stack: StackHandle, cheap_config: Path,
+                                                     tmp_path: Path) -> None:
+    """gs:// model input whose entry names escape the build directory (audit High 2).
+
+    The names ride in a zip object: the local stack's fake-gcs-server (filesystem backend)
+    cleans ``..`` out of object names itself, so a ``gs://`` *directory* with such names can
+    only be planted in real GCS; that case goes through the same ``safe_extract`` check and is
+    covered against an in-memory store in tests/unit/test_safe_extract.py.
+    """
     from fedcompute.config import load_config_document
 
     population = unique("hostile_gs")
@@ -137,16 +146,19 @@ def test_gs_model_directory_with_escaping_names_is_refused(local_stack: StackHan
     request.task_config.population_name = population
     # The builder unpacks into <tmp>/fedcompute-build-*/model: four '..' reach the root.
     for evil, rule in ((f"../../../../tmp/{marker}", "contains '..'"), (f"/tmp/{marker}", "is an absolute path")):
-        prefix = f"uploads/{unique('evil')}"
-        bucket.blob(f"{prefix}/saved_model.pb").upload_from_string(b"not used")
-        bucket.blob(f"{prefix}/{evil}").upload_from_string(b"written outside the build directory")
-        request.saved_model.CopyFrom(common_pb2.Resource(uri=f"gs://{bucket.name}/{prefix}"))
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("saved_model.pb", b"not used")
+            archive.writestr(zipfile.ZipInfo(evil), b"written outside the build directory")
+        name = f"uploads/{unique('evil')}.zip"
+        bucket.blob(name).upload_from_string(buffer.getvalue())
+        request.saved_model.CopyFrom(common_pb2.Resource(uri=f"gs://{bucket.name}/{name}"))
         response = http().post(f"{local_stack.urls['task_builder']}/taskbuilder/v1:build-task-group",
                                data=request.SerializeToString(), timeout=120,
                                headers={"content-type": "application/x-protobuf", "accept": "application/x-protobuf"})
         assert response.status_code == 400
         message = task_builder_pb2.BuildTaskResponse.FromString(response.content).error_info.error_message
-        assert f"gs://{bucket.name}/{prefix}: entry {evil!r} {rule}" in message
+        assert f"gs://{bucket.name}/{name}: entry {evil!r} {rule}" in message
     assert not (Path("/tmp") / marker).exists()
     assert_nothing_created(local_stack, population)
 

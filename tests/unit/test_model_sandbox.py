@@ -68,7 +68,7 @@ def _facts_with_tflite() -> sandbox.ModelFacts:
         "0", "0", b"train-model", b"eval-model", training_ops=("FlexAddV2",), eval_ops=(),
         training_io=((("x", (-1, 2), "float32"), ("trainable_0", (2, 1), "float32")),
                      (("loss", (), "float32"),)),
-        eval_io=((("x", (-1, 2), "float32"),), (("accuracy", (), "float32"),)))
+        eval_io=((("serialized_examples", (-1,), "string"),), (("accuracy", (), "float32"),)))
     return sandbox.ModelFacts(input_type=1, label_name="y", example_spec={}, input_spec={}, num_parameters=2,
                               trainable=(np.ones((2, 1), np.float32),), non_trainable=(), flex=flex)
 
@@ -81,13 +81,15 @@ def test_the_tflite_steps_cross_the_process_boundary_as_plain_data(tmp_path: Pat
     step = facts.flex.plan_step("TRAINING")
     assert step.model == b"train-model" and step.flex_ops == ("FlexAddV2",)
     assert [tuple(s) for s in step.inputs] == [("x", (-1, 2), "float32"), ("trainable_0", (2, 1), "float32")]
-    assert [s.name for s in facts.flex.plan_step("EVALUATION").outputs] == ["accuracy"]
+    evaluation = facts.flex.plan_step("EVALUATION")
+    assert [tuple(s) for s in evaluation.inputs] == [("serialized_examples", (-1,), "string")]
+    assert [s.name for s in evaluation.outputs] == ["accuracy"]
 
 
 @pytest.mark.parametrize("bad_io", [
     [[["x", [-1, 2], "float32"]]],  # not (inputs, outputs)
     [[["x", ["2"], "float32"]], []],  # a shape that is not ints
-    [[["x", [2], "not-a-dtype"]], []],
+    [[["x", [2], "Not a dtype"]], []],
     [[["x" * 1000, [2], "float32"]], []],
     [[["x", [2], "float32", "extra"]], []],
 ])

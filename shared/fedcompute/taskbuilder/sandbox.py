@@ -30,6 +30,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -80,6 +81,7 @@ class ModelJob:
 SpecRecord = tuple[str, tuple[int, ...], str]
 MAX_SPEC_ENTRIES = 4096
 MAX_NAME_CHARS = 256
+_DTYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -304,13 +306,10 @@ def _spec_records(value: Any, what: str) -> tuple[SpecRecord, ...]:
             len(entry[0]) <= MAX_NAME_CHARS and isinstance(entry[1], list) and len(entry[1]) <= 32 and \
             all(isinstance(d, int) and not isinstance(d, bool) and -1 <= d < 2**31 for d in entry[1]) and \
             isinstance(entry[2], str) and len(entry[2]) <= 32
-        if not ok:
+        # A TensorFlow dtype name ("float32", "string": inputs may be serialized tf.Examples).
+        if not ok or not _DTYPE_NAME.fullmatch(entry[2]):
             raise ArtifactBuildError(f"the model check returned a malformed {what}")
-        try:
-            dtype = np.dtype(entry[2]).name
-        except TypeError as error:
-            raise ArtifactBuildError(f"the model check returned a malformed {what}") from error
-        records.append((entry[0], tuple(entry[1]), dtype))
+        records.append((entry[0], tuple(entry[1]), entry[2]))
     return tuple(records)
 
 
