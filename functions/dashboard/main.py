@@ -17,6 +17,7 @@ import mimetypes
 import flask
 import functions_framework
 
+from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
 from fedcompute.adapters.clients import ProcessClients
 from fedcompute.adapters.firestore_store import FirestoreTaskStore
@@ -77,7 +78,7 @@ def _store_and_blobs(request: flask.Request) -> tuple[FirestoreTaskStore, GcsBlo
 def _task_args(request: flask.Request) -> tuple[str, int]:
     population = request.args.get("population", "")
     task = request.args.get("task", "")
-    if not population or not task.isdigit():
+    if not population or not layout.is_ascii_decimal(task) or layout.population_name_problem(population):
         raise InvalidRequestError("population and task query parameters are required",
                                   hint="e.g. /api/metrics?population=my_new_population&task=1")
     return population, int(task)

@@ -163,7 +163,7 @@ def run_demo(options: DemoOptions) -> DemoSummary:
     settings = Settings.from_env()
     clients = make_clients(settings)
     blobs = GcsBlobStore(clients.storage)
-    management = TaskManagementClient(settings.task_management_url)
+    management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key)
 
     _say("== 2/5  SavedFunctionalModel: the seed's EMNIST CNN (1,663,370 parameters)")
     model_dir = out / "emnist_cnn"

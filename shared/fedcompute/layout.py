@@ -22,6 +22,26 @@ import re
 from dataclasses import dataclass
 
 POPULATION_PATTERN = r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*"  # no leading dot: never "." or ".."
+MAX_POPULATION_NAME_CHARS = 128
+# What a population name in a request may be: starts with a letter or digit (never "__x__",
+# "." or "-x"), at most 128 ASCII characters (a Firestore id and a storage path segment).
+VALID_POPULATION_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{MAX_POPULATION_NAME_CHARS - 1}}}")
+MAX_ID_DIGITS = 18  # task ids, round numbers and version codes fit an int64
+
+
+def is_ascii_decimal(text: str, max_digits: int = MAX_ID_DIGITS) -> bool:
+    """``"341912000"`` yes; ``"²"``, ``"٣"`` (``str.isdigit`` says yes to both), ``""``, ``"-1"`` no."""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
+
+
+def population_name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid population name in a request, or None."""
+    if VALID_POPULATION_RE.fullmatch(name):
+        return None
+    if len(name) > MAX_POPULATION_NAME_CHARS:
+        return f"population name is {len(name)} characters, over {MAX_POPULATION_NAME_CHARS}"
+    return (f"population name {name[:40]!r} must start with a letter or digit and use only ASCII letters, "
+            "digits, '_', '-' and '.'")
 GRADIENT_PATH_RE = re.compile(
     rf"^(?P<population>{POPULATION_PATTERN})/(?P<task_id>[0-9]+)/(?P<round>[0-9]+)/d/(?P<assignment_id>[A-Za-z0-9\-]+)/gradient$"
 )

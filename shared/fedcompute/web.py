@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -178,6 +179,9 @@ def parse_message(request: flask.Request, message_cls: type[M], *, max_bytes: in
             ) from error
         try:
             json_format.Parse(text, message)
+        except RecursionError as error:  # json.loads on e.g. 25,000 nested arrays
+            raise InvalidRequestError(f"JSON body for {name} is nested too deeply",
+                                      hint="send the protobuf JSON mapping of the message") from error
         except json_format.ParseError as error:
             raise InvalidRequestError(
                 f"invalid JSON for {name}: {error}",
@@ -286,12 +290,20 @@ def error_response(error: BaseException) -> flask.Response:
 def require_api_key(request: flask.Request, expected: str) -> None:
     """Check the ``x-api-key`` header against ``expected`` (constant time).
 
-    An empty ``expected`` disables the check (local stack without a key).
+    An empty ``expected`` (a local stack without a key) lets only loopback callers in: an
+    operator API reachable from other machines always needs a key.
 
     Raises:
-        UnauthenticatedError: the header is missing or does not match.
+        UnauthenticatedError: the header is missing or does not match, or no key is
+            configured and the caller is not on this machine.
     """
     if not expected:
+        if not _is_loopback_address(request.remote_addr):
+            raise UnauthenticatedError(
+                f"this operator API has no API key configured, so it only answers callers on this machine "
+                f"(not {request.remote_addr})",
+                hint="set FEDCOMPUTE_API_KEY on the server and send it in the x-api-key header",
+            )
         return
     given = request.headers.get(API_KEY_HEADER)
     if not given:
@@ -306,7 +318,39 @@ def require_api_key(request: flask.Request, expected: str) -> None:
         )
 
 
+def _is_loopback_address(address: str | None) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 # --------------------------------------------------------------------------- routing
+
+_ID_PARAMS = ("task_id", "round_number")
+
+
+def check_path_params(params: Mapping[str, str | None]) -> None:
+    """400 for path parameters the patterns let through but the services cannot take.
+
+    ``population`` must be a valid population name (:func:`fedcompute.layout.population_name_problem`);
+    ``task_id`` / ``round_number`` at most 18 ASCII digits (an int64; Python's ``int`` of a
+    4,301-digit string raises).
+    """
+    from fedcompute import layout
+
+    population = params.get("population")
+    if population is not None:
+        problem = layout.population_name_problem(population)
+        if problem:
+            raise InvalidRequestError(problem, hint="use the population_name of the task config")
+    for name in _ID_PARAMS:
+        value = params.get(name)
+        if value is not None and not layout.is_ascii_decimal(value):
+            raise InvalidRequestError(f"{name} {value[:40]!r} is not a decimal id of at most "
+                                      f"{layout.MAX_ID_DIGITS} digits")
 
 
 @dataclass(frozen=True)
@@ -363,7 +407,9 @@ class Router:
             if match is None:
                 continue
             if route.method == method.upper():
-                return route.handler, match.groupdict()
+                params = match.groupdict()
+                check_path_params(params)
+                return route.handler, params
             allowed.append(route.method)
         if allowed:
             raise MethodNotAllowedError(

@@ -12,12 +12,10 @@ the end of the module (run with ``-s`` or look at the terminal summary).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,6 +43,7 @@ from fedcompute.taskbuilder import client as tb_client
 from fedcompute.taskbuilder import service
 from support import helpers
 from support.helpers import http
+from support.task_builder_cli import CliRun, assert_nothing_created, model_objects, run_cli, tasks_of
 
 if TYPE_CHECKING:
     from support.stack_plugin import StackHandle
@@ -56,7 +55,6 @@ CONFIGS = REPO / "examples" / "configs"
 CNN_CONFIG = CONFIGS / "emnist_cnn_task_config.pbtxt"
 DICT_CONFIG = CONFIGS / "dict_model_task_config.pbtxt"
 SEED_STEP3_CONFIG = CONFIGS / "seed_step3_fcp_server_config.pbtxt"
-CLIENT = Path(sys.executable).with_name("task_builder_client")
 
 OPEN = task_management_pb2.TaskStatus.OPEN
 CANCELED = task_management_pb2.TaskStatus.CANCELED
@@ -71,34 +69,6 @@ def unique(prefix: str) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class CliRun:
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def json(self) -> dict[str, Any]:
-        return json.loads(self.stdout)
-
-    def task_ids(self) -> dict[str, int]:
-        """``training``/``evaluation`` -> task id, from the text mode's stderr summary."""
-        return {kind: int(task_id) for kind, task_id in
-                re.findall(r"^(training|evaluation) task: population '[^']+', task_id (\d+)$", self.stderr, re.M)}
-
-
-def run_cli(stack: StackHandle, *args: str, server: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 600) -> CliRun:
-    """``task_builder_client ARGS`` in a subprocess with the stack's environment."""
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
-    if env is None or "FEDCOMPUTE_API_KEY" not in env:
-        full_env.pop("FEDCOMPUTE_API_KEY", None)
-    cmd = [str(CLIENT), f"--task_builder_server={server or stack.urls['task_builder']}", *args]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
-    return CliRun(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
 
 
 def write_config(path: Path, text: str, replacements: Sequence[tuple[str, str]] = ()) -> Path:
@@ -128,20 +98,6 @@ def cheap_config(path: Path, *, label: str | None = "my_label", metrics: Sequenc
         block = "".join(f'    metrics {{\n      name: "{m}"\n    }}\n' for m in metrics)
         text = text[:start] + block + "  }\n" + text[end:]
     return write_config(path, text, replacements)
-
-
-def model_objects(stack: StackHandle, prefix: str) -> list[str]:
-    return sorted(b.name for b in stack.clients.storage.list_blobs(stack.settings.model_bucket, prefix=prefix))
-
-
-def tasks_of(stack: StackHandle, population: str) -> list[task_management_pb2.Task]:
-    return TaskManagementClient(stack.settings.task_management_url).list_tasks(population)
-
-
-def assert_nothing_created(stack: StackHandle, population: str) -> None:
-    assert tasks_of(stack, population) == []
-    assert model_objects(stack, f"{population}/") == []
-    assert model_objects(stack, f"artifacts/{population}/") == []
 
 
 def build_request(model_dir: str, config: Path, population: str, **flags: bool) -> task_builder_pb2.BuildTaskRequest:

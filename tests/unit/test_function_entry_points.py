@@ -1,7 +1,6 @@
 """The functions' main.py entry points, loaded in-process (no emulators), and import weight."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from cloudevents.http import CloudEvent
 
 from fedcompute import web
 from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS
+from support.functions import load_function
 
 FUNCTIONS_DIR = Path(__file__).resolve().parents[2] / "functions"
 HTTP = [n for n in ALL_FUNCTIONS if FUNCTION_SPECS[n].signature_type == "http"]
@@ -21,11 +21,7 @@ CLOUDEVENT = [n for n in ALL_FUNCTIONS if FUNCTION_SPECS[n].signature_type == "c
 
 
 def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"fn_{name}", FUNCTIONS_DIR / name / "main.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_function(name)
 
 
 def test_every_function_has_an_entry_point_named_after_it() -> None:

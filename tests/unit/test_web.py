@@ -242,10 +242,21 @@ def test_require_api_key() -> None:
         web.require_api_key(flask.request, "s3cret")
         with pytest.raises(errors.UnauthenticatedError, match="invalid x-api-key"):
             web.require_api_key(flask.request, "other")
-    with request_ctx():
+    with request_ctx(environ_base={"REMOTE_ADDR": "127.0.0.1"}):
         with pytest.raises(errors.UnauthenticatedError, match="missing x-api-key header"):
             web.require_api_key(flask.request, "s3cret")
-        web.require_api_key(flask.request, "")  # no key configured: open (local stack)
+        web.require_api_key(flask.request, "")  # no key configured: open to this machine only
+
+
+@pytest.mark.parametrize("remote", ["10.1.2.3", "192.168.0.7", "2001:db8::1", None])
+def test_without_a_configured_key_only_loopback_callers_get_in(remote: str | None) -> None:
+    environ = {"REMOTE_ADDR": remote} if remote else {}
+    with request_ctx(environ_base=environ):
+        with pytest.raises(errors.UnauthenticatedError, match="no API key configured, so it only answers callers"):
+            web.require_api_key(flask.request, "")
+    for loopback in ("127.0.0.1", "::1"):
+        with request_ctx(environ_base={"REMOTE_ADDR": loopback}):
+            web.require_api_key(flask.request, "")
 
 
 # --------------------------------------------------------------------------- CloudEvents

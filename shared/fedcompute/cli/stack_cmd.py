@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="port of the task builder (default: %(default)s, as in the ODP guide; 0 = any free port)")
     up.add_argument("--project", default=None, help="project id used with the emulators (default: fedcompute-local)")
     up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for health (default: %(default)s)")
+    up.add_argument("--function-host", default="127.0.0.1",
+                    help="address the functions listen on (default: %(default)s); any other address needs "
+                    "FEDCOMPUTE_API_KEY set, which the task builder, task management and dashboard then require")
     up.set_defaults(func=run_up)
 
     down = commands.add_parser("down", help="stop everything the stack started")
@@ -75,6 +78,7 @@ def run_up(args: argparse.Namespace) -> int:
         project=args.project or DEFAULT_PROJECT,
         task_builder_port=args.task_builder_port,
         startup_timeout_s=args.timeout,
+        function_host=args.function_host,
     )
     print(f"starting the local stack in {stack.state_dir} ...", file=sys.stderr)
     status = stack.start()

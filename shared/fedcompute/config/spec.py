@@ -26,7 +26,7 @@ TRAINING_ONLY = "TRAINING_ONLY"
 TRAINING_AND_EVAL = "TRAINING_AND_EVAL"
 EVAL_ONLY = "EVAL_ONLY"
 
-CHECKPOINT_SELECTOR_RE = re.compile(r"^every_(?P<k>\d+)_(?P<kind>round|hour)$")
+CHECKPOINT_SELECTOR_RE = re.compile(r"every_(?P<k>[0-9]{1,9})_(?P<kind>round|hour)")  # ASCII digits only
 
 
 def max_aggregation_size(report_goal: int, over_selection_rate: float) -> int:
@@ -49,7 +49,7 @@ class CheckpointSelector:
 
 def parse_checkpoint_selector(text: str) -> CheckpointSelector | None:
     """Parse ``every_<k>_round`` / ``every_<k>_hour`` (k >= 1); None when malformed."""
-    match = CHECKPOINT_SELECTOR_RE.match(text.strip())
+    match = CHECKPOINT_SELECTOR_RE.fullmatch(text.strip())
     if match is None or int(match["k"]) < 1:
         return None
     return CheckpointSelector(kind=match["kind"], k=int(match["k"]))

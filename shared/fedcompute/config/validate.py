@@ -15,11 +15,18 @@ from fedcompute.config.issues import ERROR, WARNING, ConfigIssue, ConfigValidati
 from fedcompute.config.locations import line_for
 from fedcompute.config.parse import ParsedConfig
 from fedcompute.config.spec import TaskSpec, parse_checkpoint_selector, spec_from_normalized
+from fedcompute.limits import (
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    MAX_POPULATION_SIZE,
+    MAX_REPORT_GOAL,
+    MAX_TRAINING_ROUNDS,
+)
 from fedcompute.metric_names import closest_allowed, is_allowed
 from fedcompute.proto import task_config_pb2 as pb
 
 # A population name is a storage path segment and a Firestore document id.
-POPULATION_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
+POPULATION_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")  # used with fullmatch
 
 _LP = "federated_learning.learning_process"
 _RUNTIME = f"{_LP}.runtime_config"
@@ -66,6 +73,10 @@ class _Checker:
             bound = ">= 0" if allow_zero else "> 0"
             self.add(path, f"{path.rsplit('.', 1)[-1]} must be {bound}, got {_fmt(value)}", fix)
 
+    def at_most(self, path: str, value: int, bound: int, fix: str) -> None:
+        if value > bound:
+            self.add(path, f"{path.rsplit('.', 1)[-1]} must be at most {bound:,}, got {value:,}", fix)
+
     def fraction(self, path: str, value: float, fix: str) -> None:
         if not (math.isfinite(value) and 0.0 <= value <= 1.0):
             self.add(path, f"{path.rsplit('.', 1)[-1]} must be in [0, 1], got {_fmt(value)}", fix)
@@ -97,7 +108,7 @@ class _Checker:
         if not c.population_name:
             self.add("population_name", "population_name is required",
                      'set population_name: "my_population" using lowercase letters, digits, _ and -')
-        elif not POPULATION_NAME_RE.match(c.population_name):
+        elif not POPULATION_NAME_RE.fullmatch(c.population_name):
             self.add(
                 "population_name",
                 f"population_name {c.population_name!r} may only contain lowercase letters, digits, "
@@ -129,6 +140,8 @@ class _Checker:
                      "report_goal is required for training" if got == 0 else f"report_goal must be > 0, got {got}",
                      "set federated_learning { learning_process { runtime_config { report_goal: N } } }, "
                      "the number of device reports per round")
+        self.at_most(f"{_RUNTIME}.report_goal", lp.runtime_config.report_goal, MAX_REPORT_GOAL,
+                     "use a report goal of at most a few thousand devices per round")
 
     def check_policies(self, c: pb.TaskConfig, training: bool) -> None:
         dataset = c.policies.dataset_policy
@@ -142,7 +155,11 @@ class _Checker:
         if dataset.num_epochs <= 0:
             self.add(f"{_DATASET}.num_epochs", f"num_epochs must be > 0, got {dataset.num_epochs}",
                      "use 1 or more local epochs, or remove it for the default 1")
+        self.at_most(f"{_DATASET}.batch_size", dataset.batch_size, MAX_BATCH_SIZE, "use a smaller batch size")
+        self.at_most(f"{_DATASET}.num_epochs", dataset.num_epochs, MAX_EPOCHS, "use fewer local epochs")
         separation = c.policies.min_separation_policy.minimum_separation
+        self.at_most("policies.min_separation_policy.minimum_separation", separation, MAX_TRAINING_ROUNDS,
+                     "use a separation of at most the number of rounds")
         if separation < 0:
             self.add("policies.min_separation_policy.minimum_separation",
                      f"minimum_separation must be >= 0, got {separation}",
@@ -155,6 +172,8 @@ class _Checker:
                      "num_max_training_rounds is required for training" if got == 0
                      else f"num_max_training_rounds must be > 0, got {got}",
                      "set policies { model_release_policy { num_max_training_rounds: N } }")
+        self.at_most(f"{_RELEASE}.num_max_training_rounds", release.num_max_training_rounds, MAX_TRAINING_ROUNDS,
+                     "train for fewer rounds; build a new task to continue")
         self.positive(f"{_RELEASE}.dp_target_epsilon", release.dp_target_epsilon,
                       "use a positive privacy budget such as 10, or remove it for the default 10")
         if not (math.isfinite(release.dp_delta) and 0.0 < release.dp_delta < 1.0):
@@ -163,6 +182,9 @@ class _Checker:
         if release.population_size <= 0:
             self.add(f"{_RELEASE}.population_size", f"population_size must be > 0, got {release.population_size}",
                      "set the number of devices in the population, or remove it for 3,000,000")
+        elif release.population_size > MAX_POPULATION_SIZE:
+            self.at_most(f"{_RELEASE}.population_size", release.population_size, MAX_POPULATION_SIZE,
+                         "set the number of devices in the population")
         else:
             goals = [(f"{_RUNTIME}.report_goal", c.federated_learning.learning_process.runtime_config.report_goal)]
             if c.federated_learning.HasField("evaluation"):
@@ -193,6 +215,8 @@ class _Checker:
                      "evaluation report_goal is required" if ev.report_goal == 0
                      else f"evaluation report_goal must be > 0, got {ev.report_goal}",
                      "set evaluation { report_goal: N }, the number of device reports per evaluation round")
+        self.at_most(f"{_EVAL}.report_goal", ev.report_goal, MAX_REPORT_GOAL,
+                     "use an evaluation report goal of at most a few thousand devices")
         self.fraction(f"{_EVAL}.evaluation_traffic", ev.evaluation_traffic,
                       "use the share of traffic for evaluation, e.g. 0.1")
         self.fraction(f"{_EVAL}.over_selection_rate", ev.over_selection_rate,
@@ -206,7 +230,7 @@ class _Checker:
                      "EVAL_ONLY needs the id of the training task to evaluate" if ev.source_training_task_id == 0
                      else f"source_training_task_id must be > 0, got {ev.source_training_task_id}",
                      "set evaluation { source_training_task_id: <id of an existing training task> }")
-        if ev.source_training_population and not POPULATION_NAME_RE.match(ev.source_training_population):
+        if ev.source_training_population and not POPULATION_NAME_RE.fullmatch(ev.source_training_population):
             self.add(f"{_EVAL}.source_training_population",
                      f"source_training_population {ev.source_training_population!r} is not a valid population name",
                      f'use "{_sanitize_population(ev.source_training_population)}"')

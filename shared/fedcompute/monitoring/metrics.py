@@ -200,6 +200,6 @@ def parse_run_ref(text: str) -> tuple[str, int]:
         InvalidRequestError: not of that form.
     """
     population, sep, task = text.rpartition("/")
-    if not sep or not population or not task.isdigit() or not re.fullmatch(layout.POPULATION_PATTERN, population):
+    if not sep or not population or not layout.is_ascii_decimal(task) or layout.population_name_problem(population):
         raise InvalidRequestError(f"run {text!r} is not POPULATION/TASK_ID", hint="e.g. my_new_population/1")
     return population, int(task)

@@ -180,9 +180,10 @@ def upload_gzip_enabled() -> bool:
 
 def validate_version_code(version: str) -> str:
     """Version codes are decimal integers (ODP compares them numerically)."""
-    if not version or not version.isdigit() or len(version) > 18:
+    if not layout.is_ascii_decimal(version):
         raise InvalidRequestError(
-            f"client_version.version_code {version!r} is not a decimal version code",
+            f"client_version.version_code {version[:40]!r} is not a decimal version code (ASCII digits 0-9, "
+            f"at most {layout.MAX_ID_DIGITS})",
             hint="send the OnDevicePersonalization module version, e.g. \"341912000\"",
         )
     return version

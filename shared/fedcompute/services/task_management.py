@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
 
-from fedcompute import layout
+from fedcompute import layout, limits
 from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
@@ -71,16 +71,26 @@ def new_task_from_proto(population: str, task: task_management_pb2.Task) -> NewT
         )
     if task.min_aggregation_size <= 0:
         raise InvalidRequestError("task.min_aggregation_size (the report goal) must be > 0")
+    if task.min_aggregation_size > limits.MAX_REPORT_GOAL:
+        raise InvalidRequestError(f"task.min_aggregation_size {task.min_aggregation_size} is over the limit "
+                                  f"{limits.MAX_REPORT_GOAL}", hint="use a smaller report goal")
     max_size = task.max_aggregation_size or task.min_aggregation_size
     if max_size < task.min_aggregation_size:
         raise InvalidRequestError("task.max_aggregation_size must be >= min_aggregation_size")
+    if max_size > limits.MAX_AGGREGATION_SIZE:
+        raise InvalidRequestError(f"task.max_aggregation_size {max_size} is over the limit "
+                                  f"{limits.MAX_AGGREGATION_SIZE}", hint="use an over-selection rate of at most 1")
     if task.total_iteration <= 0:
         raise InvalidRequestError("task.total_iteration must be > 0")
+    if task.total_iteration > limits.MAX_TRAINING_ROUNDS:
+        raise InvalidRequestError(f"task.total_iteration {task.total_iteration} is over the limit "
+                                  f"{limits.MAX_TRAINING_ROUNDS}", hint="train for fewer rounds")
     min_v = task.min_client_version or DEFAULT_MIN_VERSION
     max_v = task.max_client_version or DEFAULT_MAX_VERSION
     for name, value in (("min_client_version", min_v), ("max_client_version", max_v)):
-        if not value.isdigit():
-            raise InvalidRequestError(f"task.{name} {value!r} is not a decimal version code")
+        if not layout.is_ascii_decimal(value):
+            raise InvalidRequestError(f"task.{name} {value[:40]!r} is not a decimal version code (ASCII digits, "
+                                      f"at most {layout.MAX_ID_DIGITS})")
     if int(min_v) > int(max_v):
         raise InvalidRequestError("task.min_client_version is above max_client_version")
     info = task.info

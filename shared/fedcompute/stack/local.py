@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import platform
@@ -64,6 +65,17 @@ from fedcompute.stack import procs
 from fedcompute.web import health_event_headers
 
 HOST = "127.0.0.1"
+API_KEY_ENV = "FEDCOMPUTE_API_KEY"
+
+
+def is_loopback_host(host: str) -> bool:
+    """``127.0.0.1``, ``::1``, ``localhost``: reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 DEFAULT_TASK_BUILDER_PORT = 5000  # the seed's `localhost:5000`
 MAX_DELIVERY_ATTEMPTS = 5
 MIN_BACKOFF = "1s"
@@ -207,6 +219,8 @@ class LocalStack:
         functions_dir: Path | None = None,
         settings: Settings | None = None,
         startup_timeout_s: float = 90.0,
+        function_host: str = HOST,
+        api_key: str | None = None,
     ) -> None:
         unknown = sorted(set(functions) - set(FUNCTION_SPECS))
         if unknown:
@@ -218,6 +232,16 @@ class LocalStack:
         self.functions = tuple(name for name in ALL_FUNCTIONS if name in set(functions))
         self.functions_dir = Path(functions_dir) if functions_dir else default_functions_dir()
         self.startup_timeout_s = startup_timeout_s
+        # The operator API key (task builder, task management, dashboard). Functions bound
+        # beyond loopback are reachable by other machines: they never run without a key.
+        self.api_key = api_key if api_key is not None else (self.settings.api_key or
+                                                            os.environ.get(API_KEY_ENV, ""))
+        self.function_host = function_host
+        if not is_loopback_host(function_host) and not self.api_key:
+            raise StackError(
+                f"refusing to serve the functions on {function_host}, beyond loopback, without an API key",
+                hint=f"set {API_KEY_ENV} (a long random string) or bind {HOST}",
+            )
         self._last_state: dict[str, Any] | None = None  # kept after stop, for leftover_processes()
         self._popens: list[subprocess.Popen[bytes]] = []
         self._http = requests.Session()
@@ -417,7 +441,9 @@ class LocalStack:
         for name in self.functions:
             spec = FUNCTION_SPECS[name]
             port = pick(self.task_builder_port if name == "task_builder" else 0)
-            comps.append(Component(name, "function", spec.signature_type, port, f"http://{HOST}:{port}", log(name)))
+            url_host = HOST if self.function_host in ("0.0.0.0", "::") else self.function_host
+            comps.append(Component(name, "function", spec.signature_type, port, f"http://{url_host}:{port}",
+                                   log(name)))
         if "scheduler" in self.functions:  # Cloud Scheduler's stand-in: ticks scheduler-tick
             comps.append(Component(TICKER, "process", "process", 0, "", log(TICKER)))
         return comps
@@ -446,6 +472,9 @@ class LocalStack:
         env = dict(os.environ)
         env.update(client_env)
         env[procs.STACK_ID_ENV] = stack_id
+        env.pop(API_KEY_ENV, None)
+        if self.api_key:
+            env[API_KEY_ENV] = self.api_key  # the functions require it; never written to the env file
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log files as they happen
         # TensorFlow's C++ logging writes plain-text lines (even at import): off, so function logs
         # are JSON only; failures still surface as Python exceptions, logged as JSON.
@@ -488,7 +517,7 @@ class LocalStack:
             )
         return [
             str(functions_framework_executable()), "--source", str(source), "--target", spec.entry_point,
-            "--signature-type", spec.signature_type, "--host", HOST, "--port", str(comp.port),
+            "--signature-type", spec.signature_type, "--host", self.function_host, "--port", str(comp.port),
         ], source.parent
 
     @staticmethod

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcompute import layout
-from fedcompute.errors import InvariantError
+from fedcompute.errors import ArtifactBuildError, InvariantError
 from fedcompute.plans import ServerPhase, WeightSpec
 from fedcompute.ports import BlobStore
 from fedcompute.settings import Settings
@@ -44,12 +44,28 @@ class TaskArtifacts:
         return out
 
 
+class ArtifactExistsError(ArtifactBuildError):
+    """A create-only artifact write found an object already there (planted or left over)."""
+
+
+def write_new_artifact(blobs: BlobStore, bucket: str, name: str, data: bytes) -> None:
+    """Create ``gs://bucket/name``; fail loudly if it exists (never build on someone else's object)."""
+    if not blobs.write(bucket, name, data, create_only=True):
+        raise ArtifactExistsError(
+            f"gs://{bucket}/{name} already exists; the task builder never reuses an existing artifact",
+            hint="an object at a new task's path was not written by this build: find out who wrote it, "
+            "delete it, and build again")
+
+
 def publish_artifacts(blobs: BlobStore, settings: Settings, population: str, task_id: int,
                       artifacts: TaskArtifacts) -> list[str]:
-    """Write every artifact (create-only: a task's artifacts are immutable). Returns the names."""
+    """Write every artifact (create-only: a task's artifacts are immutable). Returns the names.
+
+    Raises :class:`ArtifactExistsError` when any object is already there.
+    """
     written = []
     for name, data in artifacts.objects(population, task_id).items():
-        blobs.write(settings.model_bucket, name, data, create_only=True)
+        write_new_artifact(blobs, settings.model_bucket, name, data)
         written.append(name)
     return written
 

@@ -59,6 +59,27 @@ def _tf() -> Any:
     return tf
 
 
+MAX_ERROR_TEXT = 300
+
+
+def describe_error(err: BaseException) -> str:
+    """A failure of the model, safe to return to the caller.
+
+    A TensorFlow runtime error's text can quote tensor values (``StringToNumber`` quotes
+    the string it could not parse, an ``Assert`` its data), so only its class and the
+    failing op and node are reported. Other errors (signature mismatches raised while
+    tracing) keep their first line, truncated.
+    """
+    tf = _tf()
+    if isinstance(err, tf.errors.OpError):
+        node_def = getattr(err, "node_def", None)
+        op, node = getattr(node_def, "op", ""), getattr(node_def, "name", "")
+        where = f" in op {op} (node {node!r})" if op else ""
+        return f"TensorFlow {type(err).__name__}{where}"
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first_line[:MAX_ERROR_TEXT]}"
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -130,7 +151,7 @@ def loaded_model_from_module(module: Any, path: str | None = None) -> LoadedMode
         trainable, non_trainable = weights_spec
     except (AttributeError, TypeError, ValueError) as err:
         raise ModelCheckError(
-            f"{where}: unexpected signatures for predict_on_batch_training / loss ({err})",
+            f"{where}: unexpected signatures for predict_on_batch_training / loss ({describe_error(err)})",
             hint=_SAVE_HINT,
         ) from err
     return LoadedModel(
@@ -156,11 +177,15 @@ def load_functional_model_checked(path: str | os.PathLike[str]) -> LoadedModel:
         raise ModelCheckError(
             f"not a SavedModel: no saved_model.pb in {directory}; {_SAVE_HINT.replace('save it', 'save the model')}"
         )
+    from fedcompute.taskbuilder.op_allowlist import check_saved_model_file
+
+    check_saved_model_file(directory)  # before any op of the model can run
     tf = _tf()
     try:
         module = tf.saved_model.load(directory)
     except (OSError, ValueError, tf.errors.OpError) as err:
-        raise ModelCheckError(f"cannot load the SavedModel in {directory}: {err}", hint=_SAVE_HINT) from err
+        raise ModelCheckError(f"cannot load the SavedModel in {directory}: {describe_error(err)}",
+                              hint=_SAVE_HINT) from err
     return loaded_model_from_module(module, directory)
 
 
@@ -424,7 +449,7 @@ def check_model(
     except (tf.errors.OpError, ValueError, TypeError) as err:
         raise ModelCheckError(
             f"{where} failed on a sample batch parsed from tf.train.Example ({example_spec['features']} "
-            f"-> label {example_spec['label']}): {err}",
+            f"-> label {example_spec['label']}): {describe_error(err)}",
             hint="the model's input_spec must match what its predict and loss functions accept",
         ) from err
     return ModelCheckResult(

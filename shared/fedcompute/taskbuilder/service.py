@@ -9,12 +9,10 @@ failure at any step leaves no task and no artifact behind.
 """
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 import time
 import uuid
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +27,20 @@ from fedcompute.learning.contribution_bounds import max_examples_per_device
 from fedcompute.plans import ClientPlan, ServerPhase, TfliteStep, pack_plan
 from fedcompute.ports import BlobStore
 from fedcompute.proto import common_pb2, eligibility_pb2, task_builder_pb2, task_management_pb2
+from fedcompute.safe_extract import ExtractLimits, download_prefix, extract_zip
 from fedcompute.settings import Settings
-from fedcompute.taskbuilder.artifacts import TaskArtifacts, artifacts_from_weights, publish_artifacts, weight_specs
+from fedcompute.taskbuilder.artifacts import (
+    TaskArtifacts,
+    artifacts_from_weights,
+    publish_artifacts,
+    weight_specs,
+    write_new_artifact,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_MODEL_BYTES = 1024 * 1024 * 1024
+MAX_MODEL_FILES = 10_000
 TRAFFIC_SCALE = 1000
 
 ErrorType = task_builder_pb2.ErrorType
@@ -76,11 +82,17 @@ class BuildOutcome:
 # ----------------------------------------------------------------------------- model input
 
 
+MODEL_LIMITS = ExtractLimits(max_total_bytes=MAX_MODEL_BYTES, max_entries=MAX_MODEL_FILES)
+
+
 def fetch_saved_model(resource: common_pb2.Resource, blobs: BlobStore, target: Path) -> Path:
-    """Materialize the request's saved model (gs:// directory or zip, or inline zip) in ``target``."""
+    """Materialize the request's saved model (gs:// directory or zip, or inline zip) in ``target``.
+
+    Every archive entry and object name goes through :mod:`fedcompute.safe_extract`.
+    """
     kind = resource.WhichOneof("resource")
     if kind == "inline_resource":
-        _unzip(resource.inline_resource.data, target, "inline saved_model")
+        extract_zip(resource.inline_resource.data, target, what="inline saved_model", limits=MODEL_LIMITS)
         return _model_root(target)
     if kind != "uri" or not resource.uri:
         raise InvalidRequestError("saved_model is missing", hint="pass --saved_model=DIR|ZIP|gs://bucket/path")
@@ -92,37 +104,14 @@ def fetch_saved_model(resource: common_pb2.Resource, blobs: BlobStore, target: P
     if not bucket or not prefix:
         raise InvalidRequestError(f"saved_model URI {uri!r} needs gs://BUCKET/PATH")
     if prefix.endswith(".zip"):
-        _unzip(blobs.read(bucket, prefix), target, uri)
+        extract_zip(blobs.read(bucket, prefix), target, what=uri, limits=MODEL_LIMITS)
         return _model_root(target)
-    names = blobs.list(bucket, prefix.rstrip("/") + "/")
-    if not names:
+    written = download_prefix(lambda p: blobs.list(bucket, p), lambda name: blobs.read(bucket, name), prefix,
+                              target, what=uri, limits=MODEL_LIMITS)
+    if not written:
         raise ArtifactBuildError(f"saved_model {uri} is empty or does not exist",
                                  hint="save it with tff.learning.models.save_functional_model and upload the directory")
-    total = 0
-    for name in names:
-        data = blobs.read(bucket, name)
-        total += len(data)
-        if total > MAX_MODEL_BYTES:
-            raise InvalidRequestError(f"saved_model {uri} is larger than {MAX_MODEL_BYTES} bytes")
-        dest = target / name[len(prefix.rstrip("/")) + 1:]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
     return _model_root(target)
-
-
-def _unzip(data: bytes, target: Path, what: str) -> None:
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as error:
-        raise InvalidRequestError(f"{what} is not a zip archive") from error
-    with archive:
-        if sum(i.file_size for i in archive.infolist()) > MAX_MODEL_BYTES:
-            raise InvalidRequestError(f"{what} unpacks to more than {MAX_MODEL_BYTES} bytes")
-        root = target.resolve()
-        for info in archive.infolist():
-            if not str((root / info.filename).resolve()).startswith(str(root)):
-                raise InvalidRequestError(f"{what}: entry {info.filename!r} escapes the archive")
-        archive.extractall(root)
 
 
 def _model_root(target: Path) -> Path:
@@ -182,7 +171,7 @@ def _timed(timings: dict[str, float], name: str):
 def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, timings) -> BuildOutcome:
     from fedcompute.data.examples import ExampleSpec
     from fedcompute.privacy import accounting, disclosure
-    from fedcompute.taskbuilder import flex_ops, model_check
+    from fedcompute.taskbuilder import sandbox
 
     flags = BuildFlags(request.flags.skip_flex_ops_check, request.flags.skip_dp_check,
                        request.flags.skip_dp_aggregator, request.flags.non_private_test_run)
@@ -194,14 +183,17 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
         # Before any work: a fixed noise seed is public noise (no privacy) unless declared a test run.
         disclosure.check_noise_seed(spec.dp.noise_seed, non_private_test_run=flags.non_private_test_run)
 
-    with _timed(timings, "load_model"):
-        model_dir = fetch_saved_model(request.saved_model, blobs, tmp / "model")
-        loaded = model_check.load_functional_model_checked(model_dir)
     with _timed(timings, "model_check"):
+        model_dir = fetch_saved_model(request.saved_model, blobs, tmp / "model")
+        # Everything that runs the model's ops (load, sample batch, TFLite conversion,
+        # initial weights) happens in a sandboxed child process, after the op allow-list walk.
         # The raw config's label_name: normalization fills in "y", which would let a type-2
         # model without label_name build and then find no label in device examples.
-        checked = model_check.check_model(loaded, label_name=request.task_config.label_name or None)
-    example_spec = ExampleSpec.from_input_spec((loaded.x_spec, loaded.y_spec), checked.label_name)
+        facts = sandbox.inspect_model(sandbox.ModelJob(
+            model_dir=str(model_dir), label_name=request.task_config.label_name or None,
+            flex_ops_check=not flags.skip_flex_ops_check, client_optimizer=spec.client_optimizer,
+            learning_algo=spec.learning_algo), tmp / "sandbox")
+    example_spec = ExampleSpec.from_dict(facts.input_spec)
 
     dp_result = None
     dp = spec.dp
@@ -227,33 +219,24 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
     training_min_version = eval_min_version = "0"
     extra: dict[str, bytes] = {}
     steps: dict[str, TfliteStep | None] = {"TRAINING": None, "EVALUATION": None}
-    with _timed(timings, "flex_ops_check"):
-        # Like ODP, the TFLite client steps are always built; --skip_flex_ops_check only lets
-        # ops outside the table through (and a conversion failure leaves a plan without TFLite).
-        try:
-            flex = flex_ops.check_flex_ops(loaded, client_optimizer=spec.client_optimizer,
-                                           learning_algo=spec.learning_algo, example_spec=checked.example_spec,
-                                           enforce=not flags.skip_flex_ops_check)
-        except flex_ops.TfliteConversionError as error:
-            if not flags.skip_flex_ops_check:
-                raise
-            log.warning("no TFLite client steps in the plan (devices will train with TensorFlow): %s", error)
-            flex = None
-    if flex is not None:
-        training_min_version, eval_min_version = flex.training_min_client_version, flex.eval_min_client_version
-        extra = {"client_training.tflite": flex.training_tflite, "client_eval.tflite": flex.eval_tflite}
-        steps = {kind: flex.plan_step(kind) for kind in steps}
+    if facts.flex is not None:
+        training_min_version = facts.flex.training_min_client_version
+        eval_min_version = facts.flex.eval_min_client_version
+        extra = {"client_training.tflite": facts.flex.training_tflite, "client_eval.tflite": facts.flex.eval_tflite}
+        steps = {kind: facts.flex.plan_step(kind) for kind in steps}
+    else:  # only with --skip_flex_ops_check: the sandbox reports a conversion failure as no TFLite
+        log.warning("no TFLite client steps in the plan (devices will train with TensorFlow): "
+                    "the model did not convert to TFLite")
 
     with _timed(timings, "artifacts"):
-        trainable, non_trainable = loaded.initial_weights()
-        weights = [np.asarray(w.numpy()) for w in trainable] + [np.asarray(w.numpy()) for w in non_trainable]
-        specs = weight_specs([w.numpy() for w in trainable], [w.numpy() for w in non_trainable])
+        weights = list(facts.trainable) + list(facts.non_trainable)
+        specs = weight_specs(list(facts.trainable), list(facts.non_trainable))
         accepted = tuple(report.metric_results.accepted_metrics.split(", ")) if \
             report.metric_results.accepted_metrics else ()
         noise = dp_result.noise_multiplier if dp_result is not None else 0.0
         training_artifacts = eval_artifacts = None
         if spec.has_training:
-            plan = _client_plan(spec, "TRAINING", checked.input_type, example_spec, specs, accepted)
+            plan = _client_plan(spec, "TRAINING", facts.input_type, example_spec, specs, accepted)
             phase = _server_phase(spec, specs, accepted, dp, noise, flags, spec.report_goal,
                                   spec.over_selection_rate)
             training_artifacts = artifacts_from_weights(
@@ -262,7 +245,7 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
         if spec.has_evaluation:
             ev = spec.evaluation
             assert ev is not None
-            plan = _client_plan(spec, "EVALUATION", checked.input_type, example_spec, specs, accepted)
+            plan = _client_plan(spec, "EVALUATION", facts.input_type, example_spec, specs, accepted)
             phase = _server_phase(spec, specs, accepted, None, 0.0, flags, ev.report_goal, ev.over_selection_rate)
             eval_artifacts = artifacts_from_weights(
                 phase, weights, eval_plan=pack_plan(plan, model_dir, steps["EVALUATION"], ev.example_selector_uri))
@@ -278,7 +261,7 @@ def _build(request, *, blobs, settings, task_management, artifacts_only, tmp, ti
                 prefix = f"artifacts/{spec.population_name}/{build_id}/{kind}"
                 for name, data in artifacts.objects(spec.population_name, 0).items():
                     object_name = f"{prefix}/{name.split('/0/', 1)[1]}"
-                    blobs.write(settings.model_bucket, object_name, data, create_only=True)
+                    write_new_artifact(blobs, settings.model_bucket, object_name, data)
                     outcome.artifact_uris.append(f"gs://{settings.model_bucket}/{object_name}")
         if training_artifacts is not None:
             group.training_task.CopyFrom(task_management_pb2.Task(min_client_version=training_min_version))

@@ -1,0 +1,102 @@
+"""The model sandbox (issue 13, High 1): the child's environment holds no secrets, its limits
+stop it, and what comes back is re-raised as the builder's own error types, sanitized."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedcompute.errors import ArtifactBuildError
+from fedcompute.taskbuilder import sandbox
+from fedcompute.taskbuilder.flex_ops import UnsupportedOpsError
+from fedcompute.taskbuilder.model_check import ModelCheckError
+from fedcompute.taskbuilder.op_allowlist import DisallowedOpError
+
+SECRETS = {
+    "FEDCOMPUTE_API_KEY": "k", "GOOGLE_APPLICATION_CREDENTIALS": "/creds.json", "GOOGLE_CLOUD_PROJECT": "p",
+    "FIRESTORE_EMULATOR_HOST": "127.0.0.1:1", "STORAGE_EMULATOR_HOST": "http://127.0.0.1:2",
+    "PUBSUB_EMULATOR_HOST": "127.0.0.1:3", "AWS_SECRET_ACCESS_KEY": "a", "HTTPS_PROXY": "http://proxy",
+    "FEDCOMPUTE_TASK_MANAGEMENT_URL": "http://127.0.0.1:4", "HOME": "/root", "TMPDIR": "/tmp",
+}
+
+
+def test_the_child_environment_is_an_allow_list(tmp_path: Path) -> None:
+    env = sandbox.sandbox_environment({**SECRETS, "PATH": "/usr/bin", "LANG": "C.UTF-8"}, tmp_path)
+    assert sorted((set(SECRETS) - {"HOME", "TMPDIR"}) & set(env)) == []
+    assert (env["HOME"], env["TMPDIR"]) == (str(tmp_path / "home"), str(tmp_path / "tmp"))
+    assert env["PATH"] == "/usr/bin" and env["LANG"] == "C.UTF-8"
+
+
+def test_the_cpu_limit_stops_the_child(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "saved_model.pb").write_bytes(b"")
+    job = sandbox.ModelJob(model_dir=str(tmp_path / "model"), label_name=None)
+    with pytest.raises(ArtifactBuildError, match=r"stopped by its CPU time limit \(1 s\)"):
+        sandbox.inspect_model(job, tmp_path / "job", limits=sandbox.SandboxLimits(cpu_seconds=1))
+
+
+def test_a_child_error_comes_back_as_the_same_error_type(tmp_path: Path) -> None:
+    job = sandbox.ModelJob(model_dir=str(tmp_path / "missing"), label_name=None)
+    with pytest.raises(ModelCheckError, match="does not exist"):
+        sandbox.inspect_model(job, tmp_path / "job")
+
+
+@pytest.mark.parametrize("record, error_type, text", [
+    ({"kind": "DisallowedOpError", "message": "uses ReadFile", "hint": "h"}, DisallowedOpError, "uses ReadFile (h)"),
+    ({"kind": "UnsupportedOpsError", "unsupported": {"L2Loss": "L2LossOp"}}, UnsupportedOpsError, "'L2Loss'"),
+    ({"kind": "SomethingElse", "message": "x" * 5000}, ArtifactBuildError, "x" * sandbox.MAX_ERROR_CHARS),
+])
+def test_error_records_map_to_a_fixed_set_of_types_and_are_truncated(record: dict, error_type: type,
+                                                                     text: str) -> None:
+    with pytest.raises(error_type) as raised:
+        sandbox._raise_child_error(json.loads(json.dumps(record)))
+    assert text in str(raised.value)
+    assert len(str(raised.value)) <= 2 * sandbox.MAX_ERROR_CHARS + 10
+
+
+def test_an_unexpected_child_exception_is_reported_without_its_text() -> None:
+    record = sandbox._error_record(ValueError("could not convert string: TOPSECRET"))
+    assert record["kind"] == "unexpected"
+    assert "TOPSECRET" not in json.dumps(record)
+
+
+def _facts_with_tflite() -> sandbox.ModelFacts:
+    import numpy as np
+
+    flex = sandbox.FlexOutcome(
+        "0", "0", b"train-model", b"eval-model", training_ops=("FlexAddV2",), eval_ops=(),
+        training_io=((("x", (-1, 2), "float32"), ("trainable_0", (2, 1), "float32")),
+                     (("loss", (), "float32"),)),
+        eval_io=((("serialized_examples", (-1,), "string"),), (("accuracy", (), "float32"),)))
+    return sandbox.ModelFacts(input_type=1, label_name="y", example_spec={}, input_spec={}, num_parameters=2,
+                              trainable=(np.ones((2, 1), np.float32),), non_trainable=(), flex=flex)
+
+
+def test_the_tflite_steps_cross_the_process_boundary_as_plain_data(tmp_path: Path) -> None:
+    sandbox._write_result(tmp_path, _facts_with_tflite())
+    assert not list(tmp_path.glob("*.pkl"))
+    facts = sandbox._read_result(tmp_path)
+    assert facts.flex is not None
+    step = facts.flex.plan_step("TRAINING")
+    assert step.model == b"train-model" and step.flex_ops == ("FlexAddV2",)
+    assert [tuple(s) for s in step.inputs] == [("x", (-1, 2), "float32"), ("trainable_0", (2, 1), "float32")]
+    evaluation = facts.flex.plan_step("EVALUATION")
+    assert [tuple(s) for s in evaluation.inputs] == [("serialized_examples", (-1,), "string")]
+    assert [s.name for s in evaluation.outputs] == ["accuracy"]
+
+
+@pytest.mark.parametrize("bad_io", [
+    [[["x", [-1, 2], "float32"]]],  # not (inputs, outputs)
+    [[["x", ["2"], "float32"]], []],  # a shape that is not ints
+    [[["x", [2], "Not a dtype"]], []],
+    [[["x" * 1000, [2], "float32"]], []],
+    [[["x", [2], "float32", "extra"]], []],
+])
+def test_a_malformed_signature_from_the_child_fails_the_build(tmp_path: Path, bad_io: list) -> None:
+    sandbox._write_result(tmp_path, _facts_with_tflite())
+    meta = json.loads((tmp_path / "result.json").read_text())
+    meta["flex"]["training_io"] = bad_io
+    (tmp_path / "result.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactBuildError, match="malformed training signature"):
+        sandbox._read_result(tmp_path)
