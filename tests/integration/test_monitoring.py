@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from fedcompute.monitoring.ops import load_ops
 from fedcompute.monitoring.plots import metric_filename, plot_compare, plot_metrics, plot_ops
 from fedcompute.proto import task_assignment_pb2
 from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskStatus
-from support.stack_plugin import StackHandle
+from support.stack_plugin import StackHandle, running_stack
 from support.tasks import (
     NumpyTask,
     central_metrics,
@@ -84,6 +85,12 @@ def build_run(stack: StackHandle, prefix: str, rounds: int, dp: DpParams | None 
     expected = {r: drive_round(task, client, r, rng, first_round_failures if r == 1 else ()) for r in range(1, rounds + 1)}
     assert task.record().status == TaskStatus.COMPLETED
     return DrivenRun(task, expected)
+
+
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
+    """A stack of this module's own: the ops and status views count every record they find."""
+    yield from running_stack(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

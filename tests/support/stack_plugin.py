@@ -66,6 +66,11 @@ def assert_nothing_left(stack: LocalStack, pids: list[psutil.Process]) -> None:
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
+    yield from running_stack(tmp_path_factory)
+
+
+def running_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
+    """Start a fresh local stack, point this process at it, stop it and restore the environment after."""
     stack = LocalStack(tmp_path_factory.mktemp("stack"), task_builder_port=0)
     status = stack.start()
     saved = {key: os.environ.get(key) for key in stack.env()}
