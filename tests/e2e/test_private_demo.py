@@ -48,9 +48,13 @@ def test_small_private_demo_records_accuracy_and_exact_epsilon_per_round(local_s
     assert "--skip_dp_check" not in Path(tmp_path / "out" / "task_config_private.pbtxt").read_text()
     assert "q = report_goal / population_size = 24/240" in private["build_report"]
     assert "noise_seed" not in (tmp_path / "out" / "task_config_private.pbtxt").read_text()
-    # The non-private run of the same configuration: same rounds, epsilon infinite (None).
+    # The non-private run of the same task (in-process by default): same rounds, epsilon
+    # infinite (None), its own trained weights (a different accuracy curve from the private run).
+    assert baseline["label"] == "non-private (in-process reference)" and baseline["noise_multiplier"] == 0.0
+    assert (baseline["population"], baseline["task_id"]) == (private["population"], private["task_id"])
     assert [r["round"] for r in baseline["rounds"]] == list(range(1, ROUNDS + 1))
-    assert all(r["epsilon"] is None for r in baseline["rounds"])
+    assert all(r["epsilon"] is None and 0.0 < r["test_accuracy"] <= 1.0 for r in baseline["rounds"])
+    assert [r["test_accuracy"] for r in baseline["rounds"]] != [r["test_accuracy"] for r in private["rounds"]]
     table = (tmp_path / "out" / "table.md").read_text().splitlines()
     assert len(table) == 2 + ROUNDS and table[2].startswith("| 1 | ")
     assert Path(saved["figure"]).stat().st_size > 10_000
