@@ -10,7 +10,7 @@
    ``gcs-object-finalize`` (the local stand-in for the cloud's Eventarc trigger), then
    the buckets;
 3. once the functions are healthy: push subscriptions ``gcs-object-finalize`` →
-   result_ingestion, ``round-ready`` → aggregator, ``scheduler-tick`` → scheduler, with a
+   result_ingestion, ``round-ready`` and ``aggregation-shard`` → aggregator, ``scheduler-tick`` → scheduler, with a
    dead-letter policy (5 delivery attempts) and a retry policy, plus a pull subscription
    on each dead-letter topic (same name as the topic) for inspection, and a pull
    subscription named after every topic that has no push subscriber (``round-completed``).
@@ -117,7 +117,9 @@ FUNCTION_SPECS: dict[str, FunctionSpec] = {
         FunctionSpec("task_management", "http"),
         FunctionSpec("task_assignment", "http"),
         FunctionSpec("result_ingestion", "cloudevent", "gcs_notifications"),
-        FunctionSpec("aggregator", "cloudevent", "round_ready", ack_deadline_s=600),
+        # A big round fans out to shards on aggregation-shard; each stage fits the 600 s deadline.
+        FunctionSpec("aggregator", "cloudevent", "round_ready", extra_topic_fields=("aggregation_shard",),
+                     ack_deadline_s=600),
         # Locally nothing ticks every minute like Cloud Scheduler: every completed round also
         # runs the scheduler (opening evaluation rounds, sweeping timeouts) right away.
         FunctionSpec("scheduler", "cloudevent", "scheduler_tick", extra_topic_fields=("round_completed",)),
