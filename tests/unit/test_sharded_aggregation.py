@@ -217,3 +217,12 @@ def test_shard_settings_come_from_the_environment_and_bad_values_are_refused():
     assert (settings.aggregation_shards, settings.max_aggregation_shards) == (4, 8)
     with pytest.raises(ConfigError, match="FEDCOMPUTE_AGGREGATION_SHARDS"):
         Settings.from_env({"FEDCOMPUTE_AGGREGATION_SHARDS": "four"})
+
+
+def test_a_shard_message_ahead_of_its_plan_is_retried():
+    store, blobs, events, key = _round()
+    with pytest.raises(TransientError, match="no shard plan"):
+        aggregator.aggregate_shard(store, blobs, events, SHARDED, key, 1, 4)
+    aggregator.aggregate_round(store, blobs, events, SHARDED, key)  # round-ready plans 4 shards
+    _deliver_shards(store, blobs, events, key)  # shard 1 reuses the partial its early message wrote
+    assert aggregator.aggregate_round(store, blobs, events, SHARDED, key).status == "AGGREGATED"

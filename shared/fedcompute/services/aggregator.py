@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcompute import layout, strict_json
-from fedcompute.errors import InvalidRequestError, InvariantError, NotFoundError, PreconditionFailedError
+from fedcompute.errors import (
+    InvalidRequestError,
+    InvariantError,
+    NotFoundError,
+    PreconditionFailedError,
+    TransientError,
+)
 from fedcompute.learning import sharding
 from fedcompute.learning.accumulator import (
     RoundAccumulator,
@@ -176,7 +182,10 @@ def aggregate_shard(
         blobs.write(settings.aggregate_bucket, path, encode_partial(acc, {MISSING_UPDATES: faults[MISSING_UPDATES]}),
                     create_only=True)
         log.info("shard %d/%d of round %s: %d updates summed", shard, shards, key, acc.accepted)
-    progress = store.finish_shard(key, shard)
+    try:
+        progress = store.finish_shard(key, shard)
+    except PreconditionFailedError as error:  # a shard message ahead of its round-ready's plan
+        raise TransientError(f"shard {shard}/{shards} of round {key} has no shard plan yet", hint="retried") from error
     if progress.shards != shards:
         raise InvariantError(f"round {key} is planned in {progress.shards} shards, the message says {shards}")
     if progress.complete:
