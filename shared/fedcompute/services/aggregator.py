@@ -331,21 +331,11 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     """
     from fedcompute.learning.server_round import evaluation_metrics
 
-    faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
+    faults = _new_faults()
     totals: dict[str, np.ndarray] = {}
     reports = excluded = 0
-    names = {layout.gradient_path(key.population, key.task_id, key.round_number, aid): aid
-             for aid in sorted(store.accepted_ids(key))}  # the frozen accepted set
-    for name, data in read_ahead(blobs, settings.gradient_bucket, names):
-        if data is None:
-            faults[MISSING_UPDATES] += 1
-            log.error("accepted update %s is missing from storage: evaluated without it", name)
-            continue
-        try:
-            update = decode_upload(unseal(data, names[name]) if unseal else data, task)
-        except InvalidRequestError as error:
-            log.error("skipping %s: %s", name, error)
-            continue
+    accepted = sorted(store.accepted_ids(key))  # the frozen accepted set
+    for update in decoded_updates(blobs, settings, key, task, accepted, faults, unseal):
         if not update.metrics_finite():
             excluded += 1
             continue
