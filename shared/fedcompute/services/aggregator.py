@@ -132,7 +132,7 @@ def aggregate_round(
                 events.aggregation_shard(key, shard, progress.shards)
             log.info("round %s: %d of %d shards to aggregate", key, len(progress.pending()), progress.shards)
             return AggregationOutcome("SHARDS_PUBLISHED", task_status=task.status.value)
-        return _combine_shards(store, blobs, events, settings, key, task, inputs, progress.shards, now, unseal)
+        return _combine_shards(store, blobs, events, settings, key, task, inputs, progress.shards, now)
 
     faults = _new_faults()
     accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
@@ -251,8 +251,8 @@ def decoded_updates(blobs: BlobStore, settings: Settings, key: RoundKey, task: T
 
 
 def _combine_shards(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
-                    task: TaskRecord, inputs: _RoundInputs, shards: int, now: Callable[[], float],
-                    unseal: Unsealer | None) -> AggregationOutcome:
+                    task: TaskRecord, inputs: _RoundInputs, shards: int,
+                    now: Callable[[], float]) -> AggregationOutcome:
     """Merge the round's K partial aggregates, release the DP mean once, finish the round."""
     from fedcompute.learning import server_round
 
