@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000, help="updates in the round")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="py-spy record this process during the single job and the sharded run; top frames "
+                             "go to the report")
     args = parser.parse_args(argv)
+    from bench_load import Profiler
 
     from fedcompute import layout
     from fedcompute.adapters.blobs import GcsBlobStore
@@ -157,15 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         raw_s = time.perf_counter() - start
         print(f"raw read + decode: {raw_s:.1f} s", file=sys.stderr)
 
+        profiler = Profiler(Path(args.profile) if args.profile else None)
         single = fresh_round(settings, storage, ids)
+        profiler.start("single_job", os.getpid())
         start = time.perf_counter()
         outcome = aggregator.aggregate_round(*single[:3], dataclasses.replace(settings, aggregation_shards=1), single[3])
         single_s = time.perf_counter() - start
+        report["profile_single_job"] = profiler.stop()
         assert outcome.status == "AGGREGATED", outcome
         print(f"single job: {single_s:.1f} s", file=sys.stderr)
 
         sharded_settings = dataclasses.replace(settings, aggregation_shards=args.shards)
         store, blobs, events, key = fresh_round(settings, storage, ids)
+        profiler.start(f"sharded_k{args.shards}", os.getpid())
         start = time.perf_counter()
         assert aggregator.aggregate_round(store, blobs, events, sharded_settings, key).status == "SHARDS_PUBLISHED"
         fan_out_s = time.perf_counter() - start
@@ -185,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         assert aggregator.aggregate_round(store, blobs, events, sharded_settings, key).status == "AGGREGATED"
         sharded_s = time.perf_counter() - start
         combine_s = time.perf_counter() - shards_done
+        report["profile_sharded"] = profiler.stop()
         print(f"sharded K={args.shards}: {sharded_s:.1f} s", file=sys.stderr)
 
         def weights(round_blobs: Any) -> tuple[np.ndarray, ...]:
