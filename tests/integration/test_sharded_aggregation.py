@@ -83,19 +83,27 @@ def test_a_round_in_four_shards_equals_the_single_job_exactly_once_under_redeliv
         _publish(local_stack, settings.topics.aggregation_shard, encode_round_event(key, shard=shard, shards=SHARDS))
     task.wait_round(1, timeout_s=240)
 
-    shard_lines = log_lines(local_stack, "aggregator", f"{key.population}/{key.task_id}/1 shard ")
-    assert {f"shard {s}/{SHARDS}" in " ".join(shard_lines) for s in range(SHARDS)} == {True}
-    assert len(log_lines(local_stack, "aggregator", f"{key.population}/{key.task_id}/1: AGGREGATED")) == 1
+    round_id = f"{key.population}/{key.task_id}/1"
+    wait_until(lambda: log_lines(local_stack, "aggregator", f"{round_id}: AGGREGATED"), 60, what="the combine's log")
+    shard_lines = " ".join(log_lines(local_stack, "aggregator", f"{round_id} shard "))
+    assert all(f"shard {s}/{SHARDS}: SHARD_DONE" in shard_lines for s in range(SHARDS))
+
+    def settled() -> int | None:  # duplicated messages still in flight answer first
+        count = len(log_lines(local_stack, "aggregator", round_id))
+        time.sleep(3)
+        return count if count == len(log_lines(local_stack, "aggregator", round_id)) else None
+
+    wait_until(settled, 120, what="the aggregator's answers to the duplicates")
 
     # Re-delivered after completion: a shard message and a combine (round-ready) message change nothing.
     def already_done() -> int:
-        return len(log_lines(local_stack, "aggregator", f"{key.population}/{key.task_id}/1", "ALREADY_DONE"))
+        return len(log_lines(local_stack, "aggregator", round_id, "ALREADY_DONE"))
 
     before = already_done()
     _publish(local_stack, settings.topics.aggregation_shard, encode_round_event(key, shard=1, shards=SHARDS))
     _publish(local_stack, settings.topics.round_ready, encode_round_event(key))
     wait_until(lambda: already_done() >= before + 2 or None, 60, what="both re-deliveries answered")
-    assert len(log_lines(local_stack, "aggregator", f"{key.population}/{key.task_id}/1: AGGREGATED")) == 1
+    assert len(log_lines(local_stack, "aggregator", f"{round_id}: AGGREGATED")) == 1  # one combine completed it
     assert task.record().current_round == 2 and task.iteration(2).status == IterationStatus.COLLECTING
     assert task.blobs.list(settings.aggregate_bucket, f"{key.population}/{key.task_id}/1/") == []
 
