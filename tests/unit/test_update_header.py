@@ -141,3 +141,8 @@ def test_ingestion_validator_reads_the_header_and_checks_contribution_bounds():
     upload_contract.make_upload_validator()(_valid(), task)
     with pytest.raises(InvalidRequestError, match="num_examples 7 is outside 1..5"):
         upload_contract.make_upload_validator()(_valid(), dataclasses.replace(task, max_device_examples=5))
+
+
+def test_an_unparsable_upload_gets_the_full_decode_s_wording():
+    with pytest.raises(InvalidRequestError, match="neither gzip nor a ClientUpdate protobuf"):
+        check_client_update_header(b"this is not an update \x00\x01", expected_spec=SPEC)

@@ -27,6 +27,7 @@ from fedcompute.errors import InvalidRequestError
 from fedcompute.learning.tensor_codec import (
     FORMAT_VERSION,
     SpecLike,
+    TensorSpec,
     bundle_from_proto,
     check_bundle_header,
     check_client_update_fields,
@@ -52,9 +53,12 @@ class UpdateHeader:
     metadata: Mapping[str, str]
 
 
-def _malformed(what: str) -> InvalidRequestError:
-    return InvalidRequestError(f"upload is not a well-formed ClientUpdate protobuf ({what})",
-                               hint="upload the ClientUpdate bytes from fedcompute.learning.tensor_codec")
+class _Malformed(Exception):
+    """The wire format is broken (reported as the full decode reports an unparsable upload)."""
+
+
+def _malformed(what: str) -> _Malformed:
+    return _Malformed(what)
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -131,6 +135,16 @@ def check_client_update_header(
     they are small). Raises InvalidRequestError (PayloadTooLargeError when oversized)."""
     spec = normalize_spec(expected_spec)
     raw = client_update_bytes(data, default_max_bytes(spec) if max_bytes is None else int(max_bytes))
+    try:
+        return _check(raw, spec, expected_metric_spec)
+    except _Malformed as err:
+        raise InvalidRequestError(
+            f"upload is neither gzip nor a ClientUpdate protobuf ({err}; starts with {bytes(raw[:8])!r})",
+            hint="upload the gzip'd ClientUpdate bytes from fedcompute.learning.tensor_codec",
+        ) from err
+
+
+def _check(raw: bytes, spec: tuple[TensorSpec, ...], expected_metric_spec: SpecLike | None) -> UpdateHeader:
     buf = memoryview(raw)
     top = _fields(buf)
     rest, deltas = _without(buf, top, _MODEL_DELTA)
