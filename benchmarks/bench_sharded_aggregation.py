@@ -7,7 +7,8 @@ In one run, against fake-gcs-server (the local stack's storage emulator, over HT
 2. **raw**: reads and decodes all N objects with 16 threads, nothing else: the rate the
    aggregator is bounded by;
 3. **single job** (K = 1): ``services.aggregator.aggregate_round`` (clip, sum, seeded
-   FIXED_GAUSSIAN noise, server optimizer, checkpoint);
+   FIXED_GAUSSIAN noise, server optimizer, checkpoint; TensorFlow loaded beforehand, as in a
+   warm instance);
 4. **sharded** (K = ``--shards``): round-ready (fan-out), K ``aggregate_shard`` calls run at
    once on K threads (as the local stack's aggregator process serves K pushed messages),
    then the combine; checks the checkpoint equals the single job's (same noise seed).
@@ -161,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         raw_s = time.perf_counter() - start
         print(f"raw read + decode: {raw_s:.1f} s", file=sys.stderr)
 
+        # Load TensorFlow (the noise draw) before timing: a warm aggregator instance has it loaded.
+        from fedcompute.learning.dp_core import gaussian_sum_query_noise
+
+        gaussian_sum_query_noise([np.zeros(1)], clip_norm=1.0, stddev=1.0, seed=0)
         profiler = Profiler(Path(args.profile) if args.profile else None)
         single = fresh_round(settings, storage, ids)
         profiler.start("single_job", os.getpid())
