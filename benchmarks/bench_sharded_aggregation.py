@@ -17,7 +17,8 @@ The round's records live in the in-memory store (Firestore is not what is measur
 a shard makes one batched read of its accept markers); the model bucket is in memory too, the
 gradient and aggregate buckets are fake-gcs-server's.
 
-Run: .venv/bin/python benchmarks/bench_sharded_aggregation.py [--n 1000] [--shards 4] [--out FILE]
+Run: .venv/bin/python benchmarks/bench_sharded_aggregation.py [--n 1000] [--shards 4] [--repeats 3]
+[--profile DIR] [--out FILE]
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="updates in the round")
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions (medians reported)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="py-spy record this process during the single job and the sharded run; top frames "
@@ -156,64 +159,80 @@ def main(argv: list[str] | None = None) -> int:
             data = storage.read(settings.gradient_bucket, layout.gradient_path(POP, 1, 1, aid))
             return upload_contract.decode_upload(data, task).num_examples
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(aggregator.READ_AHEAD) as threads:
-            assert sum(threads.map(read_decode, ids)) == 10 * args.n
-        raw_s = time.perf_counter() - start
-        print(f"raw read + decode: {raw_s:.1f} s", file=sys.stderr)
+        def raw() -> float:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(aggregator.READ_AHEAD) as threads:
+                assert sum(threads.map(read_decode, ids)) == 10 * args.n
+            return time.perf_counter() - start
+
+        def single_job() -> tuple[float, Any]:
+            single = fresh_round(settings, storage, ids)
+            start = time.perf_counter()
+            outcome = aggregator.aggregate_round(*single[:3], dataclasses.replace(settings, aggregation_shards=1),
+                                                 single[3])
+            assert outcome.status == "AGGREGATED", outcome
+            return time.perf_counter() - start, single[1]
+
+        def sharded() -> tuple[float, Any, dict[str, float]]:
+            sharded_settings = dataclasses.replace(settings, aggregation_shards=args.shards)
+            store, blobs, events, key = fresh_round(settings, storage, ids)
+            start = time.perf_counter()
+            assert aggregator.aggregate_round(store, blobs, events, sharded_settings, key).status == "SHARDS_PUBLISHED"
+            fan_out_s = time.perf_counter() - start
+            shard_times: list[float] = []
+
+            def run_shard(message: tuple[Any, int, int]) -> str:
+                t0 = time.perf_counter()
+                status = aggregator.aggregate_shard(store, blobs, events, sharded_settings, message[0], message[1],
+                                                    message[2]).status
+                shard_times.append(time.perf_counter() - t0)
+                return status
+
+            with ThreadPoolExecutor(args.shards) as threads:
+                statuses = list(threads.map(run_shard, list(events.shards)))
+            shards_done = time.perf_counter()
+            assert statuses.count("SHARD_DONE_COMBINE_PUBLISHED") == 1 and events.ready == [key], statuses
+            assert aggregator.aggregate_round(store, blobs, events, sharded_settings, key).status == "AGGREGATED"
+            total = time.perf_counter() - start
+            return total, blobs, {"fan_out": round(fan_out_s, 2), "slowest_shard": round(max(shard_times), 2),
+                                  "combine": round(time.perf_counter() - shards_done, 2)}
 
         # Load TensorFlow (the noise draw) before timing: a warm aggregator instance has it loaded.
         from fedcompute.learning.dp_core import gaussian_sum_query_noise
 
         gaussian_sum_query_noise([np.zeros(1)], clip_norm=1.0, stddev=1.0, seed=0)
         profiler = Profiler(Path(args.profile) if args.profile else None)
-        single = fresh_round(settings, storage, ids)
-        profiler.start("single_job", os.getpid())
-        start = time.perf_counter()
-        outcome = aggregator.aggregate_round(*single[:3], dataclasses.replace(settings, aggregation_shards=1), single[3])
-        single_s = time.perf_counter() - start
-        report["profile_single_job"] = profiler.stop()
-        assert outcome.status == "AGGREGATED", outcome
-        print(f"single job: {single_s:.1f} s", file=sys.stderr)
-
-        sharded_settings = dataclasses.replace(settings, aggregation_shards=args.shards)
-        store, blobs, events, key = fresh_round(settings, storage, ids)
-        profiler.start(f"sharded_k{args.shards}", os.getpid())
-        start = time.perf_counter()
-        assert aggregator.aggregate_round(store, blobs, events, sharded_settings, key).status == "SHARDS_PUBLISHED"
-        fan_out_s = time.perf_counter() - start
-        shard_times: list[float] = []
-
-        def run_shard(message: tuple[Any, int, int]) -> str:
-            t0 = time.perf_counter()
-            status = aggregator.aggregate_shard(store, blobs, events, sharded_settings, message[0], message[1],
-                                                message[2]).status
-            shard_times.append(time.perf_counter() - t0)
-            return status
-
-        with ThreadPoolExecutor(args.shards) as threads:
-            statuses = list(threads.map(run_shard, list(events.shards)))
-        shards_done = time.perf_counter()
-        assert statuses.count("SHARD_DONE_COMBINE_PUBLISHED") == 1 and events.ready == [key], statuses
-        assert aggregator.aggregate_round(store, blobs, events, sharded_settings, key).status == "AGGREGATED"
-        sharded_s = time.perf_counter() - start
-        combine_s = time.perf_counter() - shards_done
-        report["profile_sharded"] = profiler.stop()
-        print(f"sharded K={args.shards}: {sharded_s:.1f} s", file=sys.stderr)
+        runs: dict[str, list[float]] = {"raw": [], "single": [], "sharded": []}
+        for repeat in range(args.repeats):  # interleaved, so a load change on the machine hits all three
+            runs["raw"].append(raw())
+            if repeat == 0:
+                profiler.start("single_job", os.getpid())
+            single_s, single_blobs = single_job()
+            runs["single"].append(single_s)
+            if repeat == 0:
+                report["profile_single_job"] = profiler.stop()
+                profiler.start(f"sharded_k{args.shards}", os.getpid())
+            sharded_s, sharded_blobs, stages = sharded()
+            runs["sharded"].append(sharded_s)
+            if repeat == 0:
+                report["profile_sharded"] = profiler.stop()
+            print(f"repeat {repeat + 1}: raw {runs['raw'][-1]:.1f} s, single {single_s:.1f} s, "
+                  f"sharded K={args.shards} {sharded_s:.1f} s {stages}", file=sys.stderr)
 
         def weights(round_blobs: Any) -> tuple[np.ndarray, ...]:
             return checkpoint.decode_checkpoint(round_blobs.read(settings.model_bucket,
                                                                  layout.checkpoint_path(POP, 1, 1))).weights
 
-        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(single[1]), weights(blobs)))
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(single_blobs), weights(sharded_blobs)))
+        raw_s, single_s, sharded_s = (statistics.median(runs[k]) for k in ("raw", "single", "sharded"))
         report.update({
+            "runs_s": {k: [round(v, 2) for v in vs] for k, vs in runs.items()},
             "raw_read_decode_s": round(raw_s, 2), "raw_updates_per_s": round(args.n / raw_s, 1),
             "single_job_s": round(single_s, 2), "single_updates_per_s": round(args.n / single_s, 1),
             "single_vs_raw": round(raw_s / single_s, 3),
             "sharded_s": round(sharded_s, 2), "sharded_updates_per_s": round(args.n / sharded_s, 1),
             "sharded_vs_raw": round(raw_s / sharded_s, 3), "speedup_sharded_vs_single": round(single_s / sharded_s, 3),
-            "sharded_stages_s": {"fan_out": round(fan_out_s, 2), "slowest_shard": round(max(shard_times), 2),
-                                 "combine": round(combine_s, 2)},
+            "sharded_stages_s_last": stages,
             "max_abs_diff_sharded_vs_single": diff,
         })
     finally:
