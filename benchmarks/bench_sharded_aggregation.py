@@ -197,10 +197,17 @@ def main(argv: list[str] | None = None) -> int:
             return total, blobs, {"fan_out": round(fan_out_s, 2), "slowest_shard": round(max(shard_times), 2),
                                   "combine": round(time.perf_counter() - shards_done, 2)}
 
-        # Load TensorFlow (the noise draw) before timing: a warm aggregator instance has it loaded.
+        # Load TensorFlow (the noise draw) and build the round's privacy-loss distribution before
+        # timing: a warm aggregator instance has both (the PLD is cached per process).
         from fedcompute.learning.dp_core import gaussian_sum_query_noise
 
         gaussian_sum_query_noise([np.zeros(1)], clip_norm=1.0, stddev=1.0, seed=0)
+        warm = fresh_round(settings, storage, ids)
+        from fedcompute.learning import server_round
+        from fedcompute.plans import ServerPhase
+
+        warm_phase = ServerPhase.from_json(warm[1].read(settings.model_bucket, layout.server_phase_path(POP, 1)))
+        server_round.epsilon_after(warm_phase, 2)
         profiler = Profiler(Path(args.profile) if args.profile else None)
         runs: dict[str, list[float]] = {"raw": [], "single": [], "sharded": []}
         for repeat in range(args.repeats):  # interleaved, so a load change on the machine hits all three
