@@ -16,7 +16,7 @@ from fedcompute.dp import DpParams
 from fedcompute.errors import ConfigError
 from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_task_ops
-from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase
 from fedcompute.privacy import disclosure
 from fedcompute.proto import task_builder_pb2, task_config_pb2, task_management_pb2
 from fedcompute.services import task_management as tm
@@ -24,6 +24,7 @@ from fedcompute.settings import Settings
 from fedcompute.taskbuilder import client
 from fedcompute.taskbuilder.service import build_task_group, report_to_text
 from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tensor_spec import TensorSpec
 
 SETTINGS = Settings()
 SEED = 424242
@@ -105,7 +106,7 @@ def seeded_task() -> tuple[InMemoryTaskStore, InMemoryBlobStore, int]:
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=2,
                         over_selection_rate=0.5, total_rounds=3, population_size=100, target_epsilon=10.0,
                         delta=0.01, dp=DpParams("FIXED_GAUSSIAN", 1.0, 0.5, noise_seed=SEED),
-                        weights=(WeightSpec("dense/kernel", (4, 2), "float32"),), metrics=())
+                        weights=(TensorSpec("dense/kernel", (4, 2), "float32"),), metrics=())
     blobs.write(SETTINGS.model_bucket, layout.server_phase_path("seeded", created.task_id), phase.to_json().encode())
     blobs.write(SETTINGS.model_bucket, layout.metrics_path("seeded", created.task_id, 1),
                 json.dumps({"server/privacy/epsilon": 1.5}).encode())

@@ -21,8 +21,8 @@ from fedcompute.tasks.records import (
     TaskKind,
     TaskRecord,
     TaskStatus,
-    TensorSpecRecord,
 )
+from fedcompute.tensor_spec import TensorSpec
 
 SETTINGS = Settings()
 GOAL, POPULATION_SIZE, NOISE, ROUNDS = 4, 200, 1.0, 10
@@ -51,7 +51,7 @@ def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded(store, b
     task = store.create_task("p", lambda tid: TaskRecord(
         population="p", task_id=tid, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=GOAL,
         over_selection_rate=0.0, total_rounds=ROUNDS, current_round=1, metrics=("loss",),
-        update_spec=(TensorSpecRecord("trainable/0", (3, 2), "float32"),), noise_secret="00" * 32))
+        update_spec=(TensorSpec("trainable/0", (3, 2), "float32"),), noise_secret="00" * 32))
     publish_artifacts(blobs, SETTINGS, "p", task.task_id, artifacts_from_weights(phase, initial))
     stats = {name: np.ones(shape, np.float64) for name, shape, _ in metric_statistics_spec(("loss",))}
     rounds_run = []

@@ -6,7 +6,7 @@ import pytest
 from fedcompute import layout
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError
-from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase
 from fedcompute.proto import task_management_pb2
 from fedcompute.services import scheduler
 from fedcompute.services import task_management as tm
@@ -19,6 +19,7 @@ from fedcompute.tasks.records import (
     TaskKind,
     TaskStatus,
 )
+from fedcompute.tensor_spec import TensorSpec
 
 SETTINGS = Settings()
 
@@ -37,8 +38,8 @@ def _phase() -> ServerPhase:
     return ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=10,
                        over_selection_rate=0.3, total_rounds=5, population_size=3_000_000, target_epsilon=10.0,
                        delta=1e-6, dp=DpParams("FIXED_GAUSSIAN", 1.0, 0.5),
-                       weights=(WeightSpec("dense/kernel", (4, 2), "float32"),
-                                WeightSpec("bn/moving_mean", (2,), "float32", trainable=False)),
+                       weights=(TensorSpec("dense/kernel", (4, 2), "float32"),
+                                TensorSpec("bn/moving_mean", (2,), "float32", trainable=False)),
                        metrics=("binary_accuracy",))
 
 

@@ -27,7 +27,6 @@ from fedcompute.tasks.records import (
     TaskKind,
     TaskRecord,
     TaskStatus,
-    TensorSpecRecord,
 )
 
 # ODP's TaskInfo.traffic_weight is an integer; fedcompute uses per-mille of check-ins.
@@ -178,7 +177,7 @@ def open_task(
         "init_checkpoint_uri": f"gs://{settings.model_bucket}/{layout.checkpoint_path(population, task_id, 0)}",
         # Evaluation devices upload metric statistics only, no model delta.
         "update_spec": [] if task.kind == TaskKind.EVALUATION else
-        [TensorSpecRecord(w.name, w.shape, w.dtype).to_dict() for w in phase.update_spec],
+        [w.to_dict() for w in phase.update_spec],
         "metrics": list(phase.metrics),
         "max_device_examples": int(phase.extra.get("max_device_examples", 0) or 0),
         # Never the noise seed: the task record's fields reach the dashboard.

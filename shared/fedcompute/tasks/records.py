@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcompute.errors import ConflictError, PreconditionFailedError
+from fedcompute.tensor_spec import TensorSpec
 
 
 class TaskKind(str, enum.Enum):
@@ -118,22 +119,6 @@ def max_live_assignments(report_goal: int, over_selection_rate: float) -> int:
 
 
 @dataclass(frozen=True)
-class TensorSpecRecord:
-    """Name, shape and dtype of one model weight tensor (validates uploads without TF)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpecRecord:
-        return cls(name=data["name"], shape=tuple(int(d) for d in data["shape"]), dtype=data["dtype"])
-
-
-@dataclass(frozen=True)
 class TaskRecord:
     """One task (training or evaluation) of a population."""
 
@@ -161,7 +146,7 @@ class TaskRecord:
     source_task_id: int = 0
     checkpoint_selector: str = ""
     # Weight tensors of a training update, to validate uploads before counting them.
-    update_spec: tuple[TensorSpecRecord, ...] = ()
+    update_spec: tuple[TensorSpec, ...] = ()
     # Metric names the devices report (sufficient statistics).
     metrics: tuple[str, ...] = ()
     # The most examples one device may report per round (0: the server's default cap).
@@ -191,7 +176,7 @@ class TaskRecord:
         values = {k: v for k, v in data.items() if k in known}
         values["kind"] = TaskKind(values["kind"])
         values["status"] = TaskStatus(values["status"])
-        values["update_spec"] = tuple(TensorSpecRecord.from_dict(s) for s in values.get("update_spec", ()))
+        values["update_spec"] = tuple(TensorSpec.from_dict(s) for s in values.get("update_spec", ()))
         values["metrics"] = tuple(values.get("metrics", ()))
         values["dp"] = dict(values.get("dp") or {})
         return cls(**values)
