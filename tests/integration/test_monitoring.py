@@ -232,7 +232,7 @@ def test_status_lists_tasks_with_round_counts(runs) -> None:
     as_json = json.loads(cli("status", "--population", b.task.population, "--json").stdout)
     (task,) = as_json
     assert task["task"]["epsilon_spent"] == pytest.approx(b.task.record().epsilon_spent) and task["task"]["epsilon_spent"] > 0
-    assert task["task"]["dp"] == b.task.record().dp
+    assert task["task"]["dp"] == b.task.record().dp.to_dict()
 
     everything = cli("status", "--no-rounds")
     assert a.run_id in everything.stdout and b.run_id in everything.stdout

@@ -123,7 +123,7 @@ def test_no_view_of_a_task_carries_its_noise_seed_or_secret(seeded_task) -> None
     store, blobs, task_id = seeded_task
     record = store.get_task("seeded", task_id)
     assert record is not None and len(record.noise_secret) == 64  # the server's secret exists...
-    assert "noise_seed" not in record.dp  # ...but the task record keeps no seed
+    assert record.dp is not None and "noise_seed" not in record.dp.to_dict()  # ...but the task record keeps no seed
     views = {
         "dashboard /api/tasks and /api/ops": json.dumps(load_task_ops(store, record).to_dict()),
         "dashboard /api/metrics": json.dumps(load_run(blobs, SETTINGS.model_bucket, "seeded", task_id).to_dict()),

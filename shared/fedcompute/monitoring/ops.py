@@ -98,7 +98,7 @@ class TaskOps:
             "status": t.status.value, "status_reason": t.status_reason, "current_round": t.current_round,
             "total_rounds": t.total_rounds, "completed_rounds": sum(r.status == IterationStatus.COMPLETED.value
                                                                     for r in self.rounds),
-            "epsilon_spent": t.epsilon_spent, "dp": redact_dp(t.dp), "report_goal": t.report_goal,
+            "epsilon_spent": t.epsilon_spent, "dp": redact_dp(t.dp.to_dict() if t.dp is not None else None), "report_goal": t.report_goal,
             "created_time": t.created_time, "started_time": t.started_time, "stop_time": t.stop_time,
             "totals": self.totals(),
         }

@@ -16,10 +16,10 @@ from google.protobuf import timestamp_pb2
 
 from fedcompute import layout, limits
 from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
+from fedcompute.dp import TaskDp
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore, TaskStore
-from fedcompute.privacy.disclosure import redact_dp
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -181,8 +181,7 @@ def open_task(
         "metrics": list(phase.metrics),
         "max_device_examples": int(phase.extra.get("max_device_examples", 0) or 0),
         # Never the noise seed: the task record's fields reach the dashboard.
-        "dp": {**redact_dp(phase.dp.to_dict()), "target_epsilon": phase.target_epsilon, "delta": phase.delta,
-               "population_size": phase.population_size},
+        "dp": TaskDp(phase.dp, phase.target_epsilon, phase.delta, phase.population_size).to_dict(),
     }
     if task.kind == TaskKind.TRAINING:
         changes["current_round"] = 1
@@ -235,7 +234,7 @@ def task_to_proto(task: TaskRecord) -> task_management_pb2.Task:
         status=_STATUS_TO_PROTO[task.status], min_client_version=task.min_client_version,
         max_client_version=task.max_client_version, correlation_id=task.correlation_id,
         status_reason=task.status_reason, current_round=task.current_round, epsilon_spent=task.epsilon_spent,
-        population_size=int(task.dp.get("population_size", 0) or 0),
+        population_size=task.dp.population_size if task.dp is not None else 0,
     )
     for field_name, seconds in (("created_time", task.created_time), ("started_time", task.started_time),
                                 ("stop_time", task.stop_time)):

@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from fedcompute.dp import TaskDp
 from fedcompute.errors import ConflictError, PreconditionFailedError
 from fedcompute.tensor_spec import TensorSpec
 
@@ -151,9 +152,9 @@ class TaskRecord:
     metrics: tuple[str, ...] = ()
     # The most examples one device may report per round (0: the server's default cap).
     max_device_examples: int = 0
-    # Privacy ledger: the server phase's DpParams.to_dict() plus target_epsilon, delta, population_size.
+    # Privacy ledger: ε spent so far and the task's DP (None until the task opens; stored as {}).
     epsilon_spent: float = 0.0
-    dp: dict[str, Any] = field(default_factory=dict)
+    dp: TaskDp | None = None
     # Server-private secret from which per-round noise seeds are derived (never published).
     noise_secret: str = ""
     correlation_id: str = ""
@@ -168,6 +169,7 @@ class TaskRecord:
         data["status"] = self.status.value
         data["update_spec"] = [spec.to_dict() for spec in self.update_spec]
         data["metrics"] = list(self.metrics)
+        data["dp"] = self.dp.to_dict() if self.dp is not None else {}
         return data
 
     @classmethod
@@ -178,7 +180,8 @@ class TaskRecord:
         values["status"] = TaskStatus(values["status"])
         values["update_spec"] = tuple(TensorSpec.from_dict(s) for s in values.get("update_spec", ()))
         values["metrics"] = tuple(values.get("metrics", ()))
-        values["dp"] = dict(values.get("dp") or {})
+        stored_dp = values.get("dp")
+        values["dp"] = TaskDp.from_dict(stored_dp) if stored_dp else None
         return cls(**values)
 
     def replace(self, **changes: Any) -> TaskRecord:
