@@ -38,7 +38,7 @@ class TaskStore(Protocol):
       collects, and :meth:`accepted_ids` freezes the round's accepted set once it closed.
 
     Implemented by :class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore` and
-    :class:`~fedcompute.tasks.memory_store.InMemoryTaskStore`.
+    :class:`~fedcompute.memory.InMemoryTaskStore`.
     """
 
     # Tasks

@@ -27,7 +27,7 @@ import requests
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents, encode_round_event
+from fedcompute.adapters.events import encode_round_event
 from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.dp import DpParams
@@ -35,6 +35,7 @@ from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedEr
 from fedcompute.fleet.protocol import DeviceHttpClient, ProtocolError, Rejected
 from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
+from fedcompute.memory import InMemoryRoundEvents
 from fedcompute.proto import task_assignment_pb2, task_management_pb2
 from fedcompute.services import aggregator as aggregator_service
 from fedcompute.services import scheduler as scheduler_service

@@ -15,13 +15,11 @@ from types import ModuleType
 import flask
 import pytest
 
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.identity import DeviceKey, sign_message
+from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.proto import common_pb2, task_assignment_pb2
 from fedcompute.runtime import Deps
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import IterationRecord, IterationStatus, RoundKey, TaskKind, TaskRecord, TaskStatus
 
 

@@ -7,12 +7,12 @@ import threading
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.events import InMemoryRoundEvents, decode_round_event, encode_round_event
+from fedcompute.adapters.events import decode_round_event, encode_round_event
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.memory import InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationStatus,

@@ -9,12 +9,10 @@ from typing import Any
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion, scheduler
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     AssignmentStatus,

@@ -11,9 +11,9 @@ from fedcompute import layout
 from fedcompute.learning import metric_stats
 from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.learning.upload_contract import metric_statistics_spec
+from fedcompute.memory import InMemoryTaskStore
 from fedcompute.services import aggregator, assignment, scheduler
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskKind, TaskRecord, TaskStatus
 
 SETTINGS = Settings()

@@ -117,12 +117,10 @@ def test_an_envelope_bomb_is_capped_before_decryption() -> None:
 def test_ingestion_counts_sealed_uploads_and_counts_tampered_or_wrong_key_ones_nowhere() -> None:
     import random
 
-    from fedcompute.adapters.blobs import InMemoryBlobStore
-    from fedcompute.adapters.events import InMemoryRoundEvents
+    from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
     from fedcompute.services import assignment as svc
     from fedcompute.services import ingestion
     from fedcompute.settings import Settings
-    from fedcompute.tasks.memory_store import InMemoryTaskStore
     from fedcompute.tasks.records import (
         AssignmentStatus,
         IterationRecord,

@@ -11,9 +11,9 @@ import pytest
 from google.protobuf import text_format
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConfigError
+from fedcompute.memory import InMemoryBlobStore, InMemoryTaskStore
 from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_task_ops
 from fedcompute.plans import ServerPhase
@@ -23,7 +23,6 @@ from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder import client
 from fedcompute.taskbuilder.service import build_task_group, report_to_text
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tensor_spec import TensorSpec
 
 SETTINGS = Settings()

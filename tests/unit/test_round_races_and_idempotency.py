@@ -13,18 +13,17 @@ import numpy as np
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.learning import upload_contract
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
+from fedcompute.memory import InMemoryBlobStore, InMemoryTaskStore
 from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator, ingestion
 from fedcompute.services import assignment as svc
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, RoundKey, TaskKind
 
 SETTINGS = Settings()

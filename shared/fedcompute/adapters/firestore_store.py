@@ -2,7 +2,7 @@
 
 :class:`FirestoreTaskStore` keeps tasks, rounds and assignments in Firestore (or its
 emulator) with the port's conditional-write semantics (see :class:`~fedcompute.ports.TaskStore`);
-:class:`~fedcompute.tasks.memory_store.InMemoryTaskStore` is the fake with the same semantics
+:class:`~fedcompute.memory.InMemoryTaskStore` is the fake with the same semantics
 that unit tests use.
 
 Exactly-once counting without a hot transaction (Firestore): an upload is accepted by a

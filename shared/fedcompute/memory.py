@@ -1,8 +1,15 @@
-"""In-memory :class:`~fedcompute.ports.TaskStore` for unit tests and benchmarks.
+"""In-memory fakes of the ports (:mod:`fedcompute.ports`) for unit tests and benchmarks.
 
-A dict-backed store with the same conditional-write semantics as
-:class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore`, thread-safe so concurrency
-tests can drive it.
+Not adapters (those are the real I/O edges in :mod:`fedcompute.adapters`): plain dicts behind
+a lock, with the same semantics as the cloud implementations.
+
+* :class:`InMemoryTaskStore`: the same conditional-write semantics as
+  :class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore`, thread-safe so
+  concurrency tests can drive it;
+* :class:`InMemoryBlobStore`: create-only writes and write-once upload sessions, as
+  :class:`~fedcompute.adapters.blobs.GcsBlobStore`;
+* :class:`InMemoryRoundEvents`: records what :class:`~fedcompute.adapters.events.PubSubRoundEvents`
+  would publish.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from fedcompute.tasks.records import (
     AssignmentStatus,
     IterationRecord,
     IterationStatus,
+    RoundKey,
     SlotClaim,
     TaskRecord,
     TaskStatus,
@@ -245,3 +253,71 @@ class InMemoryTaskStore:
     def list_rejections(self, key):
         with self._lock:
             return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
+
+
+class InMemoryBlobStore:
+    """Dict-backed :class:`BlobStore` for unit tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.objects: dict[tuple[str, str], bytes] = {}
+        self.sessions: dict[str, tuple[str, str]] = {}
+
+    def read(self, bucket, name):
+        with self._lock:
+            try:
+                return self.objects[(bucket, name)]
+            except KeyError:
+                raise NotFoundError(f"gs://{bucket}/{name} does not exist") from None
+
+    def write(self, bucket, name, data, *, create_only=False, content_type="application/octet-stream"):
+        with self._lock:
+            if create_only and (bucket, name) in self.objects:
+                return False
+            self.objects[(bucket, name)] = bytes(data)
+            return True
+
+    def exists(self, bucket, name):
+        with self._lock:
+            return (bucket, name) in self.objects
+
+    def list(self, bucket, prefix):
+        with self._lock:
+            return sorted(n for (b, n) in self.objects if b == bucket and n.startswith(prefix))
+
+    def delete(self, bucket, name):
+        with self._lock:
+            self.objects.pop((bucket, name), None)
+
+    def download_url(self, bucket, name):
+        return f"memory://{bucket}/{name}"
+
+    def create_upload_session(self, bucket, name, *, gzip=False):
+        url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
+        with self._lock:
+            if (bucket, name) in self.objects:
+                raise PreconditionFailedError(f"gs://{bucket}/{name} was already uploaded; an update is written once")
+            self.sessions[url] = (bucket, name)
+        return url, {"content-type": "application/octet-stream"}
+
+    def complete_upload(self, url: str, data: bytes) -> bool:
+        """What a device PUT to the session does: write once."""
+        bucket, name = self.sessions[url]
+        return self.write(bucket, name, data, create_only=True)
+
+
+class InMemoryRoundEvents:
+    """Records published events (unit tests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ready: list[RoundKey] = []
+        self.completed: list[tuple[RoundKey, dict[str, Any]]] = []
+
+    def round_ready(self, key: RoundKey) -> None:
+        with self._lock:
+            self.ready.append(key)
+
+    def round_completed(self, key: RoundKey, **extra: Any) -> None:
+        with self._lock:
+            self.completed.append((key, extra))
