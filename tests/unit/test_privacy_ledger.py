@@ -15,9 +15,9 @@ from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_art
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     TaskStatus,
@@ -59,14 +59,14 @@ def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded(store, b
         key = RoundKey("p", task.task_id, n)
         if store.get_task("p", task.task_id).status != TaskStatus.OPEN:
             break
-        store.create_iteration(IterationRecord("p", task.task_id, n, IterationStatus.COLLECTING, GOAL, GOAL))
+        store.create_round(RoundRecord("p", task.task_id, n, RoundStatus.COLLECTING, GOAL, GOAL))
         for i in range(GOAL):
             aid = f"a{n}-{i}"
             store.create_assignment(AssignmentRecord(aid, "p", task.task_id, n, AssignmentStatus.UPLOAD_COMPLETED,
                                                      "1", i, 0.0, 0.0))
             blobs.write(SETTINGS.gradient_bucket, layout.gradient_path("p", task.task_id, n, aid),
                         encode_client_update([("trainable/0", np.full((3, 2), 0.1, np.float32))], 5, stats))
-        store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+        store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
         outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
         assert outcome.status == "AGGREGATED"
         assert outcome.metrics["server/privacy/epsilon"] == pytest.approx(_independent_epsilon(n, delta), rel=1e-9)

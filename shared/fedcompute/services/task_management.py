@@ -23,7 +23,7 @@ from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
-    IterationRecord,
+    RoundRecord,
     TaskKind,
     TaskRecord,
     TaskStatus,
@@ -185,7 +185,7 @@ def open_task(
     }
     if task.kind == TaskKind.TRAINING:
         changes["current_round"] = 1
-        store.create_iteration(IterationRecord.opening(task, 1, now()))
+        store.create_round(RoundRecord.opening(task, 1, now()))
     return store.update_task(population, task_id, changes, expected=[TaskStatus.CREATED])
 
 

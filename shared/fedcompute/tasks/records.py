@@ -5,7 +5,7 @@ Firestore layout::
 
     populations/{pop}                                   population (task id allocation)
     populations/{pop}/tasks/{task_id}                   TaskRecord
-    .../tasks/{task_id}/iterations/{n}                  IterationRecord (round n, n >= 1)
+    .../tasks/{task_id}/iterations/{n}                  RoundRecord (round n, n >= 1)
     .../iterations/{n}/assignments/{assignment_id}      AssignmentRecord
     .../iterations/{n}/slots/{k}                        live-assignment slot k (over-selection cap)
     .../iterations/{n}/rejections/{event_id}            rejected upload, for operations views
@@ -42,7 +42,7 @@ class TaskStatus(str, enum.Enum):
         return self in (TaskStatus.CREATED, TaskStatus.OPEN)
 
 
-class IterationStatus(str, enum.Enum):
+class RoundStatus(str, enum.Enum):
     COLLECTING = "COLLECTING"
     AGGREGATING = "AGGREGATING"
     COMPLETED = "COMPLETED"
@@ -189,13 +189,13 @@ class TaskRecord:
 
 
 @dataclass(frozen=True)
-class IterationRecord:
+class RoundRecord:
     """One round of a task."""
 
     population: str
     task_id: int
     round_number: int
-    status: IterationStatus
+    status: RoundStatus
     report_goal: int
     max_assignments: int
     created_time: float = 0.0
@@ -210,11 +210,11 @@ class IterationRecord:
 
     @classmethod
     def opening(cls, task: TaskRecord, round_number: int, created_time: float,
-                evaluated_round: int = 0) -> IterationRecord:
+                evaluated_round: int = 0) -> RoundRecord:
         """Round ``round_number`` of ``task``, open for uploads (COLLECTING): the one place a round opens."""
         return cls(
             population=task.population, task_id=task.task_id, round_number=round_number,
-            status=IterationStatus.COLLECTING, report_goal=task.report_goal,
+            status=RoundStatus.COLLECTING, report_goal=task.report_goal,
             max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate),
             created_time=created_time, evaluated_round=evaluated_round,
         )
@@ -225,13 +225,13 @@ class IterationRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IterationRecord:
+    def from_dict(cls, data: dict[str, Any]) -> RoundRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["status"] = IterationStatus(values["status"])
+        values["status"] = RoundStatus(values["status"])
         return cls(**values)
 
-    def replace(self, **changes: Any) -> IterationRecord:
+    def replace(self, **changes: Any) -> RoundRecord:
         return dataclasses.replace(self, **changes)
 
 
