@@ -683,3 +683,15 @@ def test_terraform_sizing_and_push_deadlines_agree_with_the_catalogue(modules: d
         assert [s["ack_deadline_seconds"] for s in mine] == [spec.ack_deadline_s], name
         assert mine[0]["topic"] == f"${{local.topics.{spec.topic_field}}}", name
         assert spec.topic_field in topics
+
+
+def test_instance_variable_validations_name_the_catalogue_functions(root: Module) -> None:
+    # Terraform >= 1.5 validations may only read their own variable, so the names are spelled
+    # out there: they must be the catalogue's.
+    from fedcompute.catalogue import ALL_FUNCTIONS
+
+    for variable in ("min_instances", "max_instances"):
+        condition = root.variables[variable]["validation"][0]["condition"]
+        listed = re.search(r"contains\(\[([^\]]*)\]", condition)
+        assert listed, variable
+        assert sorted(n.strip().strip('"') for n in listed.group(1).split(",")) == sorted(ALL_FUNCTIONS), variable
