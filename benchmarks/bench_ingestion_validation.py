@@ -40,7 +40,8 @@ def main() -> int:
     from fedcompute.crypto.hpke import UploadKeyRing, open_upload, seal_update
     from fedcompute.learning import upload_contract
     from fedcompute.learning.tensor_codec import encode_client_update
-    from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
+    from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus
+    from fedcompute.tensor_spec import TensorSpec
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
@@ -52,7 +53,7 @@ def main() -> int:
                                    for n, s, _ in spec], 100, stats, compress=False)
     task = TaskRecord(population="p", task_id=1, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=1,
                       over_selection_rate=0.0, total_rounds=1, metrics=("loss",),
-                      update_spec=tuple(TensorSpecRecord(n, s, d) for n, s, d in spec))
+                      update_spec=tuple(TensorSpec(n, tuple(s), d) for n, s, d in spec))
     ring = UploadKeyRing.generate()
     envelope = seal_update(update, ring.current, assignment_id="a-1")
 

@@ -74,14 +74,12 @@ class RoutedBlobs:
 
 def fresh_round(settings: Any, storage: Any, ids: list[str]) -> tuple[Any, Any, Any, Any]:
     """An in-memory task whose round 1 accepted ``ids`` (their updates already in storage), AGGREGATING."""
-    from fedcompute.adapters.blobs import InMemoryBlobStore
-    from fedcompute.adapters.events import InMemoryRoundEvents
     from fedcompute.dp import DpMechanism, DpParams
+    from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
     from fedcompute.plans import ServerPhase
     from fedcompute.services import task_management as tm
     from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-    from fedcompute.tasks.memory_store import InMemoryTaskStore
-    from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, RoundKey, TaskKind
+    from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundStatus, TaskKind
 
     store, events = InMemoryTaskStore(), InMemoryRoundEvents()
     blobs = RoutedBlobs(settings.model_bucket, InMemoryBlobStore(), storage)
@@ -98,7 +96,7 @@ def fresh_round(settings: Any, storage: Any, ids: list[str]) -> tuple[Any, Any, 
         store.create_assignment(AssignmentRecord(aid, POP, task.task_id, 1, AssignmentStatus.UPLOAD_COMPLETED, "1",
                                                  slot, 0, 0))
     key = RoundKey(POP, task.task_id, 1)
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
     return store, blobs, events, key
 
 
@@ -122,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedcompute.services import aggregator
     from fedcompute.settings import Settings
     from fedcompute.stack import LocalStack
-    from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
+    from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus
+    from fedcompute.tensor_spec import TensorSpec
 
     work = Path(tempfile.mkdtemp(prefix="bench-sharded-"))
     stack = LocalStack(work / "stack", task_builder_port=0, functions=())
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
         task = TaskRecord(population=POP, task_id=1, kind=TaskKind.TRAINING, status=TaskStatus.OPEN,
                           report_goal=args.n, over_selection_rate=0.0, total_rounds=2, metrics=("loss",),
-                          update_spec=tuple(TensorSpecRecord(n, s, d) for n, s, d in SPEC))
+                          update_spec=tuple(TensorSpec(n, tuple(s), d) for n, s, d in SPEC))
 
         def read_decode(aid: str) -> int:
             data = storage.read(settings.gradient_bucket, layout.gradient_path(POP, 1, 1, aid))

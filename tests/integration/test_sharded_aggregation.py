@@ -24,7 +24,7 @@ from fedcompute.dp import DpParams
 from fedcompute.learning import checkpoint, server_round
 from fedcompute.learning.upload_contract import decode_upload
 from fedcompute.plans import ServerPhase
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundStatus
 from support.helpers import unique
 from support.stack_plugin import StackHandle, running_stack
 from support.tasks import (
@@ -78,7 +78,7 @@ def test_a_round_in_four_shards_equals_the_single_job_exactly_once_under_redeliv
         task.blobs.write(settings.gradient_bucket, gradient_object(task, 1, aid),
                          seal_for_stack(local_stack, aid, update), create_only=True)
 
-    task.wait_round(1, IterationStatus.AGGREGATING, timeout_s=120)
+    task.wait_round(1, RoundStatus.AGGREGATING, timeout_s=120)
     for shard in range(SHARDS):  # duplicated shard messages, possibly ahead of the plan (then retried)
         _publish(local_stack, settings.topics.aggregation_shard, encode_round_event(key, shard=shard, shards=SHARDS))
     task.wait_round(1, timeout_s=240)
@@ -104,7 +104,7 @@ def test_a_round_in_four_shards_equals_the_single_job_exactly_once_under_redeliv
     _publish(local_stack, settings.topics.round_ready, encode_round_event(key))
     wait_until(lambda: already_done() >= before + 2 or None, 60, what="both re-deliveries answered")
     assert len(log_lines(local_stack, "aggregator", f"{round_id}: AGGREGATED")) == 1  # one combine completed it
-    assert task.record().current_round == 2 and task.iteration(2).status == IterationStatus.COLLECTING
+    assert task.record().current_round == 2 and task.round_record(2).status == RoundStatus.COLLECTING
     assert task.blobs.list(settings.aggregate_bucket, f"{key.population}/{key.task_id}/1/") == []
 
     # The unsharded aggregation of the same accepted updates with the same noise seed.

@@ -12,20 +12,18 @@ import numpy as np
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.dp import DpMechanism, DpParams
 from fedcompute.errors import InvariantError, TransientError
 from fedcompute.learning import checkpoint, upload_contract
 from fedcompute.learning.sharding import PER_OBJECT_COST_BYTES, shard_count, shard_positions
 from fedcompute.learning.tensor_codec import encode_client_update
+from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.memory_store import InMemoryTaskStore
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, RoundKey, TaskKind
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundStatus, TaskKind
 
 POP = "sharded"
 GOAL = 13  # not a multiple of K: uneven slices
@@ -57,7 +55,7 @@ def _round(dp: DpParams = DP) -> tuple[InMemoryTaskStore, InMemoryBlobStore, InM
         stats = {name: np.full(shape, 1.0 + i) for name, shape, _ in stats_spec}
         blobs.write(UNSHARDED.gradient_bucket, layout.gradient_path(POP, task.task_id, 1, aid),
                     encode_client_update(delta, 10 + i, stats, metadata={"non_finite": "1"} if i == 5 else None))
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
     return store, blobs, events, key
 
 
@@ -103,7 +101,7 @@ def test_sharded_round_equals_the_single_job_with_the_same_noise_seed():
     assert metrics["server/aggregator/num_reports"] == GOAL - 1  # the non-finite one is excluded, counted
     assert metrics["server/aggregator/clipped_updates"] == 5.0
     assert blobs.list(SHARDED.aggregate_bucket, "") == []  # partials deleted after the round
-    assert len(events.completed) == 1 and store.get_iteration(key).status == IterationStatus.COMPLETED
+    assert len(events.completed) == 1 and store.get_round(key).status == RoundStatus.COMPLETED
 
 
 def _initial(blobs: InMemoryBlobStore, key: RoundKey) -> tuple[np.ndarray, ...]:
@@ -162,7 +160,7 @@ def test_a_killed_shard_and_a_killed_combine_are_repaired_by_redelivery():
     killed_combine = _FailingWrites(killing, layout.checkpoint_path(POP, key.task_id, 1))
     with pytest.raises(TransientError):
         aggregator.aggregate_round(store, killed_combine, events, SHARDED, key)
-    assert store.get_iteration(key).status == IterationStatus.AGGREGATING
+    assert store.get_round(key).status == RoundStatus.AGGREGATING
     assert aggregator.aggregate_round(store, killed_combine, events, SHARDED, key).status == "AGGREGATED"
     reference = _round()
     aggregator.aggregate_round(*reference[:3], UNSHARDED, reference[3])

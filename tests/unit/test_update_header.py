@@ -133,11 +133,12 @@ def test_random_mutations_never_pass_the_header_check_when_the_full_decode_refus
 def test_ingestion_validator_reads_the_header_and_checks_contribution_bounds():
     import dataclasses
 
-    from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
+    from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus
+    from fedcompute.tensor_spec import TensorSpec
 
     task = TaskRecord(population="p", task_id=1, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=2,
                       over_selection_rate=0.0, total_rounds=1, metrics=("loss",),
-                      update_spec=tuple(TensorSpecRecord(n, s, d) for n, s, d in SPEC))
+                      update_spec=tuple(TensorSpec(n, tuple(s), d) for n, s, d in SPEC))
     upload_contract.make_upload_validator()(_valid(), task)
     with pytest.raises(InvalidRequestError, match="num_examples 7 is outside 1..5"):
         upload_contract.make_upload_validator()(_valid(), dataclasses.replace(task, max_device_examples=5))

@@ -27,7 +27,6 @@ from fedcompute.errors import InvalidRequestError
 from fedcompute.learning.tensor_codec import (
     FORMAT_VERSION,
     SpecLike,
-    TensorSpec,
     bundle_from_proto,
     check_bundle_header,
     check_client_update_fields,
@@ -36,6 +35,7 @@ from fedcompute.learning.tensor_codec import (
     normalize_spec,
 )
 from fedcompute.proto import tensors_pb2
+from fedcompute.tensor_spec import TensorSpec
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 _MODEL_DELTA = 2  # ClientUpdate.model_delta

@@ -14,20 +14,19 @@ from fedcompute.learning.contribution_bounds import check_device_contribution
 from fedcompute.learning.tensor_codec import ClientUpdate, decode_client_update
 from fedcompute.learning.update_header import UpdateHeader, check_client_update_header
 from fedcompute.tasks.records import TaskRecord
+from fedcompute.tensor_spec import TensorSpec
 
-SpecTriples = list[tuple[str, tuple[int, ...], str]]
 
-
-def metric_statistics_spec(metrics: tuple[str, ...]) -> SpecTriples:
+def metric_statistics_spec(metrics: tuple[str, ...]) -> tuple[TensorSpec, ...]:
     """The flat ``metric/stat`` tensors a device upload carries for ``metrics`` (+ loss, count)."""
     names = list(dict.fromkeys((*metrics, "loss", "num_examples")))
     flat = metric_stats.flatten_stats({m: metric_stats.zero_stats(m) for m in names})
-    return [(name, tuple(array.shape), "float64") for name, array in sorted(flat.items())]
+    return tuple(TensorSpec(name, tuple(array.shape), "float64") for name, array in sorted(flat.items()))
 
 
-def update_spec(task: TaskRecord) -> SpecTriples:
+def update_spec(task: TaskRecord) -> tuple[TensorSpec, ...]:
     """The model-delta tensors a device upload carries for ``task`` (none for evaluation)."""
-    return [(s.name, s.shape, s.dtype) for s in task.update_spec]
+    return task.update_spec
 
 
 def decode_upload(data: bytes, task: TaskRecord, *, max_bytes: int | None = None) -> ClientUpdate:
