@@ -67,7 +67,7 @@ variable "aggregator_memory" {
 variable "aggregator_timeout_seconds" {
   description = "Timeout of the aggregator, in seconds."
   type        = number
-  default     = 3600
+  default     = 600
 }
 
 variable "min_instances" {
@@ -77,7 +77,7 @@ variable "min_instances" {
 }
 
 variable "max_instances" {
-  description = "Maximum instances by function name (defaults in locals.default_max_instances)."
+  description = "Maximum instances by function name (defaults: max_instances in catalogue.json, from fedcompute.catalogue)."
   type        = map(number)
   default     = {}
 }

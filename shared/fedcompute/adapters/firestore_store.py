@@ -2,7 +2,7 @@
 
 :class:`FirestoreTaskStore` keeps tasks, rounds and assignments in Firestore (or its
 emulator) with the port's conditional-write semantics (see :class:`~fedcompute.ports.TaskStore`);
-:class:`~fedcompute.tasks.memory_store.InMemoryTaskStore` is the fake with the same semantics
+:class:`~fedcompute.memory.InMemoryTaskStore` is the fake with the same semantics
 that unit tests use.
 
 Exactly-once counting without a hot transaction (Firestore): an upload is accepted by a
@@ -32,19 +32,22 @@ from fedcompute.tasks.records import (
     NOT_UPLOADABLE,
     ROUND_CLOSED,
     UNKNOWN_ASSIGNMENT,
+    UPDATED_BUCKET_FIELD,
     AcceptanceState,
     AcceptResult,
     AssignmentRecord,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
+    ShardProgress,
     SlotClaim,
     TaskKind,
     TaskRecord,
     TaskStatus,
     check_exclusive_training,
     plain_changes,
+    updated_bucket,
 )
 
 _OPTIMISTIC_ATTEMPTS = 25
@@ -76,11 +79,11 @@ class FirestoreTaskStore:
     def _task(self, population: str, task_id: int):
         return self._population(population).collection("tasks").document(str(task_id))
 
-    def _iteration(self, population: str, task_id: int, round_number: int):
+    def _round_ref(self, population: str, task_id: int, round_number: int):
         return self._task(population, task_id).collection("iterations").document(str(round_number))
 
     def _round(self, key: RoundKey):
-        return self._iteration(key.population, key.task_id, key.round_number)
+        return self._round_ref(key.population, key.task_id, key.round_number)
 
     def _assignment(self, key: RoundKey, assignment_id: str):
         return self._round(key).collection("assignments").document(assignment_id)
@@ -131,12 +134,12 @@ class FirestoreTaskStore:
         query = self._population(population).collection("tasks").where(
             filter=FieldFilter("status", "==", TaskStatus.OPEN.value))
         tasks = sorted((TaskRecord.from_dict(d.to_dict()) for d in query.stream()), key=lambda t: t.task_id)
-        refs = [self._iteration(population, t.task_id, t.current_round) for t in tasks]
+        refs = [self._round_ref(population, t.task_id, t.current_round) for t in tasks]
         found = {snap.reference.path: snap for snap in self._db.get_all(refs)} if refs else {}
         rounds = []
         for task, ref in zip(tasks, refs):
             snap = found.get(ref.path)
-            rounds.append((task, IterationRecord.from_dict(snap.to_dict()) if snap is not None and snap.exists else None))
+            rounds.append((task, RoundRecord.from_dict(snap.to_dict()) if snap is not None and snap.exists else None))
         return rounds
 
     def update_task(self, population, task_id, changes, *, expected=None):
@@ -169,25 +172,25 @@ class FirestoreTaskStore:
         if snapshot.exists and snapshot.to_dict().get("active_training_task_id") == task_id:
             population_ref.update({"active_training_task_id": 0})
 
-    # -- iterations --------------------------------------------------------------------
-    def create_iteration(self, record):
+    # -- rounds (Firestore collection "iterations") -------------------------------------
+    def create_round(self, record):
         from google.api_core import exceptions
 
         try:
-            self._iteration(record.population, record.task_id, record.round_number).create(record.to_dict())
+            self._round_ref(record.population, record.task_id, record.round_number).create(record.to_dict())
             return True
         except exceptions.Conflict:
             return False
 
-    def get_iteration(self, key):
+    def get_round(self, key):
         snapshot = self._round(key).get()
-        return IterationRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
+        return RoundRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
 
-    def list_iterations(self, population, task_id):
+    def list_rounds(self, population, task_id):
         docs = self._task(population, task_id).collection("iterations").stream()
-        return sorted((IterationRecord.from_dict(d.to_dict()) for d in docs), key=lambda i: i.round_number)
+        return sorted((RoundRecord.from_dict(d.to_dict()) for d in docs), key=lambda i: i.round_number)
 
-    def update_iteration(self, key, changes, *, expected):
+    def update_round(self, key, changes, *, expected):
         # Optimistic (read, then write conditional on the version read) rather than a
         # transaction: every ingestion past the goal tries to close the round and mark
         # round-ready published, and contending transactions on one document time out.
@@ -207,34 +210,34 @@ class FirestoreTaskStore:
             except exceptions.FailedPrecondition:
                 _backoff(attempt)  # changed since we read it: decide again on the new version
                 continue
-            updated = IterationRecord.from_dict({**data, **plain_changes(changes)})
-            if data["status"] == IterationStatus.COLLECTING.value and updated.status != IterationStatus.COLLECTING:
+            updated = RoundRecord.from_dict({**data, **plain_changes(changes)})
+            if data["status"] == RoundStatus.COLLECTING.value and updated.status != RoundStatus.COLLECTING:
                 self._stop_slot_claims(key, updated.max_assignments)
             return updated
         raise TransientError(f"round {key.round_number} of task {key.population}/{key.task_id} kept changing "
                              f"concurrently ({_OPTIMISTIC_ATTEMPTS} attempts)", hint="retry")
 
-    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
+    def finish_round(self, key, round_changes, task_changes, next_round_record):
         from google.cloud import firestore
 
-        iteration_ref = self._round(key)
+        round_ref = self._round(key)
         task_ref = self._task(key.population, key.task_id)
 
         @firestore.transactional
         def apply(transaction):
-            snapshot = iteration_ref.get(transaction=transaction)
-            if not snapshot.exists or snapshot.to_dict()["status"] != IterationStatus.AGGREGATING.value:
+            snapshot = round_ref.get(transaction=transaction)
+            if not snapshot.exists or snapshot.to_dict()["status"] != RoundStatus.AGGREGATING.value:
                 return False
             next_ref = None
-            if next_iteration is not None:
-                next_ref = self._iteration(next_iteration.population, next_iteration.task_id, next_iteration.round_number)
+            if next_round_record is not None:
+                next_ref = self._round_ref(next_round_record.population, next_round_record.task_id, next_round_record.round_number)
                 if next_ref.get(transaction=transaction).exists:
                     next_ref = None
-            transaction.update(iteration_ref, plain_changes(iteration_changes))
+            transaction.update(round_ref, plain_changes(round_changes))
             if task_changes:
                 transaction.update(task_ref, plain_changes(task_changes))
             if next_ref is not None:
-                transaction.create(next_ref, next_iteration.to_dict())
+                transaction.create(next_ref, next_round_record.to_dict())
             return True
 
         return apply(self._db.transaction())
@@ -362,7 +365,9 @@ class FirestoreTaskStore:
         data = snapshot.to_dict()
         if data["status"] not in {s.value for s in expected}:
             raise PreconditionFailedError(f"assignment {assignment_id} is {data['status']}")
-        changes = {"status": new_status.value, "updated_time": time.time(), "status_reason": reason}
+        t = time.time()
+        changes = {"status": new_status.value, "updated_time": t, UPDATED_BUCKET_FIELD: updated_bucket(t),
+                   "status_reason": reason}
         try:
             # Conditional on the version we read: a concurrent move makes this fail.
             ref.update(changes, option=self._db.write_option(last_update_time=snapshot.update_time))
@@ -370,13 +375,24 @@ class FirestoreTaskStore:
             raise PreconditionFailedError(f"assignment {assignment_id} changed concurrently") from error
         return AssignmentRecord.from_dict({**data, **changes})
 
+    def expired_assignments(self, key, status, cutoff, limit):
+        """Assignments in ``status`` last updated before ``cutoff``'s bucket: one bounded query
+        on the composite index (status, updated_bucket) (infra/modules/firestore)."""
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        query = (self._round(key).collection("assignments")
+                 .where(filter=FieldFilter("status", "==", status.value))
+                 .where(filter=FieldFilter(UPDATED_BUCKET_FIELD, "<", updated_bucket(cutoff)))
+                 .limit(int(limit)))
+        return [AssignmentRecord.from_dict(d.to_dict()) for d in query.stream()]
+
     def get_upload_context(self, key, assignment_id):
         """Task, round and assignment in one round trip."""
         refs = [self._task(key.population, key.task_id), self._round(key), self._assignment(key, assignment_id)]
         found = {snap.reference.path: snap for snap in self._db.get_all(refs)}
-        task, iteration, assignment = (found.get(ref.path) for ref in refs)
+        task, round_record, assignment = (found.get(ref.path) for ref in refs)
         return (TaskRecord.from_dict(task.to_dict()) if task is not None and task.exists else None,
-                IterationRecord.from_dict(iteration.to_dict()) if iteration is not None and iteration.exists else None,
+                RoundRecord.from_dict(round_record.to_dict()) if round_record is not None and round_record.exists else None,
                 AssignmentRecord.from_dict(assignment.to_dict()) if assignment is not None and assignment.exists
                 else None)
 
@@ -397,7 +413,7 @@ class FirestoreTaskStore:
         status = snapshot.to_dict()["status"]
         if status == AssignmentStatus.UPLOAD_COMPLETED.value:
             return AcceptResult(DUPLICATE)
-        if not round_snapshot.exists or round_snapshot.to_dict()["status"] != IterationStatus.COLLECTING.value:
+        if not round_snapshot.exists or round_snapshot.to_dict()["status"] != RoundStatus.COLLECTING.value:
             return AcceptResult(ROUND_CLOSED)
         if status != AssignmentStatus.LOCAL_COMPLETED.value:
             return AcceptResult(NOT_UPLOADABLE)
@@ -409,7 +425,8 @@ class FirestoreTaskStore:
         batch = self._db.batch()
         batch.create(self._marker(key, position), {"assignment_id": assignment_id, "time": t})
         batch.update(self._assignment(key, assignment_id),
-                     {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": t, "accepted_position": position},
+                     {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": t,
+                      UPDATED_BUCKET_FIELD: updated_bucket(t), "accepted_position": position},
                      option=self._db.write_option(last_update_time=snapshot.update_time))
         batch.set(self._counter(key, "accept", shard), {"filled": firestore.Increment(1)}, merge=True)
         try:
@@ -456,21 +473,27 @@ class FirestoreTaskStore:
             filled[index[snap.reference.path]] = int(data.get("filled", 0))
         return AcceptanceState(issued_all=quota.is_full(issued), full=quota.is_full(filled))
 
-    def accepted_ids(self, key):
-        """The round's accepted set, final once the round stopped collecting.
+    def accepted_ids(self, key, positions=None):
+        """The round's accepted set (or its ``positions``), final once the round stopped collecting.
 
-        Lists the markers (one small document per report: no limit on the round's size)
-        and first voids every empty position with a create-only write, so an upload still
-        in flight for one of them loses its batch: every caller sees the same set.
+        Reads the markers (one small document per report: no limit on the round's size; for
+        ``positions``, only theirs, by key) and first voids every empty position with a
+        create-only write, so an upload still in flight for one of them loses its batch:
+        every caller sees the same set, whichever slices it reads.
         """
         from google.api_core import exceptions
 
-        iteration = self.get_iteration(key)
-        if iteration is None or iteration.status == IterationStatus.COLLECTING:
+        round_record = self.get_round(key)
+        if round_record is None or round_record.status == RoundStatus.COLLECTING:
             raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
                                           "closed: its accepted set is not final")
-        markers = {int(doc.id): doc.to_dict() for doc in self._round(key).collection("accepted").stream()}
-        for position in range(iteration.report_goal):
+        wanted = range(round_record.report_goal) if positions is None else positions
+        if positions is None:
+            markers = {int(doc.id): doc.to_dict() for doc in self._round(key).collection("accepted").stream()}
+        else:
+            refs = [self._marker(key, position) for position in wanted]
+            markers = {int(snap.id): snap.to_dict() for snap in self._db.get_all(refs) if snap.exists}
+        for position in wanted:
             if position in markers:
                 continue
             ref = self._marker(key, position)
@@ -480,7 +503,42 @@ class FirestoreTaskStore:
                 markers[position] = {"void": True}
             except exceptions.Conflict:
                 markers[position] = ref.get().to_dict()  # its upload landed first: it counts
-        return sorted(m["assignment_id"] for m in markers.values() if not m.get("void"))
+        return sorted(m["assignment_id"] for p, m in markers.items() if p in wanted and not m.get("void"))
+
+    def _shard_plan(self, key: RoundKey):
+        return self._round(key).collection("aggregation").document("shards")
+
+    def plan_shards(self, key, shards):
+        """Record the round's shard count, create-if-absent; the stored plan wins over ``shards``."""
+        from google.api_core import exceptions
+
+        ref = self._shard_plan(key)
+        try:
+            ref.create({"shards": int(shards), "done": [], "time": time.time()})
+            return ShardProgress(int(shards))
+        except exceptions.Conflict:
+            data = ref.get().to_dict()
+            return ShardProgress(int(data["shards"]), frozenset(int(d) for d in data.get("done", [])))
+
+    def finish_shard(self, key, shard):
+        """Add ``shard`` to the finished ones (a transaction on the plan: K writers per round)."""
+        from google.cloud import firestore
+
+        ref = self._shard_plan(key)
+
+        @firestore.transactional
+        def apply(transaction):
+            snapshot = ref.get(transaction=transaction)
+            if not snapshot.exists:
+                raise PreconditionFailedError(f"round {key} has no shard plan")
+            data = snapshot.to_dict()
+            done = {int(d) for d in data.get("done", [])}
+            if shard not in done:
+                done.add(int(shard))
+                transaction.update(ref, {"done": sorted(done)})
+            return ShardProgress(int(data["shards"]), frozenset(done))
+
+        return apply(self._db.transaction())
 
     def _assignments_query(self, key, status):
         query = self._round(key).collection("assignments")

@@ -1,8 +1,15 @@
-"""In-memory :class:`~fedcompute.ports.TaskStore` for unit tests and benchmarks.
+"""In-memory fakes of the ports (:mod:`fedcompute.ports`) for unit tests and benchmarks.
 
-A dict-backed store with the same conditional-write semantics as
-:class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore`, thread-safe so concurrency
-tests can drive it.
+Not adapters (those are the real I/O edges in :mod:`fedcompute.adapters`): plain dicts behind
+a lock, with the same semantics as the cloud implementations.
+
+* :class:`InMemoryTaskStore`: the same conditional-write semantics as
+  :class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore`, thread-safe so
+  concurrency tests can drive it;
+* :class:`InMemoryBlobStore`: create-only writes and write-once upload sessions, as
+  :class:`~fedcompute.adapters.blobs.GcsBlobStore`;
+* :class:`InMemoryRoundEvents`: records what :class:`~fedcompute.adapters.events.PubSubRoundEvents`
+  would publish.
 """
 from __future__ import annotations
 
@@ -23,13 +30,16 @@ from fedcompute.tasks.records import (
     AcceptResult,
     AssignmentRecord,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
+    RoundKey,
+    RoundRecord,
+    RoundStatus,
+    ShardProgress,
     SlotClaim,
     TaskRecord,
     TaskStatus,
     check_exclusive_training,
     plain_changes,
+    updated_bucket,
 )
 
 
@@ -39,10 +49,11 @@ class InMemoryTaskStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._tasks: dict[tuple[str, int], TaskRecord] = {}
-        self._iterations: dict[tuple[str, int, int], IterationRecord] = {}
+        self._rounds: dict[tuple[str, int, int], RoundRecord] = {}
         self._assignments: dict[tuple[str, int, int, str], AssignmentRecord] = {}
         self._slots: dict[tuple[str, int, int, int], str] = {}
         self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
+        self._shard_plans: dict[tuple[str, int, int], ShardProgress] = {}
 
     def create_task(self, population, build, *, exclusive_training=True):
         with self._lock:
@@ -67,7 +78,7 @@ class InMemoryTaskStore:
 
     def open_rounds(self, population):
         with self._lock:
-            return [(t, self._iterations.get((population, t.task_id, t.current_round)))
+            return [(t, self._rounds.get((population, t.task_id, t.current_round)))
                     for t in self.list_tasks(population) if t.status == TaskStatus.OPEN]
 
     def update_task(self, population, task_id, changes, *, expected=None):
@@ -84,61 +95,61 @@ class InMemoryTaskStore:
     def delete_task(self, population, task_id):
         with self._lock:
             self._tasks.pop((population, task_id), None)
-            stores: tuple[dict[Any, Any], ...] = (self._iterations, self._assignments, self._slots, self._rejections)
+            stores: tuple[dict[Any, Any], ...] = (self._rounds, self._assignments, self._slots, self._rejections)
             for store in stores:
                 for k in [k for k in store if k[0] == population and k[1] == task_id]:
                     del store[k]
 
-    def create_iteration(self, record):
+    def create_round(self, record):
         with self._lock:
             k = (record.population, record.task_id, record.round_number)
-            if k in self._iterations:
+            if k in self._rounds:
                 return False
-            self._iterations[k] = record
+            self._rounds[k] = record
             return True
 
-    def get_iteration(self, key):
+    def get_round(self, key):
         with self._lock:
-            return self._iterations.get((key.population, key.task_id, key.round_number))
+            return self._rounds.get((key.population, key.task_id, key.round_number))
 
-    def list_iterations(self, population, task_id):
+    def list_rounds(self, population, task_id):
         with self._lock:
             return sorted(
-                (i for k, i in self._iterations.items() if k[:2] == (population, task_id)),
+                (i for k, i in self._rounds.items() if k[:2] == (population, task_id)),
                 key=lambda i: i.round_number,
             )
 
-    def update_iteration(self, key, changes, *, expected):
+    def update_round(self, key, changes, *, expected):
         with self._lock:
             k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
+            it = self._rounds.get(k)
             if it is None:
                 raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
             if it.status not in set(expected):
                 raise PreconditionFailedError(f"round {key.round_number} is {it.status.value}")
-            updated = IterationRecord.from_dict({**it.to_dict(), **plain_changes(changes)})
-            self._iterations[k] = updated
+            updated = RoundRecord.from_dict({**it.to_dict(), **plain_changes(changes)})
+            self._rounds[k] = updated
             return updated
 
-    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
+    def finish_round(self, key, round_changes, task_changes, next_round_record):
         with self._lock:
             k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
-            if it is None or it.status != IterationStatus.AGGREGATING:
+            it = self._rounds.get(k)
+            if it is None or it.status != RoundStatus.AGGREGATING:
                 return False
-            self._iterations[k] = IterationRecord.from_dict({**it.to_dict(), **plain_changes(iteration_changes)})
+            self._rounds[k] = RoundRecord.from_dict({**it.to_dict(), **plain_changes(round_changes)})
             task = self._tasks[(key.population, key.task_id)]
             self._tasks[(key.population, key.task_id)] = TaskRecord.from_dict({**task.to_dict(), **plain_changes(task_changes)})
-            if next_iteration is not None:
-                nk = (next_iteration.population, next_iteration.task_id, next_iteration.round_number)
-                self._iterations.setdefault(nk, next_iteration)
+            if next_round_record is not None:
+                nk = (next_round_record.population, next_round_record.task_id, next_round_record.round_number)
+                self._rounds.setdefault(nk, next_round_record)
             return True
 
     def claim_assignment(self, record, capacity, *, exhausted=(), rng=None):
         with self._lock:
             rk = (record.population, record.task_id, record.round_number)
-            iteration, task = self._iterations.get(rk), self._tasks.get(rk[:2])
-            if iteration is None or iteration.status != IterationStatus.COLLECTING or task is None or \
+            round_record, task = self._rounds.get(rk), self._tasks.get(rk[:2])
+            if round_record is None or round_record.status != RoundStatus.COLLECTING or task is None or \
                     not task.status.is_active:
                 return SlotClaim(None, round_stopped=True)  # like the stopped counters of the Firestore store
             taken = {k[3] for k in self._slots if k[:3] == rk}
@@ -153,7 +164,7 @@ class InMemoryTaskStore:
 
     def get_upload_context(self, key, assignment_id):
         return (self.get_task(key.population, key.task_id),
-                self.get_iteration(key),
+                self.get_round(key),
                 self.get_assignment(key, assignment_id))
 
     def release_slot(self, key, slot, assignment_id):
@@ -192,14 +203,14 @@ class InMemoryTaskStore:
     def accept_upload(self, key, assignment_id):
         with self._lock:
             rk = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(rk)
+            it = self._rounds.get(rk)
             rec = self._assignments.get((*rk, assignment_id))
             if rec is None:
                 return AcceptResult(UNKNOWN_ASSIGNMENT)
             if rec.status == AssignmentStatus.UPLOAD_COMPLETED:
                 return AcceptResult(DUPLICATE)
             accepted = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)  # a fake: counting is fine
-            if it is None or it.status != IterationStatus.COLLECTING or accepted >= it.report_goal:
+            if it is None or it.status != RoundStatus.COLLECTING or accepted >= it.report_goal:
                 return AcceptResult(ROUND_CLOSED)
             if rec.status != AssignmentStatus.LOCAL_COMPLETED:
                 return AcceptResult(NOT_UPLOADABLE)
@@ -211,14 +222,36 @@ class InMemoryTaskStore:
         done = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) >= report_goal
         return AcceptanceState(issued_all=done, full=done)
 
-    def accepted_ids(self, key):
-        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
+    def accepted_ids(self, key, positions=None):
+        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones);
+        position p is the p-th of them in id order (the Firestore store numbers them as accepted)."""
         with self._lock:
-            it = self._iterations.get((key.population, key.task_id, key.round_number))
-            if it is None or it.status == IterationStatus.COLLECTING:
+            it = self._rounds.get((key.population, key.task_id, key.round_number))
+            if it is None or it.status == RoundStatus.COLLECTING:
                 raise PreconditionFailedError(f"round {key.round_number} is not closed: its accepted set "
                                               "is not final")
-            return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
+            ids = [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
+            return ids if positions is None else [ids[p] for p in positions if 0 <= p < len(ids)]
+
+    def plan_shards(self, key, shards):
+        with self._lock:
+            return self._shard_plans.setdefault((key.population, key.task_id, key.round_number),
+                                                ShardProgress(int(shards)))
+
+    def finish_shard(self, key, shard):
+        with self._lock:
+            rk = (key.population, key.task_id, key.round_number)
+            plan = self._shard_plans.get(rk)
+            if plan is None:
+                raise PreconditionFailedError(f"round {key} has no shard plan")
+            plan = ShardProgress(plan.shards, plan.done | {int(shard)})
+            self._shard_plans[rk] = plan
+            return plan
+
+    def expired_assignments(self, key, status, cutoff, limit):
+        with self._lock:
+            bucket = updated_bucket(cutoff)
+            return [a for a in self.list_assignments(key, status) if updated_bucket(a.updated_time) < bucket][:limit]
 
     def count_assignments(self, key, status=None):
         return len(self.list_assignments(key, status))
@@ -245,3 +278,76 @@ class InMemoryTaskStore:
     def list_rejections(self, key):
         with self._lock:
             return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
+
+
+class InMemoryBlobStore:
+    """Dict-backed :class:`BlobStore` for unit tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.objects: dict[tuple[str, str], bytes] = {}
+        self.sessions: dict[str, tuple[str, str]] = {}
+
+    def read(self, bucket, name):
+        with self._lock:
+            try:
+                return self.objects[(bucket, name)]
+            except KeyError:
+                raise NotFoundError(f"gs://{bucket}/{name} does not exist") from None
+
+    def write(self, bucket, name, data, *, create_only=False, content_type="application/octet-stream"):
+        with self._lock:
+            if create_only and (bucket, name) in self.objects:
+                return False
+            self.objects[(bucket, name)] = bytes(data)
+            return True
+
+    def exists(self, bucket, name):
+        with self._lock:
+            return (bucket, name) in self.objects
+
+    def list(self, bucket, prefix):
+        with self._lock:
+            return sorted(n for (b, n) in self.objects if b == bucket and n.startswith(prefix))
+
+    def delete(self, bucket, name):
+        with self._lock:
+            self.objects.pop((bucket, name), None)
+
+    def download_url(self, bucket, name):
+        return f"memory://{bucket}/{name}"
+
+    def create_upload_session(self, bucket, name, *, gzip=False):
+        url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
+        with self._lock:
+            if (bucket, name) in self.objects:
+                raise PreconditionFailedError(f"gs://{bucket}/{name} was already uploaded; an update is written once")
+            self.sessions[url] = (bucket, name)
+        return url, {"content-type": "application/octet-stream"}
+
+    def complete_upload(self, url: str, data: bytes) -> bool:
+        """What a device PUT to the session does: write once."""
+        bucket, name = self.sessions[url]
+        return self.write(bucket, name, data, create_only=True)
+
+
+class InMemoryRoundEvents:
+    """Records published events (unit tests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ready: list[RoundKey] = []
+        self.shards: list[tuple[RoundKey, int, int]] = []
+        self.completed: list[tuple[RoundKey, dict[str, Any]]] = []
+
+    def round_ready(self, key: RoundKey) -> None:
+        with self._lock:
+            self.ready.append(key)
+
+    def aggregation_shard(self, key: RoundKey, shard: int, shards: int) -> None:
+        with self._lock:
+            self.shards.append((key, shard, shards))
+
+    def round_completed(self, key: RoundKey, **extra: Any) -> None:
+        with self._lock:
+            self.completed.append((key, extra))
