@@ -18,6 +18,7 @@ examples and reports by itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -489,34 +490,60 @@ def run_private_demo(options: PrivateDemoOptions, *, stack: Any = None) -> dict[
             stack.local.stop()
 
 
-def run_tradeoff(options: PrivateDemoOptions, noises: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)) -> dict[str, Any]:
+def run_tradeoff(options: PrivateDemoOptions, noises: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5), *,
+                 stack: Any = None) -> dict[str, Any]:
     """Final ε and test accuracy per noise multiplier (the privacy/utility figure).
 
-    Every run is built with --skip_dp_check (noise 0.5 cannot meet ε ≤ 5), so the figure
-    shows what each noise level buys; each ε is the ledger's, as computed.
+    The private task is built once through the stack (without --skip_dp_check, as in the
+    demo); each noise level then trains that task in-process (:mod:`fedcompute.fleet.reference`:
+    the same plan, device step, clipping and server round, noise drawn by the server's own DP
+    mechanism), and its ε comes from the same accountant as the ledger's.
     """
+    from fedcompute.adapters.clients import make_clients
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
+    from fedcompute.fleet.population import PopulationSpec
+    from fedcompute.fleet.reference import load_reference_task, run_reference
+    from fedcompute.learning.server_round import epsilon_after
+    from fedcompute.plans import ServerPhase
+
     out = options.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    stack = _Stack(options)
+    running = stack
+    stack = _Stack(options, running)
     model_dir = save_model(out / "fashion_logreg", options.seed)
     points: list[dict[str, Any]] = []
     try:
+        population = f"fashion_tradeoff_{time.strftime('%Y%m%d_%H%M%S')}"
+        config = write_config(options.out_dir / "task_config_tradeoff.pbtxt", options, population, options.noise)
+        _say(f"== task_builder_client --task_config={config}")
+        task_id, _report = build_task(stack, model_dir, config, population, skip_dp_check=False)
+        task = load_reference_task(FirestoreTaskStore(make_clients(stack.settings).firestore), stack.blobs,
+                                   stack.settings.model_bucket, population, task_id)
+        phase = ServerPhase.from_json(task.server_phase)
+        spec = PopulationSpec(num_devices=options.devices, examples_per_device=options.examples_per_device,
+                              seed=options.seed)
+        test = _TestSet(model_dir)
         for noise in noises:
-            _say(f"== noise multiplier {noise:g}")
-            run = one_run(stack, options, model_dir, noise, f"noise {noise:g}", skip_dp_check=True)
-            points.append({"noise_multiplier": noise, "final_epsilon": run.final_epsilon,
-                           "final_test_accuracy": run.final_test_accuracy, "population": run.population,
-                           "task_id": run.task_id, "wall_time_s": run.wall_time_s})
+            started = time.monotonic()
+            _say(f"== noise multiplier {noise:g}: {options.rounds} rounds in-process")
+            history = run_reference(task, spec, population=population, report_goal=options.report_goal,
+                                    rounds=options.rounds, noise_multiplier=noise, seed=options.seed,
+                                    processes=options.processes)
+            accuracy, _loss = test.evaluate([a for _, a in history[-1]])
+            noised = dataclasses.replace(phase, dp=dataclasses.replace(phase.dp, noise_multiplier=noise))
+            eps = epsilon_after(noised, options.rounds) if noise > 0 else math.inf
+            points.append({"noise_multiplier": noise, "final_epsilon": eps if math.isfinite(eps) else None,
+                           "final_test_accuracy": accuracy, "population": population, "task_id": task_id,
+                           "wall_time_s": round(time.monotonic() - started, 1)})
+            _say(f"   noise {noise:g}: epsilon {_fmt_eps(eps)}, test accuracy {accuracy:.4f}")
     finally:
-        if not options.keep_stack:
+        if stack.owned and not options.keep_stack:
             stack.local.stop()
     figure = plot_tradeoff(points, out / "privacy_utility.png", options)
     result = {"points": points, "figure": str(figure), "delta": options.delta,
-              "population_size": options.population_size, "rounds": options.rounds}
+              "population_size": options.population_size, "rounds": options.rounds,
+              "report_goal": options.report_goal, "method": "in-process reference run of the built task"}
     (out / "tradeoff.json").write_text(json.dumps(result, indent=2))
-    for p in points:
-        _say(f"noise {p['noise_multiplier']:g}: epsilon {_fmt_eps(p['final_epsilon'])}, "
-             f"test accuracy {p['final_test_accuracy']:.4f}")
     _say(f"figure: {figure}")
     return result
 

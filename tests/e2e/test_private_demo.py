@@ -63,3 +63,20 @@ def test_small_private_demo_records_accuracy_and_exact_epsilon_per_round(local_s
     # Plans and checkpoints come from the origin once per worker process and round, not per device.
     assert fleet["origin_downloads"] <= 2 * (ROUNDS + 1)
     assert summary["final_test_accuracy"] == private["final_test_accuracy"]
+
+
+def test_tradeoff_trains_the_built_task_at_each_noise_and_accounts_each_epsilon(local_stack: StackHandle,
+                                                                              tmp_path: Path) -> None:
+    from fedcompute.private_demo import run_tradeoff
+
+    options = PrivateDemoOptions(devices=DEVICES, examples_per_device=6, report_goal=GOAL, rounds=2, noise=NOISE,
+                                 target_epsilon=10.0, processes=1, out_dir=tmp_path / "out")
+    result = run_tradeoff(options, (0.0, NOISE), stack=local_stack.stack)
+    saved = json.loads((tmp_path / "out" / "tradeoff.json").read_text())
+    assert saved["points"] == result["points"] and [p["noise_multiplier"] for p in saved["points"]] == [0.0, NOISE]
+    no_noise, noised = saved["points"]
+    assert no_noise["final_epsilon"] is None
+    assert abs(noised["final_epsilon"] - independent_epsilon(2, 1 / DEVICES)) <= 1e-6
+    assert all(0.0 < p["final_test_accuracy"] <= 1.0 for p in saved["points"])
+    assert no_noise["final_test_accuracy"] != noised["final_test_accuracy"]  # the noise was really added
+    assert Path(saved["figure"]).stat().st_size > 10_000
