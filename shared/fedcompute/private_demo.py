@@ -315,6 +315,7 @@ def reference_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, p
     from fedcompute.adapters.firestore_store import FirestoreTaskStore
     from fedcompute.fleet.population import PopulationSpec
     from fedcompute.fleet.reference import load_reference_task, run_reference
+    from fedcompute.learning.dp_core import METRIC_NOISE_STDDEV
 
     started = time.monotonic()
     rounds_done = len(private.rounds)
@@ -331,8 +332,8 @@ def reference_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, p
     def on_round(round_number: int, named: list[tuple[str, np.ndarray]], metrics: dict[str, float]) -> None:
         accuracy, loss = test.evaluate([a for _, a in named])
         rows.append({"round": round_number, "test_accuracy": accuracy, "test_loss": loss, "epsilon": None,
-                     "delta": None, "train_accuracy": metrics.get(
-                         "server/client_work/train/sparse_categorical_accuracy")})
+                     "delta": None, "noise_stddev": metrics.get(METRIC_NOISE_STDDEV),
+                     "train_accuracy": metrics.get("server/client_work/train/sparse_categorical_accuracy")})
         bar.update(1)
         _say(f"   non-private round {round_number:>3}/{rounds_done}: test accuracy {accuracy:.3f}")
 

@@ -54,6 +54,7 @@ def test_small_private_demo_records_accuracy_and_exact_epsilon_per_round(local_s
     assert (baseline["population"], baseline["task_id"]) == (private["population"], private["task_id"])
     assert [r["round"] for r in baseline["rounds"]] == list(range(1, ROUNDS + 1))
     assert all(r["epsilon"] is None and 0.0 < r["test_accuracy"] <= 1.0 for r in baseline["rounds"])
+    assert all(r["noise_stddev"] == 0.0 for r in baseline["rounds"])  # really without noise
     assert [r["test_accuracy"] for r in baseline["rounds"]] != [r["test_accuracy"] for r in private["rounds"]]
     table = (tmp_path / "out" / "table.md").read_text().splitlines()
     assert len(table) == 2 + ROUNDS and table[2].startswith("| 1 | ")

@@ -106,6 +106,9 @@ def run_reference(task: ReferenceTask, spec: PopulationSpec, *, population: str,
         phase = dataclasses.replace(phase, dp=dataclasses.replace(phase.dp, noise_multiplier=noise_multiplier))
     optimizer, dp = server_round.build_round_machinery(phase)
     state = checkpoint.decode_checkpoint(task.server_checkpoint)
+    if noise_multiplier is not None:
+        # The mechanism reads the noise from its state (the checkpoint's): start it afresh.
+        state = dataclasses.replace(state, dp_state=dp.initial_state())
     initial_client, _ = decode_bundle(task.client_checkpoint)
     rng = random.Random(seed)
     finalize = server_round.task_metrics_finalizer(task.record.metrics)
