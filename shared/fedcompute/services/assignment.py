@@ -30,6 +30,7 @@ from fedcompute.errors import (
     PreconditionFailedError,
 )
 from fedcompute.identity import assignment_id_for
+from fedcompute.learning import upload_contract
 from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -248,6 +249,7 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
         assignment_id=assignment_id, population=task.population, task_id=task.task_id,
         round_number=iteration.round_number, status=AssignmentStatus.ASSIGNED, client_version=request.client_version,
         slot=-1, created_time=t, updated_time=t, device_id=request.device_id,
+        max_upload_bytes=upload_contract.max_upload_bytes(task),
     )
     try:
         # The assignment is create-only and its id derives from the identity: one per identity per round.
@@ -337,5 +339,8 @@ def report_result(
                 raise
     object_name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
     gzip = upload_gzip_enabled()
-    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name, gzip=gzip)
+    # The session stores at most the task's largest honest update (sealed): a device cannot
+    # park arbitrary data in the gradient bucket through its upload URL.
+    max_bytes = assignment.max_upload_bytes or upload_contract.DEFAULT_MAX_UPLOAD_BYTES
+    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name, gzip=gzip, max_bytes=max_bytes)
     return UploadInstruction(upload_location=url, extra_request_headers=headers, object_name=object_name, gzip=gzip)
