@@ -255,14 +255,21 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
         # The assignment is create-only and its id derives from the identity: one per identity per round.
         claim = store.claim_assignment(record, iteration.max_assignments, exhausted=chosen.exhausted, rng=rng)
     except ConflictError:
-        return Rejection(RejectionReason.NO_TASK_AVAILABLE,
-                         f"this device already holds its assignment of round {iteration.round_number}")
-    if claim.round_stopped:
-        return _Stale()
-    if claim.record is None:
-        cache.mark_full(chosen, claim.exhausted)
-        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
-    chosen.exhausted = claim.exhausted
+        # The identity's one assignment of this round exists. If it is still ASSIGNED, this is
+        # the device retrying a check-in whose answer it never got (a timeout or a 503 while
+        # the write was in flight): hand the same assignment back, so the device is not locked
+        # out of the round. Never a second one.
+        held = store.get_assignment(key, assignment_id)
+        if held is None or held.device_id != request.device_id or held.status != AssignmentStatus.ASSIGNED:
+            return Rejection(RejectionReason.NO_TASK_AVAILABLE,
+                             f"this device already holds its assignment of round {iteration.round_number}")
+    else:
+        if claim.round_stopped:
+            return _Stale()
+        if claim.record is None:
+            cache.mark_full(chosen, claim.exhausted)
+            return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
+        chosen.exhausted = claim.exhausted
     return Assignment(
         population=task.population,
         task_id=task.task_id,
