@@ -165,23 +165,32 @@ def test_a_paused_firestore_gives_fast_503s_and_the_device_is_counted_once_after
 # --------------------------------------------------------------------------- fake-gcs path names
 
 
-@pytest.mark.parametrize("name", ["../../escaped-object", "/../../escaped-absolute", "a/../../../escaped-deep"])
-def test_object_names_with_dot_dot_cannot_write_outside_the_gcs_data_dir(local_stack: StackHandle,
+@pytest.mark.parametrize("bucket, name", [
+    ("%2E%2E", "escaped-through-bucket"),  # bucket ".." = the data directory's parent
+    ("%2E%2E", "..%2F..%2Fescaped-two-up"),
+    ("{gradient}", "../../escaped-object"),
+    ("{gradient}", "/../../escaped-absolute"),
+])
+def test_names_with_dot_dot_cannot_write_or_read_outside_the_gcs_data_dir(local_stack: StackHandle, bucket: str,
                                                                           name: str) -> None:
     data_dir = local_stack.stack.gcs_data_dir.resolve()
-    outside = {data_dir.parent, data_dir.parent.parent, data_dir}
-    before = {p: set(os.listdir(p)) for p in outside}
+    state_dir = local_stack.stack.state_dir.resolve()
+    leaf = urllib.parse.unquote(name).rsplit("/", 1)[-1]
     gcs = local_stack.urls["gcs"]
-    bucket = local_stack.settings.gradient_bucket
-    requests.post(f"{gcs}/upload/storage/v1/b/{bucket}/o",
-                             params={"uploadType": "media", "name": name}, data=b"planted", timeout=30)
-    leaf = name.rsplit("/", 1)[-1]
-    for directory in outside:
-        planted = set(os.listdir(directory)) - before[directory]
-        assert leaf not in planted, f"{name!r} was written to {directory}"
-    escaped = [p for p in data_dir.parent.parent.rglob(leaf) if not p.resolve().is_relative_to(data_dir)]
-    assert escaped == []
-    # Reading back through the same name cannot reach a file outside either.
-    quoted = urllib.parse.quote(f"../../{local_stack.stack.state_file.name}", safe="")
-    read = requests.get(f"{gcs}/storage/v1/b/{bucket}/o/{quoted}", params={"alt": "media"}, timeout=30)
-    assert read.status_code == 404 or local_stack.stack.state_file.read_bytes() != read.content
+    bucket = bucket.format(gradient=local_stack.settings.gradient_bucket)
+    response = requests.post(f"{gcs}/upload/storage/v1/b/{bucket}/o",
+                             params={"uploadType": "media", "name": urllib.parse.unquote(name)}, data=b"planted",
+                             timeout=30)
+    escaped = [p for p in state_dir.parent.rglob(leaf) if not p.resolve().is_relative_to(data_dir)]
+    assert escaped == [], f"HTTP {response.status_code}: {name!r} in bucket {bucket!r} landed outside {data_dir}"
+    # Reading through the same trick cannot reach the stack's own files (stack.json is beside gcs-data).
+    for trick_bucket, trick_name in (("%2E%2E", local_stack.stack.state_file.name),
+                                     (local_stack.settings.gradient_bucket, f"../../{local_stack.stack.state_file.name}")):
+        quoted = urllib.parse.quote(trick_name, safe="")
+        read = requests.get(f"{gcs}/storage/v1/b/{trick_bucket}/o/{quoted}", params={"alt": "media"}, timeout=30)
+        assert read.status_code != 200 or read.content != local_stack.stack.state_file.read_bytes()
+
+
+def test_the_gcs_emulator_says_it_is_confined(local_stack: StackHandle) -> None:
+    log = local_stack.log_path("gcs").read_text(errors="replace")
+    assert f"fake-gcs-server confined to {local_stack.stack.gcs_data_dir}" in log
