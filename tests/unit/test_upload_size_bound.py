@@ -56,13 +56,19 @@ def test_the_bound_never_exceeds_the_server_ceiling(store) -> None:
     assert upload_contract.max_upload_bytes(task) == upload_contract.DEFAULT_MAX_UPLOAD_BYTES
 
 
-def test_the_upload_session_is_limited_to_the_tasks_bound(store, blobs) -> None:
+def _reported(store, blobs) -> tuple[TaskRecord, RoundKey, svc.Assignment, svc.UploadInstruction]:
+    """A task, and one device that checked in and reported COMPLETED: its upload instruction."""
     task = _open(store)
     a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), rng=random.Random(1))
     assert isinstance(a, svc.Assignment)
     key = RoundKey(POP, task.task_id, 1)
     instruction = svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
     assert isinstance(instruction, svc.UploadInstruction)
+    return task, key, a, instruction
+
+
+def test_the_upload_session_is_limited_to_the_tasks_bound(store, blobs) -> None:
+    task, _, _, instruction = _reported(store, blobs)
     bound = upload_contract.max_upload_bytes(task)
     assert blobs.session_limits[instruction.upload_location] == bound
     with pytest.raises(PayloadTooLargeError, match="outside the session's range"):
@@ -71,12 +77,7 @@ def test_the_upload_session_is_limited_to_the_tasks_bound(store, blobs) -> None:
 
 
 def test_ingestion_rejects_and_deletes_an_oversized_object_before_reading_it(store, blobs, events) -> None:
-    task = _open(store)
-    a = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), rng=random.Random(2))
-    assert isinstance(a, svc.Assignment)
-    key = RoundKey(POP, task.task_id, 1)
-    instruction = svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
-    assert isinstance(instruction, svc.UploadInstruction)
+    task, key, a, instruction = _reported(store, blobs)
     bound = upload_contract.max_upload_bytes(task)
     blobs.write(SETTINGS.gradient_bucket, instruction.object_name, b"x" * (bound + 1))  # e.g. fake-gcs: no range
     reads: list[str] = []
