@@ -117,6 +117,7 @@ TF_BACKEND_BUCKET ?= $(PROJECT)-tfstate
 TF_VARS = -var project_id=$(PROJECT) -var region=$(REGION) -var functions_source_dir=$(abspath $(FUNCTIONS_BUILD))
 
 package: sync
+	$(PY) -m fedcompute.deploy.catalogue --write
 	$(PY) -m fedcompute.deploy.package --out $(FUNCTIONS_BUILD)
 
 deploy-check:

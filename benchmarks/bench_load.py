@@ -174,9 +174,9 @@ def wait_round(store: Any, population: str, task_id: int, timeout_s: float) -> A
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        iteration = store.get_iteration(RoundKey(population, task_id, 1))
-        if iteration is not None and iteration.status.value in ("COMPLETED", "FAILED", "CANCELED"):
-            return iteration
+        round_record = store.get_round(RoundKey(population, task_id, 1))
+        if round_record is not None and round_record.status.value in ("COMPLETED", "FAILED", "CANCELED"):
+            return round_record
         time.sleep(0.5)
     raise TimeoutError(f"round 1 of {population}/{task_id} did not complete in {timeout_s} s")
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 profiler.start(name, pids[name])
             started = time.time()
             load = run_load(LoadConfig(url=url, population=pop, devices=devices, concurrency=args.concurrency))
-            iteration = wait_round(store, pop, task_id, timeout_s=max(300.0, args.goal / 5))
+            round_record = wait_round(store, pop, task_id, timeout_s=max(300.0, args.goal / 5))
             report["profile_round"] = profiler.stop()
             from fedcompute.tasks.records import AssignmentStatus, RoundKey
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             accepted = store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)
             frozen = len(store.accepted_ids(key))
             stages = round_stages(store, pop, task_id, 1)
-            collect_from_first_upload = iteration.aggregating_time - started
+            collect_from_first_upload = round_record.aggregating_time - started
             report["round"] = {
                 "goal": args.goal, "model": args.model, "devices": devices, "load": load, "stages": stages,
                 "accepted": accepted, "accepted_set": frozen,

@@ -165,7 +165,7 @@ variable "min_instances" {
 }
 
 variable "max_instances" {
-  description = "Maximum instances per function, by function name; missing names get the defaults in modules/functions (task_assignment 100, result_ingestion 50, aggregator 5, others 2-3)."
+  description = "Maximum instances per function, by function name; missing names get the defaults of the function catalogue (shared/fedcompute/catalogue.py: task_assignment 100, result_ingestion 50, aggregator 5, others 2-3)."
   type        = map(number)
   default     = {}
 

@@ -1,7 +1,9 @@
-"""One DP vocabulary from config to checkpoint to ledger: :class:`DpMechanism` and :class:`DpParams`.
+"""One DP vocabulary from config to checkpoint to ledger: :class:`DpMechanism`, :class:`DpParams`
+and :class:`TaskDp` (a task record's typed ``dp``: the parameters plus the ledger's ε target,
+δ and population size).
 
 Light (standard library only): config validation, the task builder, the server phase, the
-aggregator, the checkpoint's DP state and the privacy ledger all speak these two types.
+aggregator, the checkpoint's DP state and the privacy ledger all speak these types.
 "No DP" is no mechanism (``None``) in code and :data:`NO_DP_NAME` on the wire; the seed's
 ``TREE`` alias and an empty string are accepted on input by :func:`parse_mechanism` only.
 """
@@ -14,6 +16,7 @@ from numbers import Integral
 from typing import Any
 
 from fedcompute.errors import ConfigError
+from fedcompute.privacy.disclosure import redact_dp
 
 _F_TYPE = "differential_privacy.type"
 
@@ -168,3 +171,34 @@ class DpParams:
 
 NO_DP = DpParams()
 """The parameters of a task without DP."""
+
+
+@dataclass(frozen=True)
+class TaskDp:
+    """A task's DP as its record keeps it (the privacy ledger's inputs): the server phase's
+    :class:`DpParams` without the noise seed, plus the accounting's ε target, δ and the
+    population size. Stored as one Firestore map: the ``dp`` block's fields (``type``, ...)
+    and ``target_epsilon``, ``delta``, ``population_size`` side by side."""
+
+    params: DpParams = NO_DP
+    target_epsilon: float = 0.0
+    delta: float = 0.0
+    population_size: int = 0
+
+    def __post_init__(self) -> None:
+        # The record reaches the dashboard and task management: it never keeps a noise seed.
+        if self.params.noise_seed is not None:
+            object.__setattr__(self, "params", dataclasses.replace(self.params, noise_seed=None))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored map (no ``noise_seed`` key)."""
+        out = redact_dp(self.params.to_dict())
+        out.update(target_epsilon=self.target_epsilon, delta=self.delta, population_size=self.population_size)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskDp:
+        """Inverse of :meth:`to_dict`; reads every map stored since records kept ``dp``."""
+        return cls(params=DpParams.from_dict(data), target_epsilon=float(data.get("target_epsilon", 0.0) or 0.0),
+                   delta=float(data.get("delta", 0.0) or 0.0),
+                   population_size=int(data.get("population_size", 0) or 0))

@@ -21,32 +21,15 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedcompute.dp import DpParams
 from fedcompute.errors import InvalidRequestError
-
-if TYPE_CHECKING:  # numpy-free at run time: task management (no numpy) imports this module
-    from fedcompute.learning.tensor_codec import TensorSpec
+from fedcompute.tensor_spec import TensorSpec
 
 CLIENT_PLAN_VERSION = 1
 SERVER_PHASE_VERSION = 1
 MAX_PLAN_BYTES = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    trainable: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "trainable": self.trainable}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> WeightSpec:
-        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"], bool(d.get("trainable", True)))
 
 
 @dataclass(frozen=True)
@@ -58,7 +41,7 @@ class ClientPlan:
     input_type: int  # 1: (features, label); 2: (OrderedDict of features, label)
     example_spec: dict[str, Any]  # fedcompute.data.examples.ExampleSpec.to_json() output
     label_name: str
-    weights: tuple[WeightSpec, ...]
+    weights: tuple[TensorSpec, ...]
     metrics: tuple[str, ...]
     learning_algo: str = "FED_AVG"
     client_optimizer: str = "SGD"
@@ -71,7 +54,7 @@ class ClientPlan:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        data["weights"] = [w.to_dict() for w in self.weights]
+        data["weights"] = [w.to_dict(with_trainable=True) for w in self.weights]
         data["metrics"] = list(self.metrics)
         return json.dumps(data, indent=2, sort_keys=True)
 
@@ -79,7 +62,7 @@ class ClientPlan:
     def from_json(cls, text: str) -> ClientPlan:
         data = json.loads(text)
         _check_version("client plan", data.get("format_version"), CLIENT_PLAN_VERSION)
-        data["weights"] = tuple(WeightSpec.from_dict(w) for w in data["weights"])
+        data["weights"] = tuple(TensorSpec.from_dict(w) for w in data["weights"])
         data["metrics"] = tuple(data["metrics"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -99,19 +82,19 @@ class ServerPhase:
     target_epsilon: float
     delta: float
     dp: DpParams
-    weights: tuple[WeightSpec, ...]
+    weights: tuple[TensorSpec, ...]
     metrics: tuple[str, ...]
     format_version: int = SERVER_PHASE_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def update_spec(self) -> tuple[WeightSpec, ...]:
+    def update_spec(self) -> tuple[TensorSpec, ...]:
         """Tensors of a device update: the trainable weights."""
         return tuple(w for w in self.weights if w.trainable)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        data["weights"] = [w.to_dict() for w in self.weights]
+        data["weights"] = [w.to_dict(with_trainable=True) for w in self.weights]
         data["metrics"] = list(self.metrics)
         data["dp"] = self.dp.to_dict()
         return json.dumps(data, indent=2, sort_keys=True)
@@ -120,7 +103,7 @@ class ServerPhase:
     def from_json(cls, text: str | bytes) -> ServerPhase:
         data = json.loads(text)
         _check_version("server phase", data.get("format_version"), SERVER_PHASE_VERSION)
-        data["weights"] = tuple(WeightSpec.from_dict(w) for w in data["weights"])
+        data["weights"] = tuple(TensorSpec.from_dict(w) for w in data["weights"])
         data["metrics"] = tuple(data["metrics"])
         data["dp"] = DpParams.from_dict(data["dp"])
         known = {f.name for f in dataclasses.fields(cls)}
@@ -181,8 +164,6 @@ def _spec_proto(spec: TensorSpec) -> Any:
 
 
 def _spec_from_proto(proto: Any) -> TensorSpec:
-    from fedcompute.learning.tensor_codec import TensorSpec
-
     dtype = _TF_DTYPE_NAMES.get(proto.dtype)
     if dtype is None:
         raise InvalidRequestError(f"plan tensor {proto.name!r} has an unknown tensorflow.DataType {proto.dtype}")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from fedcompute.adapters.events import encode_round_event
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, TaskStatus
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundStatus, TaskStatus
 from support.helpers import unique
 from support.tasks import create_numpy_task, gradient_object, make_update, random_delta, seal_for_stack
 
@@ -46,8 +46,8 @@ def test_a_missing_accepted_update_is_left_out_and_counted(local_stack: StackHan
                                                  AssignmentStatus.LOCAL_COMPLETED, "1", i, now, now))
         assert store.accept_upload(key, aid).outcome == "ACCEPTED"  # ... then it is accepted
     task.blobs.delete(local_stack.settings.gradient_bucket, gradient_object(task, 1, ids[1]))  # and lost
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": time.time()},
-                           expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": time.time()},
+                           expected=[RoundStatus.COLLECTING])
     publisher = local_stack.clients.publisher
     publisher.publish(publisher.topic_path(local_stack.settings.project, local_stack.settings.topics.round_ready),
                       encode_round_event(key)).result(timeout=10)

@@ -121,7 +121,7 @@ def test_dashboard_renders_the_live_task(local_stack: StackHandle, tmp_path: Pat
         assert (counts[r]["data-status"], counts[r]["data-completed"]) == ("COMPLETED", "2")
     bars = {int(a["data-round"]): a for a in page.having("rect", "data-collecting")}
     for r in (1, 2):
-        it = task.iteration(r)
+        it = task.round_record(r)
         assert float(bars[r]["data-collecting"]) == pytest.approx(it.aggregating_time - it.created_time)
         assert float(bars[r]["data-aggregating"]) == pytest.approx(it.completed_time - it.aggregating_time)
     assert 3 not in bars  # still collecting: no processing time yet

@@ -31,7 +31,7 @@ from fedcompute.fleet.protocol import DeviceHttpClient
 from fedcompute.identity import DeviceKey
 from fedcompute.proto import task_assignment_pb2
 from fedcompute.settings import Topics
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundStatus
 from support.helpers import http, unique
 from support.tasks import (
     COMPLETED,
@@ -153,7 +153,7 @@ def test_sealed_uploads_count_and_foreign_tampered_or_plain_ones_count_nowhere(l
         local_stack.settings.gradient_bucket, gradient_object(task, 1, honest[0].assignment_id))
     # Uploads are raw unless FEDCOMPUTE_UPLOAD_GZIP=1: the stored object is the envelope itself.
     assert set(json.loads(stored)) == {"keyId", "encryptedPayload", "associatedData"}
-    assert task.wait_round(1, timeout_s=120).status == IterationStatus.COMPLETED
+    assert task.wait_round(1, timeout_s=120).status == RoundStatus.COMPLETED
     assert task.round_metrics(1)["server/aggregator/num_reports"] == 2
 
 
@@ -169,8 +169,8 @@ def test_a_dead_lettered_round_ready_is_replayed_by_the_cli(local_stack: StackHa
     task.store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
                                                   AssignmentStatus.LOCAL_COMPLETED, "1", 0, now, now))
     assert task.store.accept_upload(key, aid).outcome == "ACCEPTED"  # what ingestion does
-    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now,
-                                      "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
+    task.store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": now,
+                                      "round_ready_published": True}, expected=[RoundStatus.COLLECTING])
     publisher = local_stack.clients.publisher
     dead = publisher.topic_path(local_stack.settings.project, Topics.dead_letter(local_stack.settings.topics.round_ready))
     publisher.publish(dead, encode_round_event(key)).result(timeout=10)  # where 5 failed deliveries put it
@@ -179,7 +179,7 @@ def test_a_dead_lettered_round_ready_is_replayed_by_the_cli(local_stack: StackHa
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     replayed_by_cli = f"{local_stack.settings.topics.round_ready}: 1 replayed" in result.stdout
-    assert task.wait_round(1, timeout_s=120).status == IterationStatus.COMPLETED
+    assert task.wait_round(1, timeout_s=120).status == RoundStatus.COMPLETED
     # The scheduler's ticker may have replayed it first: either way it was replayed once.
     assert replayed_by_cli or log_lines(local_stack, "scheduler", "1 dead-lettered messages replayed")
     wait_until(lambda: task.round_metrics(1).get("server/aggregator/num_reports") == 1.0, 30)

@@ -31,7 +31,7 @@ from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_ops
 from fedcompute.monitoring.plots import metric_filename, plot_compare, plot_metrics, plot_ops
 from fedcompute.proto import task_assignment_pb2
-from fedcompute.tasks.records import AssignmentStatus, IterationStatus, TaskStatus
+from fedcompute.tasks.records import AssignmentStatus, RoundStatus, TaskStatus
 from support.stack_plugin import StackHandle, running_stack
 from support.tasks import (
     NumpyTask,
@@ -197,8 +197,8 @@ def test_ops_counts_match_the_stored_records(local_stack: StackHandle, runs, tmp
         assert r.completed == a.task.store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)
         assert r.not_eligible == a.task.store.count_assignments(key, AssignmentStatus.LOCAL_NOT_ELIGIBLE)
         assert r.rejected_uploads == len(a.task.store.list_rejections(key))
-        it = a.task.iteration(r.round_number)
-        assert r.status == IterationStatus.COMPLETED.value
+        it = a.task.round_record(r.round_number)
+        assert r.status == RoundStatus.COMPLETED.value
         assert r.collecting_s == pytest.approx(it.aggregating_time - it.created_time)
         assert r.aggregating_s == pytest.approx(it.completed_time - it.aggregating_time) and r.aggregating_s > 0
     assert len(ops.assignment_times) == 8
@@ -211,7 +211,7 @@ def test_ops_counts_match_the_stored_records(local_stack: StackHandle, runs, tmp
     assert collecting.x == (1.0, 2.0, 3.0) and aggregating.y == pytest.approx([r.aggregating_s for r in ops.rounds])
     over_time = by_name["iterations_over_time.png"].lines[0]
     assert over_time.y == (1.0, 2.0, 3.0)
-    assert over_time.x == pytest.approx([a.task.iteration(n).completed_time for n in (1, 2, 3)])
+    assert over_time.x == pytest.approx([a.task.round_record(n).completed_time for n in (1, 2, 3)])
 
     result = cli("ops", "plot", "--population", a.task.population, "--out", str(tmp_path / "cli"))
     assert result.returncode == 0, result.stderr
@@ -232,7 +232,7 @@ def test_status_lists_tasks_with_round_counts(runs) -> None:
     as_json = json.loads(cli("status", "--population", b.task.population, "--json").stdout)
     (task,) = as_json
     assert task["task"]["epsilon_spent"] == pytest.approx(b.task.record().epsilon_spent) and task["task"]["epsilon_spent"] > 0
-    assert task["task"]["dp"] == b.task.record().dp
+    assert task["task"]["dp"] == b.task.record().dp.to_dict()
 
     everything = cli("status", "--no-rounds")
     assert a.run_id in everything.stdout and b.run_id in everything.stdout

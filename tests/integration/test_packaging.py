@@ -65,7 +65,7 @@ def _clean_env() -> dict[str, str]:
 
 def test_every_function_folder_is_packaged(packaged: Path) -> None:
     folders = sorted(p.parent.name for p in (ROOT / "functions").glob("*/main.py"))
-    assert sorted(package.FUNCTIONS) == folders, "add the new function to fedcompute.deploy.package.FUNCTIONS"
+    assert sorted(package.FUNCTIONS) == folders, "add the new function to fedcompute.catalogue.FUNCTIONS"
     for name in folders:
         folder = packaged / name
         assert (folder / "main.py").read_bytes() == (ROOT / "functions" / name / "main.py").read_bytes()

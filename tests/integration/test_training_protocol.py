@@ -27,7 +27,7 @@ import requests
 
 from fedcompute import layout
 from fedcompute.adapters.blobs import GcsBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents, encode_round_event
+from fedcompute.adapters.events import encode_round_event
 from fedcompute.adapters.firestore_store import FirestoreTaskStore
 from fedcompute.adapters.task_management_client import TaskManagementClient
 from fedcompute.dp import DpParams
@@ -35,12 +35,13 @@ from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedEr
 from fedcompute.fleet.protocol import DeviceHttpClient, ProtocolError, Rejected
 from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
+from fedcompute.memory import InMemoryRoundEvents
 from fedcompute.proto import task_assignment_pb2, task_management_pb2
 from fedcompute.services import aggregator as aggregator_service
 from fedcompute.services import scheduler as scheduler_service
 from fedcompute.stack.local import default_functions_dir, functions_framework_executable
 from fedcompute.stack.procs import free_port, start_process
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, RoundKey, TaskStatus
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundStatus, TaskStatus
 from support.helpers import http, unique
 from support.tasks import (
     COMPLETED,
@@ -129,9 +130,9 @@ class Snapshot:
 
     @classmethod
     def of(cls, task: NumpyTask, round_number: int = 1) -> Snapshot:
-        record, iteration = task.record(), task.iteration(round_number)
-        assert iteration is not None
-        return cls(record.status.value, record.current_round, iteration.status.value,
+        record, round_record = task.record(), task.round_record(round_number)
+        assert round_record is not None
+        return cls(record.status.value, record.current_round, round_record.status.value,
                    tuple(sorted(task.statuses(round_number).items())), task.count(round_number))
 
 
@@ -167,9 +168,9 @@ def test_two_rounds_average_known_deltas_and_complete(local_stack: StackHandle) 
             stats.append(flat)
             if i < task.report_goal - 1:  # below the goal the round keeps collecting
                 wait_until(lambda r=round_number, i=i: task.count(r) == i + 1, 20, what=f"upload {i + 1} counted")
-                assert task.iteration(round_number).status == IterationStatus.COLLECTING
-        iteration = task.wait_round(round_number)
-        latencies.append(round(iteration.completed_time - iteration.aggregating_time, 3))
+                assert task.round_record(round_number).status == RoundStatus.COLLECTING
+        round_record = task.wait_round(round_number)
+        latencies.append(round(round_record.completed_time - round_record.aggregating_time, 3))
         assert task.count(round_number) == task.report_goal
         assert_aggregated_once(local_stack, task, round_number)
         expected = [w + np.mean([d[j] for d in deltas], axis=0) for j, w in enumerate(weights)]
@@ -186,11 +187,11 @@ def test_two_rounds_average_known_deltas_and_complete(local_stack: StackHandle) 
         weights = expected
         if round_number == 1:
             assert task.record().current_round == 2
-            assert task.iteration(2).status == IterationStatus.COLLECTING
+            assert task.round_record(2).status == RoundStatus.COLLECTING
     record = task.record()
     assert record.status == TaskStatus.COMPLETED and record.current_round == 2
     assert record.status_reason == "completed num_max_training_rounds (2)"
-    assert task.iteration(3) is None
+    assert task.round_record(3) is None
     after = client.create_task_assignment(task.population, "1")
     assert isinstance(after, Rejected) and after.reason == "NO_ACTIVE_TASK_EXISTS"
     FIGURES["goal_to_checkpoint_s"] = {"rounds": latencies}
@@ -333,7 +334,7 @@ def test_concurrent_reports_across_the_goal_are_counted_exactly_once(local_stack
     assert all(r.instruction.reason == "NO_TASK_AVAILABLE" for r in turned_away)
     assert len(uploaded) >= task.report_goal
 
-    iteration = task.wait_round(1, timeout_s=120)
+    round_record = task.wait_round(1, timeout_s=120)
     objects = {r.assignment_id: gradient_object(task, 1, r.assignment_id) for r in uploaded}
 
     def all_verdicts() -> dict[str, list[str]] | None:
@@ -365,7 +366,7 @@ def test_concurrent_reports_across_the_goal_are_counted_exactly_once(local_stack
         "devices": capacity, "check_ins_s": round(check_in_s, 2), "uploaded": len(uploaded), "accepted": len(accepted),
         "late_uploads": len(uploaded) - len(accepted), "turned_away_at_report": len(turned_away),
         "reports_and_uploads_s": round(uploads_s, 2), "all_verdicts_s": round(verdicts_s, 2),
-        "goal_to_checkpoint_s": round(iteration.completed_time - iteration.aggregating_time, 2),
+        "goal_to_checkpoint_s": round(round_record.completed_time - round_record.aggregating_time, 2),
         "round_ready_deliveries": deliveries, "redelivered_uploads": sum(len(v) > 1 for v in found.values()),
     }
     print(f"\n104-device round: {FIGURES['crowd']}")
@@ -385,8 +386,8 @@ class CloseDuringAccept(FirestoreTaskStore):
         if self.armed:
             self.armed = False
             other = FirestoreTaskStore(self._db)
-            other.update_iteration(self.key, {"status": IterationStatus.AGGREGATING, "aggregating_time": time.time(),
-                                              "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
+            other.update_round(self.key, {"status": RoundStatus.AGGREGATING, "aggregating_time": time.time(),
+                                              "round_ready_published": True}, expected=[RoundStatus.COLLECTING])
             if self.freeze:
                 other.accepted_ids(self.key)
         return snapshots
@@ -490,8 +491,8 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
                                                       AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
         assert task.store.accept_upload(key, aid).outcome == "ACCEPTED"
     # Marked announced, so the stack's periodic scheduler tick leaves it alone for now.
-    task.store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": now,
-                                      "round_ready_published": True}, expected=[IterationStatus.COLLECTING])
+    task.store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": now,
+                                      "round_ready_published": True}, expected=[RoundStatus.COLLECTING])
     blobs, events = GcsBlobStore(local_stack.clients.storage), InMemoryRoundEvents()
 
     clean = RecordingBlobs(blobs, dry=True)  # the reference: a whole run that changes nothing
@@ -507,13 +508,13 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
     with pytest.raises(KeyboardInterrupt):
         aggregator_service.aggregate_round(task.store, killed, events, settings, key, unseal=unseal)
     assert [blobs.exists(settings.model_bucket, name) for name in outputs] == [True, False, False]
-    assert task.iteration(1).status == IterationStatus.AGGREGATING and not events.completed
+    assert task.round_record(1).status == RoundStatus.AGGREGATING and not events.completed
 
     # The round now looks stuck (aggregating longer than the timeout): a scheduler tick (ours,
     # or the stack's periodic one first) re-publishes round-ready, and the aggregator function
     # re-runs the round.
-    task.store.update_iteration(key, {"aggregating_time": now - 2 * scheduler_service.Timeouts().aggregation},
-                                expected=[IterationStatus.AGGREGATING])
+    task.store.update_round(key, {"aggregating_time": now - 2 * scheduler_service.Timeouts().aggregation},
+                                expected=[RoundStatus.AGGREGATING])
     message_id = publish(local_stack, settings.topics.scheduler_tick, b"{}")
     local_stack.wait_for_log("scheduler", f"scheduler tick {message_id}:")
     assert any("0 rounds re-published" not in line for line in log_lines(local_stack, "scheduler", "re-published"))
@@ -526,7 +527,7 @@ def test_killed_aggregation_reruns_to_the_same_outputs(local_stack: StackHandle)
     assert not all(np.allclose(a, b, atol=1e-3) for a, b in zip(noisy, mean))  # the noise is there
     metrics = json.loads(clean.writes[outputs[2]])
     assert metrics["server/privacy/epsilon"] > 0 and metrics["server/aggregator/noise_multiplier"] == 0.5
-    assert task.iteration(2).status == IterationStatus.COLLECTING
+    assert task.round_record(2).status == RoundStatus.COLLECTING
 
 
 # --------------------------------------------------------------------------- bad input

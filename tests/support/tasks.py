@@ -37,9 +37,9 @@ from fedcompute.proto import eligibility_pb2, task_assignment_pb2, task_manageme
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
 from fedcompute.tasks.records import (
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     TaskStatus,
@@ -82,7 +82,7 @@ def open_task_in_memory(store: TaskStore, population: str, *, kind: TaskKind = T
                                    current_round=1, **fields),
         exclusive_training=exclusive_training,
     )
-    store.create_iteration(IterationRecord.opening(task, 1, created_time=0.0))
+    store.create_round(RoundRecord.opening(task, 1, created_time=0.0))
     return task
 
 
@@ -119,8 +119,8 @@ class NumpyTask:
         assert task is not None
         return task
 
-    def iteration(self, round_number: int = 1) -> IterationRecord | None:
-        return self.store.get_iteration(self.key(round_number))
+    def round_record(self, round_number: int = 1) -> RoundRecord | None:
+        return self.store.get_round(self.key(round_number))
 
     def count(self, round_number: int = 1, status: AssignmentStatus | None = AssignmentStatus.UPLOAD_COMPLETED) -> int:
         return self.store.count_assignments(self.key(round_number), status)
@@ -144,10 +144,10 @@ class NumpyTask:
     def round_metrics(self, round_number: int) -> dict[str, float]:
         return json.loads(self.read_model(layout.metrics_path(self.population, self.task_id, round_number)))
 
-    def wait_round(self, round_number: int, status: IterationStatus = IterationStatus.COMPLETED,
-                   timeout_s: float = 60.0) -> IterationRecord:
-        def reached() -> IterationRecord | None:
-            it = self.iteration(round_number)
+    def wait_round(self, round_number: int, status: RoundStatus = RoundStatus.COMPLETED,
+                   timeout_s: float = 60.0) -> RoundRecord:
+        def reached() -> RoundRecord | None:
+            it = self.round_record(round_number)
             return it if it is not None and it.status == status else None
 
         return wait_until(reached, timeout_s, what=f"round {round_number} of {self.population}/{self.task_id} "

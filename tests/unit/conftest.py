@@ -15,14 +15,12 @@ from types import ModuleType
 import flask
 import pytest
 
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
 from fedcompute.identity import DeviceKey, sign_message
+from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.proto import common_pb2, task_assignment_pb2
 from fedcompute.runtime import Deps
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
-from fedcompute.tasks.records import IterationRecord, IterationStatus, RoundKey, TaskKind, TaskRecord, TaskStatus
+from fedcompute.tasks.records import RoundKey, RoundRecord, RoundStatus, TaskKind, TaskRecord, TaskStatus
 
 
 @pytest.fixture
@@ -97,7 +95,7 @@ def assignment_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[AssignmentSer
     task = store.create_task(pop, lambda tid: TaskRecord(
         population=pop, task_id=tid, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=3,
         over_selection_rate=0.34, total_rounds=2, current_round=1, noise_secret="ab" * 32))
-    store.create_iteration(IterationRecord(population=pop, task_id=task.task_id, round_number=1,
-                                           status=IterationStatus.COLLECTING, report_goal=3,
+    store.create_round(RoundRecord(population=pop, task_id=task.task_id, round_number=1,
+                                           status=RoundStatus.COLLECTING, report_goal=3,
                                            max_assignments=task.max_assignments))
     yield AssignmentServer(module, store, task.task_id)

@@ -7,17 +7,17 @@ import threading
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.events import InMemoryRoundEvents, decode_round_event, encode_round_event
+from fedcompute.adapters.events import decode_round_event, encode_round_event
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.memory import InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.records import (
     AssignmentStatus,
-    IterationStatus,
     ReportedResult,
     RoundKey,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     max_live_assignments,
@@ -151,8 +151,8 @@ def test_round_closes_exactly_at_goal_and_publishes_once(store, blobs, events):
     assert [o.outcome for o in outcomes] == ["ACCEPTED"] * 3
     assert [o.round_closed for o in outcomes] == [False, False, True]
     assert events.ready == [RoundKey(POP, task.task_id, 1)]
-    it = store.get_iteration(RoundKey(POP, task.task_id, 1))
-    assert it.status == IterationStatus.AGGREGATING and it.round_ready_published
+    it = store.get_round(RoundKey(POP, task.task_id, 1))
+    assert it.status == RoundStatus.AGGREGATING and it.round_ready_published
     # A fourth device's upload after the close is late; its report-result is refused.
     late = devices[3]
     key = RoundKey(late.population, late.task_id, late.round_number)
@@ -253,8 +253,8 @@ def test_crash_between_close_and_publish_is_repaired_by_next_event(store, blobs,
 
     with pytest.raises(RuntimeError):
         _upload(store, blobs, CrashingEvents(), a, event_id="e1")
-    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).status == IterationStatus.AGGREGATING
-    assert not store.get_iteration(RoundKey(POP, task.task_id, 1)).round_ready_published
+    assert store.get_round(RoundKey(POP, task.task_id, 1)).status == RoundStatus.AGGREGATING
+    assert not store.get_round(RoundKey(POP, task.task_id, 1)).round_ready_published
     # Pub/Sub redelivers the same finalize event: the duplicate path publishes.
     name = layout.gradient_path(POP, task.task_id, 1, a.assignment_id)
     again = ingestion.ingest_upload(store, blobs, events, SETTINGS,
@@ -262,7 +262,7 @@ def test_crash_between_close_and_publish_is_repaired_by_next_event(store, blobs,
                                     validate=_accept_all)
     assert again.outcome == "DUPLICATE"
     assert events.ready == [key]
-    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).round_ready_published
+    assert store.get_round(RoundKey(POP, task.task_id, 1)).round_ready_published
 
 
 def test_concurrent_uploads_across_goal_boundary_count_exactly(store, blobs, events):
@@ -315,8 +315,8 @@ def test_uploads_for_a_canceled_task_are_rejected_and_its_round_not_aggregated(s
     assert result.outcome == ingestion.OUTCOME_TASK_NOT_OPEN
     assert store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) == 0
     # A round that closed before the cancel is not aggregated either.
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
     outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
     assert outcome.status == "TASK_NOT_OPEN"
-    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).status == IterationStatus.CANCELED
+    assert store.get_round(RoundKey(POP, task.task_id, 1)).status == RoundStatus.CANCELED
     assert second is not None

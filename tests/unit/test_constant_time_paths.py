@@ -9,19 +9,17 @@ from typing import Any
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
-from fedcompute.adapters.events import InMemoryRoundEvents
+from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion, scheduler
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
 from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     ReportedResult,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     TaskStatus,
@@ -63,7 +61,7 @@ def _open(store: InMemoryTaskStore, report_goal: int, over: float = 0.5) -> Task
     task = store.create_task(POP, lambda tid: TaskRecord(
         population=POP, task_id=tid, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=report_goal,
         over_selection_rate=over, total_rounds=3, current_round=1))
-    store.create_iteration(IterationRecord(POP, task.task_id, 1, IterationStatus.COLLECTING, report_goal,
+    store.create_round(RoundRecord(POP, task.task_id, 1, RoundStatus.COLLECTING, report_goal,
                                            task.max_assignments))
     return task
 
@@ -121,7 +119,7 @@ def test_scheduler_closes_a_full_round_whose_closer_crashed() -> None:
     assert store.accept_upload(key, "a").round_full  # ...and the ingestion died before closing
     report = scheduler.tick(store, events, now=lambda: 100.0)
     assert report.closed == [key] and events.ready == [key]
-    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).status == IterationStatus.AGGREGATING
+    assert store.get_round(RoundKey(POP, task.task_id, 1)).status == RoundStatus.AGGREGATING
 
 
 class StalledStore(InMemoryTaskStore):
@@ -139,11 +137,11 @@ def test_scheduler_closes_a_stalled_round_only_after_the_ingestion_timeout() -> 
     key = RoundKey(POP, task.task_id, 1)
     timeouts = scheduler.Timeouts(ingestion=60)
     assert scheduler.tick(store, events, timeouts=timeouts, now=lambda: 1000.0).closed == []
-    assert store.get_iteration(RoundKey(POP, task.task_id, 1)).stalled_time == 1000.0
+    assert store.get_round(RoundKey(POP, task.task_id, 1)).stalled_time == 1000.0
     assert scheduler.tick(store, events, timeouts=timeouts, now=lambda: 1030.0).closed == []
     assert scheduler.tick(store, events, timeouts=timeouts, now=lambda: 1061.0).closed == [key]
-    iteration = store.get_iteration(RoundKey(POP, task.task_id, 1))
-    assert iteration.status == IterationStatus.AGGREGATING and "crashed ingestions" in iteration.status_reason
+    round_record = store.get_round(RoundKey(POP, task.task_id, 1))
+    assert round_record.status == RoundStatus.AGGREGATING and "crashed ingestions" in round_record.status_reason
 
 
 def test_cached_check_in_claims_with_one_store_call_and_signs_urls_once_per_round() -> None:
@@ -180,11 +178,11 @@ def test_stale_cache_sees_the_next_round_once_the_cached_one_closed() -> None:
     cache = svc.CheckInCache(ttl_s=600, clock=lambda: 0.0)
     first = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
     assert isinstance(first, svc.Assignment) and first.round_number == 1
-    store.update_iteration(RoundKey(POP, task.task_id, 1), {"status": IterationStatus.AGGREGATING},
-                           expected=[IterationStatus.COLLECTING])
-    store.finish_round(RoundKey(POP, task.task_id, 1), {"status": IterationStatus.COMPLETED}, {"current_round": 2},
-                       IterationRecord(POP, task.task_id, 2, IterationStatus.COLLECTING, 5, task.max_assignments))
-    assert cache.open_rounds(store, POP)[0].iteration.round_number == 1  # the cache still says round 1
+    store.update_round(RoundKey(POP, task.task_id, 1), {"status": RoundStatus.AGGREGATING},
+                           expected=[RoundStatus.COLLECTING])
+    store.finish_round(RoundKey(POP, task.task_id, 1), {"status": RoundStatus.COMPLETED}, {"current_round": 2},
+                       RoundRecord(POP, task.task_id, 2, RoundStatus.COLLECTING, 5, task.max_assignments))
+    assert cache.open_rounds(store, POP)[0].round_record.round_number == 1  # the cache still says round 1
     second = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
     assert isinstance(second, svc.Assignment) and second.round_number == 2
     assert second.checkpoint_url.endswith(layout.client_checkpoint_path(POP, task.task_id, 1))

@@ -13,10 +13,11 @@ from fedcompute.learning.contribution_bounds import (
 )
 from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.learning.upload_contract import make_upload_validator
-from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus, TensorSpecRecord
+from fedcompute.tasks.records import TaskKind, TaskRecord, TaskStatus
+from fedcompute.tensor_spec import TensorSpec
 
 METRICS = ("accuracy", "auc-roc")
-SPEC = (TensorSpecRecord("dense/kernel", (2, 2), "float32"),)
+SPEC = (TensorSpec("dense/kernel", (2, 2), "float32"),)
 
 
 def _task(max_examples: int = 0) -> TaskRecord:

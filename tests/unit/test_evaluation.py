@@ -11,17 +11,17 @@ from fedcompute import layout
 from fedcompute.learning import metric_stats
 from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.learning.upload_contract import metric_statistics_spec
+from fedcompute.memory import InMemoryTaskStore
 from fedcompute.services import aggregator, assignment, scheduler
 from fedcompute.settings import Settings
-from fedcompute.tasks.memory_store import InMemoryTaskStore
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskKind, TaskRecord, TaskStatus
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundRecord, RoundStatus, TaskKind, TaskRecord, TaskStatus
 
 SETTINGS = Settings()
 HOUR = 3600.0
 
 
 def _completed(rounds, times=None):
-    return [IterationRecord("p", 1, r, IterationStatus.COMPLETED, 2, 2,
+    return [RoundRecord("p", 1, r, RoundStatus.COMPLETED, 2, 2,
                             completed_time=(times or {}).get(r, 0.0)) for r in rounds]
 
 
@@ -52,7 +52,7 @@ def _training_and_eval(store: InMemoryTaskStore, *, eval_weight=0.25, selector="
     training = store.create_task("p", lambda tid: TaskRecord(
         population="p", task_id=tid, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=2,
         over_selection_rate=100.0, total_rounds=5, current_round=1, traffic_weight=1 - eval_weight))
-    store.create_iteration(IterationRecord("p", training.task_id, 1, IterationStatus.COLLECTING, 2, 1000))
+    store.create_round(RoundRecord("p", training.task_id, 1, RoundStatus.COLLECTING, 2, 1000))
     evaluation = store.create_task("p", lambda tid: TaskRecord(
         population="p", task_id=tid, kind=TaskKind.EVALUATION, status=TaskStatus.OPEN, report_goal=2,
         over_selection_rate=500.0, total_rounds=5, traffic_weight=eval_weight, source_population="p",
@@ -63,11 +63,11 @@ def _training_and_eval(store: InMemoryTaskStore, *, eval_weight=0.25, selector="
 
 def _complete_training_round(store, training, n):
     key = RoundKey("p", training.task_id, n)
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
-    store.update_iteration(key, {"status": IterationStatus.COMPLETED, "completed_time": float(n)},
-                           expected=[IterationStatus.AGGREGATING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.COMPLETED, "completed_time": float(n)},
+                           expected=[RoundStatus.AGGREGATING])
     store.update_task("p", training.task_id, {"current_round": n + 1})
-    store.create_iteration(IterationRecord("p", training.task_id, n + 1, IterationStatus.COLLECTING, 2, 1000))
+    store.create_round(RoundRecord("p", training.task_id, n + 1, RoundStatus.COLLECTING, 2, 1000))
 
 
 def test_scheduler_opens_eval_rounds_one_at_a_time_and_devices_get_that_checkpoint(store, blobs, events):
@@ -76,8 +76,8 @@ def test_scheduler_opens_eval_rounds_one_at_a_time_and_devices_get_that_checkpoi
     _complete_training_round(store, training, 1)
     report = scheduler.tick(store, events, now=lambda: 10.0, rng=random.Random(0))
     assert report.evaluations_opened == [RoundKey("p", evaluation.task_id, 1)]
-    it = store.get_iteration(RoundKey("p", evaluation.task_id, 1))
-    assert it.status == IterationStatus.COLLECTING and it.evaluated_round == 1
+    it = store.get_round(RoundKey("p", evaluation.task_id, 1))
+    assert it.status == RoundStatus.COLLECTING and it.evaluated_round == 1
     _complete_training_round(store, training, 2)
     assert scheduler.tick(store, events, now=lambda: 11.0).evaluations_opened == []  # round 1 still collecting
     # A device sent to evaluation downloads the eval plan and the evaluated training checkpoint.
@@ -125,13 +125,13 @@ def test_eval_round_metrics_equal_central_evaluation_and_name_the_training_round
                                                  "1", i, 0.0, 0.0))
         blobs.write(SETTINGS.gradient_bucket, layout.gradient_path("p", evaluation.task_id, 1, aid),
                     encode_client_update([], len(y), stats))
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
     outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
     central = metric_stats.finalize("sparse_categorical_accuracy", metric_stats.compute_stats(
         "sparse_categorical_accuracy", np.concatenate(labels), np.concatenate(predictions)))
     assert outcome.metrics["server/client_work/eval/sparse_categorical_accuracy"] == pytest.approx(central, abs=1e-12)
     assert outcome.metrics["server/evaluation/training_round"] == 1.0
-    assert store.get_iteration(RoundKey("p", evaluation.task_id, 1)).status == IterationStatus.COMPLETED
+    assert store.get_round(RoundKey("p", evaluation.task_id, 1)).status == RoundStatus.COMPLETED
     assert not any(blobs.exists(SETTINGS.model_bucket, layout.checkpoint_path("p", evaluation.task_id, 1)) for _ in [0])
 
 
@@ -140,8 +140,8 @@ def test_eval_task_completes_after_the_training_task_and_its_last_round(store, e
     _complete_training_round(store, training, 1)
     scheduler.tick(store, events, now=lambda: 10.0, rng=random.Random(0))
     key = RoundKey("p", evaluation.task_id, 1)
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
-    store.finish_round(key, {"status": IterationStatus.COMPLETED}, {}, None)
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
+    store.finish_round(key, {"status": RoundStatus.COMPLETED}, {}, None)
     store.update_task("p", training.task_id, {"status": TaskStatus.COMPLETED})
     report = scheduler.tick(store, events, now=lambda: 20.0)
     assert report.evaluations_completed == [("p", evaluation.task_id)]

@@ -16,7 +16,7 @@ from fedcompute.fleet.device import PlanCache
 from fedcompute.fleet.population import PopulationSpec
 from fedcompute.fleet.runner import ProcessFleet, TrainingInterval
 from fedcompute.learning.tensor_codec import encode_bundle
-from fedcompute.plans import WeightSpec
+from fedcompute.tensor_spec import TensorSpec
 from support.fleet_fakes import ScriptedRunnerFactory
 
 
@@ -93,7 +93,7 @@ class _CountingClient:
 def test_plan_cache_fetches_each_plan_and_round_checkpoint_once_like_a_cdn(monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Path) -> None:
     unpacked: list[Path] = []
-    weights = (WeightSpec("dense/kernel", (3, 2), "float32"),)
+    weights = (TensorSpec("dense/kernel", (3, 2), "float32"),)
 
     class _Plan:
         def __init__(self) -> None:

@@ -117,18 +117,16 @@ def test_an_envelope_bomb_is_capped_before_decryption() -> None:
 def test_ingestion_counts_sealed_uploads_and_counts_tampered_or_wrong_key_ones_nowhere() -> None:
     import random
 
-    from fedcompute.adapters.blobs import InMemoryBlobStore
-    from fedcompute.adapters.events import InMemoryRoundEvents
+    from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
     from fedcompute.services import assignment as svc
     from fedcompute.services import ingestion
     from fedcompute.settings import Settings
-    from fedcompute.tasks.memory_store import InMemoryTaskStore
     from fedcompute.tasks.records import (
         AssignmentStatus,
-        IterationRecord,
-        IterationStatus,
         ReportedResult,
         RoundKey,
+        RoundRecord,
+        RoundStatus,
         TaskKind,
         TaskRecord,
         TaskStatus,
@@ -139,8 +137,8 @@ def test_ingestion_counts_sealed_uploads_and_counts_tampered_or_wrong_key_ones_n
     task = store.create_task("p", lambda tid: TaskRecord(population="p", task_id=tid, kind=TaskKind.TRAINING,
                                                         status=TaskStatus.OPEN, report_goal=2, over_selection_rate=1.0,
                                                         total_rounds=1, current_round=1))
-    store.create_iteration(IterationRecord(population="p", task_id=task.task_id, round_number=1,
-                                           status=IterationStatus.COLLECTING, report_goal=2, max_assignments=4))
+    store.create_round(RoundRecord(population="p", task_id=task.task_id, round_number=1,
+                                           status=RoundStatus.COLLECTING, report_goal=2, max_assignments=4))
     key = RoundKey("p", task.task_id, 1)
     unseal = upload_unsealer(KeyRingSource({"FEDCOMPUTE_UPLOAD_KEYS": ring.to_json()}), lambda: True)
 

@@ -141,6 +141,15 @@ def modules() -> dict[str, Module]:
     return {p.name: load_module(p) for p in sorted((INFRA / "modules").iterdir()) if p.is_dir()}
 
 
+def catalogue_json() -> dict[str, dict[str, Any]]:
+    """What modules/functions reads per function (generated from fedcompute.catalogue)."""
+    import json
+
+    from fedcompute.deploy.catalogue import CATALOGUE_JSON
+
+    return json.loads((ROOT / CATALOGUE_JSON).read_text())
+
+
 def all_tf_files() -> list[Path]:
     return sorted(INFRA.glob("*.tf")) + sorted((INFRA / "modules").glob("**/*.tf"))
 
@@ -256,7 +265,7 @@ def test_function_resource_entry_point_trigger_and_sizing(function: str, modules
     from fedcompute.deploy.package import FUNCTIONS as PACKAGED
 
     assert build["entry_point"] == function and build["runtime"] == f'${{local.runtimes["{function}"]}}'
-    assert fm.locals["runtimes"][function] == PACKAGED[function].runtime  # the runtime its lock targets
+    assert catalogue_json()[function]["runtime"] == PACKAGED[function].runtime  # the runtime its lock targets
     source = block(block(build, "source"), "storage_source")
     assert source["object"] == f'${{google_storage_bucket_object.source["{function}"].name}}'
     service = block(body, "service_config")
@@ -457,7 +466,7 @@ def test_parse_pins_reads_exported_lines_with_markers_and_comments() -> None:
 
 def test_each_function_exports_from_its_own_lock_and_runtime() -> None:
     for name, spec in package.FUNCTIONS.items():
-        arguments = spec.export_arguments(ROOT)
+        arguments = package.export_arguments(spec, ROOT)
         if spec.heavy:
             assert (spec.runtime, arguments) == ("python311", ["--project", str(ROOT), "--only-group",
                                                                package.HEAVY_GROUP]), name
@@ -553,7 +562,7 @@ IMPORT_TO_DISTRIBUTION = {
 @pytest.mark.parametrize("function", FUNCTIONS)
 def test_packaged_requirements_cover_what_the_function_imports(function: str,
                                                                 exported: dict[str, dict[str, str]]) -> None:
-    assert function in package.FUNCTIONS, f"functions/{function} is not in fedcompute.deploy.package.FUNCTIONS"
+    assert function in package.FUNCTIONS, f"functions/{function} is not in fedcompute.catalogue.FUNCTIONS"
     pins = exported[function]
     for module in sorted(_third_party_imports(function)):
         key = next((k for k in IMPORT_TO_DISTRIBUTION if module == k or module.startswith(k + ".")), None)
@@ -595,7 +604,7 @@ def test_package_cli_rejects_unknown_function(capsys: pytest.CaptureFixture[str]
 
 def test_light_functions_serve_concurrent_requests_and_heavy_ones_one(modules: dict[str, Module]) -> None:
     fm = modules["functions"]
-    concurrency = fm.locals["concurrency"]
+    concurrency = {name: values["concurrency"] for name, values in catalogue_json().items()}
     for function, body in fm.of_type("google_cloudfunctions2_function").items():
         assert block(body, "service_config")["max_instance_request_concurrency"] == f"${{local.concurrency.{function}}}"
     assert concurrency["task_assignment"] >= 32 and concurrency["result_ingestion"] > 1
@@ -609,3 +618,80 @@ def test_monotonic_timestamps_are_not_indexed(modules: dict[str, Module]) -> Non
         ("assignments", "created_time"), ("assignments", "updated_time"), ("accepted", "time")}
     resource = firestore.of_type("google_firestore_field")["unindexed"]
     assert block(resource, "index_config") == {}
+
+
+# ------------------------------------------------------------------ function catalogue
+
+def test_committed_catalogue_json_matches_the_catalogue() -> None:
+    from fedcompute.deploy import catalogue
+
+    committed = (ROOT / catalogue.CATALOGUE_JSON).read_text()
+    assert committed == catalogue.render(), ("infra's catalogue.json is stale: run "
+                                             "`python -m fedcompute.deploy.catalogue --write` and commit it")
+    assert catalogue.main(["--check"]) == 0
+
+
+def test_catalogue_check_fails_on_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedcompute.deploy import catalogue
+
+    target = tmp_path / catalogue.CATALOGUE_JSON
+    target.parent.mkdir(parents=True)
+    target.write_text('{"task_builder": {}}\n')
+    assert catalogue.main(["--check", "--root", str(tmp_path)]) == 1
+    assert "--write" in capsys.readouterr().err
+    assert catalogue.main(["--write", "--root", str(tmp_path)]) == 0
+    assert catalogue.main(["--check", "--root", str(tmp_path)]) == 0
+
+
+def test_every_function_folder_is_in_the_catalogue_once() -> None:
+    from fedcompute.catalogue import ALL_FUNCTIONS
+
+    assert sorted(ALL_FUNCTIONS) == FUNCTIONS, "add the function to fedcompute.catalogue.FUNCTIONS"
+    assert sorted(catalogue_json()) == FUNCTIONS
+
+
+def test_terraform_takes_per_function_values_from_the_catalogue(modules: dict[str, Module]) -> None:
+    fm = modules["functions"]
+    assert fm.locals["catalogue"] == '${jsondecode(file("${path.module}/catalogue.json"))}'
+    assert fm.locals["functions"] == "${keys(local.catalogue)}"
+    for local_name, field in (("runtimes", "runtime"), ("default_max_instances", "max_instances"),
+                              ("concurrency", "concurrency")):
+        assert fm.locals[local_name] == f"${{{{for f, spec in local.catalogue : f => spec.{field}}}}}", local_name
+
+
+def test_terraform_sizing_and_push_deadlines_agree_with_the_catalogue(modules: dict[str, Module],
+                                                                     root: Module) -> None:
+    from fedcompute.catalogue import FUNCTIONS as CATALOGUE
+    from fedcompute.catalogue import Trigger
+
+    fm = modules["functions"]
+    for name, spec in CATALOGUE.items():
+        # Memory and timeout stay operator knobs (root variables); their defaults are the catalogue's.
+        assert fm.var_default(fm.locals["memory"][name]) == spec.memory, name
+        service = block(fm.of_type("google_cloudfunctions2_function")[name], "service_config")
+        assert fm.var_default(service["timeout_seconds"]) == spec.timeout_s, name
+        memory_variable = {"task_builder": "task_builder_memory", "aggregator": "aggregator_memory"}.get(
+            name, "light_memory")
+        assert root.variables[memory_variable]["default"] == spec.memory, name
+    subscriptions = root.modules["pubsub"]["push_subscriptions"].values()
+    topics = root.locals["topics"]
+    for name, spec in CATALOGUE.items():
+        mine = [s for s in subscriptions if s["push_endpoint"] == f"${{module.functions.urls.{name}}}"]
+        if spec.trigger is not Trigger.TOPIC:
+            assert not mine, f"{name} is not pushed by a topic"
+            continue
+        assert [s["ack_deadline_seconds"] for s in mine] == [spec.ack_deadline_s], name
+        assert mine[0]["topic"] == f"${{local.topics.{spec.topic_field}}}", name
+        assert spec.topic_field in topics
+
+
+def test_instance_variable_validations_name_the_catalogue_functions(root: Module) -> None:
+    # Terraform >= 1.5 validations may only read their own variable, so the names are spelled
+    # out there: they must be the catalogue's.
+    from fedcompute.catalogue import ALL_FUNCTIONS
+
+    for variable in ("min_instances", "max_instances"):
+        condition = root.variables[variable]["validation"][0]["condition"]
+        listed = re.search(r"contains\(\[([^\]]*)\]", condition)
+        assert listed, variable
+        assert sorted(n.strip().strip('"') for n in listed.group(1).split(",")) == sorted(ALL_FUNCTIONS), variable

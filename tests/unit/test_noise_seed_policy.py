@@ -11,19 +11,19 @@ import pytest
 from google.protobuf import text_format
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConfigError
+from fedcompute.memory import InMemoryBlobStore, InMemoryTaskStore
 from fedcompute.monitoring.metrics import load_run
 from fedcompute.monitoring.ops import load_task_ops
-from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase
 from fedcompute.privacy import disclosure
 from fedcompute.proto import task_builder_pb2, task_config_pb2, task_management_pb2
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder import client
 from fedcompute.taskbuilder.service import build_task_group, report_to_text
-from fedcompute.tasks.memory_store import InMemoryTaskStore
+from fedcompute.tensor_spec import TensorSpec
 
 SETTINGS = Settings()
 SEED = 424242
@@ -105,7 +105,7 @@ def seeded_task() -> tuple[InMemoryTaskStore, InMemoryBlobStore, int]:
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=2,
                         over_selection_rate=0.5, total_rounds=3, population_size=100, target_epsilon=10.0,
                         delta=0.01, dp=DpParams("FIXED_GAUSSIAN", 1.0, 0.5, noise_seed=SEED),
-                        weights=(WeightSpec("dense/kernel", (4, 2), "float32"),), metrics=())
+                        weights=(TensorSpec("dense/kernel", (4, 2), "float32"),), metrics=())
     blobs.write(SETTINGS.model_bucket, layout.server_phase_path("seeded", created.task_id), phase.to_json().encode())
     blobs.write(SETTINGS.model_bucket, layout.metrics_path("seeded", created.task_id, 1),
                 json.dumps({"server/privacy/epsilon": 1.5}).encode())
@@ -122,7 +122,7 @@ def test_no_view_of_a_task_carries_its_noise_seed_or_secret(seeded_task) -> None
     store, blobs, task_id = seeded_task
     record = store.get_task("seeded", task_id)
     assert record is not None and len(record.noise_secret) == 64  # the server's secret exists...
-    assert "noise_seed" not in record.dp  # ...but the task record keeps no seed
+    assert record.dp is not None and "noise_seed" not in record.dp.to_dict()  # ...but the task record keeps no seed
     views = {
         "dashboard /api/tasks and /api/ops": json.dumps(load_task_ops(store, record).to_dict()),
         "dashboard /api/metrics": json.dumps(load_run(blobs, SETTINGS.model_bucket, "seeded", task_id).to_dict()),

@@ -10,23 +10,22 @@ import pytest
 from fedcompute import layout
 from fedcompute.dp import DpParams
 from fedcompute.errors import InvalidRequestError
-from fedcompute.learning.tensor_codec import TensorSpec
 from fedcompute.plans import (
     ClientPlan,
     ServerPhase,
     TfliteStep,
-    WeightSpec,
     pack_plan,
     unpack_client_plan,
     unpack_plan,
 )
 from fedcompute.proto import plan_pb2
+from fedcompute.tensor_spec import TensorSpec
 
 
 def _plan() -> ClientPlan:
     return ClientPlan(kind="TRAINING", population_name="p", input_type=1,
                       example_spec={"input_type": 1}, label_name="y",
-                      weights=(WeightSpec("trainable/0", (3, 2), "float32"),), metrics=("accuracy",), batch_size=7)
+                      weights=(TensorSpec("trainable/0", (3, 2), "float32"),), metrics=("accuracy",), batch_size=7)
 
 
 def test_layout_paths_follow_odp():
@@ -108,8 +107,8 @@ def test_server_phase_round_trip_and_update_spec():
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="ADAM", server_learning_rate=0.01, report_goal=10,
                         over_selection_rate=0.3, total_rounds=3, population_size=1000, target_epsilon=5.0,
                         delta=1e-3, dp=DpParams("FIXED_GAUSSIAN", 1.1, 0.5, noise_seed=3),
-                        weights=(WeightSpec("trainable/0", (2,), "float32"),
-                                 WeightSpec("non_trainable/0", (2,), "float32", trainable=False)),
+                        weights=(TensorSpec("trainable/0", (2,), "float32"),
+                                 TensorSpec("non_trainable/0", (2,), "float32", trainable=False)),
                         metrics=("auc-roc",), extra={"enforce_privacy_budget": False})
     again = ServerPhase.from_json(phase.to_json())
     assert again == phase

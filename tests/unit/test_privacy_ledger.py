@@ -15,14 +15,14 @@ from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_art
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     TaskStatus,
-    TensorSpecRecord,
 )
+from fedcompute.tensor_spec import TensorSpec
 
 SETTINGS = Settings()
 GOAL, POPULATION_SIZE, NOISE, ROUNDS = 4, 200, 1.0, 10
@@ -51,7 +51,7 @@ def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded(store, b
     task = store.create_task("p", lambda tid: TaskRecord(
         population="p", task_id=tid, kind=TaskKind.TRAINING, status=TaskStatus.OPEN, report_goal=GOAL,
         over_selection_rate=0.0, total_rounds=ROUNDS, current_round=1, metrics=("loss",),
-        update_spec=(TensorSpecRecord("trainable/0", (3, 2), "float32"),), noise_secret="00" * 32))
+        update_spec=(TensorSpec("trainable/0", (3, 2), "float32"),), noise_secret="00" * 32))
     publish_artifacts(blobs, SETTINGS, "p", task.task_id, artifacts_from_weights(phase, initial))
     stats = {name: np.ones(shape, np.float64) for name, shape, _ in metric_statistics_spec(("loss",))}
     rounds_run = []
@@ -59,14 +59,14 @@ def test_ledger_records_epsilon_and_stops_before_the_target_is_exceeded(store, b
         key = RoundKey("p", task.task_id, n)
         if store.get_task("p", task.task_id).status != TaskStatus.OPEN:
             break
-        store.create_iteration(IterationRecord("p", task.task_id, n, IterationStatus.COLLECTING, GOAL, GOAL))
+        store.create_round(RoundRecord("p", task.task_id, n, RoundStatus.COLLECTING, GOAL, GOAL))
         for i in range(GOAL):
             aid = f"a{n}-{i}"
             store.create_assignment(AssignmentRecord(aid, "p", task.task_id, n, AssignmentStatus.UPLOAD_COMPLETED,
                                                      "1", i, 0.0, 0.0))
             blobs.write(SETTINGS.gradient_bucket, layout.gradient_path("p", task.task_id, n, aid),
                         encode_client_update([("trainable/0", np.full((3, 2), 0.1, np.float32))], 5, stats))
-        store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+        store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
         outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
         assert outcome.status == "AGGREGATED"
         assert outcome.metrics["server/privacy/epsilon"] == pytest.approx(_independent_epsilon(n, delta), rel=1e-9)

@@ -13,19 +13,18 @@ import numpy as np
 import pytest
 
 from fedcompute import layout
-from fedcompute.adapters.blobs import InMemoryBlobStore
 from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
 from fedcompute.learning import upload_contract
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
+from fedcompute.memory import InMemoryBlobStore, InMemoryTaskStore
 from fedcompute.plans import ServerPhase
 from fedcompute.services import aggregator, ingestion
 from fedcompute.services import assignment as svc
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
-from fedcompute.tasks.memory_store import InMemoryTaskStore
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationStatus, ReportedResult, RoundKey, TaskKind
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, ReportedResult, RoundKey, RoundStatus, TaskKind
 
 SETTINGS = Settings()
 POP = "fixes"
@@ -54,7 +53,7 @@ def _uploaded_round(store: InMemoryTaskStore, blobs: InMemoryBlobStore, task_id:
         delta = [("trainable/0", np.full((4, 3), i + 1, np.float32)), ("trainable/1", np.ones(3, np.float32))]
         blobs.write(SETTINGS.gradient_bucket, layout.gradient_path(POP, task_id, 1, aid),
                     encode_client_update(delta, 5, _stats()))
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
     return key
 
 
@@ -128,7 +127,7 @@ def test_ingestion_that_loses_the_close_leaves_round_ready_to_the_winner(store, 
 
     def count_then_lose_the_flip(k, status=None):
         n = count(k, status)  # a concurrent winner closes the round right after our count
-        store.update_iteration(k, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+        store.update_round(k, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
         store.count_assignments = count  # type: ignore[method-assign]
         return n
 
@@ -155,13 +154,13 @@ def test_aggregator_completes_a_round_with_a_missing_update_and_a_hostile_metric
         if i < 2:  # a2 was accepted but its object is gone
             blobs.write(SETTINGS.gradient_bucket, layout.gradient_path(POP, task.task_id, 1, aid),
                         encode_client_update(delta, 5, stats))
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING}, expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
     outcome = aggregator.aggregate_round(store, blobs, events, SETTINGS, key)
     assert outcome.status == "AGGREGATED"
     assert outcome.metrics["server/aggregator/missing_updates"] == 1.0
     assert outcome.metrics["server/aggregator/metrics_overflowed"] == 0.0
     assert outcome.metrics["server/client_work/train/loss"] == pytest.approx(1.0)  # a0's alone
-    assert store.get_iteration(key).status == IterationStatus.COMPLETED
+    assert store.get_round(key).status == RoundStatus.COMPLETED
 
 
 def test_a_metric_whose_round_sum_overflows_is_left_out_and_counted():

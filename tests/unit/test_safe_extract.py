@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedcompute.adapters.blobs import InMemoryBlobStore
+from fedcompute.memory import InMemoryBlobStore
 from fedcompute.proto import common_pb2
 from fedcompute.safe_extract import ExtractLimits, UnsafeArchiveError, contained_path, download_prefix, extract_zip
 from fedcompute.taskbuilder.service import fetch_saved_model

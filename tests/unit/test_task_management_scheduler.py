@@ -6,7 +6,7 @@ import pytest
 from fedcompute import layout
 from fedcompute.dp import DpParams
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError
-from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase
 from fedcompute.proto import task_management_pb2
 from fedcompute.services import scheduler
 from fedcompute.services import task_management as tm
@@ -14,11 +14,12 @@ from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
-    IterationStatus,
     RoundKey,
+    RoundStatus,
     TaskKind,
     TaskStatus,
 )
+from fedcompute.tensor_spec import TensorSpec
 
 SETTINGS = Settings()
 
@@ -37,8 +38,8 @@ def _phase() -> ServerPhase:
     return ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=10,
                        over_selection_rate=0.3, total_rounds=5, population_size=3_000_000, target_epsilon=10.0,
                        delta=1e-6, dp=DpParams("FIXED_GAUSSIAN", 1.0, 0.5),
-                       weights=(WeightSpec("dense/kernel", (4, 2), "float32"),
-                                WeightSpec("bn/moving_mean", (2,), "float32", trainable=False)),
+                       weights=(TensorSpec("dense/kernel", (4, 2), "float32"),
+                                TensorSpec("bn/moving_mean", (2,), "float32", trainable=False)),
                        metrics=("binary_accuracy",))
 
 
@@ -73,7 +74,7 @@ def test_create_open_and_ids_are_max_plus_one(store, blobs):
     opened = tm.open_task(store, blobs, SETTINGS, "p", 1)
     assert opened.status == TaskStatus.OPEN and opened.current_round == 1
     assert [s.name for s in opened.update_spec] == ["dense/kernel"]
-    assert store.get_iteration(RoundKey("p", 1, 1)).status == IterationStatus.COLLECTING
+    assert store.get_round(RoundKey("p", 1, 1)).status == RoundStatus.COLLECTING
     assert tm.open_task(store, blobs, SETTINGS, "p", 1) == opened  # idempotent
     tm.cancel_task(store, "p", 1, "operator")
     second = tm.create_task(store, tm.new_task_from_proto("p", _training_proto()))
@@ -137,8 +138,8 @@ def test_scheduler_republishes_unpublished_and_stuck_rounds(store, blobs, events
     blobs.write(SETTINGS.model_bucket, layout.server_phase_path("p", 1), _phase().to_json().encode())
     tm.open_task(store, blobs, SETTINGS, "p", 1)
     key = RoundKey("p", 1, 1)
-    store.update_iteration(key, {"status": IterationStatus.AGGREGATING, "aggregating_time": 5.0},
-                           expected=[IterationStatus.COLLECTING])
+    store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": 5.0},
+                           expected=[RoundStatus.COLLECTING])
     assert scheduler.tick(store, events, now=lambda: 10.0).republished == [key]
     assert scheduler.tick(store, events, now=lambda: 20.0).republished == []  # published, not stuck yet
     assert scheduler.tick(store, events, now=lambda: 10_000.0).republished == [key]  # stuck

@@ -18,7 +18,8 @@ from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.services import assignment as svc
 from fedcompute.services import ingestion
 from fedcompute.settings import Settings
-from fedcompute.tasks.records import AssignmentStatus, ReportedResult, RoundKey, TaskRecord, TensorSpecRecord
+from fedcompute.tasks.records import AssignmentStatus, ReportedResult, RoundKey, TaskRecord
+from fedcompute.tensor_spec import TensorSpec
 from support.tasks import open_task_in_memory
 
 SETTINGS = Settings()
@@ -28,7 +29,7 @@ METRICS = ("accuracy",)
 
 
 def _open(store) -> TaskRecord:
-    spec = tuple(TensorSpecRecord(name, shape, "float32") for name, shape in SHAPES.items())
+    spec = tuple(TensorSpec(name, shape, "float32") for name, shape in SHAPES.items())
     return open_task_in_memory(store, POP, report_goal=2, over_selection_rate=0.5, total_rounds=1,
                                update_spec=spec, metrics=METRICS)
 
@@ -50,7 +51,7 @@ def test_the_bound_holds_an_honest_sealed_update_and_is_tight(store) -> None:
 
 
 def test_the_bound_never_exceeds_the_server_ceiling(store) -> None:
-    huge = (TensorSpecRecord("w", (200_000_000,), "float32"),)
+    huge = (TensorSpec("w", (200_000_000,), "float32"),)
     task = open_task_in_memory(store, "huge_pop", report_goal=1, over_selection_rate=0.0, total_rounds=1,
                                update_spec=huge)
     assert upload_contract.max_upload_bytes(task) == upload_contract.DEFAULT_MAX_UPLOAD_BYTES

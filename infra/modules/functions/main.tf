@@ -4,45 +4,17 @@
 # Eventarc events, and the build's log and image writes.
 
 locals {
-  functions = ["task_builder", "task_management", "task_assignment", "result_ingestion", "aggregator", "scheduler", "dashboard"]
-
-  # The heavy functions (TensorFlow 2.14, protobuf 4.25) stay on python311; the light ones run
-  # on python312 with their own lock (functions/light/uv.lock). Must match
-  # fedcompute.deploy.package.FunctionSpec.runtime (tests/unit/test_infra.py checks it).
-  runtimes = {
-    task_builder     = "python311"
-    task_management  = "python312"
-    task_assignment  = "python312"
-    result_ingestion = "python312"
-    aggregator       = "python311"
-    scheduler        = "python312"
-    dashboard        = "python312"
-  }
-
-  default_max_instances = {
-    task_builder     = 2
-    task_management  = 3
-    task_assignment  = 100
-    result_ingestion = 50
-    aggregator       = 5
-    scheduler        = 1
-    dashboard        = 2
-  }
-  # Requests one instance serves at once. The light HTTP functions wait on Firestore most of
-  # the time: one instance (1 vCPU) keeps dozens of check-ins in flight. Ingestion holds an
-  # upload in memory while it checks it (a 6 MB CNN update, ~3 copies), so it gets fewer
-  # per 512 MiB instance; the builder and the aggregator use all of their instance.
-  concurrency = {
-    task_builder     = 1
-    task_management  = 8
-    task_assignment  = 80
-    result_ingestion = 8
-    aggregator       = 1
-    scheduler        = 1
-    dashboard        = 8
-  }
-  min_instances = { for f in local.functions : f => lookup(var.min_instances, f, 0) }
-  max_instances = { for f in local.functions : f => lookup(var.max_instances, f, local.default_max_instances[f]) }
+  # Per-function values from the one function catalogue (fedcompute.catalogue), written by
+  # `python -m fedcompute.deploy.catalogue --write` (`make package` runs it). The heavy functions
+  # (TensorFlow 2.14, protobuf 4.25) run on python311; the light ones on python312 with their
+  # own lock (functions/light/uv.lock). Concurrency = requests one instance serves at once.
+  catalogue             = jsondecode(file("${path.module}/catalogue.json"))
+  functions             = keys(local.catalogue)
+  runtimes              = { for f, spec in local.catalogue : f => spec.runtime }
+  default_max_instances = { for f, spec in local.catalogue : f => spec.max_instances }
+  concurrency           = { for f, spec in local.catalogue : f => spec.concurrency }
+  min_instances         = { for f in local.functions : f => lookup(var.min_instances, f, 0) }
+  max_instances         = { for f in local.functions : f => lookup(var.max_instances, f, local.default_max_instances[f]) }
 
   memory = {
     task_builder     = var.task_builder_memory

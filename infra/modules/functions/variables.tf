@@ -77,7 +77,7 @@ variable "min_instances" {
 }
 
 variable "max_instances" {
-  description = "Maximum instances by function name (defaults in locals.default_max_instances)."
+  description = "Maximum instances by function name (defaults: max_instances in catalogue.json, from fedcompute.catalogue)."
   type        = map(number)
   default     = {}
 }

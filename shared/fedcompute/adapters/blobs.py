@@ -1,4 +1,5 @@
-"""Object storage: the GCS adapter of the :class:`~fedcompute.ports.BlobStore` port, and an in-memory fake.
+"""Object storage: the GCS adapter of the :class:`~fedcompute.ports.BlobStore` port (its
+in-memory fake is :class:`fedcompute.memory.InMemoryBlobStore`).
 
 All writes that must happen once use generation preconditions
 (``if_generation_match=0`` = create only if absent), so a retried or re-run function
@@ -8,11 +9,10 @@ from __future__ import annotations
 
 import datetime
 import os
-import threading
 import urllib.parse
 from typing import Any
 
-from fedcompute.errors import NotFoundError, PayloadTooLargeError, PreconditionFailedError, TransientError
+from fedcompute.errors import NotFoundError, PreconditionFailedError, TransientError
 
 UPLOAD_HEADERS = {"content-type": "application/octet-stream"}
 XML_API_ENDPOINT = "https://storage.googleapis.com"
@@ -156,58 +156,3 @@ class GcsBlobStore:
                                  f"HTTP {response.status_code} {response.text[:200]}")
         return str(response.headers["Location"])
 
-
-class InMemoryBlobStore:
-    """Dict-backed :class:`BlobStore` for unit tests."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.objects: dict[tuple[str, str], bytes] = {}
-        self.sessions: dict[str, tuple[str, str]] = {}
-        self.session_limits: dict[str, int | None] = {}
-
-    def read(self, bucket, name):
-        with self._lock:
-            try:
-                return self.objects[(bucket, name)]
-            except KeyError:
-                raise NotFoundError(f"gs://{bucket}/{name} does not exist") from None
-
-    def write(self, bucket, name, data, *, create_only=False, content_type="application/octet-stream"):
-        with self._lock:
-            if create_only and (bucket, name) in self.objects:
-                return False
-            self.objects[(bucket, name)] = bytes(data)
-            return True
-
-    def exists(self, bucket, name):
-        with self._lock:
-            return (bucket, name) in self.objects
-
-    def list(self, bucket, prefix):
-        with self._lock:
-            return sorted(n for (b, n) in self.objects if b == bucket and n.startswith(prefix))
-
-    def delete(self, bucket, name):
-        with self._lock:
-            self.objects.pop((bucket, name), None)
-
-    def download_url(self, bucket, name):
-        return f"memory://{bucket}/{name}"
-
-    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None):
-        url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
-        with self._lock:
-            if (bucket, name) in self.objects:
-                raise PreconditionFailedError(f"gs://{bucket}/{name} was already uploaded; an update is written once")
-            self.sessions[url] = (bucket, name)
-            self.session_limits[url] = max_bytes
-        return url, {"content-type": "application/octet-stream"}
-
-    def complete_upload(self, url: str, data: bytes) -> bool:
-        """What a device PUT to the session does: write once, within the session's size range."""
-        bucket, name = self.sessions[url]
-        limit = self.session_limits.get(url)
-        if limit is not None and len(data) > limit:
-            raise PayloadTooLargeError(f"{len(data)} bytes is outside the session's range 0-{limit}")
-        return self.write(bucket, name, data, create_only=True)

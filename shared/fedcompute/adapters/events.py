@@ -1,9 +1,8 @@
 """Round events on Pub/Sub: the adapter of the :class:`~fedcompute.ports.RoundEvents` port, the
-event body codec, and an in-memory fake."""
+event body codec (the in-memory fake is :class:`fedcompute.memory.InMemoryRoundEvents`)."""
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 from fedcompute.errors import InvariantError, TransientError
@@ -47,20 +46,3 @@ class PubSubRoundEvents:
 
     def round_completed(self, key: RoundKey, **extra: Any) -> None:
         self._publish(self._completed, encode_round_event(key, **extra), key)
-
-
-class InMemoryRoundEvents:
-    """Records published events (unit tests)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.ready: list[RoundKey] = []
-        self.completed: list[tuple[RoundKey, dict[str, Any]]] = []
-
-    def round_ready(self, key: RoundKey) -> None:
-        with self._lock:
-            self.ready.append(key)
-
-    def round_completed(self, key: RoundKey, **extra: Any) -> None:
-        with self._lock:
-            self.completed.append((key, extra))

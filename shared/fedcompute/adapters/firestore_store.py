@@ -2,7 +2,7 @@
 
 :class:`FirestoreTaskStore` keeps tasks, rounds and assignments in Firestore (or its
 emulator) with the port's conditional-write semantics (see :class:`~fedcompute.ports.TaskStore`);
-:class:`~fedcompute.tasks.memory_store.InMemoryTaskStore` is the fake with the same semantics
+:class:`~fedcompute.memory.InMemoryTaskStore` is the fake with the same semantics
 that unit tests use.
 
 Exactly-once counting without a hot transaction (Firestore): an upload is accepted by a
@@ -36,9 +36,9 @@ from fedcompute.tasks.records import (
     AcceptResult,
     AssignmentRecord,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     SlotClaim,
     TaskKind,
     TaskRecord,
@@ -76,11 +76,11 @@ class FirestoreTaskStore:
     def _task(self, population: str, task_id: int):
         return self._population(population).collection("tasks").document(str(task_id))
 
-    def _iteration(self, population: str, task_id: int, round_number: int):
+    def _round_ref(self, population: str, task_id: int, round_number: int):
         return self._task(population, task_id).collection("iterations").document(str(round_number))
 
     def _round(self, key: RoundKey):
-        return self._iteration(key.population, key.task_id, key.round_number)
+        return self._round_ref(key.population, key.task_id, key.round_number)
 
     def _assignment(self, key: RoundKey, assignment_id: str):
         return self._round(key).collection("assignments").document(assignment_id)
@@ -131,12 +131,12 @@ class FirestoreTaskStore:
         query = self._population(population).collection("tasks").where(
             filter=FieldFilter("status", "==", TaskStatus.OPEN.value))
         tasks = sorted((TaskRecord.from_dict(d.to_dict()) for d in query.stream()), key=lambda t: t.task_id)
-        refs = [self._iteration(population, t.task_id, t.current_round) for t in tasks]
+        refs = [self._round_ref(population, t.task_id, t.current_round) for t in tasks]
         found = {snap.reference.path: snap for snap in self._db.get_all(refs)} if refs else {}
         rounds = []
         for task, ref in zip(tasks, refs):
             snap = found.get(ref.path)
-            rounds.append((task, IterationRecord.from_dict(snap.to_dict()) if snap is not None and snap.exists else None))
+            rounds.append((task, RoundRecord.from_dict(snap.to_dict()) if snap is not None and snap.exists else None))
         return rounds
 
     def update_task(self, population, task_id, changes, *, expected=None):
@@ -169,25 +169,25 @@ class FirestoreTaskStore:
         if snapshot.exists and snapshot.to_dict().get("active_training_task_id") == task_id:
             population_ref.update({"active_training_task_id": 0})
 
-    # -- iterations --------------------------------------------------------------------
-    def create_iteration(self, record):
+    # -- rounds (Firestore collection "iterations") -------------------------------------
+    def create_round(self, record):
         from google.api_core import exceptions
 
         try:
-            self._iteration(record.population, record.task_id, record.round_number).create(record.to_dict())
+            self._round_ref(record.population, record.task_id, record.round_number).create(record.to_dict())
             return True
         except exceptions.Conflict:
             return False
 
-    def get_iteration(self, key):
+    def get_round(self, key):
         snapshot = self._round(key).get()
-        return IterationRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
+        return RoundRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
 
-    def list_iterations(self, population, task_id):
+    def list_rounds(self, population, task_id):
         docs = self._task(population, task_id).collection("iterations").stream()
-        return sorted((IterationRecord.from_dict(d.to_dict()) for d in docs), key=lambda i: i.round_number)
+        return sorted((RoundRecord.from_dict(d.to_dict()) for d in docs), key=lambda i: i.round_number)
 
-    def update_iteration(self, key, changes, *, expected):
+    def update_round(self, key, changes, *, expected):
         # Optimistic (read, then write conditional on the version read) rather than a
         # transaction: every ingestion past the goal tries to close the round and mark
         # round-ready published, and contending transactions on one document time out.
@@ -207,34 +207,34 @@ class FirestoreTaskStore:
             except exceptions.FailedPrecondition:
                 _backoff(attempt)  # changed since we read it: decide again on the new version
                 continue
-            updated = IterationRecord.from_dict({**data, **plain_changes(changes)})
-            if data["status"] == IterationStatus.COLLECTING.value and updated.status != IterationStatus.COLLECTING:
+            updated = RoundRecord.from_dict({**data, **plain_changes(changes)})
+            if data["status"] == RoundStatus.COLLECTING.value and updated.status != RoundStatus.COLLECTING:
                 self._stop_slot_claims(key, updated.max_assignments)
             return updated
         raise TransientError(f"round {key.round_number} of task {key.population}/{key.task_id} kept changing "
                              f"concurrently ({_OPTIMISTIC_ATTEMPTS} attempts)", hint="retry")
 
-    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
+    def finish_round(self, key, round_changes, task_changes, next_round_record):
         from google.cloud import firestore
 
-        iteration_ref = self._round(key)
+        round_ref = self._round(key)
         task_ref = self._task(key.population, key.task_id)
 
         @firestore.transactional
         def apply(transaction):
-            snapshot = iteration_ref.get(transaction=transaction)
-            if not snapshot.exists or snapshot.to_dict()["status"] != IterationStatus.AGGREGATING.value:
+            snapshot = round_ref.get(transaction=transaction)
+            if not snapshot.exists or snapshot.to_dict()["status"] != RoundStatus.AGGREGATING.value:
                 return False
             next_ref = None
-            if next_iteration is not None:
-                next_ref = self._iteration(next_iteration.population, next_iteration.task_id, next_iteration.round_number)
+            if next_round_record is not None:
+                next_ref = self._round_ref(next_round_record.population, next_round_record.task_id, next_round_record.round_number)
                 if next_ref.get(transaction=transaction).exists:
                     next_ref = None
-            transaction.update(iteration_ref, plain_changes(iteration_changes))
+            transaction.update(round_ref, plain_changes(round_changes))
             if task_changes:
                 transaction.update(task_ref, plain_changes(task_changes))
             if next_ref is not None:
-                transaction.create(next_ref, next_iteration.to_dict())
+                transaction.create(next_ref, next_round_record.to_dict())
             return True
 
         return apply(self._db.transaction())
@@ -374,9 +374,9 @@ class FirestoreTaskStore:
         """Task, round and assignment in one round trip."""
         refs = [self._task(key.population, key.task_id), self._round(key), self._assignment(key, assignment_id)]
         found = {snap.reference.path: snap for snap in self._db.get_all(refs)}
-        task, iteration, assignment = (found.get(ref.path) for ref in refs)
+        task, round_record, assignment = (found.get(ref.path) for ref in refs)
         return (TaskRecord.from_dict(task.to_dict()) if task is not None and task.exists else None,
-                IterationRecord.from_dict(iteration.to_dict()) if iteration is not None and iteration.exists else None,
+                RoundRecord.from_dict(round_record.to_dict()) if round_record is not None and round_record.exists else None,
                 AssignmentRecord.from_dict(assignment.to_dict()) if assignment is not None and assignment.exists
                 else None)
 
@@ -397,7 +397,7 @@ class FirestoreTaskStore:
         status = snapshot.to_dict()["status"]
         if status == AssignmentStatus.UPLOAD_COMPLETED.value:
             return AcceptResult(DUPLICATE)
-        if not round_snapshot.exists or round_snapshot.to_dict()["status"] != IterationStatus.COLLECTING.value:
+        if not round_snapshot.exists or round_snapshot.to_dict()["status"] != RoundStatus.COLLECTING.value:
             return AcceptResult(ROUND_CLOSED)
         if status != AssignmentStatus.LOCAL_COMPLETED.value:
             return AcceptResult(NOT_UPLOADABLE)
@@ -465,12 +465,12 @@ class FirestoreTaskStore:
         """
         from google.api_core import exceptions
 
-        iteration = self.get_iteration(key)
-        if iteration is None or iteration.status == IterationStatus.COLLECTING:
+        round_record = self.get_round(key)
+        if round_record is None or round_record.status == RoundStatus.COLLECTING:
             raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
                                           "closed: its accepted set is not final")
         markers = {int(doc.id): doc.to_dict() for doc in self._round(key).collection("accepted").stream()}
-        for position in range(iteration.report_goal):
+        for position in range(round_record.report_goal):
             if position in markers:
                 continue
             ref = self._marker(key, position)

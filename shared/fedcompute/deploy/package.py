@@ -17,6 +17,8 @@ function, ``<out>/<name>/`` with
 and ``<out>/<name>.zip`` with fixed timestamps and permissions, so the same sources give
 byte-identical zips (Terraform re-deploys a function only when its zip's hash changes).
 The committed ``*_pb2.py`` (protobuf 4.25 gencode) load under both protobuf lines.
+Which functions exist and which are heavy comes from ``fedcompute.catalogue``; ``make package``
+also rewrites Terraform's copy of it (``python -m fedcompute.deploy.catalogue --write``).
 """
 from __future__ import annotations
 
@@ -30,45 +32,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcompute.catalogue import FUNCTIONS, FunctionSpec
 from fedcompute.errors import ConfigError
 
 LIGHT_PROJECT = Path("functions") / "light"
 HEAVY_GROUP = "heavy-functions"
-LIGHT_RUNTIME = "python312"
-HEAVY_RUNTIME = "python311"
 
 
-@dataclass(frozen=True)
-class FunctionSpec:
-    """One Cloud Function: its name (= folder = entry point) and which locked set it runs on."""
+def export_arguments(spec: FunctionSpec, root: Path) -> list[str]:
+    """``uv export`` arguments selecting the function's lock (and group)."""
+    if spec.heavy:
+        return ["--project", str(root), "--only-group", HEAVY_GROUP]
+    return ["--project", str(root / LIGHT_PROJECT)]
 
-    name: str
-    heavy: bool = False
-
-    @property
-    def runtime(self) -> str:
-        """The Cloud Functions runtime Terraform deploys it on."""
-        return HEAVY_RUNTIME if self.heavy else LIGHT_RUNTIME
-
-    def export_arguments(self, root: Path) -> list[str]:
-        """``uv export`` arguments selecting this function's lock (and group)."""
-        if self.heavy:
-            return ["--project", str(root), "--only-group", HEAVY_GROUP]
-        return ["--project", str(root / LIGHT_PROJECT)]
-
-
-FUNCTIONS: dict[str, FunctionSpec] = {
-    spec.name: spec
-    for spec in (
-        FunctionSpec("task_assignment"),
-        FunctionSpec("task_management"),
-        FunctionSpec("scheduler"),
-        FunctionSpec("dashboard"),
-        FunctionSpec("result_ingestion"),
-        FunctionSpec("task_builder", heavy=True),
-        FunctionSpec("aggregator", heavy=True),
-    )
-}
 
 # Copied sources leave these out.
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "tests", "test_*.py", ".pytest_cache",
@@ -104,7 +80,7 @@ def export_requirements(spec: FunctionSpec, root: Path) -> str:
         ConfigError: ``uv export`` failed (e.g. the lock is out of date with its pyproject).
     """
     command = [*uv_command(), "export", "--frozen", "--no-hashes", "--no-emit-project", "--no-header",
-               "--no-annotate", *spec.export_arguments(root)]
+               "--no-annotate", *export_arguments(spec, root)]
     run = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=300)
     if run.returncode != 0:
         lock = "uv.lock" if spec.heavy else f"{LIGHT_PROJECT}/uv.lock"

@@ -38,11 +38,11 @@ from fedcompute.learning.tensor_codec import (
     NON_FINITE_METADATA_KEY,
     ClientUpdate,
     SpecLike,
-    TensorSpec,
     bundle_from_proto,
     bundle_to_proto,
     normalize_spec,
 )
+from fedcompute.tensor_spec import TensorSpec
 
 try:  # scipy ships with scikit-learn; its BLAS axpy is one pass instead of numpy's two.
     from scipy.linalg import blas as _blas

@@ -31,9 +31,10 @@ from fedcompute.learning.accumulator import RoundAccumulator
 from fedcompute.learning.dp_core import METRIC_NOISE_STDDEV, DpAggregator, DpState, derive_noise_seed
 from fedcompute.learning.dp_mechanisms import build_dp_aggregator
 from fedcompute.learning.server_optimizer import OptimizerState, ServerOptimizer, build_server_optimizer
-from fedcompute.learning.tensor_codec import ClientUpdate, NamedArrays, TensorSpec, spec_of
+from fedcompute.learning.tensor_codec import ClientUpdate, NamedArrays, spec_of
 from fedcompute.metric_names import NON_FINITE_METRIC, TRAIN_PREFIX
 from fedcompute.plans import ServerPhase
+from fedcompute.tensor_spec import TensorSpec
 
 METRIC_UPDATE_REJECTED = "server/finalizer/update_rejected"
 METRIC_NUM_EXAMPLES = TRAIN_PREFIX + "num_examples"

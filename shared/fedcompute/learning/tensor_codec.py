@@ -3,6 +3,8 @@
 numpy + protobuf only (no TensorFlow): result ingestion uses :func:`decode_client_update`
 to validate a device upload before counting it, and the aggregator uses it to read the
 upload back. Tensors are raw little-endian bytes in C order (see ``tensors.proto``).
+Expected tensors are :class:`fedcompute.tensor_spec.TensorSpec` (or ``(name, shape, dtype)``
+triples, normalized by :func:`normalize_spec`).
 
 Upload decoding accepts gzip'd and plain bodies: GCS (and fake-gcs-server) may hand back
 an object stored with ``Content-Encoding: gzip`` already decompressed, so the gzip magic
@@ -15,7 +17,6 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -23,6 +24,7 @@ from numpy.typing import DTypeLike
 
 from fedcompute.errors import InvalidRequestError, InvariantError, PayloadTooLargeError
 from fedcompute.proto import tensors_pb2
+from fedcompute.tensor_spec import TensorSpec
 
 FORMAT_VERSION = 1
 # ClientUpdate metadata key a device sets to "1" when its training diverged (it uploads a
@@ -43,14 +45,6 @@ _DTYPE_TO_PROTO: dict[np.dtype, tensors_pb2.DType] = {
     np.dtype("bool"): tensors_pb2.DTYPE_BOOL,
 }
 _PROTO_TO_DTYPE: dict[int, np.dtype] = {v: k.newbyteorder("<") for k, v in _DTYPE_TO_PROTO.items()}
-
-
-class TensorSpec(NamedTuple):
-    """Name, shape and numpy dtype name (e.g. ``"float32"``) of one tensor."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
 
 
 SpecLike = Iterable[TensorSpec | tuple[str, Sequence[int], DTypeLike]]

@@ -13,20 +13,19 @@ from fedcompute.learning import metric_stats
 from fedcompute.learning.contribution_bounds import check_device_contribution
 from fedcompute.learning.tensor_codec import ClientUpdate, decode_client_update, spec_nbytes
 from fedcompute.tasks.records import TaskRecord
+from fedcompute.tensor_spec import TensorSpec
 
-SpecTriples = list[tuple[str, tuple[int, ...], str]]
 
-
-def metric_statistics_spec(metrics: tuple[str, ...]) -> SpecTriples:
+def metric_statistics_spec(metrics: tuple[str, ...]) -> tuple[TensorSpec, ...]:
     """The flat ``metric/stat`` tensors a device upload carries for ``metrics`` (+ loss, count)."""
     names = list(dict.fromkeys((*metrics, "loss", "num_examples")))
     flat = metric_stats.flatten_stats({m: metric_stats.zero_stats(m) for m in names})
-    return [(name, tuple(array.shape), "float64") for name, array in sorted(flat.items())]
+    return tuple(TensorSpec(name, tuple(array.shape), "float64") for name, array in sorted(flat.items()))
 
 
-def update_spec(task: TaskRecord) -> SpecTriples:
+def update_spec(task: TaskRecord) -> tuple[TensorSpec, ...]:
     """The model-delta tensors a device upload carries for ``task`` (none for evaluation)."""
-    return [(s.name, s.shape, s.dtype) for s in task.update_spec]
+    return task.update_spec
 
 
 def decode_upload(data: bytes, task: TaskRecord, *, max_bytes: int | None = None) -> ClientUpdate:
@@ -69,7 +68,7 @@ def max_upload_bytes(task: TaskRecord) -> int:
     device cannot store more than its update through its upload URL.
     """
     tensors = [*update_spec(task), *metric_statistics_spec(task.metrics)]
-    raw = spec_nbytes(tensors) + sum(len(name.encode()) + TENSOR_FRAMING_BYTES for name, _, _ in tensors)
+    raw = spec_nbytes(tensors) + sum(len(spec.name.encode()) + TENSOR_FRAMING_BYTES for spec in tensors)
     raw += UPDATE_METADATA_ALLOWANCE
     gzipped = raw + 5 * math.ceil(raw / 16384) + 64
     sealed = 4 * math.ceil((gzipped + HPKE_OVERHEAD_BYTES) / 3) + ENVELOPE_ALLOWANCE

@@ -193,17 +193,17 @@ def round_stages(store: Any, population: str, task_id: int, round_number: int) -
     """Per-stage seconds of one round from its record (collect, close+aggregate+write, next open)."""
     from fedcompute.tasks.records import RoundKey
 
-    iteration = store.get_iteration(RoundKey(population, task_id, round_number))
-    if iteration is None:
+    round_record = store.get_round(RoundKey(population, task_id, round_number))
+    if round_record is None:
         return {}
-    stages = {"status": iteration.status.value}
-    if iteration.aggregating_time:
-        stages["collect_s"] = round(iteration.aggregating_time - iteration.created_time, 2)
-    if iteration.completed_time and iteration.aggregating_time:
-        stages["aggregate_and_write_s"] = round(iteration.completed_time - iteration.aggregating_time, 2)
-    following = store.get_iteration(RoundKey(population, task_id, round_number + 1))
-    if following is not None and iteration.completed_time:
-        stages["next_round_open_s"] = round(max(0.0, following.created_time - iteration.completed_time), 2)
+    stages = {"status": round_record.status.value}
+    if round_record.aggregating_time:
+        stages["collect_s"] = round(round_record.aggregating_time - round_record.created_time, 2)
+    if round_record.completed_time and round_record.aggregating_time:
+        stages["aggregate_and_write_s"] = round(round_record.completed_time - round_record.aggregating_time, 2)
+    following = store.get_round(RoundKey(population, task_id, round_number + 1))
+    if following is not None and round_record.completed_time:
+        stages["next_round_open_s"] = round(max(0.0, following.created_time - round_record.completed_time), 2)
     return stages
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from fedcompute.privacy.disclosure import redact_dp
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, IterationRecord, IterationStatus, RoundKey, TaskRecord
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundRecord, RoundStatus, TaskRecord
 
 FAILED_STATUSES = frozenset({
     AssignmentStatus.LOCAL_FAILED,
@@ -31,7 +31,7 @@ COUNT_COLUMNS: tuple[str, ...] = ("assigned", "in_progress", "completed", "faile
 
 class RecordSource(Protocol):
     def list_tasks(self, population: str | None = None) -> list[TaskRecord]: ...
-    def list_iterations(self, population: str, task_id: int) -> list[IterationRecord]: ...
+    def list_rounds(self, population: str, task_id: int) -> list[RoundRecord]: ...
     def list_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> list[AssignmentRecord]: ...
     def list_rejections(self, key: RoundKey) -> list[dict[str, Any]]: ...
 
@@ -96,9 +96,9 @@ class TaskOps:
         return {
             "run": self.run_id, "population": t.population, "task_id": t.task_id, "kind": t.kind.value,
             "status": t.status.value, "status_reason": t.status_reason, "current_round": t.current_round,
-            "total_rounds": t.total_rounds, "completed_rounds": sum(r.status == IterationStatus.COMPLETED.value
+            "total_rounds": t.total_rounds, "completed_rounds": sum(r.status == RoundStatus.COMPLETED.value
                                                                     for r in self.rounds),
-            "epsilon_spent": t.epsilon_spent, "dp": redact_dp(t.dp), "report_goal": t.report_goal,
+            "epsilon_spent": t.epsilon_spent, "dp": redact_dp(t.dp.to_dict() if t.dp is not None else None), "report_goal": t.report_goal,
             "created_time": t.created_time, "started_time": t.started_time, "stop_time": t.stop_time,
             "totals": self.totals(),
         }
@@ -112,16 +112,16 @@ class TaskOps:
         }
 
 
-def summarize_round(iteration: IterationRecord, assignments: Iterable[AssignmentRecord],
+def summarize_round(round_record: RoundRecord, assignments: Iterable[AssignmentRecord],
                     rejections: Sequence[Mapping[str, Any]] = ()) -> RoundOps:
     """Counts of one round's assignments by outcome (pure)."""
     statuses = Counter(a.status for a in assignments)
     return RoundOps(
-        round_number=iteration.round_number,
-        status=iteration.status.value,
-        created_time=iteration.created_time,
-        aggregating_time=iteration.aggregating_time,
-        completed_time=iteration.completed_time,
+        round_number=round_record.round_number,
+        status=round_record.status.value,
+        created_time=round_record.created_time,
+        aggregating_time=round_record.aggregating_time,
+        completed_time=round_record.completed_time,
         assigned=sum(statuses.values()),
         in_progress=sum(statuses[s] for s in IN_PROGRESS_STATUSES),
         completed=statuses[AssignmentStatus.UPLOAD_COMPLETED],
@@ -143,7 +143,7 @@ def assignments_per_minute(times: Iterable[float]) -> list[tuple[float, int]]:
 
 def iterations_over_time(rounds: Iterable[RoundOps]) -> list[tuple[float, int]]:
     """``(time, completed rounds so far)`` at each round completion, in time order (pure)."""
-    done = sorted(r.completed_time for r in rounds if r.status == IterationStatus.COMPLETED.value and r.completed_time)
+    done = sorted(r.completed_time for r in rounds if r.status == RoundStatus.COMPLETED.value and r.completed_time)
     return [(t, i + 1) for i, t in enumerate(done)]
 
 
@@ -151,11 +151,11 @@ def load_task_ops(store: RecordSource, task: TaskRecord) -> TaskOps:
     """Read the rounds, assignments and rejections of ``task``."""
     rounds: list[RoundOps] = []
     times: list[float] = []
-    for iteration in store.list_iterations(task.population, task.task_id):
-        key = RoundKey(task.population, task.task_id, iteration.round_number)
+    for round_record in store.list_rounds(task.population, task.task_id):
+        key = RoundKey(task.population, task.task_id, round_record.round_number)
         assignments = store.list_assignments(key)
         times.extend(a.created_time for a in assignments)
-        rounds.append(summarize_round(iteration, assignments, store.list_rejections(key)))
+        rounds.append(summarize_round(round_record, assignments, store.list_rejections(key)))
     return TaskOps(task, tuple(rounds), tuple(sorted(times)))
 
 

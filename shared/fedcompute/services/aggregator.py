@@ -27,9 +27,9 @@ from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     TaskStatus,
@@ -71,29 +71,29 @@ def aggregate_round(
     from fedcompute.learning import checkpoint, server_round
     from fedcompute.learning.tensor_codec import decode_bundle, encode_bundle
 
-    iteration = store.get_iteration(key)
-    if iteration is None:
+    round_record = store.get_round(key)
+    if round_record is None:
         log.warning("round-ready for unknown round %s: dropped", key)
         return AggregationOutcome("UNKNOWN_ROUND")
-    if iteration.status in (IterationStatus.COMPLETED, IterationStatus.FAILED, IterationStatus.CANCELED):
-        log.info("round %s already %s: redelivery ignored", key, iteration.status.value)
+    if round_record.status in (RoundStatus.COMPLETED, RoundStatus.FAILED, RoundStatus.CANCELED):
+        log.info("round %s already %s: redelivery ignored", key, round_record.status.value)
         return AggregationOutcome("ALREADY_DONE")
-    if iteration.status != IterationStatus.AGGREGATING:
-        log.warning("round %s is %s, not AGGREGATING: ignored", key, iteration.status.value)
+    if round_record.status != RoundStatus.AGGREGATING:
+        log.warning("round %s is %s, not AGGREGATING: ignored", key, round_record.status.value)
         return AggregationOutcome("NOT_READY")
     task = store.get_task(key.population, key.task_id)
     assert task is not None
     if task.status != TaskStatus.OPEN:  # canceled (or failed) while the round was collecting
         try:
-            store.update_iteration(key, {"status": IterationStatus.CANCELED, "completed_time": now(),
+            store.update_round(key, {"status": RoundStatus.CANCELED, "completed_time": now(),
                                          "status_reason": f"task {task.status.value}"},
-                                   expected=[IterationStatus.AGGREGATING])
+                                   expected=[RoundStatus.AGGREGATING])
         except PreconditionFailedError:
             pass
         log.info("round %s not aggregated: task is %s", key, task.status.value)
         return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value)
     if task.kind == TaskKind.EVALUATION:
-        return _aggregate_evaluation(store, blobs, events, settings, key, task, iteration, now, unseal)
+        return _aggregate_evaluation(store, blobs, events, settings, key, task, round_record, now, unseal)
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
@@ -143,10 +143,10 @@ def aggregate_round(
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
                 strict_json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
 
-    task_changes, next_iteration = _task_changes(task, key, server_round.next_step(phase, key.round_number,
+    task_changes, next_round_record = _task_changes(task, key, server_round.next_step(phase, key.round_number,
                                                                                    task.total_rounds), now())
     finished = store.finish_round(
-        key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, task_changes, next_iteration)
+        key, {"status": RoundStatus.COMPLETED, "completed_time": now()}, task_changes, next_round_record)
     if not finished:
         # A concurrent run (a duplicated round-ready) completed the round first; outputs are
         # create-only and identical, so this run only reports that the work was done.
@@ -158,7 +158,7 @@ def aggregate_round(
 
 
 def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
-                          task: TaskRecord, iteration: IterationRecord, now: Callable[[], float],
+                          task: TaskRecord, round_record: RoundRecord, now: Callable[[], float],
                           unseal: Unsealer | None = None) -> AggregationOutcome:
     """An evaluation round: sum the devices' metric statistics, finalize, write the metrics.
 
@@ -189,11 +189,11 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
         for stat, value in update.metric_statistics.items():
             totals[stat] = totals.get(stat, 0.0) + np.asarray(value, np.float64)
     metrics = evaluation_metrics(task.metrics, valid_metric_sums(task.metrics, totals, faults),
-                                 evaluated_round=iteration.evaluated_round, reports=reports, excluded=excluded)
+                                 evaluated_round=round_record.evaluated_round, reports=reports, excluded=excluded)
     metrics.update({name: float(count) for name, count in faults.items()})
     blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
                 strict_json.dumps(metrics).encode(), create_only=True, content_type="application/json")
-    if store.finish_round(key, {"status": IterationStatus.COMPLETED, "completed_time": now()}, {}, None):
+    if store.finish_round(key, {"status": RoundStatus.COMPLETED, "completed_time": now()}, {}, None):
         events.round_completed(key, task_status=task.status.value)
     delete_round_updates(blobs, settings, key)
     return AggregationOutcome("AGGREGATED", metrics, task.status.value)
@@ -258,11 +258,11 @@ def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) ->
     return len(names)
 
 
-def _task_changes(task: TaskRecord, key: RoundKey, step: NextStep, t: float) -> tuple[dict[str, Any], IterationRecord | None]:
+def _task_changes(task: TaskRecord, key: RoundKey, step: NextStep, t: float) -> tuple[dict[str, Any], RoundRecord | None]:
     """The store changes for ``step``: the task's ε, and the next round opened or the task completed."""
     changes: dict[str, Any] = {"epsilon_spent": step.epsilon_spent}
     if step.next_round is None:
         changes.update({"status": TaskStatus.COMPLETED, "status_reason": step.done_reason, "stop_time": t})
         return changes, None
     changes["current_round"] = step.next_round
-    return changes, IterationRecord.opening(task, step.next_round, t)
+    return changes, RoundRecord.opening(task, step.next_round, t)

@@ -36,10 +36,10 @@ from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
     AssignmentRecord,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     ReportedResult,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     client_version_allowed,
@@ -67,7 +67,7 @@ RETRY_WINDOWS: dict[RejectionReason, tuple[int, int]] = {
 @dataclass
 class _OpenRound:
     task: TaskRecord
-    iteration: IterationRecord | None  # None: an open task whose round is not created yet
+    round_record: RoundRecord | None  # None: an open task whose round is not created yet
     exhausted: frozenset[int] = frozenset()  # slot-counter shards known exhausted
     full_until: float = 0.0  # "round full" known until then (re-checked after: slots get released)
 
@@ -97,9 +97,9 @@ class CheckInCache:
         if refresh or entry is None or t - entry.fetched >= self.ttl_s:
             previous = {(r.task.task_id, r.task.current_round): r for r in (entry.rounds if entry else [])}
             rounds = []
-            for task, iteration in store.open_rounds(population):
-                known = previous.get((task.task_id, task.current_round)) if iteration is not None else None
-                rounds.append(_OpenRound(task, iteration, known.exhausted if known else frozenset()))
+            for task, round_record in store.open_rounds(population):
+                known = previous.get((task.task_id, task.current_round)) if round_record is not None else None
+                rounds.append(_OpenRound(task, round_record, known.exhausted if known else frozenset()))
             entry = _Population(rounds, t)
             self._populations[population] = entry
         return entry.rounds
@@ -229,31 +229,31 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
             RejectionReason.CLIENT_VERSION_MISMATCH,
             f"version {request.client_version} is outside every open task's range",
         )
-    candidates = [r for r in eligible if r.iteration is not None
-                  and r.iteration.status == IterationStatus.COLLECTING and r.task.traffic_weight > 0]
+    candidates = [r for r in eligible if r.round_record is not None
+                  and r.round_record.status == RoundStatus.COLLECTING and r.task.traffic_weight > 0]
     if not candidates:
         if not refresh and cache.ttl_s > 0:
             return _Stale()  # between rounds: the next one may have opened since the cache read
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, "no round is collecting right now")
     # ODP's traffic split: one weighted pick among the open rounds; a full round rejects.
     chosen = rng.choices(candidates, weights=[r.task.traffic_weight for r in candidates], k=1)[0]
-    task, iteration = chosen.task, chosen.iteration
-    assert iteration is not None
+    task, round_record = chosen.task, chosen.round_record
+    assert round_record is not None
     if cache.is_full(chosen):
-        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
-        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
-    key = RoundKey(task.population, task.task_id, iteration.round_number)
+        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
+        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
+    key = RoundKey(task.population, task.task_id, round_record.round_number)
     assignment_id = _assignment_id(task, key, request.device_id, rng)
     t = now()
     record = AssignmentRecord(
         assignment_id=assignment_id, population=task.population, task_id=task.task_id,
-        round_number=iteration.round_number, status=AssignmentStatus.ASSIGNED, client_version=request.client_version,
+        round_number=round_record.round_number, status=AssignmentStatus.ASSIGNED, client_version=request.client_version,
         slot=-1, created_time=t, updated_time=t, device_id=request.device_id,
         max_upload_bytes=upload_contract.max_upload_bytes(task),
     )
     try:
         # The assignment is create-only and its id derives from the identity: one per identity per round.
-        claim = store.claim_assignment(record, iteration.max_assignments, exhausted=chosen.exhausted, rng=rng)
+        claim = store.claim_assignment(record, round_record.max_assignments, exhausted=chosen.exhausted, rng=rng)
     except ConflictError:
         # The identity's one assignment of this round exists. If it is still ASSIGNED, this is
         # the device retrying a check-in whose answer it never got (a timeout or a 503 while
@@ -262,22 +262,22 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
         held = store.get_assignment(key, assignment_id)
         if held is None or held.device_id != request.device_id or held.status != AssignmentStatus.ASSIGNED:
             return Rejection(RejectionReason.NO_TASK_AVAILABLE,
-                             f"this device already holds its assignment of round {iteration.round_number}")
+                             f"this device already holds its assignment of round {round_record.round_number}")
     else:
         if claim.round_stopped:
             return _Stale()
         if claim.record is None:
             cache.mark_full(chosen, claim.exhausted)
-            return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {iteration.round_number} is full")
+            return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
         chosen.exhausted = claim.exhausted
     return Assignment(
         population=task.population,
         task_id=task.task_id,
-        round_number=iteration.round_number,
+        round_number=round_record.round_number,
         assignment_id=assignment_id,
         kind=task.kind,
         plan_url=cache.url(blobs, settings.model_bucket, _plan_object(task)),
-        checkpoint_url=cache.url(blobs, settings.model_bucket, _checkpoint_object(task, iteration)),
+        checkpoint_url=cache.url(blobs, settings.model_bucket, _checkpoint_object(task, round_record)),
         min_separation=task.min_separation,
     )
 
@@ -296,10 +296,10 @@ def _plan_object(task: TaskRecord) -> str:
     return layout.client_plan_path(task.population, task.task_id)
 
 
-def _checkpoint_object(task: TaskRecord, iteration: IterationRecord) -> str:
+def _checkpoint_object(task: TaskRecord, round_record: RoundRecord) -> str:
     if task.kind == TaskKind.EVALUATION:
-        return layout.client_checkpoint_path(task.source_population, task.source_task_id, iteration.evaluated_round)
-    return layout.client_checkpoint_path(task.population, task.task_id, iteration.round_number - 1)
+        return layout.client_checkpoint_path(task.source_population, task.source_task_id, round_record.evaluated_round)
+    return layout.client_checkpoint_path(task.population, task.task_id, round_record.round_number - 1)
 
 
 def report_result(
@@ -332,8 +332,8 @@ def report_result(
                                     reason=f"device reported {result.value}")
         store.release_slot(key, assignment.slot, assignment_id)
         return None
-    iteration = store.get_iteration(key)
-    if iteration is None or iteration.status != IterationStatus.COLLECTING:
+    round_record = store.get_round(key)
+    if round_record is None or round_record.status != RoundStatus.COLLECTING:
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {key.round_number} is no longer collecting")
     if assignment.status == AssignmentStatus.ASSIGNED:
         try:

@@ -25,9 +25,9 @@ from fedcompute.tasks.records import (
     NOT_UPLOADABLE,
     ROUND_CLOSED,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskRecord,
     TaskStatus,
 )
@@ -88,18 +88,18 @@ def ingest_upload(
     if parsed is None:
         return _ignored(OUTCOME_FOREIGN, f"{event.name!r} is not {{pop}}/{{task}}/{{round}}/d/{{assignment}}/gradient")
     key = RoundKey(parsed.population, parsed.task_id, parsed.round_number)
-    task, iteration, assignment = store.get_upload_context(key, parsed.assignment_id)
-    if task is None or iteration is None:
+    task, round_record, assignment = store.get_upload_context(key, parsed.assignment_id)
+    if task is None or round_record is None:
         return _ignored(OUTCOME_FOREIGN, f"no round {key.round_number} of task {key.population}/{key.task_id}")
     if assignment is None:
         return _reject(store, key, event, OUTCOME_UNKNOWN_ASSIGNMENT, f"no assignment {parsed.assignment_id}", now)
     if assignment.status == AssignmentStatus.UPLOAD_COMPLETED:
         # A redelivery: it counted. Repair a crash of the first delivery between filling
         # the last position and closing (or publishing).
-        closed = _close_if_full(store, events, key, iteration, now)
+        closed = _close_if_full(store, events, key, round_record, now)
         return IngestionResult(OUTCOME_DUPLICATE, "already counted", round_closed=closed)
-    if iteration.status != IterationStatus.COLLECTING:
-        return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {iteration.status.value}", now)
+    if round_record.status != RoundStatus.COLLECTING:
+        return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {round_record.status.value}", now)
     # After the duplicate and late checks: a redelivery keeps its first verdict after the task ends.
     if task.status != TaskStatus.OPEN:
         return _reject(store, key, event, OUTCOME_TASK_NOT_OPEN, f"task is {task.status.value}", now)
@@ -135,11 +135,11 @@ def ingest_upload(
     return IngestionResult(OUTCOME_ACCEPTED, "", round_closed=closed)
 
 
-def _close_if_full(store: TaskStore, events: RoundEvents, key: RoundKey, iteration: IterationRecord,
+def _close_if_full(store: TaskStore, events: RoundEvents, key: RoundKey, round_record: RoundRecord,
                    now: Callable[[], float]) -> bool:
     """Close a COLLECTING round whose accept positions are all filled; publish a pending round-ready."""
-    if iteration.status == IterationStatus.COLLECTING:
-        if not store.acceptance_state(key, iteration.report_goal).full:
+    if round_record.status == RoundStatus.COLLECTING:
+        if not store.acceptance_state(key, round_record.report_goal).full:
             return False
         return close_round(store, events, key, now)
     publish_pending_round_ready(store, events, key)
@@ -156,11 +156,11 @@ def close_round(store: TaskStore, events: RoundEvents, key: RoundKey, now: Calla
     (:func:`publish_pending_round_ready`). Each extra round-ready would run a whole
     aggregation (idempotent, so only wasteful): only the winner publishes here.
     """
-    changes: dict[str, object] = {"status": IterationStatus.AGGREGATING, "aggregating_time": now()}
+    changes: dict[str, object] = {"status": RoundStatus.AGGREGATING, "aggregating_time": now()}
     if reason:
         changes["status_reason"] = reason
     try:
-        store.update_iteration(key, changes, expected=[IterationStatus.COLLECTING])
+        store.update_round(key, changes, expected=[RoundStatus.COLLECTING])
     except PreconditionFailedError:
         return True  # another instance closed it (and publishes round-ready)
     log.info("round %s/%s/%s reached its goal: closed%s", key.population, key.task_id, key.round_number,
@@ -171,12 +171,12 @@ def close_round(store: TaskStore, events: RoundEvents, key: RoundKey, now: Calla
 
 def publish_pending_round_ready(store: TaskStore, events: RoundEvents, key: RoundKey) -> bool:
     """Publish round-ready for an AGGREGATING round not yet marked published. True if published."""
-    iteration = store.get_iteration(key)
-    if iteration is None or iteration.status != IterationStatus.AGGREGATING or iteration.round_ready_published:
+    round_record = store.get_round(key)
+    if round_record is None or round_record.status != RoundStatus.AGGREGATING or round_record.round_ready_published:
         return False
     events.round_ready(key)
     try:
-        store.update_iteration(key, {"round_ready_published": True}, expected=[IterationStatus.AGGREGATING])
+        store.update_round(key, {"round_ready_published": True}, expected=[RoundStatus.AGGREGATING])
     except PreconditionFailedError:
         pass  # already aggregated: fine
     return True

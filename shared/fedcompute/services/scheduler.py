@@ -17,9 +17,9 @@ from fedcompute.ports import RoundEvents, TaskStore
 from fedcompute.services.ingestion import close_round, publish_pending_round_ready
 from fedcompute.tasks.records import (
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
     RoundKey,
+    RoundRecord,
+    RoundStatus,
     TaskKind,
     TaskRecord,
     TaskStatus,
@@ -88,35 +88,35 @@ def tick(
         if task.status != TaskStatus.OPEN or task.current_round < 1:
             continue
         key = RoundKey(task.population, task.task_id, task.current_round)
-        iteration = store.get_iteration(key)
-        if iteration is None:
+        round_record = store.get_round(key)
+        if round_record is None:
             continue
-        if iteration.status == IterationStatus.COLLECTING:
+        if round_record.status == RoundStatus.COLLECTING:
             _expire(store, key, AssignmentStatus.ASSIGNED, AssignmentStatus.LOCAL_TIMEOUT,
                     t - timeouts.local_training, report, "local_timeouts")
             _expire(store, key, AssignmentStatus.LOCAL_COMPLETED, AssignmentStatus.UPLOAD_TIMEOUT,
                     t - timeouts.upload, report, "upload_timeouts")
-            if _close_full_or_stalled(store, events, key, iteration, timeouts, t):
+            if _close_full_or_stalled(store, events, key, round_record, timeouts, t):
                 report.closed.append(key)
-        elif iteration.status == IterationStatus.AGGREGATING:
+        elif round_record.status == RoundStatus.AGGREGATING:
             if publish_pending_round_ready(store, events, key):
                 report.republished.append(key)
-            elif iteration.aggregating_time and t - iteration.aggregating_time > timeouts.aggregation:
+            elif round_record.aggregating_time and t - round_record.aggregating_time > timeouts.aggregation:
                 # The aggregator is idempotent per round: re-sending the event is safe. The
                 # clock restarts first, so the next tick does not start yet another run of a
                 # round whose re-run is under way (one re-publish per timeout, not per tick).
                 try:
-                    store.update_iteration(key, {"aggregating_time": t}, expected=[IterationStatus.AGGREGATING])
+                    store.update_round(key, {"aggregating_time": t}, expected=[RoundStatus.AGGREGATING])
                 except PreconditionFailedError:
                     continue  # it completed meanwhile
                 log.warning("round %s aggregating for %.0f s: re-publishing round-ready", key,
-                            t - iteration.aggregating_time)
+                            t - round_record.aggregating_time)
                 events.round_ready(key)
                 report.republished.append(key)
     return report
 
 
-def _close_full_or_stalled(store: TaskStore, events: RoundEvents, key: RoundKey, iteration: IterationRecord,
+def _close_full_or_stalled(store: TaskStore, events: RoundEvents, key: RoundKey, round_record: RoundRecord,
                            timeouts: Timeouts, t: float) -> bool:
     """Repair a collecting round ingestion left behind (one read of its accept counters).
 
@@ -124,21 +124,21 @@ def _close_full_or_stalled(store: TaskStore, events: RoundEvents, key: RoundKey,
     Every position handed out but some never filled for ``timeouts.ingestion``: an
     ingestion crashed holding one; close the round, the accepted set voids the empty ones.
     """
-    state = store.acceptance_state(key, iteration.report_goal)
+    state = store.acceptance_state(key, round_record.report_goal)
     if state.full:
         return close_round(store, events, key, lambda: t)
     if not state.issued_all:
         return False
-    if not iteration.stalled_time:
+    if not round_record.stalled_time:
         try:
-            store.update_iteration(key, {"stalled_time": t}, expected=[IterationStatus.COLLECTING])
+            store.update_round(key, {"stalled_time": t}, expected=[RoundStatus.COLLECTING])
         except PreconditionFailedError:
             pass
         return False
-    if t - iteration.stalled_time < timeouts.ingestion:
+    if t - round_record.stalled_time < timeouts.ingestion:
         return False
     log.warning("round %s: accept positions unfilled for %.0f s: closing without them", key,
-                t - iteration.stalled_time)
+                t - round_record.stalled_time)
     return close_round(store, events, key, lambda: t, reason="closed with accept positions left empty by "
                        "crashed ingestions")
 
@@ -157,7 +157,7 @@ def _expire(store: TaskStore, key: RoundKey, current: AssignmentStatus, timed_ou
         setattr(report, counter, getattr(report, counter) + 1)
 
 
-def pick_checkpoint(selector: str, completed: list[IterationRecord], last_evaluated: int, last_opened_time: float,
+def pick_checkpoint(selector: str, completed: list[RoundRecord], last_evaluated: int, last_opened_time: float,
                     now: float, rng: random.Random) -> int | None:
     """The training round an evaluation round should evaluate now, or None (pure).
 
@@ -193,11 +193,11 @@ def schedule_evaluation(store: TaskStore, task: TaskRecord, report: TickReport, 
     source = store.get_task(task.source_population, task.source_task_id)
     if source is None:
         return
-    current = store.get_iteration(RoundKey(task.population, task.task_id, task.current_round)) if task.current_round else None
-    if current is not None and current.status in (IterationStatus.COLLECTING, IterationStatus.AGGREGATING):
+    current = store.get_round(RoundKey(task.population, task.task_id, task.current_round)) if task.current_round else None
+    if current is not None and current.status in (RoundStatus.COLLECTING, RoundStatus.AGGREGATING):
         return
-    completed = [it for it in store.list_iterations(source.population, source.task_id)
-                 if it.status == IterationStatus.COMPLETED]
+    completed = [it for it in store.list_rounds(source.population, source.task_id)
+                 if it.status == RoundStatus.COMPLETED]
     last_evaluated = current.evaluated_round if current is not None else 0
     pick = pick_checkpoint(task.checkpoint_selector or "every_1_round", completed, last_evaluated,
                            current.created_time if current is not None else 0.0, now, rng)
@@ -213,7 +213,7 @@ def schedule_evaluation(store: TaskStore, task: TaskRecord, report: TickReport, 
                 pass
         return
     number = task.current_round + 1
-    created = store.create_iteration(IterationRecord.opening(task, number, now, evaluated_round=pick))
+    created = store.create_round(RoundRecord.opening(task, number, now, evaluated_round=pick))
     if not created:
         return  # another tick opened it
     try:

@@ -16,18 +16,17 @@ from google.protobuf import timestamp_pb2
 
 from fedcompute import layout, limits
 from fedcompute.config.spec import CheckpointSelector, parse_checkpoint_selector
+from fedcompute.dp import TaskDp
 from fedcompute.errors import ConflictError, InvalidRequestError, NotFoundError, PreconditionFailedError
 from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore, TaskStore
-from fedcompute.privacy.disclosure import redact_dp
 from fedcompute.proto import eligibility_pb2, task_management_pb2
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
-    IterationRecord,
+    RoundRecord,
     TaskKind,
     TaskRecord,
     TaskStatus,
-    TensorSpecRecord,
 )
 
 # ODP's TaskInfo.traffic_weight is an integer; fedcompute uses per-mille of check-ins.
@@ -178,16 +177,15 @@ def open_task(
         "init_checkpoint_uri": f"gs://{settings.model_bucket}/{layout.checkpoint_path(population, task_id, 0)}",
         # Evaluation devices upload metric statistics only, no model delta.
         "update_spec": [] if task.kind == TaskKind.EVALUATION else
-        [TensorSpecRecord(w.name, w.shape, w.dtype).to_dict() for w in phase.update_spec],
+        [w.to_dict() for w in phase.update_spec],
         "metrics": list(phase.metrics),
         "max_device_examples": int(phase.extra.get("max_device_examples", 0) or 0),
         # Never the noise seed: the task record's fields reach the dashboard.
-        "dp": {**redact_dp(phase.dp.to_dict()), "target_epsilon": phase.target_epsilon, "delta": phase.delta,
-               "population_size": phase.population_size},
+        "dp": TaskDp(phase.dp, phase.target_epsilon, phase.delta, phase.population_size).to_dict(),
     }
     if task.kind == TaskKind.TRAINING:
         changes["current_round"] = 1
-        store.create_iteration(IterationRecord.opening(task, 1, now()))
+        store.create_round(RoundRecord.opening(task, 1, now()))
     return store.update_task(population, task_id, changes, expected=[TaskStatus.CREATED])
 
 
@@ -236,7 +234,7 @@ def task_to_proto(task: TaskRecord) -> task_management_pb2.Task:
         status=_STATUS_TO_PROTO[task.status], min_client_version=task.min_client_version,
         max_client_version=task.max_client_version, correlation_id=task.correlation_id,
         status_reason=task.status_reason, current_round=task.current_round, epsilon_spent=task.epsilon_spent,
-        population_size=int(task.dp.get("population_size", 0) or 0),
+        population_size=task.dp.population_size if task.dp is not None else 0,
     )
     for field_name, seconds in (("created_time", task.created_time), ("started_time", task.started_time),
                                 ("stop_time", task.stop_time)):

@@ -51,6 +51,7 @@ from typing import Any
 import psutil
 import requests
 
+from fedcompute.catalogue import ALL_FUNCTIONS, FUNCTIONS, FunctionSpec
 from fedcompute.crypto.hpke import (
     KEY_DIR_NAME,
     KEYS_FILE,
@@ -87,44 +88,9 @@ LOG_TAIL_LINES = 25
 TICKER = "ticker"
 
 
-@dataclass(frozen=True)
-class FunctionSpec:
-    """How one Cloud Function runs locally."""
+# The functions and their triggers come from the one catalogue (fedcompute.catalogue).
+FUNCTION_SPECS: dict[str, FunctionSpec] = FUNCTIONS
 
-    name: str
-    signature_type: str  # "http" or "cloudevent"
-    # Field of Topics whose push subscription reaches the function (CloudEvent ones).
-    topic_field: str | None = None
-    # Further topics pushed to the function (their pull subscription for inspection stays).
-    extra_topic_fields: tuple[str, ...] = ()
-    # How long a push delivery may take before Pub/Sub retries it.
-    ack_deadline_s: int = 60
-
-    @property
-    def entry_point(self) -> str:
-        return self.name
-
-    @property
-    def url_env(self) -> str:
-        """Environment variable holding the function's base URL."""
-        return f"FEDCOMPUTE_{self.name.upper()}_URL"
-
-
-FUNCTION_SPECS: dict[str, FunctionSpec] = {
-    spec.name: spec
-    for spec in (
-        FunctionSpec("task_builder", "http"),
-        FunctionSpec("task_management", "http"),
-        FunctionSpec("task_assignment", "http"),
-        FunctionSpec("result_ingestion", "cloudevent", "gcs_notifications"),
-        FunctionSpec("aggregator", "cloudevent", "round_ready", ack_deadline_s=600),
-        # Locally nothing ticks every minute like Cloud Scheduler: every completed round also
-        # runs the scheduler (opening evaluation rounds, sweeping timeouts) right away.
-        FunctionSpec("scheduler", "cloudevent", "scheduler_tick", extra_topic_fields=("round_completed",)),
-        FunctionSpec("dashboard", "http"),
-    )
-}
-ALL_FUNCTIONS: tuple[str, ...] = tuple(FUNCTION_SPECS)
 # Only these open sealed uploads (HPKE private keys); check-in sees the public key only.
 PRIVATE_KEY_HOLDERS = ("result_ingestion", "aggregator")
 

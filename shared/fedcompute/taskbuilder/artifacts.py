@@ -12,9 +12,10 @@ import numpy as np
 
 from fedcompute import layout
 from fedcompute.errors import ArtifactBuildError, InvariantError
-from fedcompute.plans import ServerPhase, WeightSpec
+from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore
 from fedcompute.settings import Settings
+from fedcompute.tensor_spec import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,10 @@ def artifacts_from_weights(
     )
 
 
-def weight_specs(trainable: Sequence[np.ndarray], non_trainable: Sequence[np.ndarray] = ()) -> tuple[WeightSpec, ...]:
+def weight_specs(trainable: Sequence[np.ndarray], non_trainable: Sequence[np.ndarray] = ()) -> tuple[TensorSpec, ...]:
     """Names ``trainable/<i>`` and ``non_trainable/<i>`` (functional models carry no names)."""
-    specs = [WeightSpec(f"trainable/{i}", tuple(np.shape(w)), str(np.asarray(w).dtype), True)
+    specs = [TensorSpec(f"trainable/{i}", tuple(np.shape(w)), str(np.asarray(w).dtype), True)
              for i, w in enumerate(trainable)]
-    specs += [WeightSpec(f"non_trainable/{i}", tuple(np.shape(w)), str(np.asarray(w).dtype), False)
+    specs += [TensorSpec(f"non_trainable/{i}", tuple(np.shape(w)), str(np.asarray(w).dtype), False)
               for i, w in enumerate(non_trainable)]
     return tuple(specs)

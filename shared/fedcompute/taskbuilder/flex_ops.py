@@ -433,9 +433,9 @@ def check_flex_ops(
 
 def signature_io(tflite_model: bytes) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """``(inputs, outputs)`` of the model's only signature as
-    :class:`~fedcompute.learning.tensor_codec.TensorSpec`s sorted by name, ``-1`` for a
+    :class:`~fedcompute.tensor_spec.TensorSpec`s sorted by name, ``-1`` for a
     dimension of any size (what the plan's ``TensorflowSpec`` lists)."""
-    from fedcompute.learning.tensor_codec import TensorSpec
+    from fedcompute.tensor_spec import TensorSpec
 
     tf = _tf()
     runner = tf.lite.Interpreter(model_content=tflite_model).get_signature_runner()

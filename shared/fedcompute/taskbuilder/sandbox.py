@@ -115,8 +115,8 @@ class FlexOutcome:
 
     def plan_step(self, kind: str) -> Any:
         """The :class:`~fedcompute.plans.TfliteStep` a ``TRAINING`` or ``EVALUATION`` plan carries."""
-        from fedcompute.learning.tensor_codec import TensorSpec
         from fedcompute.plans import TfliteStep
+        from fedcompute.tensor_spec import TensorSpec
 
         model, ops, (inputs, outputs) = (self.training_tflite, self.training_ops, self.training_io) \
             if kind == "TRAINING" else (self.eval_tflite, self.eval_ops, self.eval_io)

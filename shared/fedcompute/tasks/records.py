@@ -5,7 +5,7 @@ Firestore layout::
 
     populations/{pop}                                   population (task id allocation)
     populations/{pop}/tasks/{task_id}                   TaskRecord
-    .../tasks/{task_id}/iterations/{n}                  IterationRecord (round n, n >= 1)
+    .../tasks/{task_id}/iterations/{n}                  RoundRecord (round n, n >= 1)
     .../iterations/{n}/assignments/{assignment_id}      AssignmentRecord
     .../iterations/{n}/slots/{k}                        live-assignment slot k (over-selection cap)
     .../iterations/{n}/rejections/{event_id}            rejected upload, for operations views
@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from fedcompute.dp import TaskDp
 from fedcompute.errors import ConflictError, PreconditionFailedError
+from fedcompute.tensor_spec import TensorSpec
 
 
 class TaskKind(str, enum.Enum):
@@ -40,7 +42,7 @@ class TaskStatus(str, enum.Enum):
         return self in (TaskStatus.CREATED, TaskStatus.OPEN)
 
 
-class IterationStatus(str, enum.Enum):
+class RoundStatus(str, enum.Enum):
     COLLECTING = "COLLECTING"
     AGGREGATING = "AGGREGATING"
     COMPLETED = "COMPLETED"
@@ -118,22 +120,6 @@ def max_live_assignments(report_goal: int, over_selection_rate: float) -> int:
 
 
 @dataclass(frozen=True)
-class TensorSpecRecord:
-    """Name, shape and dtype of one model weight tensor (validates uploads without TF)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpecRecord:
-        return cls(name=data["name"], shape=tuple(int(d) for d in data["shape"]), dtype=data["dtype"])
-
-
-@dataclass(frozen=True)
 class TaskRecord:
     """One task (training or evaluation) of a population."""
 
@@ -161,14 +147,14 @@ class TaskRecord:
     source_task_id: int = 0
     checkpoint_selector: str = ""
     # Weight tensors of a training update, to validate uploads before counting them.
-    update_spec: tuple[TensorSpecRecord, ...] = ()
+    update_spec: tuple[TensorSpec, ...] = ()
     # Metric names the devices report (sufficient statistics).
     metrics: tuple[str, ...] = ()
     # The most examples one device may report per round (0: the server's default cap).
     max_device_examples: int = 0
-    # Privacy ledger: the server phase's DpParams.to_dict() plus target_epsilon, delta, population_size.
+    # Privacy ledger: ε spent so far and the task's DP (None until the task opens; stored as {}).
     epsilon_spent: float = 0.0
-    dp: dict[str, Any] = field(default_factory=dict)
+    dp: TaskDp | None = None
     # Server-private secret from which per-round noise seeds are derived (never published).
     noise_secret: str = ""
     correlation_id: str = ""
@@ -183,6 +169,7 @@ class TaskRecord:
         data["status"] = self.status.value
         data["update_spec"] = [spec.to_dict() for spec in self.update_spec]
         data["metrics"] = list(self.metrics)
+        data["dp"] = self.dp.to_dict() if self.dp is not None else {}
         return data
 
     @classmethod
@@ -191,9 +178,10 @@ class TaskRecord:
         values = {k: v for k, v in data.items() if k in known}
         values["kind"] = TaskKind(values["kind"])
         values["status"] = TaskStatus(values["status"])
-        values["update_spec"] = tuple(TensorSpecRecord.from_dict(s) for s in values.get("update_spec", ()))
+        values["update_spec"] = tuple(TensorSpec.from_dict(s) for s in values.get("update_spec", ()))
         values["metrics"] = tuple(values.get("metrics", ()))
-        values["dp"] = dict(values.get("dp") or {})
+        stored_dp = values.get("dp")
+        values["dp"] = TaskDp.from_dict(stored_dp) if stored_dp else None
         return cls(**values)
 
     def replace(self, **changes: Any) -> TaskRecord:
@@ -201,13 +189,13 @@ class TaskRecord:
 
 
 @dataclass(frozen=True)
-class IterationRecord:
+class RoundRecord:
     """One round of a task."""
 
     population: str
     task_id: int
     round_number: int
-    status: IterationStatus
+    status: RoundStatus
     report_goal: int
     max_assignments: int
     created_time: float = 0.0
@@ -222,11 +210,11 @@ class IterationRecord:
 
     @classmethod
     def opening(cls, task: TaskRecord, round_number: int, created_time: float,
-                evaluated_round: int = 0) -> IterationRecord:
+                evaluated_round: int = 0) -> RoundRecord:
         """Round ``round_number`` of ``task``, open for uploads (COLLECTING): the one place a round opens."""
         return cls(
             population=task.population, task_id=task.task_id, round_number=round_number,
-            status=IterationStatus.COLLECTING, report_goal=task.report_goal,
+            status=RoundStatus.COLLECTING, report_goal=task.report_goal,
             max_assignments=max_live_assignments(task.report_goal, task.over_selection_rate),
             created_time=created_time, evaluated_round=evaluated_round,
         )
@@ -237,13 +225,13 @@ class IterationRecord:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IterationRecord:
+    def from_dict(cls, data: dict[str, Any]) -> RoundRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["status"] = IterationStatus(values["status"])
+        values["status"] = RoundStatus(values["status"])
         return cls(**values)
 
-    def replace(self, **changes: Any) -> IterationRecord:
+    def replace(self, **changes: Any) -> RoundRecord:
         return dataclasses.replace(self, **changes)
 
 

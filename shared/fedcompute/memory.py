@@ -1,8 +1,15 @@
-"""In-memory :class:`~fedcompute.ports.TaskStore` for unit tests and benchmarks.
+"""In-memory fakes of the ports (:mod:`fedcompute.ports`) for unit tests and benchmarks.
 
-A dict-backed store with the same conditional-write semantics as
-:class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore`, thread-safe so concurrency
-tests can drive it.
+Not adapters (those are the real I/O edges in :mod:`fedcompute.adapters`): plain dicts behind
+a lock, with the same semantics as the cloud implementations.
+
+* :class:`InMemoryTaskStore`: the same conditional-write semantics as
+  :class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore`, thread-safe so
+  concurrency tests can drive it;
+* :class:`InMemoryBlobStore`: create-only writes and write-once upload sessions, as
+  :class:`~fedcompute.adapters.blobs.GcsBlobStore`;
+* :class:`InMemoryRoundEvents`: records what :class:`~fedcompute.adapters.events.PubSubRoundEvents`
+  would publish.
 """
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
+from fedcompute.errors import ConflictError, NotFoundError, PayloadTooLargeError, PreconditionFailedError
 from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     ACCEPTED,
@@ -23,8 +30,9 @@ from fedcompute.tasks.records import (
     AcceptResult,
     AssignmentRecord,
     AssignmentStatus,
-    IterationRecord,
-    IterationStatus,
+    RoundKey,
+    RoundRecord,
+    RoundStatus,
     SlotClaim,
     TaskRecord,
     TaskStatus,
@@ -39,7 +47,7 @@ class InMemoryTaskStore:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._tasks: dict[tuple[str, int], TaskRecord] = {}
-        self._iterations: dict[tuple[str, int, int], IterationRecord] = {}
+        self._rounds: dict[tuple[str, int, int], RoundRecord] = {}
         self._assignments: dict[tuple[str, int, int, str], AssignmentRecord] = {}
         self._slots: dict[tuple[str, int, int, int], str] = {}
         self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
@@ -67,7 +75,7 @@ class InMemoryTaskStore:
 
     def open_rounds(self, population):
         with self._lock:
-            return [(t, self._iterations.get((population, t.task_id, t.current_round)))
+            return [(t, self._rounds.get((population, t.task_id, t.current_round)))
                     for t in self.list_tasks(population) if t.status == TaskStatus.OPEN]
 
     def update_task(self, population, task_id, changes, *, expected=None):
@@ -84,61 +92,61 @@ class InMemoryTaskStore:
     def delete_task(self, population, task_id):
         with self._lock:
             self._tasks.pop((population, task_id), None)
-            stores: tuple[dict[Any, Any], ...] = (self._iterations, self._assignments, self._slots, self._rejections)
+            stores: tuple[dict[Any, Any], ...] = (self._rounds, self._assignments, self._slots, self._rejections)
             for store in stores:
                 for k in [k for k in store if k[0] == population and k[1] == task_id]:
                     del store[k]
 
-    def create_iteration(self, record):
+    def create_round(self, record):
         with self._lock:
             k = (record.population, record.task_id, record.round_number)
-            if k in self._iterations:
+            if k in self._rounds:
                 return False
-            self._iterations[k] = record
+            self._rounds[k] = record
             return True
 
-    def get_iteration(self, key):
+    def get_round(self, key):
         with self._lock:
-            return self._iterations.get((key.population, key.task_id, key.round_number))
+            return self._rounds.get((key.population, key.task_id, key.round_number))
 
-    def list_iterations(self, population, task_id):
+    def list_rounds(self, population, task_id):
         with self._lock:
             return sorted(
-                (i for k, i in self._iterations.items() if k[:2] == (population, task_id)),
+                (i for k, i in self._rounds.items() if k[:2] == (population, task_id)),
                 key=lambda i: i.round_number,
             )
 
-    def update_iteration(self, key, changes, *, expected):
+    def update_round(self, key, changes, *, expected):
         with self._lock:
             k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
+            it = self._rounds.get(k)
             if it is None:
                 raise NotFoundError(f"round {key.round_number} of task {key.population}/{key.task_id} does not exist")
             if it.status not in set(expected):
                 raise PreconditionFailedError(f"round {key.round_number} is {it.status.value}")
-            updated = IterationRecord.from_dict({**it.to_dict(), **plain_changes(changes)})
-            self._iterations[k] = updated
+            updated = RoundRecord.from_dict({**it.to_dict(), **plain_changes(changes)})
+            self._rounds[k] = updated
             return updated
 
-    def finish_round(self, key, iteration_changes, task_changes, next_iteration):
+    def finish_round(self, key, round_changes, task_changes, next_round_record):
         with self._lock:
             k = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(k)
-            if it is None or it.status != IterationStatus.AGGREGATING:
+            it = self._rounds.get(k)
+            if it is None or it.status != RoundStatus.AGGREGATING:
                 return False
-            self._iterations[k] = IterationRecord.from_dict({**it.to_dict(), **plain_changes(iteration_changes)})
+            self._rounds[k] = RoundRecord.from_dict({**it.to_dict(), **plain_changes(round_changes)})
             task = self._tasks[(key.population, key.task_id)]
             self._tasks[(key.population, key.task_id)] = TaskRecord.from_dict({**task.to_dict(), **plain_changes(task_changes)})
-            if next_iteration is not None:
-                nk = (next_iteration.population, next_iteration.task_id, next_iteration.round_number)
-                self._iterations.setdefault(nk, next_iteration)
+            if next_round_record is not None:
+                nk = (next_round_record.population, next_round_record.task_id, next_round_record.round_number)
+                self._rounds.setdefault(nk, next_round_record)
             return True
 
     def claim_assignment(self, record, capacity, *, exhausted=(), rng=None):
         with self._lock:
             rk = (record.population, record.task_id, record.round_number)
-            iteration, task = self._iterations.get(rk), self._tasks.get(rk[:2])
-            if iteration is None or iteration.status != IterationStatus.COLLECTING or task is None or \
+            round_record, task = self._rounds.get(rk), self._tasks.get(rk[:2])
+            if round_record is None or round_record.status != RoundStatus.COLLECTING or task is None or \
                     not task.status.is_active:
                 return SlotClaim(None, round_stopped=True)  # like the stopped counters of the Firestore store
             taken = {k[3] for k in self._slots if k[:3] == rk}
@@ -153,7 +161,7 @@ class InMemoryTaskStore:
 
     def get_upload_context(self, key, assignment_id):
         return (self.get_task(key.population, key.task_id),
-                self.get_iteration(key),
+                self.get_round(key),
                 self.get_assignment(key, assignment_id))
 
     def release_slot(self, key, slot, assignment_id):
@@ -192,14 +200,14 @@ class InMemoryTaskStore:
     def accept_upload(self, key, assignment_id):
         with self._lock:
             rk = (key.population, key.task_id, key.round_number)
-            it = self._iterations.get(rk)
+            it = self._rounds.get(rk)
             rec = self._assignments.get((*rk, assignment_id))
             if rec is None:
                 return AcceptResult(UNKNOWN_ASSIGNMENT)
             if rec.status == AssignmentStatus.UPLOAD_COMPLETED:
                 return AcceptResult(DUPLICATE)
             accepted = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)  # a fake: counting is fine
-            if it is None or it.status != IterationStatus.COLLECTING or accepted >= it.report_goal:
+            if it is None or it.status != RoundStatus.COLLECTING or accepted >= it.report_goal:
                 return AcceptResult(ROUND_CLOSED)
             if rec.status != AssignmentStatus.LOCAL_COMPLETED:
                 return AcceptResult(NOT_UPLOADABLE)
@@ -214,8 +222,8 @@ class InMemoryTaskStore:
     def accepted_ids(self, key):
         """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
         with self._lock:
-            it = self._iterations.get((key.population, key.task_id, key.round_number))
-            if it is None or it.status == IterationStatus.COLLECTING:
+            it = self._rounds.get((key.population, key.task_id, key.round_number))
+            if it is None or it.status == RoundStatus.COLLECTING:
                 raise PreconditionFailedError(f"round {key.round_number} is not closed: its accepted set "
                                               "is not final")
             return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
@@ -245,3 +253,76 @@ class InMemoryTaskStore:
     def list_rejections(self, key):
         with self._lock:
             return [v for k, v in self._rejections.items() if k[:3] == (key.population, key.task_id, key.round_number)]
+
+
+class InMemoryBlobStore:
+    """Dict-backed :class:`BlobStore` for unit tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.objects: dict[tuple[str, str], bytes] = {}
+        self.sessions: dict[str, tuple[str, str]] = {}
+        self.session_limits: dict[str, int | None] = {}
+
+    def read(self, bucket, name):
+        with self._lock:
+            try:
+                return self.objects[(bucket, name)]
+            except KeyError:
+                raise NotFoundError(f"gs://{bucket}/{name} does not exist") from None
+
+    def write(self, bucket, name, data, *, create_only=False, content_type="application/octet-stream"):
+        with self._lock:
+            if create_only and (bucket, name) in self.objects:
+                return False
+            self.objects[(bucket, name)] = bytes(data)
+            return True
+
+    def exists(self, bucket, name):
+        with self._lock:
+            return (bucket, name) in self.objects
+
+    def list(self, bucket, prefix):
+        with self._lock:
+            return sorted(n for (b, n) in self.objects if b == bucket and n.startswith(prefix))
+
+    def delete(self, bucket, name):
+        with self._lock:
+            self.objects.pop((bucket, name), None)
+
+    def download_url(self, bucket, name):
+        return f"memory://{bucket}/{name}"
+
+    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None):
+        url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
+        with self._lock:
+            if (bucket, name) in self.objects:
+                raise PreconditionFailedError(f"gs://{bucket}/{name} was already uploaded; an update is written once")
+            self.sessions[url] = (bucket, name)
+            self.session_limits[url] = max_bytes
+        return url, {"content-type": "application/octet-stream"}
+
+    def complete_upload(self, url: str, data: bytes) -> bool:
+        """What a device PUT to the session does: write once, within the session's size range."""
+        bucket, name = self.sessions[url]
+        limit = self.session_limits.get(url)
+        if limit is not None and len(data) > limit:
+            raise PayloadTooLargeError(f"{len(data)} bytes is outside the session's range 0-{limit}")
+        return self.write(bucket, name, data, create_only=True)
+
+
+class InMemoryRoundEvents:
+    """Records published events (unit tests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ready: list[RoundKey] = []
+        self.completed: list[tuple[RoundKey, dict[str, Any]]] = []
+
+    def round_ready(self, key: RoundKey) -> None:
+        with self._lock:
+            self.ready.append(key)
+
+    def round_completed(self, key: RoundKey, **extra: Any) -> None:
+        with self._lock:
+            self.completed.append((key, extra))
