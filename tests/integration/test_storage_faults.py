@@ -30,7 +30,7 @@ from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.learning import upload_contract
 from fedcompute.proto import common_pb2, task_assignment_pb2, task_management_pb2
 from fedcompute.stack.local import LocalStack
-from fedcompute.tasks.records import AssignmentStatus, IterationStatus
+from fedcompute.tasks.records import AssignmentStatus, RoundStatus
 from support.helpers import unique
 from support.tasks import COMPLETED, create_numpy_task, gradient_object, make_update, random_delta, wait_until
 
@@ -149,8 +149,8 @@ def test_a_paused_firestore_gives_fast_503s_and_the_device_is_counted_once_after
         instruction = client.report_result(assignment.self_uri, COMPLETED, key=key)
         assert isinstance(instruction, task_assignment_pb2.UploadInstruction)
         assert client.upload(instruction, make_update(task, random_delta(task, rng))[0]) == 200
-    iteration = task.wait_round(1)
-    assert iteration is not None and iteration.status == IterationStatus.COMPLETED
+    finished = task.wait_round(1)
+    assert finished.status == RoundStatus.COMPLETED
     assert task.count(1) == 2  # exactly the two devices' updates
     holders = [a.device_id for a in task.store.list_assignments(task.key(1))]
     assert sorted(holders) == sorted({*holders}) and len(holders) == 2  # no orphan assignment of the device
