@@ -13,6 +13,8 @@ locals {
     round_ready     = "round-ready"
     round_completed = "round-completed"
     scheduler_tick  = "scheduler-tick"
+    # Sharded aggregation: one message per shard of a big round, pushed to the aggregator.
+    aggregation_shard = "aggregation-shard"
   }
   source_dir = abspath(startswith(var.functions_source_dir, "/") ? var.functions_source_dir : "${path.root}/${var.functions_source_dir}")
 }
@@ -75,10 +77,19 @@ module "pubsub" {
     scheduler = { topic = local.topics.round_ready, email = module.functions.service_account_emails.scheduler }
   }
   # The Pub/Sub-driven functions are pushed by these subscriptions (explicit dead-letter
-  # policy; HTTP timeouts up to 3600 s for the aggregator).
+  # policy). The aggregator's stages (one shard, or the combine) must each finish inside
+  # the ack deadline (600 s, Pub/Sub's maximum) or the message is re-delivered while it
+  # runs: the function's timeout is the same 600 s by default, and the shard count
+  # (fedcompute.learning.sharding) keeps a stage at ~10-60 s.
   push_subscriptions = {
     "aggregator-round-ready" = {
       topic                      = local.topics.round_ready
+      push_endpoint              = module.functions.urls.aggregator
+      oidc_service_account_email = module.functions.push_service_account_email
+      ack_deadline_seconds       = 600
+    }
+    "aggregator-aggregation-shard" = {
+      topic                      = local.topics.aggregation_shard
       push_endpoint              = module.functions.urls.aggregator
       oidc_service_account_email = module.functions.push_service_account_email
       ack_deadline_seconds       = 600

@@ -143,9 +143,9 @@ variable "aggregator_memory" {
 }
 
 variable "aggregator_timeout_seconds" {
-  description = "Timeout of the aggregator, in seconds (it is pushed by a Pub/Sub subscription, so the HTTP limit of 3600 applies)."
+  description = "Timeout of the aggregator, in seconds. Default 600 = its subscriptions' ack deadline, so a stage that overruns is stopped when Pub/Sub re-delivers it; a big round is split in shards so each stage fits (HTTP limit 3600)."
   type        = number
-  default     = 3600
+  default     = 600
 
   validation {
     condition     = var.aggregator_timeout_seconds >= 60 && var.aggregator_timeout_seconds <= 3600

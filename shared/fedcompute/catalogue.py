@@ -98,8 +98,12 @@ FUNCTIONS: dict[str, FunctionSpec] = {
                      max_instances=100, concurrency=80),
         FunctionSpec("result_ingestion", Trigger.BUCKET, heavy=False, memory=LIGHT_MEMORY,
                      timeout_s=LIGHT_TIMEOUT_S, max_instances=50, concurrency=8, topic_field="gcs_notifications"),
-        FunctionSpec("aggregator", Trigger.TOPIC, heavy=True, memory="16Gi", timeout_s=3600, max_instances=5,
-                     concurrency=1, topic_field="round_ready", ack_deadline_s=600),
+        # A big round fans out to K shards on aggregation-shard (fedcompute.learning.sharding): the
+        # instance budget is max_instances (16 shards at once); every stage (a shard, the
+        # combine) fits the 600 s ack deadline, which is also the function's timeout.
+        FunctionSpec("aggregator", Trigger.TOPIC, heavy=True, memory="16Gi", timeout_s=600, max_instances=16,
+                     concurrency=1, topic_field="round_ready", extra_topic_fields=("aggregation_shard",),
+                     ack_deadline_s=600),
         # Locally nothing ticks every minute like Cloud Scheduler: every completed round also
         # runs the scheduler (opening evaluation rounds, sweeping timeouts) right away.
         FunctionSpec("scheduler", Trigger.TOPIC, heavy=False, memory=LIGHT_MEMORY, timeout_s=LIGHT_TIMEOUT_S,

@@ -87,6 +87,11 @@ def gradient_path(population: str, task_id: int, round_number: int, assignment_i
     return f"{_base(population, task_id, round_number)}/d/{assignment_id}/gradient"
 
 
+def partial_aggregate_path(population: str, task_id: int, round_number: int, shards: int, shard: int) -> str:
+    """Shard ``shard`` of ``shards``' partial aggregate (aggregate bucket; create-only)."""
+    return f"{_base(population, task_id, round_number)}/s/0/partial/{shards}/{shard}"
+
+
 def task_prefix(population: str, task_id: int) -> str:
     return f"{population}/{task_id}/"
 

@@ -33,11 +33,13 @@ from fedcompute.tasks.records import (
     RoundKey,
     RoundRecord,
     RoundStatus,
+    ShardProgress,
     SlotClaim,
     TaskRecord,
     TaskStatus,
     check_exclusive_training,
     plain_changes,
+    updated_bucket,
 )
 
 
@@ -51,6 +53,7 @@ class InMemoryTaskStore:
         self._assignments: dict[tuple[str, int, int, str], AssignmentRecord] = {}
         self._slots: dict[tuple[str, int, int, int], str] = {}
         self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
+        self._shard_plans: dict[tuple[str, int, int], ShardProgress] = {}
 
     def create_task(self, population, build, *, exclusive_training=True):
         with self._lock:
@@ -219,14 +222,36 @@ class InMemoryTaskStore:
         done = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) >= report_goal
         return AcceptanceState(issued_all=done, full=done)
 
-    def accepted_ids(self, key):
-        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones)."""
+    def accepted_ids(self, key, positions=None):
+        """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones);
+        position p is the p-th of them in id order (the Firestore store numbers them as accepted)."""
         with self._lock:
             it = self._rounds.get((key.population, key.task_id, key.round_number))
             if it is None or it.status == RoundStatus.COLLECTING:
                 raise PreconditionFailedError(f"round {key.round_number} is not closed: its accepted set "
                                               "is not final")
-            return [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
+            ids = [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
+            return ids if positions is None else [ids[p] for p in positions if 0 <= p < len(ids)]
+
+    def plan_shards(self, key, shards):
+        with self._lock:
+            return self._shard_plans.setdefault((key.population, key.task_id, key.round_number),
+                                                ShardProgress(int(shards)))
+
+    def finish_shard(self, key, shard):
+        with self._lock:
+            rk = (key.population, key.task_id, key.round_number)
+            plan = self._shard_plans.get(rk)
+            if plan is None:
+                raise PreconditionFailedError(f"round {key} has no shard plan")
+            plan = ShardProgress(plan.shards, plan.done | {int(shard)})
+            self._shard_plans[rk] = plan
+            return plan
+
+    def expired_assignments(self, key, status, cutoff, limit):
+        with self._lock:
+            bucket = updated_bucket(cutoff)
+            return [a for a in self.list_assignments(key, status) if updated_bucket(a.updated_time) < bucket][:limit]
 
     def count_assignments(self, key, status=None):
         return len(self.list_assignments(key, status))
@@ -317,11 +342,16 @@ class InMemoryRoundEvents:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.ready: list[RoundKey] = []
+        self.shards: list[tuple[RoundKey, int, int]] = []
         self.completed: list[tuple[RoundKey, dict[str, Any]]] = []
 
     def round_ready(self, key: RoundKey) -> None:
         with self._lock:
             self.ready.append(key)
+
+    def aggregation_shard(self, key: RoundKey, shard: int, shards: int) -> None:
+        with self._lock:
+            self.shards.append((key, shard, shards))
 
     def round_completed(self, key: RoundKey, **extra: Any) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ from fedcompute.tasks.records import (
     RoundKey,
     RoundRecord,
     RoundStatus,
+    ShardProgress,
     SlotClaim,
     TaskRecord,
     TaskStatus,
@@ -35,7 +36,13 @@ class TaskStore(Protocol):
       round status moves are optimistic conditional writes, and only completing a round
       (round, task and next round together) runs in a transaction;
     * an upload counts exactly once: :meth:`accept_upload` accepts it while the round
-      collects, and :meth:`accepted_ids` freezes the round's accepted set once it closed.
+      collects, and :meth:`accepted_ids` freezes the round's accepted set once it closed
+      (all of it, or the accept positions of one aggregation shard);
+    * a sharded aggregation records its shard count once (:meth:`plan_shards`, create-if-absent)
+      and each finished shard (:meth:`finish_shard`, idempotent): exactly one caller sees the
+      set become complete, unless a shard is re-delivered after it;
+    * :meth:`expired_assignments` finds assignments in ``status`` not updated since ``cutoff``
+      with a bounded query (at most ``limit``), never a listing of the round.
 
     Implemented by :class:`~fedcompute.adapters.firestore_store.FirestoreTaskStore` and
     :class:`~fedcompute.memory.InMemoryTaskStore`.
@@ -90,7 +97,12 @@ class TaskStore(Protocol):
     ) -> AssignmentRecord: ...
     def accept_upload(self, key: RoundKey, assignment_id: str) -> AcceptResult: ...
     def acceptance_state(self, key: RoundKey, report_goal: int) -> AcceptanceState: ...
-    def accepted_ids(self, key: RoundKey) -> list[str]: ...
+    def accepted_ids(self, key: RoundKey, positions: range | None = None) -> list[str]: ...
+    def plan_shards(self, key: RoundKey, shards: int) -> ShardProgress: ...
+    def finish_shard(self, key: RoundKey, shard: int) -> ShardProgress: ...
+    def expired_assignments(
+        self, key: RoundKey, status: AssignmentStatus, cutoff: float, limit: int
+    ) -> list[AssignmentRecord]: ...
     def count_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> int: ...
     def list_assignments(self, key: RoundKey, status: AssignmentStatus | None = None) -> list[AssignmentRecord]: ...
     def record_rejection(self, key: RoundKey, event_id: str, data: dict[str, Any]) -> bool: ...
@@ -112,7 +124,9 @@ class BlobStore(Protocol):
 
 
 class RoundEvents(Protocol):
-    """Publishes that a round is ready to aggregate, or completed."""
+    """Publishes that a round is ready to aggregate (or to combine its shards), that one shard
+    of it is to be aggregated, or that it completed."""
 
     def round_ready(self, key: RoundKey) -> None: ...
+    def aggregation_shard(self, key: RoundKey, shard: int, shards: int) -> None: ...
     def round_completed(self, key: RoundKey, **extra: Any) -> None: ...

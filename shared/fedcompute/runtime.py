@@ -41,6 +41,7 @@ class Runtime(ProcessClients):
                         store=FirestoreTaskStore(clients.firestore),
                         blobs=GcsBlobStore(clients.storage, public_base_url=settings.storage_public_url or None),
                         events=PubSubRoundEvents(clients.publisher, settings.project, settings.topics.round_ready,
-                                                 settings.topics.round_completed),
+                                                 settings.topics.round_completed,
+                                                 aggregation_shard_topic=settings.topics.aggregation_shard),
                     )
         return self._deps

@@ -20,12 +20,15 @@ class Topics:
     round_ready: str = "round-ready"
     round_completed: str = "round-completed"
     scheduler_tick: str = "scheduler-tick"
+    # Sharded aggregation: one message per shard of a closed round (pushed to the aggregator).
+    aggregation_shard: str = "aggregation-shard"
     # Local only: fake-gcs-server publishes OBJECT_FINALIZE notifications here
     # (Eventarc delivers them directly in the cloud).
     gcs_notifications: str = "gcs-object-finalize"
 
     def all(self) -> tuple[str, ...]:
-        return (self.round_ready, self.round_completed, self.scheduler_tick, self.gcs_notifications)
+        return (self.round_ready, self.round_completed, self.scheduler_tick, self.aggregation_shard,
+                self.gcs_notifications)
 
     @staticmethod
     def dead_letter(topic: str) -> str:
@@ -55,6 +58,12 @@ class Settings:
     upload_encryption: str = "required"
     # Check-ins per minute one device identity may make (in-memory token bucket; 0 = no limit).
     checkins_per_minute: float = 30.0
+    # Sharded aggregation (fedcompute.learning.sharding.shard_count): 0 derives the number of
+    # shards from the report goal and the update size; >= 1 forces it (1 = one job, no fan-out).
+    aggregation_shards: int = 0
+    # Work one shard takes on (update bytes + a per-object cost) and the instance budget.
+    aggregation_shard_bytes: int = 1 << 30
+    max_aggregation_shards: int = 16
 
     @property
     def device_auth_required(self) -> bool:
@@ -80,6 +89,9 @@ class Settings:
             device_auth=_choice(e, "FEDCOMPUTE_DEVICE_AUTH", ("required", "optional")),
             upload_encryption=_choice(e, "FEDCOMPUTE_UPLOAD_ENCRYPTION", ("required", "optional")),
             checkins_per_minute=float(e.get("FEDCOMPUTE_CHECKINS_PER_MINUTE", "30") or 0),
+            aggregation_shards=_int(e, "FEDCOMPUTE_AGGREGATION_SHARDS", 0, minimum=0),
+            aggregation_shard_bytes=_int(e, "FEDCOMPUTE_AGGREGATION_SHARD_BYTES", 1 << 30, minimum=1),
+            max_aggregation_shards=_int(e, "FEDCOMPUTE_MAX_AGGREGATION_SHARDS", 16, minimum=1),
         )
 
 
@@ -89,4 +101,19 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
         from fedcompute.errors import ConfigError
 
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}", hint=f"unset it or set {allowed[0]}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        from fedcompute.errors import ConfigError
+
+        raise ConfigError(f"{name}={raw!r} is not an integer >= {minimum}", hint=f"unset it for the default {default}")
     return value

@@ -144,6 +144,53 @@ def test_scheduler_closes_a_stalled_round_only_after_the_ingestion_timeout() -> 
     assert round_record.status == RoundStatus.AGGREGATING and "crashed ingestions" in round_record.status_reason
 
 
+def test_scheduler_tick_reads_only_expired_assignments_page_by_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcompute.tasks.records import AssignmentRecord
+
+    inner, events = InMemoryTaskStore(), InMemoryRoundEvents()
+    task = _open(inner, report_goal=1000, over=2.0)
+    key = RoundKey(POP, task.task_id, 1)
+    for i in range(700):  # 25 stale, 675 live (a big round in training)
+        t = 0.0 if i < 25 else 5000.0
+        inner.create_assignment(AssignmentRecord(f"a{i:04d}", POP, task.task_id, 1, AssignmentStatus.ASSIGNED, "1",
+                                                 i, t, t))
+    read: list[int] = []
+    original = inner.expired_assignments
+
+    def expired(key, status, cutoff, limit):  # type: ignore[no-untyped-def]
+        found = original(key, status, cutoff, limit)
+        read.append(len(found))
+        return found
+
+    monkeypatch.setattr(inner, "expired_assignments", expired)
+    monkeypatch.setattr(scheduler, "EXPIRY_PAGE_SIZE", 10)
+    store = CountingStore(inner)
+    report = scheduler.tick(store, events, timeouts=scheduler.Timeouts(local_training=900), now=lambda: 5100.0)  # type: ignore[arg-type]
+    assert report.local_timeouts == 25
+    assert store.calls["list_assignments"] == 0 and store.calls["count_assignments"] == 0
+    assert sum(read) == 25 and max(read) <= 10  # pages of the expired ones only: 10, 10, 5, then 0
+    assert inner.count_assignments(key, AssignmentStatus.LOCAL_TIMEOUT) == 25
+    assert inner.count_assignments(key, AssignmentStatus.ASSIGNED) == 675
+
+
+def test_expiry_buckets_never_report_an_assignment_updated_after_the_cutoff() -> None:
+    from fedcompute.tasks.records import UPDATED_BUCKET_S, AssignmentRecord, updated_bucket
+
+    store = InMemoryTaskStore()
+    task = _open(store, report_goal=10)
+    key = RoundKey(POP, task.task_id, 1)
+    cutoff = 1234.5
+    times = [cutoff - 2 * UPDATED_BUCKET_S, cutoff - 0.1, cutoff, cutoff + 0.1]
+    for i, t in enumerate(times):
+        store.create_assignment(AssignmentRecord(f"b{i}", POP, task.task_id, 1, AssignmentStatus.ASSIGNED, "1",
+                                                 i, t, t))
+    found = store.expired_assignments(key, AssignmentStatus.ASSIGNED, cutoff, 100)
+    assert [a.assignment_id for a in found] == ["b0"]  # the cutoff's own bucket waits for the next tick
+    assert all(a.updated_time <= cutoff for a in found)
+    assert AssignmentRecord("x", POP, 1, 1, AssignmentStatus.ASSIGNED, "1", 0, 0.0, 77.0).to_dict()[
+        "updated_bucket"] == updated_bucket(77.0) == 7
+
+
 def test_cached_check_in_claims_with_one_store_call_and_signs_urls_once_per_round() -> None:
     inner, blobs = InMemoryTaskStore(), CountingBlobs()
     _open(inner, report_goal=100)

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 FUNCTIONS = sorted(p.parent.name for p in (ROOT / "functions").glob("*/main.py"))
 HTTP_FUNCTIONS = {"task_builder", "task_management", "task_assignment", "dashboard"}
-# Pub/Sub-driven functions: pushed by a subscription on this topic (dead-letter policy on it).
-PUSHED_BY_TOPIC = {"aggregator": "round-ready", "scheduler": "scheduler-tick"}
+# Pub/Sub-driven functions: pushed by one subscription on each of these topics (dead-letter policy on it).
+PUSHED_BY_TOPIC = {"aggregator": ("round-ready", "aggregation-shard"), "scheduler": ("scheduler-tick",)}
 # Only roles that cannot be scoped to a resource may be granted on the project.
 PROJECT_ROLES_ALLOWED = {"roles/datastore.user", "roles/datastore.viewer", "roles/eventarc.eventReceiver", "roles/logging.logWriter",
                          "roles/artifactregistry.writer", "roles/pubsub.publisher"}
@@ -59,6 +59,8 @@ EXPECTED_GRANTS: dict[str, set[tuple[str, str, str]]] = {
         ("bucket", "roles/storage.objectUser", "model"),
         ("bucket", "roles/storage.objectUser", "aggregate"),
         ("topic", "roles/pubsub.publisher", "round-completed"),
+        ("topic", "roles/pubsub.publisher", "round-ready"),
+        ("topic", "roles/pubsub.publisher", "aggregation-shard"),
         ("secret", "roles/secretmanager.secretAccessor", "upload_keys"),
     },
     "scheduler": {
@@ -170,7 +172,8 @@ def grants(functions_module: Module, secrets_module: Module, root: Module) -> di
     """Every IAM grant to a function's account, as (kind, role, target)."""
     buckets = {"${var.buckets.model}": "model", "${var.buckets.gradient}": "gradient",
                "${var.buckets.aggregate}": "aggregate"}
-    topics = {"${local.round_ready_topic}": "round-ready", "${local.round_completed_topic}": "round-completed"}
+    topics = {"${local.round_ready_topic}": "round-ready", "${local.round_completed_topic}": "round-completed",
+              "${local.aggregation_shard_topic}": "aggregation-shard"}
     result: dict[str, set[tuple[str, str, str]]] = {}
 
     def add(member: str, entry: tuple[str, str, str]) -> None:
@@ -274,7 +277,7 @@ def test_function_resource_entry_point_trigger_and_sizing(function: str, modules
 
     memory = fm.var_default(fm.locals["memory"][function])
     timeout = fm.var_default(service["timeout_seconds"])
-    expected = {"task_builder": ("8Gi", 900), "aggregator": ("16Gi", 3600)}.get(function, ("512Mi", 60))
+    expected = {"task_builder": ("8Gi", 900), "aggregator": ("16Gi", 600)}.get(function, ("512Mi", 60))
     assert (memory, timeout) == expected
     # The root's defaults agree with the module's.
     assert root.variables[{"task_builder": "task_builder_memory", "aggregator": "aggregator_memory"}
@@ -288,25 +291,26 @@ def test_function_resource_entry_point_trigger_and_sizing(function: str, modules
         assert trigger["retry_policy"] == "RETRY_POLICY_RETRY"
         assert block(trigger, "event_filters") == {"attribute": "bucket", "value": "${var.buckets.gradient}"}
     if function in PUSHED_BY_TOPIC:
-        topic = PUSHED_BY_TOPIC[function]
         subs = root.modules["pubsub"]["push_subscriptions"]
         topics = root.locals["topics"]
         mine = [s for s in subs.values() if s["push_endpoint"] == f"${{module.functions.urls.{function}}}"]
-        assert len(mine) == 1, f"{function} must be pushed by exactly one subscription"
-        key = re.fullmatch(r"\$\{local\.topics\.(\w+)\}", mine[0]["topic"]).group(1)
-        assert topics[key] == topic
+        pushed = sorted(topics[re.fullmatch(r"\$\{local\.topics\.(\w+)\}", s["topic"]).group(1)] for s in mine)
+        assert pushed == sorted(PUSHED_BY_TOPIC[function]), f"{function}: one subscription per topic"
         assert fm.outputs["urls"]["value"][function] == f"${{google_cloudfunctions2_function.{function}.url}}"
         invokers = [b for b in fm.of_type("google_cloud_run_service_iam_member").values()
                     if b["service"] == f"${{google_cloudfunctions2_function.{function}.name}}"]
         assert [(b["role"], b["member"]) for b in invokers] == [
             ("roles/run.invoker", "serviceAccount:${google_service_account.push.email}")]
-        assert mine[0]["oidc_service_account_email"] == "${module.functions.push_service_account_email}"
+        assert all(s["oidc_service_account_email"] == "${module.functions.push_service_account_email}" for s in mine)
         assert fm.outputs["push_service_account_email"]["value"] == "${google_service_account.push.email}"
 
 
 def test_push_subscription_ack_deadline_and_aggregator_timeout(root: Module) -> None:
     subs = root.modules["pubsub"]["push_subscriptions"]
     assert all(10 <= s["ack_deadline_seconds"] <= 600 for s in subs.values())
+    # Each aggregator stage (a shard or the combine) is stopped when Pub/Sub would re-deliver it.
+    aggregator = [s for s in subs.values() if s["push_endpoint"] == "${module.functions.urls.aggregator}"]
+    assert {s["ack_deadline_seconds"] for s in aggregator} == {root.variables["aggregator_timeout_seconds"]["default"]}
 
 
 def test_secrets_are_injected_only_into_api_key_functions(modules: dict[str, Module]) -> None:
@@ -680,8 +684,11 @@ def test_terraform_sizing_and_push_deadlines_agree_with_the_catalogue(modules: d
         if spec.trigger is not Trigger.TOPIC:
             assert not mine, f"{name} is not pushed by a topic"
             continue
-        assert [s["ack_deadline_seconds"] for s in mine] == [spec.ack_deadline_s], name
-        assert mine[0]["topic"] == f"${{local.topics.{spec.topic_field}}}", name
+        assert {s["ack_deadline_seconds"] for s in mine} == {spec.ack_deadline_s}, name
+        pushed = {re.fullmatch(r"\$\{local\.topics\.(\w+)\}", s["topic"]).group(1) for s in mine}
+        # Its topic, plus extra topics the catalogue lists (the aggregator's aggregation-shard;
+        # the scheduler's round-completed is pushed locally only).
+        assert spec.topic_field in pushed and pushed - {spec.topic_field} <= set(spec.extra_topic_fields), name
         assert spec.topic_field in topics
 
 

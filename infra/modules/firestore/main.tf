@@ -21,8 +21,9 @@ resource "google_firestore_database" "default" {
 # Single-field index exemptions. Firestore indexes every field by default, and an index on a
 # value that only grows (a timestamp written by every check-in or upload) sends all of its
 # writes to one tablet: ~500 writes/s for the whole collection group. No query filters or
-# orders on these fields (the scheduler compares `updated_time` in memory after a `status`
-# query), so they are not indexed at all.
+# orders on these fields, so they are not indexed at all. The scheduler finds expired
+# assignments on (status, updated_bucket): a 10 s bucket of `updated_time`, whose index
+# entries within a bucket are ordered by the random assignment id (the composite index below).
 locals {
   unindexed_fields = {
     "assignments.created_time" = { collection = "assignments", field = "created_time" }
@@ -43,4 +44,21 @@ resource "google_firestore_field" "unindexed" {
 
   # An empty index_config removes the automatic single-field indexes of this field.
   index_config {}
+}
+
+# The scheduler's bounded expiry query (fedcompute.adapters.firestore_store.expired_assignments):
+# status == S and updated_bucket < B, limit N.
+resource "google_firestore_index" "assignments_expiry" {
+  project    = var.project_id
+  database   = google_firestore_database.default.name
+  collection = "assignments"
+
+  fields {
+    field_path = "status"
+    order      = "ASCENDING"
+  }
+  fields {
+    field_path = "updated_bucket"
+    order      = "ASCENDING"
+  }
 }

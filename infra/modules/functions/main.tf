@@ -46,8 +46,9 @@ locals {
     TF_CPP_MIN_LOG_LEVEL = "3"
   }
 
-  round_ready_topic     = var.topic_ids["round-ready"]
-  round_completed_topic = var.topic_ids["round-completed"]
+  round_ready_topic       = var.topic_ids["round-ready"]
+  round_completed_topic   = var.topic_ids["round-completed"]
+  aggregation_shard_topic = var.topic_ids["aggregation-shard"]
 }
 
 data "google_project" "this" {
@@ -493,7 +494,10 @@ resource "google_cloudfunctions2_function" "aggregator" {
     service_account_email            = google_service_account.aggregator.email
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
-    environment_variables            = local.common_env
+    # A round is split in at most as many shards as instances may run at once.
+    environment_variables = merge(local.common_env, {
+      FEDCOMPUTE_MAX_AGGREGATION_SHARDS = tostring(local.max_instances.aggregator)
+    })
 
     # HPKE private key ring (issue 13): only result_ingestion and aggregator open uploads.
     dynamic "secret_environment_variables" {
@@ -538,6 +542,20 @@ resource "google_pubsub_topic_iam_member" "aggregator_round_completed" {
   project = var.project_id
   topic   = local.round_completed_topic
   role    = "roles/pubsub.publisher"
+  member  = "serviceAccount:${google_service_account.aggregator.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "aggregator_round_ready" {
+  project = var.project_id
+  topic   = local.round_ready_topic
+  role    = "roles/pubsub.publisher" # the last shard of a round triggers its combine
+  member  = "serviceAccount:${google_service_account.aggregator.email}"
+}
+
+resource "google_pubsub_topic_iam_member" "aggregator_aggregation_shard" {
+  project = var.project_id
+  topic   = local.aggregation_shard_topic
+  role    = "roles/pubsub.publisher" # fans a big round out to its shards
   member  = "serviceAccount:${google_service_account.aggregator.email}"
 }
 

@@ -67,7 +67,7 @@ variable "aggregator_memory" {
 variable "aggregator_timeout_seconds" {
   description = "Timeout of the aggregator, in seconds."
   type        = number
-  default     = 3600
+  default     = 600
 }
 
 variable "min_instances" {

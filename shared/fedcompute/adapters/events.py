@@ -23,14 +23,27 @@ def decode_round_event(data: bytes) -> RoundKey:
     return RoundKey(population, task_id, round_number)
 
 
+def decode_shard_event(data: bytes) -> tuple[RoundKey, int, int] | None:
+    """``(round, shard, shards)`` of an aggregation-shard body; None for a plain round event."""
+    body = json.loads(data.decode())
+    if "shard" not in body:
+        return None
+    shard, shards = body["shard"], body["shards"]
+    if not isinstance(shard, int) or not isinstance(shards, int) or not 0 <= shard < shards:
+        raise InvariantError(f"shard must be an integer in [0, shards), got shard={shard!r} shards={shards!r}")
+    return decode_round_event(data), shard, shards
+
+
 class PubSubRoundEvents:
-    """Publishes to the ``round-ready`` / ``round-completed`` topics (``PublisherClient`` passed in)."""
+    """Publishes to the ``round-ready`` / ``aggregation-shard`` / ``round-completed`` topics
+    (``PublisherClient`` passed in)."""
 
     def __init__(self, publisher: Any, project: str, round_ready_topic: str, round_completed_topic: str,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, *, aggregation_shard_topic: str = "aggregation-shard") -> None:
         self._publisher = publisher
         self._ready = publisher.topic_path(project, round_ready_topic)
         self._completed = publisher.topic_path(project, round_completed_topic)
+        self._shard = publisher.topic_path(project, aggregation_shard_topic)
         self._timeout = timeout
 
     def _publish(self, topic: str, data: bytes, key: RoundKey) -> None:
@@ -43,6 +56,9 @@ class PubSubRoundEvents:
 
     def round_ready(self, key: RoundKey) -> None:
         self._publish(self._ready, encode_round_event(key), key)
+
+    def aggregation_shard(self, key: RoundKey, shard: int, shards: int) -> None:
+        self._publish(self._shard, encode_round_event(key, shard=shard, shards=shards), key)
 
     def round_completed(self, key: RoundKey, **extra: Any) -> None:
         self._publish(self._completed, encode_round_event(key, **extra), key)

@@ -32,6 +32,7 @@ from fedcompute.tasks.records import (
     NOT_UPLOADABLE,
     ROUND_CLOSED,
     UNKNOWN_ASSIGNMENT,
+    UPDATED_BUCKET_FIELD,
     AcceptanceState,
     AcceptResult,
     AssignmentRecord,
@@ -39,12 +40,14 @@ from fedcompute.tasks.records import (
     RoundKey,
     RoundRecord,
     RoundStatus,
+    ShardProgress,
     SlotClaim,
     TaskKind,
     TaskRecord,
     TaskStatus,
     check_exclusive_training,
     plain_changes,
+    updated_bucket,
 )
 
 _OPTIMISTIC_ATTEMPTS = 25
@@ -362,13 +365,26 @@ class FirestoreTaskStore:
         data = snapshot.to_dict()
         if data["status"] not in {s.value for s in expected}:
             raise PreconditionFailedError(f"assignment {assignment_id} is {data['status']}")
-        changes = {"status": new_status.value, "updated_time": time.time(), "status_reason": reason}
+        t = time.time()
+        changes = {"status": new_status.value, "updated_time": t, UPDATED_BUCKET_FIELD: updated_bucket(t),
+                   "status_reason": reason}
         try:
             # Conditional on the version we read: a concurrent move makes this fail.
             ref.update(changes, option=self._db.write_option(last_update_time=snapshot.update_time))
         except exceptions.FailedPrecondition as error:
             raise PreconditionFailedError(f"assignment {assignment_id} changed concurrently") from error
         return AssignmentRecord.from_dict({**data, **changes})
+
+    def expired_assignments(self, key, status, cutoff, limit):
+        """Assignments in ``status`` last updated before ``cutoff``'s bucket: one bounded query
+        on the composite index (status, updated_bucket) (infra/modules/firestore)."""
+        from google.cloud.firestore_v1.base_query import FieldFilter
+
+        query = (self._round(key).collection("assignments")
+                 .where(filter=FieldFilter("status", "==", status.value))
+                 .where(filter=FieldFilter(UPDATED_BUCKET_FIELD, "<", updated_bucket(cutoff)))
+                 .limit(int(limit)))
+        return [AssignmentRecord.from_dict(d.to_dict()) for d in query.stream()]
 
     def get_upload_context(self, key, assignment_id):
         """Task, round and assignment in one round trip."""
@@ -409,7 +425,8 @@ class FirestoreTaskStore:
         batch = self._db.batch()
         batch.create(self._marker(key, position), {"assignment_id": assignment_id, "time": t})
         batch.update(self._assignment(key, assignment_id),
-                     {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": t, "accepted_position": position},
+                     {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": t,
+                      UPDATED_BUCKET_FIELD: updated_bucket(t), "accepted_position": position},
                      option=self._db.write_option(last_update_time=snapshot.update_time))
         batch.set(self._counter(key, "accept", shard), {"filled": firestore.Increment(1)}, merge=True)
         try:
@@ -456,12 +473,13 @@ class FirestoreTaskStore:
             filled[index[snap.reference.path]] = int(data.get("filled", 0))
         return AcceptanceState(issued_all=quota.is_full(issued), full=quota.is_full(filled))
 
-    def accepted_ids(self, key):
-        """The round's accepted set, final once the round stopped collecting.
+    def accepted_ids(self, key, positions=None):
+        """The round's accepted set (or its ``positions``), final once the round stopped collecting.
 
-        Lists the markers (one small document per report: no limit on the round's size)
-        and first voids every empty position with a create-only write, so an upload still
-        in flight for one of them loses its batch: every caller sees the same set.
+        Reads the markers (one small document per report: no limit on the round's size; for
+        ``positions``, only theirs, by key) and first voids every empty position with a
+        create-only write, so an upload still in flight for one of them loses its batch:
+        every caller sees the same set, whichever slices it reads.
         """
         from google.api_core import exceptions
 
@@ -469,8 +487,13 @@ class FirestoreTaskStore:
         if round_record is None or round_record.status == RoundStatus.COLLECTING:
             raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
                                           "closed: its accepted set is not final")
-        markers = {int(doc.id): doc.to_dict() for doc in self._round(key).collection("accepted").stream()}
-        for position in range(round_record.report_goal):
+        wanted = range(round_record.report_goal) if positions is None else positions
+        if positions is None:
+            markers = {int(doc.id): doc.to_dict() for doc in self._round(key).collection("accepted").stream()}
+        else:
+            refs = [self._marker(key, position) for position in wanted]
+            markers = {int(snap.id): snap.to_dict() for snap in self._db.get_all(refs) if snap.exists}
+        for position in wanted:
             if position in markers:
                 continue
             ref = self._marker(key, position)
@@ -480,7 +503,42 @@ class FirestoreTaskStore:
                 markers[position] = {"void": True}
             except exceptions.Conflict:
                 markers[position] = ref.get().to_dict()  # its upload landed first: it counts
-        return sorted(m["assignment_id"] for m in markers.values() if not m.get("void"))
+        return sorted(m["assignment_id"] for p, m in markers.items() if p in wanted and not m.get("void"))
+
+    def _shard_plan(self, key: RoundKey):
+        return self._round(key).collection("aggregation").document("shards")
+
+    def plan_shards(self, key, shards):
+        """Record the round's shard count, create-if-absent; the stored plan wins over ``shards``."""
+        from google.api_core import exceptions
+
+        ref = self._shard_plan(key)
+        try:
+            ref.create({"shards": int(shards), "done": [], "time": time.time()})
+            return ShardProgress(int(shards))
+        except exceptions.Conflict:
+            data = ref.get().to_dict()
+            return ShardProgress(int(data["shards"]), frozenset(int(d) for d in data.get("done", [])))
+
+    def finish_shard(self, key, shard):
+        """Add ``shard`` to the finished ones (a transaction on the plan: K writers per round)."""
+        from google.cloud import firestore
+
+        ref = self._shard_plan(key)
+
+        @firestore.transactional
+        def apply(transaction):
+            snapshot = ref.get(transaction=transaction)
+            if not snapshot.exists:
+                raise PreconditionFailedError(f"round {key} has no shard plan")
+            data = snapshot.to_dict()
+            done = {int(d) for d in data.get("done", [])}
+            if shard not in done:
+                done.add(int(shard))
+                transaction.update(ref, {"done": sorted(done)})
+            return ShardProgress(int(data["shards"]), frozenset(done))
+
+        return apply(self._db.transaction())
 
     def _assignments_query(self, key, status):
         query = self._round(key).collection("assignments")

@@ -267,8 +267,15 @@ def clipped_sum(acc: RoundAccumulator) -> tuple[np.ndarray, ...]:
 _PARTIAL_COUNTERS = ("accepted", "non_finite", "clipped", "num_examples", "metric_clients", "metrics_rejected")
 
 
-def encode_partial(acc: RoundAccumulator) -> bytes:
-    """A shard's partial aggregate as TensorBundle bytes (for the aggregate bucket)."""
+_EXTRA_PREFIX = "extra/"
+
+
+def encode_partial(acc: RoundAccumulator, extra: Mapping[str, int] | None = None) -> bytes:
+    """A shard's partial aggregate as TensorBundle bytes (for the aggregate bucket).
+
+    ``extra``: further counters the caller keeps beside the sum (e.g. updates missing from
+    storage), returned by :func:`decode_partial_with_extra`.
+    """
     acc = _flush(acc)
     named = [(f"sum/{s.name}", t.reshape(s.shape)) for s, t in zip(acc.spec, acc.totals)]
     named += [(f"metric/{k}", v) for k, v in sorted(acc.metric_sums.items())]
@@ -278,11 +285,17 @@ def encode_partial(acc: RoundAccumulator) -> bytes:
         meta["count_threshold"] = repr(acc.count_threshold)
         meta["below_threshold"] = str(acc.below_threshold)
     meta["spec"] = ";".join(f"{s.name}:{s.dtype}:{','.join(map(str, s.shape))}" for s in acc.spec)
+    meta.update({_EXTRA_PREFIX + k: str(int(v)) for k, v in (extra or {}).items()})
     return bundle_to_proto(named, meta).SerializeToString(deterministic=True)
 
 
 def decode_partial(data: bytes, spec: SpecLike) -> RoundAccumulator:
     """Inverse of :func:`encode_partial`, checked against the model ``spec``."""
+    return decode_partial_with_extra(data, spec)[0]
+
+
+def decode_partial_with_extra(data: bytes, spec: SpecLike) -> tuple[RoundAccumulator, dict[str, int]]:
+    """:func:`decode_partial` and the ``extra`` counters the partial was encoded with."""
     from fedcompute.proto import tensors_pb2
 
     bundle = tensors_pb2.TensorBundle.FromString(data)
@@ -304,4 +317,5 @@ def decode_partial(data: bytes, spec: SpecLike) -> RoundAccumulator:
         total[...] = sums[s.name].reshape(-1)
     metrics = {n[7:]: a.astype(np.float64) for n, a in named if n.startswith("metric/")}
     counters: dict[str, Any] = {k: int(meta[k]) for k in _PARTIAL_COUNTERS}
-    return replace(acc, metric_sums=metrics, **counters)
+    extra = {k[len(_EXTRA_PREFIX):]: int(v) for k, v in meta.items() if k.startswith(_EXTRA_PREFIX)}
+    return replace(acc, metric_sums=metrics, **counters), extra

@@ -98,6 +98,13 @@ def tensor_to_proto(name: str, array: np.ndarray) -> tensors_pb2.TensorProto:
 
 def tensor_from_proto(tensor: tensors_pb2.TensorProto, *, what: str = "tensor") -> np.ndarray:
     """A read-only numpy view of a TensorProto's data, after checking dtype, shape and length."""
+    dtype, shape = check_tensor_header(tensor, len(tensor.data), what=what)
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+
+
+def check_tensor_header(tensor: tensors_pb2.TensorProto, data_length: int, *,
+                        what: str = "tensor") -> tuple[np.dtype, tuple[int, ...]]:
+    """(dtype, shape) of a TensorProto whose data is ``data_length`` bytes, checked to agree."""
     label = f"{what} {tensor.name!r}"
     dtype = _PROTO_TO_DTYPE.get(tensor.dtype)
     if dtype is None:
@@ -109,13 +116,13 @@ def tensor_from_proto(tensor: tensors_pb2.TensorProto, *, what: str = "tensor") 
     if any(d < 0 for d in shape):
         raise InvalidRequestError(f"{label} has a negative dimension in shape {list(shape)}")
     expected = math.prod(shape) * dtype.itemsize
-    if len(tensor.data) != expected:
+    if data_length != expected:
         raise InvalidRequestError(
-            f"{label} has {len(tensor.data)} bytes of data, expected {expected} "
+            f"{label} has {data_length} bytes of data, expected {expected} "
             f"for shape {list(shape)} and dtype {dtype.name}",
             hint="data must be the raw little-endian elements in C order",
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return dtype, shape
 
 
 # --------------------------------------------------------------------------- bundles
@@ -140,6 +147,20 @@ def bundle_from_proto(
     what: str = "bundle",
 ) -> list[tuple[str, np.ndarray]]:
     """The bundle's named arrays, checked against ``expected_spec`` (count, names, shapes, dtypes)."""
+    check_bundle_header(bundle, expected_spec=expected_spec, what=what)
+    return [(t.name, np.frombuffer(t.data, dtype=_PROTO_TO_DTYPE[t.dtype]).reshape(tuple(t.shape)))
+            for t in bundle.tensors]
+
+
+def check_bundle_header(
+    bundle: tensors_pb2.TensorBundle,
+    *,
+    expected_spec: SpecLike | None = None,
+    what: str = "bundle",
+    data_lengths: Sequence[int] | None = None,
+) -> None:
+    """:func:`bundle_from_proto`'s checks without reading the data: ``data_lengths`` (one per
+    tensor) stands for the tensors' data when it was not parsed (header-only validation)."""
     if bundle.format_version != FORMAT_VERSION:
         raise InvalidRequestError(
             f"{what} has format_version {bundle.format_version}, this server reads {FORMAT_VERSION}",
@@ -169,7 +190,9 @@ def bundle_from_proto(
                 raise InvalidRequestError(
                     f"{what} tensor {s.name!r} has shape {list(tensor.shape)}, expected {list(s.shape)}"
                 )
-    return [(t.name, tensor_from_proto(t, what=f"{what} tensor")) for t in bundle.tensors]
+    for i, tensor in enumerate(bundle.tensors):
+        check_tensor_header(tensor, len(tensor.data) if data_lengths is None else data_lengths[i],
+                            what=f"{what} tensor")
 
 
 def encode_bundle(named: NamedArrays, metadata: Mapping[str, str] | None = None) -> bytes:
@@ -298,40 +321,21 @@ def encode_client_update(
     return gzip.compress(raw, compresslevel=compresslevel, mtime=0) if compress else raw
 
 
-def decode_client_update(
-    data: bytes,
-    *,
-    expected_spec: SpecLike,
-    max_bytes: int | None = None,
-    expected_metric_spec: SpecLike | None = None,
-) -> ClientUpdate:
-    """Validate and decode a device upload (gzip'd or already decompressed ClientUpdate bytes).
-
-    ``expected_spec`` is the model's trainable weights ``[(name, shape, dtype), ...]``;
-    ``max_bytes`` caps both the stored and the decompressed size (default: the delta's raw
-    size + 16 MiB). Raises InvalidRequestError (PayloadTooLargeError when oversized) that
-    says what is wrong; non-finite values are not an error.
-    """
-    spec = normalize_spec(expected_spec)
-    cap = default_max_bytes(spec) if max_bytes is None else int(max_bytes)
+def client_update_bytes(data: bytes, cap: int) -> bytes:
+    """The ClientUpdate protobuf bytes of an upload (gunzipped if gzip'd), at most ``cap`` bytes."""
     if len(data) > cap:
         raise PayloadTooLargeError(f"upload is {len(data)} bytes, more than the {cap} allowed")
-    gzipped = bytes(data[:2]) == GZIP_MAGIC
-    raw = gunzip_capped(data, max_bytes=cap) if gzipped else data
-
+    raw = gunzip_capped(data, max_bytes=cap) if bytes(data[:2]) == GZIP_MAGIC else data
     if bytes(raw[:1]) == b"{":
         raise InvalidRequestError(
             "upload is JSON, not a ClientUpdate protobuf (an encrypted ODP payload?)",
             hint="fedcompute accepts the gzip'd ClientUpdate bytes; encrypted uploads are not supported",
         )
-    msg = tensors_pb2.ClientUpdate()
-    try:
-        msg.ParseFromString(raw)
-    except DecodeError as err:
-        raise InvalidRequestError(
-            f"upload is neither gzip nor a ClientUpdate protobuf (starts with {bytes(raw[:8])!r})",
-            hint="upload the gzip'd ClientUpdate bytes from fedcompute.learning.tensor_codec",
-        ) from err
+    return raw
+
+
+def check_client_update_fields(msg: tensors_pb2.ClientUpdate, raw: bytes) -> None:
+    """The ClientUpdate's format version and example count are ones this server reads."""
     if msg.format_version != FORMAT_VERSION:
         if msg.format_version == 0:
             raise InvalidRequestError(
@@ -347,6 +351,33 @@ def decode_client_update(
             f"ClientUpdate reports {msg.num_examples} examples; an update must come from at least one example",
             hint="report FAILED_EXAMPLE_GENERATION instead of uploading when a device has no data",
         )
+
+
+def decode_client_update(
+    data: bytes,
+    *,
+    expected_spec: SpecLike,
+    max_bytes: int | None = None,
+    expected_metric_spec: SpecLike | None = None,
+) -> ClientUpdate:
+    """Validate and decode a device upload (gzip'd or already decompressed ClientUpdate bytes).
+
+    ``expected_spec`` is the model's trainable weights ``[(name, shape, dtype), ...]``;
+    ``max_bytes`` caps both the stored and the decompressed size (default: the delta's raw
+    size + 16 MiB). Raises InvalidRequestError (PayloadTooLargeError when oversized) that
+    says what is wrong; non-finite values are not an error.
+    """
+    spec = normalize_spec(expected_spec)
+    raw = client_update_bytes(data, default_max_bytes(spec) if max_bytes is None else int(max_bytes))
+    msg = tensors_pb2.ClientUpdate()
+    try:
+        msg.ParseFromString(raw)
+    except DecodeError as err:
+        raise InvalidRequestError(
+            f"upload is neither gzip nor a ClientUpdate protobuf (starts with {bytes(raw[:8])!r})",
+            hint="upload the gzip'd ClientUpdate bytes from fedcompute.learning.tensor_codec",
+        ) from err
+    check_client_update_fields(msg, raw)
     delta = bundle_from_proto(msg.model_delta, expected_spec=spec, what="model_delta")
     if msg.HasField("metric_statistics"):
         metrics = bundle_from_proto(msg.metric_statistics, expected_spec=expected_metric_spec, what="metric_statistics")

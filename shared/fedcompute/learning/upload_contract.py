@@ -1,8 +1,9 @@
 """The upload contract: what a device's update must look like for its task (light: no TensorFlow).
 
 Result ingestion (a light function) validates every upload with :func:`make_upload_validator`
-before accepting it; the aggregator decodes the same bytes against the same specs, so the
-contract lives here, beside the codec, and neither service imports the other.
+before accepting it, reading the header only (:func:`check_upload`); the aggregator decodes
+the same bytes against the same specs (:func:`decode_upload`), so the contract lives here,
+beside the codec, and neither service imports the other.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from fedcompute.learning import metric_stats
 from fedcompute.learning.contribution_bounds import check_device_contribution
 from fedcompute.learning.tensor_codec import ClientUpdate, decode_client_update, spec_nbytes
+from fedcompute.learning.update_header import UpdateHeader, check_client_update_header
 from fedcompute.tasks.records import TaskRecord
 from fedcompute.tensor_spec import TensorSpec
 
@@ -37,12 +39,22 @@ def decode_upload(data: bytes, task: TaskRecord, *, max_bytes: int | None = None
     return update
 
 
+def check_upload(data: bytes, task: TaskRecord, *, max_bytes: int | None = None) -> UpdateHeader:
+    """What :func:`decode_upload` checks, without parsing the model delta's tensor data
+    (:mod:`fedcompute.learning.update_header`): the aggregator decodes it anyway."""
+    header = check_client_update_header(data, expected_spec=update_spec(task), max_bytes=max_bytes,
+                                        expected_metric_spec=metric_statistics_spec(task.metrics))
+    check_device_contribution(header.num_examples, header.metric_statistics, max_examples=task.max_device_examples)
+    return header
+
+
 def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, TaskRecord], None]:
-    """Ingestion's check: the upload decodes as an update of the task's shapes and metrics,
-    and its example count and metric statistics are ones one honest device can produce."""
+    """Ingestion's check: the upload is an update of the task's shapes and metrics (header
+    only: names, dtypes, shapes, data lengths), and its example count and metric statistics
+    are ones one honest device can produce."""
 
     def validate(data: bytes, task: TaskRecord) -> None:
-        decode_upload(data, task, max_bytes=max_bytes)
+        check_upload(data, task, max_bytes=max_bytes)
 
     return validate
 

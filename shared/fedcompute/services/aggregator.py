@@ -4,13 +4,24 @@ Triggered by ``round-ready``: read the task, server phase, checkpoint and the ro
 accepted uploads; call :func:`fedcompute.learning.server_round.server_round`; write the
 checkpoint, client checkpoint and metrics; finish the round (open the next one or complete
 the task, as :func:`~fedcompute.learning.server_round.next_step` decides); publish
-``round-completed``. No learning logic lives here. Idempotent: a redelivered message for a COMPLETED round does
+``round-completed``. No learning logic lives here.
+
+Sharded (:mod:`fedcompute.learning.sharding` picks K > 1 for a big round): the first
+round-ready records K and publishes K ``aggregation-shard`` messages; each
+(:func:`aggregate_shard`) clips and sums its slice of accept positions into a create-only
+partial aggregate in the aggregate bucket and marks itself finished in the store; the shard
+that finishes the set publishes round-ready again, whose run merges the K partials
+(:func:`~fedcompute.learning.accumulator.merge_accumulators`), releases the DP mean once
+(:func:`~fedcompute.learning.server_round.finish_round`) and completes the round as the
+single job does. A round-ready for a sharded round that is not finished re-sends only the
+unfinished shards (the scheduler's stuck-round repair goes through it). Idempotent: a redelivered message for a COMPLETED round does
 nothing, and a run killed midway re-runs to the same checkpoint (the accepted set is frozen
 once the round is AGGREGATING, updates stream in assignment-id order, the noise seed is
 derived from the task's server-side secret and the round, and outputs are create-only).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -21,7 +32,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedcompute import layout, strict_json
-from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.errors import (
+    InvalidRequestError,
+    InvariantError,
+    NotFoundError,
+    PreconditionFailedError,
+    TransientError,
+)
+from fedcompute.learning import sharding
+from fedcompute.learning.accumulator import (
+    RoundAccumulator,
+    decode_partial_with_extra,
+    encode_partial,
+    merge_accumulators,
+)
+from fedcompute.learning.tensor_codec import ClientUpdate, spec_nbytes
 from fedcompute.learning.upload_contract import decode_upload
 from fedcompute.plans import ServerPhase
 from fedcompute.ports import BlobStore, RoundEvents, TaskStore
@@ -36,7 +61,9 @@ from fedcompute.tasks.records import (
 )
 
 if TYPE_CHECKING:
-    from fedcompute.learning.server_round import NextStep
+    from fedcompute.learning.dp_core import DpAggregator
+    from fedcompute.learning.server_optimizer import ServerOptimizer
+    from fedcompute.learning.server_round import NextStep, RoundConfig, RoundResult, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +95,7 @@ def aggregate_round(
 
     ``unseal(stored bytes, assignment id)`` opens HPKE-sealed uploads (as ingestion did).
     """
-    from fedcompute.learning import checkpoint, server_round
-    from fedcompute.learning.tensor_codec import decode_bundle, encode_bundle
+    from fedcompute.learning import server_round
 
     round_record = store.get_round(key)
     if round_record is None:
@@ -94,38 +120,176 @@ def aggregate_round(
         return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value)
     if task.kind == TaskKind.EVALUATION:
         return _aggregate_evaluation(store, blobs, events, settings, key, task, round_record, now, unseal)
+    inputs = _round_inputs(blobs, settings, key)
+    shards = sharding.shard_count(task.report_goal, spec_nbytes(inputs.previous.spec),
+                                  shard_bytes=settings.aggregation_shard_bytes,
+                                  max_shards=settings.max_aggregation_shards, forced=settings.aggregation_shards)
+    if shards > 1:
+        # The first round-ready fixes the round's shard count (create-only); later ones reuse it.
+        progress = store.plan_shards(key, shards)
+        if not progress.complete:
+            for shard in progress.pending():  # a re-delivery re-sends the unfinished shards only
+                events.aggregation_shard(key, shard, progress.shards)
+            log.info("round %s: %d of %d shards to aggregate", key, len(progress.pending()), progress.shards)
+            return AggregationOutcome("SHARDS_PUBLISHED", task_status=task.status.value)
+        return _combine_shards(store, blobs, events, settings, key, task, inputs, progress.shards, now)
+
+    faults = _new_faults()
+    accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
+    config = _round_config(task, key, inputs, faults)
+    updates = decoded_updates(blobs, settings, key, task, accepted, faults, unseal)
+    new_state, result, raw_metrics = server_round.server_round(inputs.previous, updates, config)
+    return _finish_training_round(store, blobs, events, settings, key, task, inputs, new_state, result, raw_metrics,
+                                  faults, now)
+
+
+def aggregate_shard(
+    store: TaskStore,
+    blobs: BlobStore,
+    events: RoundEvents,
+    settings: Settings,
+    key: RoundKey,
+    shard: int,
+    shards: int,
+    *,
+    unseal: Unsealer | None = None,
+) -> AggregationOutcome:
+    """Aggregate one shard of round ``key``: clip and sum the updates at its accept positions
+    into a create-only partial aggregate, mark the shard finished, and, when that completes
+    the round's shards, publish round-ready again: the combine (see :func:`aggregate_round`).
+
+    Idempotent: a re-delivered (or duplicated, or killed and re-run) shard finds its partial
+    written, marks itself finished again and re-publishes round-ready only if every shard is
+    finished (the combine is idempotent too); a shard of a round no longer AGGREGATING does nothing.
+    """
+    round_record = store.get_round(key)
+    if round_record is None or round_record.status != RoundStatus.AGGREGATING:
+        log.info("shard %d/%d of round %s: round is %s, nothing to do", shard, shards, key,
+                 "unknown" if round_record is None else round_record.status.value)
+        return AggregationOutcome("ALREADY_DONE" if round_record is not None else "UNKNOWN_ROUND")
+    task = store.get_task(key.population, key.task_id)
+    if task is None or task.status != TaskStatus.OPEN:
+        return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value if task else "")
+    path = layout.partial_aggregate_path(key.population, key.task_id, key.round_number, shards, shard)
+    if not blobs.exists(settings.aggregate_bucket, path):
+        inputs = _round_inputs(blobs, settings, key)
+        faults = _new_faults()
+        accepted = store.accepted_ids(key, sharding.shard_positions(task.report_goal, shards, shard))
+        acc = inputs.dp.start(inputs.previous.spec, inputs.previous.dp_state)
+        for update in decoded_updates(blobs, settings, key, task, sorted(accepted), faults, unseal):
+            acc = inputs.dp.add(acc, update)
+            del update  # hold one update at a time
+        blobs.write(settings.aggregate_bucket, path, encode_partial(acc, {MISSING_UPDATES: faults[MISSING_UPDATES]}),
+                    create_only=True)
+        log.info("shard %d/%d of round %s: %d updates summed", shard, shards, key, acc.accepted)
+    try:
+        progress = store.finish_shard(key, shard)
+    except PreconditionFailedError as error:  # a shard message ahead of its round-ready's plan
+        raise TransientError(f"shard {shard}/{shards} of round {key} has no shard plan yet", hint="retried") from error
+    if progress.shards != shards:
+        raise InvariantError(f"round {key} is planned in {progress.shards} shards, the message says {shards}")
+    if progress.complete:
+        events.round_ready(key)  # the last shard to finish triggers the combine
+        return AggregationOutcome("SHARD_DONE_COMBINE_PUBLISHED")
+    return AggregationOutcome("SHARD_DONE")
+
+
+@dataclass(frozen=True)
+class _RoundInputs:
+    phase: ServerPhase
+    previous: ServerState
+    optimizer: ServerOptimizer
+    dp: DpAggregator
+
+
+def _round_inputs(blobs: BlobStore, settings: Settings, key: RoundKey) -> _RoundInputs:
+    """The server phase, the previous checkpoint and the round machinery they name."""
+    from fedcompute.learning import checkpoint, server_round
+
     phase = ServerPhase.from_json(blobs.read(settings.model_bucket, layout.server_phase_path(key.population, key.task_id)))
     previous = checkpoint.decode_checkpoint(
         blobs.read(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number - 1)))
     optimizer, dp = server_round.build_round_machinery(phase)
-    accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
+    return _RoundInputs(phase, previous, optimizer, dp)
 
-    faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
-    names = {layout.gradient_path(key.population, key.task_id, key.round_number, aid): aid for aid in accepted}
 
-    def updates() -> Iterator[Any]:
-        for name, data in read_ahead(blobs, settings.gradient_bucket, names):
-            if data is None:
-                # Accepted, then lost (deleted by hand, a lifecycle rule, a storage fault). The
-                # round goes on without it rather than failing on every redelivery. The divisor
-                # rule is the aggregator's usual one: with DP the report goal (a fixed
-                # denominator, so sensitivity and accounting are unchanged), without DP the
-                # number of updates summed.
-                faults[MISSING_UPDATES] += 1
-                log.error("accepted update %s is missing from storage: aggregated without it", name)
-                continue
-            try:
-                yield decode_upload(unseal(data, names[name]) if unseal else data, task)
-            except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
-                log.error("skipping %s: %s", name, error)
+def _new_faults() -> dict[str, int]:
+    return {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
+
+
+def _round_config(task: TaskRecord, key: RoundKey, inputs: _RoundInputs, faults: dict[str, int]) -> RoundConfig:
+    from fedcompute.learning import server_round
 
     finalize_task_metrics = server_round.task_metrics_finalizer(task.metrics)
-    config = server_round.RoundConfig(
-        report_goal=task.report_goal, optimizer=optimizer, dp=dp,
-        noise_seed=server_round.round_noise_seed(phase, task.noise_secret, key.population, key.task_id,
+    return server_round.RoundConfig(
+        report_goal=task.report_goal, optimizer=inputs.optimizer, dp=inputs.dp,
+        noise_seed=server_round.round_noise_seed(inputs.phase, task.noise_secret, key.population, key.task_id,
                                                  key.round_number),
         metrics_finalizer=lambda sums: finalize_task_metrics(valid_metric_sums(task.metrics, sums, faults)))
-    new_state, result, raw_metrics = server_round.server_round(previous, updates(), config)
+
+
+def decoded_updates(blobs: BlobStore, settings: Settings, key: RoundKey, task: TaskRecord, accepted: Iterable[str],
+                    faults: dict[str, int], unseal: Unsealer | None) -> Iterator[ClientUpdate]:
+    """The accepted updates, read ahead in parallel and decoded in ``accepted`` order.
+
+    An accepted update missing from storage (deleted by hand, a lifecycle rule, a storage
+    fault) is left out and counted in ``faults``: the round goes on without it rather than
+    failing on every redelivery. The divisor rule is the aggregator's usual one: with DP the
+    report goal (a fixed denominator, so sensitivity and accounting are unchanged), without
+    DP the number of updates summed.
+    """
+    names = {layout.gradient_path(key.population, key.task_id, key.round_number, aid): aid for aid in accepted}
+    for name, data in read_ahead(blobs, settings.gradient_bucket, names):
+        if data is None:
+            faults[MISSING_UPDATES] += 1
+            log.error("accepted update %s is missing from storage: aggregated without it", name)
+            continue
+        try:
+            yield decode_upload(unseal(data, names[name]) if unseal else data, task)
+        except InvalidRequestError as error:  # ingestion checked it; never trust twice-read bytes blindly
+            log.error("skipping %s: %s", name, error)
+
+
+def _combine_shards(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings, key: RoundKey,
+                    task: TaskRecord, inputs: _RoundInputs, shards: int,
+                    now: Callable[[], float]) -> AggregationOutcome:
+    """Merge the round's K partial aggregates, release the DP mean once, finish the round."""
+    from fedcompute.learning import server_round
+
+    faults = _new_faults()
+    names = [layout.partial_aggregate_path(key.population, key.task_id, key.round_number, shards, shard)
+             for shard in range(shards)]
+    merged: RoundAccumulator | None = None
+    for shard, (name, data) in enumerate(read_ahead(blobs, settings.aggregate_bucket, names, window=4)):
+        if data is None:  # finished, then lost: aggregate that shard again (it re-triggers the combine)
+            log.error("partial aggregate %s is missing: shard %d is aggregated again", name, shard)
+            events.aggregation_shard(key, shard, shards)
+            return AggregationOutcome("SHARD_REPUBLISHED", task_status=task.status.value)
+        partial, extra = decode_partial_with_extra(data, inputs.previous.spec)
+        faults[MISSING_UPDATES] += extra.get(MISSING_UPDATES, 0)
+        merged = partial if merged is None else merge_accumulators(merged, partial)
+    assert merged is not None
+    config = _round_config(task, key, inputs, faults)
+    new_state, result, raw_metrics = server_round.finish_round(inputs.previous, merged, config)
+    outcome = _finish_training_round(store, blobs, events, settings, key, task, inputs, new_state, result, raw_metrics,
+                                     faults, now)
+    if outcome.status == "AGGREGATED":  # later shard messages find the round COMPLETED and stop there
+        for name in names:
+            with contextlib.suppress(NotFoundError):
+                blobs.delete(settings.aggregate_bucket, name)
+    return outcome
+
+
+def _finish_training_round(store: TaskStore, blobs: BlobStore, events: RoundEvents, settings: Settings,
+                           key: RoundKey, task: TaskRecord, inputs: _RoundInputs, new_state: ServerState,
+                           result: RoundResult, raw_metrics: dict[str, float], faults: dict[str, int],
+                           now: Callable[[], float]) -> AggregationOutcome:
+    """Write the checkpoint, client checkpoint and metrics (create-only), then complete the round
+    and open the next one or complete the task."""
+    from fedcompute.learning import checkpoint, server_round
+    from fedcompute.learning.tensor_codec import decode_bundle, encode_bundle
+
+    phase, optimizer = inputs.phase, inputs.optimizer
     metrics = server_round.round_metrics(phase, key.round_number, task.metrics, result, raw_metrics)
     metrics.update({name: float(count) for name, count in faults.items()})
 
@@ -167,21 +331,11 @@ def _aggregate_evaluation(store: TaskStore, blobs: BlobStore, events: RoundEvent
     """
     from fedcompute.learning.server_round import evaluation_metrics
 
-    faults = {MISSING_UPDATES: 0, METRICS_OVERFLOWED: 0}
+    faults = _new_faults()
     totals: dict[str, np.ndarray] = {}
     reports = excluded = 0
-    names = {layout.gradient_path(key.population, key.task_id, key.round_number, aid): aid
-             for aid in sorted(store.accepted_ids(key))}  # the frozen accepted set
-    for name, data in read_ahead(blobs, settings.gradient_bucket, names):
-        if data is None:
-            faults[MISSING_UPDATES] += 1
-            log.error("accepted update %s is missing from storage: evaluated without it", name)
-            continue
-        try:
-            update = decode_upload(unseal(data, names[name]) if unseal else data, task)
-        except InvalidRequestError as error:
-            log.error("skipping %s: %s", name, error)
-            continue
+    accepted = sorted(store.accepted_ids(key))  # the frozen accepted set
+    for update in decoded_updates(blobs, settings, key, task, accepted, faults, unseal):
         if not update.metrics_finite():
             excluded += 1
             continue

@@ -143,18 +143,32 @@ def _close_full_or_stalled(store: TaskStore, events: RoundEvents, key: RoundKey,
                        "crashed ingestions")
 
 
+# The tick reads at most EXPIRY_PAGE_SIZE x EXPIRY_PAGES assignments per status and round;
+# a backlog beyond that is expired by the next ticks.
+EXPIRY_PAGE_SIZE = 500
+EXPIRY_PAGES = 10
+
+
 def _expire(store: TaskStore, key: RoundKey, current: AssignmentStatus, timed_out: AssignmentStatus,
             cutoff: float, report: TickReport, counter: str) -> None:
-    for assignment in store.list_assignments(key, current):
-        if assignment.updated_time > cutoff:
-            continue
-        try:
-            store.transition_assignment(key, assignment.assignment_id, expected=[current], new_status=timed_out,
-                                        reason=f"no progress since {assignment.updated_time:.0f}")
-        except PreconditionFailedError:
-            continue  # the device moved on meanwhile
-        store.release_slot(key, assignment.slot, assignment.assignment_id)
-        setattr(report, counter, getattr(report, counter) + 1)
+    """Time out the round's assignments in ``current`` not updated since ``cutoff``.
+
+    A bounded query of the expired ones only (Firestore: (status, updated_bucket) index, page
+    by page), never a listing of the round's live assignments: an expired assignment leaves
+    ``current`` as it is handled, so the next page starts where this one ended.
+    """
+    for _ in range(EXPIRY_PAGES):
+        expired = store.expired_assignments(key, current, cutoff, EXPIRY_PAGE_SIZE)
+        for assignment in expired:
+            try:
+                store.transition_assignment(key, assignment.assignment_id, expected=[current], new_status=timed_out,
+                                            reason=f"no progress since {assignment.updated_time:.0f}")
+            except PreconditionFailedError:
+                continue  # the device moved on meanwhile
+            store.release_slot(key, assignment.slot, assignment.assignment_id)
+            setattr(report, counter, getattr(report, counter) + 1)
+        if len(expired) < EXPIRY_PAGE_SIZE:
+            return
 
 
 def pick_checkpoint(selector: str, completed: list[RoundRecord], last_evaluated: int, last_opened_time: float,

@@ -10,7 +10,7 @@
    ``gcs-object-finalize`` (the local stand-in for the cloud's Eventarc trigger), then
    the buckets;
 3. once the functions are healthy: push subscriptions ``gcs-object-finalize`` →
-   result_ingestion, ``round-ready`` → aggregator, ``scheduler-tick`` → scheduler, with a
+   result_ingestion, ``round-ready`` and ``aggregation-shard`` → aggregator, ``scheduler-tick`` → scheduler, with a
    dead-letter policy (5 delivery attempts) and a retry policy, plus a pull subscription
    on each dead-letter topic (same name as the topic) for inspection, and a pull
    subscription named after every topic that has no push subscriber (``round-completed``).

@@ -235,6 +235,20 @@ class RoundRecord:
         return dataclasses.replace(self, **changes)
 
 
+# The scheduler finds expired assignments with a bounded query on (status, updated_bucket)
+# instead of listing a round's live assignments. A coarse bucket, not the timestamp itself:
+# index entries of one bucket are ordered by the (random, HMAC-derived) assignment id, so a
+# burst of writes spreads over the bucket's key range instead of hitting its end, and
+# `updated_time` itself stays unindexed (infra/modules/firestore).
+UPDATED_BUCKET_FIELD = "updated_bucket"
+UPDATED_BUCKET_S = 10.0
+
+
+def updated_bucket(updated_time: float) -> int:
+    """The bucket of ``updated_time``: every time in a bucket < ``b`` is <= ``b * UPDATED_BUCKET_S``."""
+    return int(updated_time // UPDATED_BUCKET_S)
+
+
 @dataclass(frozen=True)
 class AssignmentRecord:
     """One device's assignment to one round."""
@@ -258,6 +272,7 @@ class AssignmentRecord:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["status"] = self.status.value
+        data[UPDATED_BUCKET_FIELD] = updated_bucket(self.updated_time)
         return data
 
     @classmethod
@@ -327,6 +342,21 @@ class AcceptResult:
 
     outcome: AcceptOutcome
     round_full: bool = False
+
+
+@dataclass(frozen=True)
+class ShardProgress:
+    """A round aggregated in ``shards`` shards: the shards whose partial aggregate is written."""
+
+    shards: int
+    done: frozenset[int] = frozenset()
+
+    @property
+    def complete(self) -> bool:
+        return len(self.done) >= self.shards
+
+    def pending(self) -> list[int]:
+        return [shard for shard in range(self.shards) if shard not in self.done]
 
 
 @dataclass(frozen=True)
