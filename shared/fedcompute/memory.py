@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError
+from fedcompute.errors import ConflictError, NotFoundError, PayloadTooLargeError, PreconditionFailedError
 from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     ACCEPTED,
@@ -287,6 +287,7 @@ class InMemoryBlobStore:
         self._lock = threading.Lock()
         self.objects: dict[tuple[str, str], bytes] = {}
         self.sessions: dict[str, tuple[str, str]] = {}
+        self.session_limits: dict[str, int | None] = {}
 
     def read(self, bucket, name):
         with self._lock:
@@ -317,17 +318,21 @@ class InMemoryBlobStore:
     def download_url(self, bucket, name):
         return f"memory://{bucket}/{name}"
 
-    def create_upload_session(self, bucket, name, *, gzip=False):
+    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None):
         url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
         with self._lock:
             if (bucket, name) in self.objects:
                 raise PreconditionFailedError(f"gs://{bucket}/{name} was already uploaded; an update is written once")
             self.sessions[url] = (bucket, name)
+            self.session_limits[url] = max_bytes
         return url, {"content-type": "application/octet-stream"}
 
     def complete_upload(self, url: str, data: bytes) -> bool:
-        """What a device PUT to the session does: write once."""
+        """What a device PUT to the session does: write once, within the session's size range."""
         bucket, name = self.sessions[url]
+        limit = self.session_limits.get(url)
+        if limit is not None and len(data) > limit:
+            raise PayloadTooLargeError(f"{len(data)} bytes is outside the session's range 0-{limit}")
         return self.write(bucket, name, data, create_only=True)
 
 

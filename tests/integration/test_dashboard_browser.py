@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedcompute.dp import DpParams
 from fedcompute.fleet.protocol import DeviceHttpClient
+from fedcompute.monitoring.metrics import PRIVACY_EPSILON
 from fedcompute.tasks.records import TaskStatus
 from support.stack_plugin import StackHandle
 from support.tasks import check_in, create_numpy_task, make_update, random_delta, run_device
@@ -149,6 +151,23 @@ def test_dashboard_renders_the_live_task(local_stack: StackHandle, tmp_path: Pat
     assert int(done.having("body", "data-refreshes")[0]["data-refreshes"]) == 1
     check_metric_points(done, task, [1, 2, 3, 4])
     print(f"\ndashboard rendered in headless Chromium in {render_s:.1f} s; screenshot {SCREENSHOT}")
+
+
+def test_dashboard_shows_the_privacy_ledger_per_round(local_stack: StackHandle, tmp_path: Path) -> None:
+    task = create_numpy_task(local_stack, f"dashdp-{uuid.uuid4().hex[:8]}", report_goal=2, over_selection_rate=0.5,
+                             rounds=2, dp=DpParams(mechanism="FIXED_GAUSSIAN", noise_multiplier=1.0, clip_norm=1.0))
+    client, rng = DeviceHttpClient(local_stack.settings.task_assignment_url, timeout=30), np.random.default_rng(8)
+    for r in (1, 2):
+        drive_round(task, client, r, rng)
+    page = rendered(f"{local_stack.urls['dashboard']}/?population={task.population}&task={task.task_id}",
+                    tmp_path / "profile")
+    ledger = {int(a["data-round"]): a for a in page.having("tr", "data-spent")}
+    assert sorted(ledger) == [1, 2]
+    epsilon = {r: task.round_metrics(r)[PRIVACY_EPSILON] for r in (1, 2)}
+    assert 0 < epsilon[1] < epsilon[2] == pytest.approx(task.record().epsilon_spent, rel=1e-12)
+    for r, spent in ((1, epsilon[1]), (2, epsilon[2] - epsilon[1])):
+        assert float(ledger[r]["data-epsilon"]) == pytest.approx(epsilon[r], rel=1e-12)
+        assert float(ledger[r]["data-spent"]) == pytest.approx(spent, rel=1e-9)
 
 
 @pytest.fixture

@@ -88,7 +88,10 @@ def test_stack_restarted_mid_task_keeps_its_state_and_the_fleet_finishes(tmp_pat
 
         client = _start(stack, monkeypatch)  # new ports, same data
         after = client.get_task(population, task_id)
-        assert (after.status, after.current_round, after.total_iteration) == (1, before.current_round, ROUNDS)
+        # Uploads in flight when the fleet stopped may still close the current round before the
+        # stack stops: the task resumes where it was, or one round on; never behind.
+        assert (after.status, after.total_iteration) == (1, ROUNDS)
+        assert before.current_round <= after.current_round <= min(before.current_round + 1, ROUNDS)
         assert client.round_metrics(population, task_id, 1) == metrics_1
         assert client.blobs.exists(bucket, layout.checkpoint_path(population, task_id, 1))
 

@@ -15,6 +15,7 @@ from google.api_core.exceptions import DeadlineExceeded
 
 from fedcompute.cli.main import main as cli_main
 from fedcompute.errors import StackError
+from fedcompute.services.scheduler import Timeouts
 from fedcompute.settings import Topics
 from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS, LocalStack, push_subscription_name
 from fedcompute.stack.local import TICKER
@@ -161,6 +162,8 @@ def test_push_subscriptions_are_configured(local_stack: StackHandle) -> None:
         assert sub.dead_letter_policy.dead_letter_topic.endswith(f"/topics/{Topics.dead_letter(topic)}")
         assert sub.dead_letter_policy.max_delivery_attempts == 5
         assert sub.retry_policy.minimum_backoff.seconds >= 1
+        if name == "aggregator":  # a live aggregation is not redelivered (audit: a second run at 600 s)
+            assert sub.ack_deadline_seconds >= Timeouts.from_env(local_stack.env()).aggregation == 600
     for topic in settings.topics.all():  # dead letters can be inspected
         dead = subscriber.get_subscription(
             subscription=subscriber.subscription_path(settings.project, Topics.dead_letter(topic))

@@ -41,17 +41,20 @@ def test_one_identity_cannot_hold_two_assignments_of_a_round(assignment_server: 
     key = DeviceKey.generate()
     status, first = assignment_server.check_in(key)
     assert status == 201 and first.WhichOneof("result") == "task_assignment"
-    for _ in range(5):  # retries and replays of the same identity
+    for _ in range(5):  # retries of a check-in whose answer was lost: the same assignment, never a second
         status, again = assignment_server.check_in(key)
-        assert status == 200 and again.WhichOneof("result") == "rejection_info"
+        assert status == 201 and again.task_assignment.assignment_id == first.task_assignment.assignment_id
     assignments = assignment_server.store.list_assignments(assignment_server.key)
     assert [a.device_id for a in assignments] == [key.device_id]
+    assert assignment_server.report(first.task_assignment.self_uri, key) == 200
+    status, after = assignment_server.check_in(key)  # reported: the round has nothing more for it
+    assert status == 200 and after.WhichOneof("result") == "rejection_info"
 
 
 def test_one_client_cannot_take_every_slot_and_honest_devices_still_get_in(assignment_server: AssignmentServer) -> None:
     greedy = DeviceKey.generate()
-    taken = sum(assignment_server.check_in(greedy)[1].WhichOneof("result") == "task_assignment" for _ in range(10))
-    assert taken == 1
+    taken = {assignment_server.check_in(greedy)[1].task_assignment.assignment_id for _ in range(10)} - {""}
+    assert len(taken) == 1
     honest = [assignment_server.check_in(DeviceKey.generate())[1].WhichOneof("result") for _ in range(3)]
     assert honest == ["task_assignment"] * 3  # capacity 4: the greedy client holds one slot only
 
@@ -68,7 +71,7 @@ def test_check_ins_of_one_identity_are_rate_limited(assignment_server: Assignmen
     monkeypatch.setattr(assignment_server.module, "_LIMITER", RateLimiter(rate_per_s=0.0001, burst=3))
     key = DeviceKey.generate()
     statuses = [assignment_server.check_in(key)[0] for _ in range(5)]
-    assert statuses[:3] == [201, 200, 200] and statuses[3:] == [429, 429]
+    assert statuses[:3] == [201, 201, 201] and statuses[3:] == [429, 429]  # retries get the same assignment
     assert assignment_server.check_in(DeviceKey.generate())[0] == 201  # other identities are not affected
 
 

@@ -3,6 +3,11 @@ stop it, and what comes back is re-raised as the builder's own error types, sani
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,3 +105,103 @@ def test_a_malformed_signature_from_the_child_fails_the_build(tmp_path: Path, ba
     (tmp_path / "result.json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactBuildError, match="malformed training signature"):
         sandbox._read_result(tmp_path)
+
+
+# --------------------------------------------------------------------------- confinement (real child)
+
+PROBE = '''
+import json, socket, sys
+from pathlib import Path
+from fedcompute.taskbuilder import sandbox
+
+record = sandbox.confine(sandbox.RunAs.parse(sys.argv[3]))
+outcome = {"confinement": record}
+try:
+    Path(sys.argv[4], "planted").write_text("x")
+    outcome["write"] = "written"
+except OSError as error:
+    outcome["write"] = type(error).__name__
+try:
+    outcome["read"] = Path(sys.argv[5]).read_text()
+except OSError as error:
+    outcome["read"] = type(error).__name__
+try:
+    with socket.socket() as client:
+        client.settimeout(2)
+        client.connect(("127.0.0.1", int(sys.argv[6])))
+    outcome["socket"] = "connected"
+except OSError as error:
+    outcome["socket"] = type(error).__name__
+Path("probe.json").write_text(json.dumps(outcome))
+'''
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A directory the sandbox user can traverse (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="fedcompute-sandbox-test-"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop applies to a builder running as root")
+def test_a_confined_child_cannot_write_root_files_read_secrets_or_open_sockets(reachable_dir: Path) -> None:
+    root_owned = reachable_dir / "root-owned"
+    root_owned.mkdir(mode=0o755)
+    secret = reachable_dir / "secret"
+    secret.write_text("TOPSECRET")
+    secret.chmod(0o600)
+    job = reachable_dir / "job"
+    for sub in ("", "home", "tmp", "out"):
+        (job / sub).mkdir(exist_ok=True)
+    (job / "probe.py").write_text(PROBE)
+    run_as = sandbox.sandbox_user({})
+    assert run_as is not None and run_as.uid != 0
+    assert sandbox._hand_over(job, reachable_dir / "root-owned", run_as) == run_as
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        done = sandbox.spawn_child("probe", job, ["--run-as", run_as.arg(), str(root_owned), str(secret),
+                                                  str(listener.getsockname()[1])], sandbox.SandboxLimits())
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    outcome = json.loads((job / "probe.json").read_text())
+    assert outcome["confinement"]["uid"] == run_as.uid
+    assert outcome["write"] == "PermissionError" and not (root_owned / "planted").exists()
+    assert outcome["read"] == "PermissionError"
+    assert outcome["socket"] != "connected"
+    if outcome["confinement"]["network"] == "isolated":
+        assert outcome["socket"] == "OSError"  # ENETUNREACH: the namespace has no interface up
+
+
+def test_a_real_model_check_runs_confined_and_still_reads_the_model(reachable_dir: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from fedcompute.models.example_models import save_example_models
+
+    model_dir = save_example_models(reachable_dir / "models", ["fashion_logreg_type1"], seed=1)["fashion_logreg_type1"]
+    with caplog.at_level("INFO", logger=sandbox.log.name):
+        facts = sandbox.inspect_model(sandbox.ModelJob(model_dir=str(model_dir), label_name=None, flex_ops_check=False),
+                                      reachable_dir / "job")
+    assert facts.num_parameters == sum(w.size for w in facts.trainable) > 0
+    confinement = json.loads((reachable_dir / "job" / "confinement.json").read_text())
+    if os.geteuid() == 0:
+        assert confinement["uid"] == sandbox.sandbox_user({}).uid  # type: ignore[union-attr]
+        assert (reachable_dir / "job" / "home").stat().st_uid == confinement["uid"]
+    else:
+        assert confinement["uid"] == os.getuid()
+    assert f"model sandbox ran as uid {confinement['uid']}" in caplog.text
+
+
+def test_a_root_sandbox_user_is_refused() -> None:
+    if os.geteuid() != 0:
+        assert sandbox.sandbox_user({sandbox.SANDBOX_USER_ENV: "root"}) is None  # not root: same user
+        return
+    with pytest.raises(ArtifactBuildError, match="is root"):
+        sandbox.sandbox_user({sandbox.SANDBOX_USER_ENV: "root"})
+    with pytest.raises(ArtifactBuildError, match="no such user"):
+        sandbox.sandbox_user({sandbox.SANDBOX_USER_ENV: "no-such-user-xyz"})

@@ -15,7 +15,7 @@ import pytest
 from fedcompute import layout
 from fedcompute.dp import DpParams
 from fedcompute.errors import PreconditionFailedError
-from fedcompute.learning import upload_contract
+from fedcompute.learning import server_round, upload_contract
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
 from fedcompute.memory import InMemoryBlobStore, InMemoryTaskStore
 from fedcompute.plans import ServerPhase
@@ -169,8 +169,8 @@ def test_a_metric_whose_round_sum_overflows_is_left_out_and_counted():
     huge = {name: np.full_like(value, 1e308) for name, value in _stats().items()}
     with np.errstate(over="ignore"):
         sums = {name: value + value for name, value in huge.items()}
-    faults = {aggregator.MISSING_UPDATES: 0, aggregator.METRICS_OVERFLOWED: 0}
-    assert aggregator.valid_metric_sums(("loss",), sums, faults) == {}
-    assert faults[aggregator.METRICS_OVERFLOWED] == 1
-    assert set(aggregator.valid_metric_sums(("loss",), _stats(), faults)) == {"loss/count", "loss/sum"}
-    assert faults[aggregator.METRICS_OVERFLOWED] == 1
+    faults = {server_round.MISSING_UPDATES: 0, server_round.METRICS_OVERFLOWED: 0}
+    assert server_round.valid_metric_sums(("loss",), sums, faults) == {}
+    assert faults[server_round.METRICS_OVERFLOWED] == 1
+    assert set(server_round.valid_metric_sums(("loss",), _stats(), faults)) == {"loss/count", "loss/sum"}
+    assert faults[server_round.METRICS_OVERFLOWED] == 1

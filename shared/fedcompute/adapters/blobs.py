@@ -15,13 +15,17 @@ from typing import Any
 from fedcompute.errors import NotFoundError, PreconditionFailedError, TransientError
 
 UPLOAD_HEADERS = {"content-type": "application/octet-stream"}
+XML_API_ENDPOINT = "https://storage.googleapis.com"
 
 
 class GcsBlobStore:
     """:class:`BlobStore` on ``google.cloud.storage.Client`` (real GCS or fake-gcs-server)."""
 
-    def __init__(self, client: Any, *, public_base_url: str | None = None, signed_url_minutes: int = 15) -> None:
+    def __init__(self, client: Any, *, public_base_url: str | None = None, signed_url_minutes: int = 15,
+                 xml_session: Any = None) -> None:
         self._client = client
+        # HTTP session for XML API calls (bounded upload sessions); None: authorized from the client.
+        self._xml_session = xml_session
         # Locally the emulator serves downloads without signatures; in the cloud we sign.
         self._public_base_url = public_base_url if public_base_url is not None else os.environ.get("STORAGE_EMULATOR_HOST", "")
         self._signed_url_minutes = signed_url_minutes
@@ -92,11 +96,17 @@ class GcsBlobStore:
         email = getattr(credentials, "service_account_email", None)
         return {"service_account_email": email, "access_token": credentials.token} if email else {}
 
-    def create_upload_session(self, bucket, name, *, gzip=False):
+    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None):
         """A resumable upload session for exactly this object, valid for one write.
 
         ``gzip``: the device is told to gzip its update (the object is stored with
         ``Content-Encoding: gzip``); otherwise it uploads the raw bytes.
+
+        ``max_bytes``: in the cloud the session is started through the XML API with
+        ``x-goog-content-length-range: 0,max_bytes``, so GCS refuses a larger upload and a
+        device cannot store more than its update (the JSON API's session takes only an exact
+        length). fake-gcs-server has no such bound: locally ingestion rejects and deletes an
+        oversized object by the size in its finalize event, before reading it.
 
         ``if_generation_match=0`` makes the session fail if the object already exists, so
         a device can write its update once and nothing else. fake-gcs-server ignores that
@@ -106,6 +116,8 @@ class GcsBlobStore:
         Raises:
             PreconditionFailedError: the object already exists.
         """
+        if max_bytes is not None and not self._public_base_url:
+            return self._bounded_session(bucket, name, gzip=gzip, max_bytes=int(max_bytes)), dict(UPLOAD_HEADERS)
         blob = self._blob(bucket, name)
         # Only against the emulator: real GCS enforces if_generation_match=0 on the session,
         # and the assignment function may create objects in the gradient bucket but not read them.
@@ -120,3 +132,27 @@ class GcsBlobStore:
             content_type="application/octet-stream", if_generation_match=0, checksum=None
         )
         return url, {"content-type": "application/octet-stream"}
+
+    def _bounded_session(self, bucket: str, name: str, *, gzip: bool, max_bytes: int) -> str:
+        """Start an XML API resumable upload limited to ``max_bytes``, create-only; its session URI."""
+        from google.auth.transport.requests import AuthorizedSession
+
+        headers = {**UPLOAD_HEADERS, "x-goog-resumable": "start", "x-goog-if-generation-match": "0",
+                   "x-goog-content-length-range": f"0,{max_bytes}", "content-length": "0"}
+        if gzip:
+            headers["content-encoding"] = "gzip"
+        url = f"{XML_API_ENDPOINT}/{urllib.parse.quote(bucket, safe='')}/{urllib.parse.quote(name, safe='/')}"
+        if self._xml_session is None:
+            self._xml_session = AuthorizedSession(self._client._credentials)
+        session = self._xml_session
+        response = session.post(url, headers=headers, data=b"", timeout=30)
+        if response.status_code == 412:
+            raise PreconditionFailedError(f"gs://{bucket}/{name} was already uploaded; an update is written once",
+                                          hint="the upload is done: nothing to resend")
+        if response.status_code in (429, 500, 502, 503, 504):
+            raise TransientError(f"could not start an upload to gs://{bucket}/{name}: HTTP {response.status_code}")
+        if response.status_code not in (200, 201) or "location" not in {k.lower() for k in response.headers}:
+            raise TransientError(f"GCS refused to start an upload to gs://{bucket}/{name}: "
+                                 f"HTTP {response.status_code} {response.text[:200]}")
+        return str(response.headers["Location"])
+

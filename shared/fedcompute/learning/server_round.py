@@ -19,13 +19,14 @@ bit-identical (crash and re-run safety); :func:`round_noise_seed` derives the se
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedcompute.errors import InvariantError
+from fedcompute.errors import FedComputeError, InvariantError
 from fedcompute.learning import metric_stats
 from fedcompute.learning.accumulator import RoundAccumulator
 from fedcompute.learning.dp_core import METRIC_NOISE_STDDEV, DpAggregator, DpState, derive_noise_seed
@@ -44,6 +45,12 @@ NUM_REPORTS = "server/aggregator/num_reports"
 EVAL_PREFIX = "server/client_work/eval/"
 EVALUATED_ROUND = "server/evaluation/training_round"
 METRICS_NON_FINITE = "server/aggregator/metrics_non_finite"
+
+_log = logging.getLogger(__name__)
+
+# Round faults the aggregator counts (never a round stuck in AGGREGATING).
+MISSING_UPDATES = "server/aggregator/missing_updates"
+METRICS_OVERFLOWED = "server/aggregator/metrics_overflowed"
 
 
 def build_round_machinery(phase: ServerPhase) -> tuple[ServerOptimizer, DpAggregator]:
@@ -266,3 +273,29 @@ def evaluation_metrics(task_metrics: Iterable[str], totals: Mapping[str, np.ndar
     metrics[NUM_REPORTS] = float(reports)
     metrics[METRICS_NON_FINITE] = float(excluded)
     return metrics
+
+
+def valid_metric_sums(names: Iterable[str], sums: Mapping[str, np.ndarray],
+                      faults: dict[str, int]) -> dict[str, np.ndarray]:
+    """The summed statistics of the metrics that finalize; the others are dropped and counted.
+
+    Per-device statistics are finite when ingested, but their sum can still overflow
+    (e.g. 1e308 from two devices): that metric is left out of the round's metrics rather
+    than failing the round, which would leave it AGGREGATING on every redelivery.
+    """
+    by_metric: dict[str, dict[str, np.ndarray]] = {}
+    for flat_name, array in sums.items():
+        by_metric.setdefault(flat_name.rpartition(metric_stats.STAT_SEPARATOR)[0], {})[flat_name] = array
+    valid: dict[str, np.ndarray] = {}
+    for metric in names:
+        if metric not in by_metric:
+            continue
+        try:
+            stats = metric_stats.unflatten_stats(by_metric[metric])[metric]
+            float(metric_stats.finalize(metric, stats))
+        except (FedComputeError, ArithmeticError, ValueError) as error:
+            faults[METRICS_OVERFLOWED] += 1
+            _log.error("metric %s left out of the round: its summed statistics are invalid (%s)", metric, error)
+            continue
+        valid.update(by_metric[metric])
+    return valid

@@ -7,11 +7,12 @@ beside the codec, and neither service imports the other.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from fedcompute.learning import metric_stats
 from fedcompute.learning.contribution_bounds import check_device_contribution
-from fedcompute.learning.tensor_codec import ClientUpdate, decode_client_update
+from fedcompute.learning.tensor_codec import ClientUpdate, decode_client_update, spec_nbytes
 from fedcompute.learning.update_header import UpdateHeader, check_client_update_header
 from fedcompute.tasks.records import TaskRecord
 from fedcompute.tensor_spec import TensorSpec
@@ -56,3 +57,31 @@ def make_upload_validator(max_bytes: int | None = None) -> Callable[[bytes, Task
         check_upload(data, task, max_bytes=max_bytes)
 
     return validate
+
+
+# Device-set fields of a ClientUpdate besides its tensors (metadata map, counts, headers).
+UPDATE_METADATA_ALLOWANCE = 16 * 1024
+# Protobuf framing of one tensor besides its name and data: tags, dtype, shape varints, lengths.
+TENSOR_FRAMING_BYTES = 32 + 10 * 8
+# The HPKE JSON envelope besides the base64 payload: keys, key id, the sealed assignment id.
+ENVELOPE_ALLOWANCE = 1024
+HPKE_OVERHEAD_BYTES = 32 + 16  # encapsulated X25519 key + AEAD tag
+# The server-wide ceiling (also the cap for an assignment that predates per-task caps).
+DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+
+
+def max_upload_bytes(task: TaskRecord) -> int:
+    """The most bytes an honest device can store for one update of ``task``.
+
+    The ClientUpdate's raw tensor data (model delta + metric statistics) plus protobuf
+    framing and a metadata allowance; gzip's worst case (stored blocks: 5 bytes per
+    16 KiB + header); then the HPKE envelope (base64 of encapsulated key, ciphertext and
+    tag, in JSON). Used to bound the upload session and checked again at ingestion, so a
+    device cannot store more than its update through its upload URL.
+    """
+    tensors = [*update_spec(task), *metric_statistics_spec(task.metrics)]
+    raw = spec_nbytes(tensors) + sum(len(spec.name.encode()) + TENSOR_FRAMING_BYTES for spec in tensors)
+    raw += UPDATE_METADATA_ALLOWANCE
+    gzipped = raw + 5 * math.ceil(raw / 16384) + 64
+    sealed = 4 * math.ceil((gzipped + HPKE_OVERHEAD_BYTES) / 3) + ENVELOPE_ALLOWANCE
+    return min(sealed, DEFAULT_MAX_UPLOAD_BYTES)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,6 +46,7 @@ from fedcompute.learning.accumulator import (
     encode_partial,
     merge_accumulators,
 )
+from fedcompute.learning.server_round import METRICS_OVERFLOWED, MISSING_UPDATES, valid_metric_sums
 from fedcompute.learning.tensor_codec import ClientUpdate, spec_nbytes
 from fedcompute.learning.upload_contract import decode_upload
 from fedcompute.plans import ServerPhase
@@ -69,8 +70,6 @@ log = logging.getLogger(__name__)
 
 # (stored bytes, assignment id) -> the ClientUpdate bytes (fedcompute.crypto.hpke.upload_unsealer).
 Unsealer = Callable[[bytes, str], bytes]
-MISSING_UPDATES = "server/aggregator/missing_updates"
-METRICS_OVERFLOWED = "server/aggregator/metrics_overflowed"
 # Updates read ahead of the one being summed (parallel reads; memory: this many updates).
 READ_AHEAD = 16
 
@@ -373,34 +372,6 @@ def read_ahead(blobs: BlobStore, bucket: str, names: Iterable[str],
                 yield first, future.result()
         for name, future in pending:
             yield name, future.result()
-
-
-def valid_metric_sums(names: Iterable[str], sums: Mapping[str, np.ndarray],
-                      faults: dict[str, int]) -> dict[str, np.ndarray]:
-    """The summed statistics of the metrics that finalize; the others are dropped and counted.
-
-    Per-device statistics are finite when ingested, but their sum can still overflow
-    (e.g. 1e308 from two devices): that metric is left out of the round's metrics rather
-    than failing the round, which would leave it AGGREGATING on every redelivery.
-    """
-    from fedcompute.learning import metric_stats
-
-    by_metric: dict[str, dict[str, np.ndarray]] = {}
-    for flat_name, array in sums.items():
-        by_metric.setdefault(flat_name.rpartition(metric_stats.STAT_SEPARATOR)[0], {})[flat_name] = array
-    valid: dict[str, np.ndarray] = {}
-    for metric in names:
-        if metric not in by_metric:
-            continue
-        try:
-            stats = metric_stats.unflatten_stats(by_metric[metric])[metric]
-            float(metric_stats.finalize(metric, stats))
-        except (InvalidRequestError, ArithmeticError, ValueError) as error:
-            faults[METRICS_OVERFLOWED] += 1
-            log.error("metric %s left out of the round: its summed statistics are invalid (%s)", metric, error)
-            continue
-        valid.update(by_metric[metric])
-    return valid
 
 
 def delete_round_updates(blobs: BlobStore, settings: Settings, key: RoundKey) -> int:

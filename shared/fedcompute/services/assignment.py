@@ -30,6 +30,7 @@ from fedcompute.errors import (
     PreconditionFailedError,
 )
 from fedcompute.identity import assignment_id_for
+from fedcompute.learning import upload_contract
 from fedcompute.ports import BlobStore, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -248,19 +249,27 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
         assignment_id=assignment_id, population=task.population, task_id=task.task_id,
         round_number=round_record.round_number, status=AssignmentStatus.ASSIGNED, client_version=request.client_version,
         slot=-1, created_time=t, updated_time=t, device_id=request.device_id,
+        max_upload_bytes=upload_contract.max_upload_bytes(task),
     )
     try:
         # The assignment is create-only and its id derives from the identity: one per identity per round.
         claim = store.claim_assignment(record, round_record.max_assignments, exhausted=chosen.exhausted, rng=rng)
     except ConflictError:
-        return Rejection(RejectionReason.NO_TASK_AVAILABLE,
-                         f"this device already holds its assignment of round {round_record.round_number}")
-    if claim.round_stopped:
-        return _Stale()
-    if claim.record is None:
-        cache.mark_full(chosen, claim.exhausted)
-        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
-    chosen.exhausted = claim.exhausted
+        # The identity's one assignment of this round exists. If it is still ASSIGNED, this is
+        # the device retrying a check-in whose answer it never got (a timeout or a 503 while
+        # the write was in flight): hand the same assignment back, so the device is not locked
+        # out of the round. Never a second one.
+        held = store.get_assignment(key, assignment_id)
+        if held is None or held.device_id != request.device_id or held.status != AssignmentStatus.ASSIGNED:
+            return Rejection(RejectionReason.NO_TASK_AVAILABLE,
+                             f"this device already holds its assignment of round {round_record.round_number}")
+    else:
+        if claim.round_stopped:
+            return _Stale()
+        if claim.record is None:
+            cache.mark_full(chosen, claim.exhausted)
+            return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
+        chosen.exhausted = claim.exhausted
     return Assignment(
         population=task.population,
         task_id=task.task_id,
@@ -337,5 +346,8 @@ def report_result(
                 raise
     object_name = layout.gradient_path(key.population, key.task_id, key.round_number, assignment_id)
     gzip = upload_gzip_enabled()
-    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name, gzip=gzip)
+    # The session stores at most the task's largest honest update (sealed): a device cannot
+    # park arbitrary data in the gradient bucket through its upload URL.
+    max_bytes = assignment.max_upload_bytes or upload_contract.DEFAULT_MAX_UPLOAD_BYTES
+    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name, gzip=gzip, max_bytes=max_bytes)
     return UploadInstruction(upload_location=url, extra_request_headers=headers, object_name=object_name, gzip=gzip)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from fedcompute import layout
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
+from fedcompute.learning import upload_contract
 from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -77,7 +78,7 @@ def ingest_upload(
     *,
     validate: Validator,
     unseal: Unsealer | None = None,
-    max_upload_bytes: int = 64 * 1024 * 1024,
+    max_upload_bytes: int = upload_contract.DEFAULT_MAX_UPLOAD_BYTES,
     now: Callable[[], float] = time.time,
 ) -> IngestionResult:
     """Accept, count and maybe close. Idempotent: re-delivered events change nothing."""
@@ -105,14 +106,17 @@ def ingest_upload(
     if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
         return _reject(store, key, event, OUTCOME_NOT_UPLOADABLE,
                        f"assignment is {assignment.status.value}, not LOCAL_COMPLETED", now)
-    if event.size > max_upload_bytes:
-        return _invalid(store, key, event, assignment.slot, f"{event.size} bytes exceeds {max_upload_bytes}", now)
+    # The task's largest honest (sealed) update: judged on the event's size before any byte
+    # is read; an oversized object is deleted (where the session could not bound it).
+    cap = min(max_upload_bytes, upload_contract.max_upload_bytes(task))
+    if event.size > cap:
+        return _oversized(store, blobs, key, event, assignment.slot, event.size, cap, now)
     try:
         data = blobs.read(event.bucket, event.name)
     except NotFoundError:
         return _ignored(OUTCOME_MISSING, f"{event.name} was deleted before ingestion")
-    if len(data) > max_upload_bytes:
-        return _invalid(store, key, event, assignment.slot, f"{len(data)} bytes exceeds {max_upload_bytes}", now)
+    if len(data) > cap:
+        return _oversized(store, blobs, key, event, assignment.slot, len(data), cap, now)
     try:
         validate(unseal(data, parsed.assignment_id) if unseal else data, task)
     except InvalidRequestError as error:
@@ -203,6 +207,15 @@ def _invalid(store: TaskStore, key: RoundKey, event: ObjectFinalized, slot: int,
     except PreconditionFailedError:
         pass
     return _reject(store, key, event, OUTCOME_INVALID, reason, now)
+
+
+def _oversized(store: TaskStore, blobs: BlobStore, key: RoundKey, event: ObjectFinalized, slot: int, size: int,
+               cap: int, now: Callable[[], float]) -> IngestionResult:
+    """Larger than any honest update of the task: rejected, its slot freed, the object deleted."""
+    result = _invalid(store, key, event, slot, f"{size} bytes exceeds this task's maximum update size of {cap} bytes",
+                      now)
+    blobs.delete(event.bucket, event.name)
+    return result
 
 
 def _rejection_id(event: ObjectFinalized) -> str:

@@ -62,7 +62,7 @@ from fedcompute.crypto.hpke import (
 )
 from fedcompute.errors import StackError
 from fedcompute.settings import DEFAULT_PROJECT, Settings, Topics
-from fedcompute.stack import procs
+from fedcompute.stack import gcs_jail, procs
 from fedcompute.web import health_event_headers
 
 HOST = "127.0.0.1"
@@ -465,9 +465,12 @@ class LocalStack:
         if comp.name == TICKER:
             return [sys.executable, "-m", "fedcompute.stack.ticker"], None
         if comp.name == "gcs":
+            # Shut inside its data directory (fedcompute.stack.gcs_jail): there it is "/".
+            gcs_jail.hand_over(self.gcs_data_dir)
             return [
+                sys.executable, "-m", "fedcompute.stack.gcs_jail", str(self.gcs_data_dir),
                 str(fake_gcs_server_binary()), "-scheme", "http",
-                "-backend", "filesystem", "-filesystem-root", str(self.gcs_data_dir),
+                "-backend", "filesystem", "-filesystem-root", "/",
                 "-host", HOST, "-port", str(comp.port),
                 "-external-url", comp.url, "-public-host", f"{HOST}:{comp.port}",
                 "-event.pubsub-project-id", self.project, "-event.pubsub-topic", topics.gcs_notifications,

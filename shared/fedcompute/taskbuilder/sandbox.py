@@ -11,6 +11,14 @@ child process (``python -m fedcompute.taskbuilder.sandbox JOB_DIR``):
   ``TMPDIR`` point into its own job directory, which is also its working directory;
 * CPU time and address space are capped with ``setrlimit`` and the wall clock with a
   timeout; ``PR_SET_NO_NEW_PRIVS`` is set;
+* when the builder runs as root, the child confines itself after importing TensorFlow and
+  before it opens the model (:func:`confine`): it moves into a network namespace of its own
+  (no interface but a down loopback: no socket reaches anything) and drops to an
+  unprivileged user (``nobody``, or ``FEDCOMPUTE_SANDBOX_USER``) that owns only its job
+  directory, so a model cannot write root-owned files or read the builder's
+  ``/proc/<pid>/environ``. The drop happens in the child rather than before ``exec``
+  because the interpreter itself may live where that user cannot read it (e.g. under
+  ``/root``); the untrusted model is not touched until after it;
 * the result comes back as JSON, a ``.npz`` read with ``allow_pickle=False`` and raw TFLite
   bytes, each size-checked: never a pickle, which a compromised child could use to run
   code in the builder;
@@ -27,11 +35,14 @@ the benchmark's baseline and a fallback for tools; the task builder never uses i
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import logging
 import os
+import pwd
 import re
 import resource
+import stat
 import subprocess
 import sys
 import time
@@ -51,6 +62,9 @@ MAX_RESULT_BYTES = 2 * 1024 * 1024 * 1024  # weights + two TFLite files
 MAX_JSON_BYTES = 1024 * 1024
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWNET = 0x40000000
+SANDBOX_USER_ENV = "FEDCOMPUTE_SANDBOX_USER"
+DEFAULT_SANDBOX_USER = "nobody"
 # Variables the child may inherit: locale and TensorFlow's own logging/threading knobs.
 # Everything else (credentials, API keys, emulator hosts, proxies, cloud metadata) is dropped.
 _INHERITED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TF_CPP_MIN_LOG_LEVEL", "TF_NUM_INTEROP_THREADS",
@@ -218,12 +232,95 @@ def _error_record(error: BaseException) -> dict[str, Any]:
     return record
 
 
-def child_main(job_dir: Path) -> int:
-    """The child's entry point: read ``job.json``, write ``out/`` or ``error.json``."""
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged user and group the child becomes (builder running as root)."""
+
+    uid: int
+    gid: int
+
+    def arg(self) -> str:
+        return f"{self.uid}:{self.gid}"
+
+    @classmethod
+    def parse(cls, text: str) -> RunAs:
+        uid, gid = (int(part) for part in text.split(":"))
+        return cls(uid, gid)
+
+
+def sandbox_user(environ: Mapping[str, str]) -> RunAs | None:
+    """Who the child runs as: an unprivileged user when the builder is root, else None (same user).
+
+    Raises:
+        ArtifactBuildError: ``FEDCOMPUTE_SANDBOX_USER`` names no user, or names root.
+    """
+    if os.geteuid() != 0:
+        return None
+    name = environ.get(SANDBOX_USER_ENV) or DEFAULT_SANDBOX_USER
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError as error:
+        raise ArtifactBuildError(f"{SANDBOX_USER_ENV}={name!r}: no such user on this host",
+                                 hint="name an existing unprivileged user (default: nobody)") from error
+    if entry.pw_uid == 0:
+        raise ArtifactBuildError(f"{SANDBOX_USER_ENV}={name!r} is root: the model sandbox needs an unprivileged user",
+                                 hint="name an unprivileged user (default: nobody)")
+    return RunAs(entry.pw_uid, entry.pw_gid)
+
+
+def _preload_for_confinement() -> None:
+    """Import everything the model steps use while the child can still read the interpreter's files."""
+    import encodings.idna  # noqa: F401 - str host names go through the idna codec
+    import tempfile  # noqa: F401
+    import zipfile  # noqa: F401
+
+    import tensorflow as tf
+
+    from fedcompute.data import examples  # noqa: F401
+    from fedcompute.taskbuilder import flex_ops, model_check, op_allowlist  # noqa: F401
+
+    tf.lite.TFLiteConverter  # noqa: B018 - tf.lite loads lazily
+    tf.lite.Interpreter  # noqa: B018
+
+
+def _unshare_network() -> str:
+    """Move this process into a fresh network namespace; returns "isolated" or why not."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(_CLONE_NEWNET) == 0:
+            return "isolated"
+        code = ctypes.get_errno()
+        return f"shared ({errno.errorcode.get(code, code)}: unshare(CLONE_NEWNET) needs CAP_SYS_ADMIN)"
+    except (OSError, AttributeError) as error:
+        return f"shared (no unshare on this system: {type(error).__name__})"
+
+
+def confine(run_as: RunAs | None) -> dict[str, Any]:
+    """Network namespace, then the unprivileged user (in that order: unshare needs root).
+
+    Returns what was done, for the builder's log. Raises OSError if the user cannot be
+    dropped (the child then reports an error and runs nothing).
+    """
+    if run_as is None:
+        return {"uid": os.getuid(), "network": "shared (the builder is not root)"}
+    network = _unshare_network()
+    os.setgroups([])
+    os.setgid(run_as.gid)
+    os.setuid(run_as.uid)
+    if os.getuid() == 0 or os.geteuid() == 0:
+        raise PermissionError("the model sandbox is still root after dropping privileges")
+    return {"uid": os.getuid(), "network": network}
+
+
+def child_main(job_dir: Path, run_as: RunAs | None = None) -> int:
+    """The child's entry point: read ``job.json``, confine, write ``out/`` or ``error.json``."""
     out = job_dir / "out"
     out.mkdir(exist_ok=True)
     try:
         job = ModelJob(**json.loads((job_dir / "job.json").read_text()))
+        if run_as is not None:
+            _preload_for_confinement()
+        (job_dir / "confinement.json").write_text(json.dumps(confine(run_as)))
         _write_result(out, run_job(job))
         return 0
     except Exception as error:  # noqa: BLE001 - every failure is reported as a record
@@ -266,6 +363,48 @@ def _limit_child(limits: SandboxLimits) -> Any:
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)
 
     return apply
+
+
+def _reachable_by(path: Path, run_as: RunAs) -> bool:
+    """Whether ``run_as`` can traverse every directory above ``path`` (it must reach the model)."""
+    for parent in path.resolve().parents:
+        mode = parent.stat()
+        if mode.st_uid == run_as.uid and mode.st_mode & stat.S_IXUSR:
+            continue
+        if mode.st_gid == run_as.gid and mode.st_mode & stat.S_IXGRP:
+            continue
+        if not mode.st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _hand_over(work_dir: Path, model_dir: Path, run_as: RunAs | None) -> RunAs | None:
+    """Give the job directory to the sandbox user; None (stay the same user) if it cannot reach the model."""
+    if run_as is None:
+        return None
+    if not (_reachable_by(work_dir, run_as) and _reachable_by(model_dir, run_as)):
+        log.warning("model sandbox runs as the builder's user: uid %d cannot reach %s or %s "
+                    "(give the build directory's parents o+x)", run_as.uid, work_dir, model_dir)
+        return None
+    for path in (work_dir, work_dir / "home", work_dir / "tmp", work_dir / "out"):
+        os.chown(path, run_as.uid, run_as.gid)
+    # The model stays root-owned and read-only for the child.
+    for root, dirs, files in os.walk(model_dir):
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o755)
+        for name in files:
+            os.chmod(Path(root) / name, 0o644)
+    os.chmod(model_dir, 0o755)
+    return run_as
+
+
+def spawn_child(module: str, work_dir: Path, args: list[str], limits: SandboxLimits,
+                ) -> subprocess.CompletedProcess[bytes]:
+    """Start ``python -m module WORK_DIR ARGS`` the way the model check runs (env, limits, cwd)."""
+    command = [sys.executable, "-m", module, str(work_dir), *args]
+    return subprocess.run(command, cwd=work_dir, env=sandbox_environment(os.environ, work_dir),
+                          preexec_fn=_limit_child(limits), capture_output=True, timeout=limits.wall_seconds,
+                          stdin=subprocess.DEVNULL, check=False)
 
 
 def _bounded_read(path: Path, limit: int) -> bytes:
@@ -356,27 +495,35 @@ def inspect_model(job: ModelJob, work_dir: Path, *, limits: SandboxLimits | None
         return run_job(job)
     limits = limits or SandboxLimits()
     protect_builder_process()
-    for sub in ("home", "tmp"):
+    for sub in ("home", "tmp", "out"):
         (work_dir / sub).mkdir(parents=True, exist_ok=True)
     (work_dir / "job.json").write_text(json.dumps(asdict(job)))
-    command = [sys.executable, "-m", "fedcompute.taskbuilder.sandbox", str(work_dir)]
+    run_as = _hand_over(work_dir, Path(job.model_dir), sandbox_user(os.environ))
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=work_dir, env=sandbox_environment(os.environ, work_dir),
-                              preexec_fn=_limit_child(limits), capture_output=True, timeout=limits.wall_seconds,
-                              stdin=subprocess.DEVNULL, check=False)
+        done = spawn_child("fedcompute.taskbuilder.sandbox", work_dir,
+                           ["--run-as", run_as.arg()] if run_as else [], limits)
     except subprocess.TimeoutExpired as error:
         raise ArtifactBuildError(f"the model check ran longer than {limits.wall_seconds:.0f} s and was stopped",
                                  hint="use a smaller model, or ask the operator to raise the limit") from error
     elapsed = time.perf_counter() - started
     tail = done.stderr.decode("utf-8", "replace")[-2000:]
     log.debug("model sandbox exited %s after %.2f s; stderr tail: %s", done.returncode, elapsed, tail)
+    _log_confinement(work_dir / "confinement.json")
     if (work_dir / "error.json").exists():
         _raise_child_error(json.loads(_bounded_read(work_dir / "error.json", MAX_JSON_BYTES)))
     if done.returncode != 0:
         raise ArtifactBuildError(_killed_message(done.returncode, tail, limits),
                                  hint="use a smaller model, or ask the operator to raise the task builder's limits")
     return _read_result(work_dir / "out")
+
+
+def _log_confinement(path: Path) -> None:
+    try:
+        record = json.loads(_bounded_read(path, MAX_JSON_BYTES))
+        log.info("model sandbox ran as uid %s, network %s", int(record["uid"]), str(record["network"])[:200])
+    except (OSError, ValueError, KeyError, TypeError, ArtifactBuildError):
+        log.warning("model sandbox: no confinement record (the child failed before confining itself)")
 
 
 def _killed_message(returncode: int, stderr_tail: str, limits: SandboxLimits) -> str:
@@ -389,4 +536,5 @@ def _killed_message(returncode: int, stderr_tail: str, limits: SandboxLimits) ->
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(child_main(Path(sys.argv[1])))
+    run_as_arg = sys.argv[3] if sys.argv[2:3] == ["--run-as"] else None
+    sys.exit(child_main(Path(sys.argv[1]), RunAs.parse(run_as_arg) if run_as_arg else None))

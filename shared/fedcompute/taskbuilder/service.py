@@ -10,6 +10,7 @@ failure at any step leaves no task and no artifact behind.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 import uuid
@@ -142,6 +143,9 @@ def build_task_group(
     timings: dict[str, float] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="fedcompute-build-", dir=work_dir) as tmp:
+            # Traversable (not listable) by the model sandbox's unprivileged user: it reads
+            # the model and writes its job directory below; nothing else is in here.
+            os.chmod(tmp, 0o711)
             return _build(request, blobs=blobs, settings=settings, task_management=task_management,
                           artifacts_only=artifacts_only, tmp=Path(tmp), timings=timings)
     except FedComputeError as error:

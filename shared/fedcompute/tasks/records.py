@@ -265,6 +265,9 @@ class AssignmentRecord:
     status_reason: str = ""
     # The identity (fedcompute.identity.device_id_for) that checked in; "" when unsigned.
     device_id: str = ""
+    # The most bytes this device may store through its upload session (the task's largest
+    # honest update, sealed; 0 = the server's default cap). Set at check-in from the task.
+    max_upload_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
