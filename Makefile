@@ -16,7 +16,7 @@ REPORT_GOAL ?= 1000
 NOISE ?= 1.0
 CLIP ?= 1.0
 endif
-BASELINE ?= 1
+BASELINE ?= reference
 PROCESSES ?= 2
 TRADEOFF ?= 0,0.5,1.0,1.5
 ROUNDS ?= 12
@@ -100,7 +100,7 @@ test-e2e: setup
 
 demo: setup
 ifeq ($(PRIVATE),1)
-	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --private --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --processes $(PROCESSES) $(if $(filter 0,$(BASELINE)),--no-baseline,) $(if $(filter 1,$(DEMO_TRADEOFF)),--tradeoff $(TRADEOFF),)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --private --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --processes $(PROCESSES) --baseline $(if $(filter 0 none,$(BASELINE)),none,$(if $(filter stack,$(BASELINE)),stack,reference)) $(if $(filter 1,$(DEMO_TRADEOFF)),--tradeoff $(TRADEOFF),)
 else
 	TF_CPP_MIN_LOG_LEVEL=3 $(PY) -m fedcompute.cli.main demo --rounds $(ROUNDS) --devices $(DEVICES) --report-goal $(REPORT_GOAL) --noise $(NOISE) --clip-norm $(CLIP) --dp $(DP) --runtime $(RUNTIME) $(if $(filter 1,$(EVAL)),--eval,)
 endif

@@ -7,12 +7,17 @@ the task. A big round is aggregated in shards: an ``aggregation-shard`` message 
 slice into a partial aggregate, and the round-ready its last shard publishes combines them.
 
 Thin entry point: decoding and dispatch only; the logic lives in the ``fedcompute``
-library. TensorFlow is imported inside the handler, never at module import, so health
-probes and cold starts stay cheap.
+library. TensorFlow is never imported at module import: health probes and cold starts stay
+cheap. The first event a serving process receives (the stack's health probe) starts a
+background import of TensorFlow, tensorflow_privacy and dp_accounting, so the first round does
+not pay those imports. Not at module import: functions-framework imports this module before
+gunicorn forks its worker, and a fork during an import would leave the worker's import lock held.
 """
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import Any
 
 import functions_framework
@@ -31,6 +36,27 @@ logger = logging.getLogger(NAME)
 RUNTIME = Runtime()  # settings, clients and adapters, created on first use, once per process
 # HPKE private keys: only ingestion and the aggregator hold them.
 UNSEAL = upload_unsealer(KeyRingSource(), lambda: RUNTIME.settings().upload_encryption_required)
+
+
+def warm_up() -> None:
+    """Import what the first round needs; a failure only costs that round the import time."""
+    try:
+        import dp_accounting  # noqa: F401
+        import tensorflow_privacy.privacy.dp_query.gaussian_query  # noqa: F401
+
+        from fedcompute.learning import dp_mechanisms, server_round  # noqa: F401
+    except Exception:  # noqa: BLE001 - never let the warm-up take the function down
+        logger.warning("warm-up imports failed; the first round imports them itself", exc_info=True)
+
+
+_warmed_in: list[int] = []  # pid of the process whose warm-up started
+
+
+def start_warm_up() -> None:
+    """Start :func:`warm_up` once in this (forked, serving) process."""
+    if _warmed_in[-1:] != [os.getpid()]:
+        _warmed_in.append(os.getpid())
+        threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
 
 
 def handle_event(cloud_event: Any) -> None:
@@ -57,4 +83,5 @@ def handle_event(cloud_event: Any) -> None:
 @functions_framework.cloud_event
 def aggregator(cloud_event: Any) -> None:
     """CloudEvent entry point."""
+    start_warm_up()
     dispatch_event(NAME, cloud_event, handle_event)

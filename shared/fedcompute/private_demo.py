@@ -4,7 +4,9 @@
 FedAvg on a small logistic-regression model with FIXED_GAUSSIAN DP (noise multiplier 1.0,
 clip norm 1.0), population_size = the simulated fleet, δ = 1/population, target ε ≤ 5,
 built WITHOUT ``--skip_dp_check``. Then the same configuration without noise (the
-non-private baseline), unless ``baseline=False``. Ends with a table and a figure of test
+non-private baseline): by default in-process (:mod:`fedcompute.fleet.reference`: the same
+plan, device step, clipping and server round, without the protocol), ``baseline="stack"``
+through the stack like the private run, ``"none"`` skipped. Ends with a table and a figure of test
 accuracy and ε after every round, and ``summary.json``.
 
 :func:`run_tradeoff` trains the same configuration at several noise multipliers and draws
@@ -16,6 +18,7 @@ examples and reports by itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -93,7 +96,9 @@ class PrivateDemoOptions:
     batch_size: int = 6
     server_optimizer: str = "ADAM"
     server_lr: float = 0.05
-    baseline: bool = True  # also run the same configuration without noise
+    # The same configuration without noise beside the private run: "reference" (in-process,
+    # fedcompute.fleet.reference), "stack" (a second fleet run through the stack) or "none".
+    baseline: str = "reference"
     processes: int = 2
     threads: int = 6
     time_scale: float = 0.25  # real seconds per simulated second (retry windows, training interval)
@@ -260,35 +265,88 @@ def _read_metrics(stack: _Stack, population: str, task_id: int, round_number: in
                                        layout.metrics_path(population, task_id, round_number)))
 
 
+class _TestSet:
+    """The 10,000 Fashion-MNIST test images and the model, loaded once per demo."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from fedcompute.data.fashion_mnist import load_fashion_mnist
+        from fedcompute.learning import client_training
+
+        self.model = client_training.load_model(model_dir)
+        x, y = load_fashion_mnist("test")
+        self.batches = client_training.batches_from_arrays(x, y.reshape(-1, 1), 2000)
+
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
+        """(test accuracy, test loss) of the client model with ``weights``."""
+        from fedcompute.learning import client_training, metric_stats
+
+        stats = client_training.evaluate_on_device(self.model, weights, self.batches, ["sparse_categorical_accuracy"])
+        return (round(metric_stats.finalize("sparse_categorical_accuracy", stats["sparse_categorical_accuracy"]), 5),
+                round(metric_stats.finalize("loss", stats["loss"]), 5))
+
+
 def evaluate_rounds(stack: _Stack, model_dir: Path, population: str, task_id: int,
                     rounds: int) -> list[dict[str, float | None]]:
     """Test accuracy (the 10,000 Fashion-MNIST test images) and ε after every round."""
     from fedcompute import layout
-    from fedcompute.data.fashion_mnist import load_fashion_mnist
-    from fedcompute.learning import client_training, metric_stats
     from fedcompute.learning.tensor_codec import decode_bundle
 
-    model = client_training.load_model(model_dir)
-    x, y = load_fashion_mnist("test")
-    batches = client_training.batches_from_arrays(x, y.reshape(-1, 1), 2000)
+    test = _TestSet(model_dir)
     rows: list[dict[str, float | None]] = []
     for r in range(1, rounds + 1):
         named, _ = decode_bundle(stack.blobs.read(stack.settings.model_bucket,
                                                   layout.client_checkpoint_path(population, task_id, r)))
-        stats = client_training.evaluate_on_device(model, [np.asarray(a) for _, a in named], batches,
-                                                   ["sparse_categorical_accuracy"])
+        accuracy, loss = test.evaluate([np.asarray(a) for _, a in named])
         metrics = _read_metrics(stack, population, task_id, r)
         eps = metrics.get("server/privacy/epsilon")
         rows.append({
-            "round": r,
-            "test_accuracy": round(metric_stats.finalize("sparse_categorical_accuracy",
-                                                         stats["sparse_categorical_accuracy"]), 5),
-            "test_loss": round(metric_stats.finalize("loss", stats["loss"]), 5),
+            "round": r, "test_accuracy": accuracy, "test_loss": loss,
             "epsilon": None if eps is None or not math.isfinite(eps) or eps < 0 else eps,
             "delta": metrics.get("server/privacy/delta"),
             "train_accuracy": metrics.get("server/client_work/train/sparse_categorical_accuracy"),
         })
     return rows
+
+
+def reference_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, private: RunResult) -> RunResult:
+    """The private task's configuration without noise, run in-process (fedcompute.fleet.reference):
+    the same plan, device step, clipping and server round; ``report_goal`` uniformly chosen devices."""
+    from fedcompute.adapters.clients import make_clients
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
+    from fedcompute.fleet.population import PopulationSpec
+    from fedcompute.fleet.reference import load_reference_task, run_reference
+    from fedcompute.learning.dp_core import METRIC_NOISE_STDDEV
+
+    started = time.monotonic()
+    rounds_done = len(private.rounds)
+    task = load_reference_task(FirestoreTaskStore(make_clients(stack.settings).firestore), stack.blobs,
+                               stack.settings.model_bucket, private.population, private.task_id)
+    spec = PopulationSpec(num_devices=options.devices, examples_per_device=options.examples_per_device,
+                          seed=options.seed)
+    test = _TestSet(model_dir)
+    rows: list[dict[str, float | None]] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=rounds_done, desc="non-private reference: rounds", unit="round", leave=False)
+
+    def on_round(round_number: int, named: list[tuple[str, np.ndarray]], metrics: dict[str, float]) -> None:
+        accuracy, loss = test.evaluate([a for _, a in named])
+        rows.append({"round": round_number, "test_accuracy": accuracy, "test_loss": loss, "epsilon": None,
+                     "delta": None, "noise_stddev": metrics.get(METRIC_NOISE_STDDEV),
+                     "train_accuracy": metrics.get("server/client_work/train/sparse_categorical_accuracy")})
+        bar.update(1)
+        _say(f"   non-private round {round_number:>3}/{rounds_done}: test accuracy {accuracy:.3f}")
+
+    try:
+        run_reference(task, spec, population=private.population, report_goal=options.report_goal,
+                      rounds=rounds_done, noise_multiplier=0.0, seed=options.seed, processes=options.processes,
+                      on_round=on_round)
+    finally:
+        bar.close()
+    return RunResult(label="non-private (in-process reference)", population=private.population,
+                     task_id=private.task_id, noise_multiplier=0.0, rounds=rows,
+                     final_test_accuracy=float(rows[-1]["test_accuracy"] or math.nan) if rows else math.nan,
+                     wall_time_s=round(time.monotonic() - started, 1))
 
 
 def one_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, noise: float, label: str, *,
@@ -384,9 +442,14 @@ def run_private_demo(options: PrivateDemoOptions, *, stack: Any = None) -> dict[
         private = one_run(stack, options, model_dir, options.noise, "private")
         private_done_s = time.monotonic() - started  # setup + model + the private run: the 20-minute goal
         baseline = None
-        if options.baseline:
-            _say("== 4/5  non-private run of the same configuration (noise 0, same clipping)")
+        if options.baseline == "stack":
+            _say("== 4/5  non-private run of the same configuration through the stack (noise 0, same clipping)")
             baseline = one_run(stack, options, model_dir, 0.0, "non-private")
+        elif options.baseline == "reference":
+            _say("== 4/5  non-private reference: the same task without noise (same plan, device step, clipping "
+                 "and server round), run in-process with uniformly chosen devices (BASELINE=stack runs it "
+                 "through the stack)")
+            baseline = reference_run(stack, options, model_dir, private)
         else:
             _say("== 4/5  non-private run skipped (BASELINE=0)")
         _say("== 5/5  test accuracy and epsilon after every round")
@@ -428,34 +491,60 @@ def run_private_demo(options: PrivateDemoOptions, *, stack: Any = None) -> dict[
             stack.local.stop()
 
 
-def run_tradeoff(options: PrivateDemoOptions, noises: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)) -> dict[str, Any]:
+def run_tradeoff(options: PrivateDemoOptions, noises: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5), *,
+                 stack: Any = None) -> dict[str, Any]:
     """Final ε and test accuracy per noise multiplier (the privacy/utility figure).
 
-    Every run is built with --skip_dp_check (noise 0.5 cannot meet ε ≤ 5), so the figure
-    shows what each noise level buys; each ε is the ledger's, as computed.
+    The private task is built once through the stack (without --skip_dp_check, as in the
+    demo); each noise level then trains that task in-process (:mod:`fedcompute.fleet.reference`:
+    the same plan, device step, clipping and server round, noise drawn by the server's own DP
+    mechanism), and its ε comes from the same accountant as the ledger's.
     """
+    from fedcompute.adapters.clients import make_clients
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
+    from fedcompute.fleet.population import PopulationSpec
+    from fedcompute.fleet.reference import load_reference_task, run_reference
+    from fedcompute.learning.server_round import epsilon_after
+    from fedcompute.plans import ServerPhase
+
     out = options.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    stack = _Stack(options)
+    running = stack
+    stack = _Stack(options, running)
     model_dir = save_model(out / "fashion_logreg", options.seed)
     points: list[dict[str, Any]] = []
     try:
+        population = f"fashion_tradeoff_{time.strftime('%Y%m%d_%H%M%S')}"
+        config = write_config(options.out_dir / "task_config_tradeoff.pbtxt", options, population, options.noise)
+        _say(f"== task_builder_client --task_config={config}")
+        task_id, _report = build_task(stack, model_dir, config, population, skip_dp_check=False)
+        task = load_reference_task(FirestoreTaskStore(make_clients(stack.settings).firestore), stack.blobs,
+                                   stack.settings.model_bucket, population, task_id)
+        phase = ServerPhase.from_json(task.server_phase)
+        spec = PopulationSpec(num_devices=options.devices, examples_per_device=options.examples_per_device,
+                              seed=options.seed)
+        test = _TestSet(model_dir)
         for noise in noises:
-            _say(f"== noise multiplier {noise:g}")
-            run = one_run(stack, options, model_dir, noise, f"noise {noise:g}", skip_dp_check=True)
-            points.append({"noise_multiplier": noise, "final_epsilon": run.final_epsilon,
-                           "final_test_accuracy": run.final_test_accuracy, "population": run.population,
-                           "task_id": run.task_id, "wall_time_s": run.wall_time_s})
+            started = time.monotonic()
+            _say(f"== noise multiplier {noise:g}: {options.rounds} rounds in-process")
+            history = run_reference(task, spec, population=population, report_goal=options.report_goal,
+                                    rounds=options.rounds, noise_multiplier=noise, seed=options.seed,
+                                    processes=options.processes)
+            accuracy, _loss = test.evaluate([a for _, a in history[-1]])
+            noised = dataclasses.replace(phase, dp=dataclasses.replace(phase.dp, noise_multiplier=noise))
+            eps = epsilon_after(noised, options.rounds) if noise > 0 else math.inf
+            points.append({"noise_multiplier": noise, "final_epsilon": eps if math.isfinite(eps) else None,
+                           "final_test_accuracy": accuracy, "population": population, "task_id": task_id,
+                           "wall_time_s": round(time.monotonic() - started, 1)})
+            _say(f"   noise {noise:g}: epsilon {_fmt_eps(eps)}, test accuracy {accuracy:.4f}")
     finally:
-        if not options.keep_stack:
+        if stack.owned and not options.keep_stack:
             stack.local.stop()
     figure = plot_tradeoff(points, out / "privacy_utility.png", options)
     result = {"points": points, "figure": str(figure), "delta": options.delta,
-              "population_size": options.population_size, "rounds": options.rounds}
+              "population_size": options.population_size, "rounds": options.rounds,
+              "report_goal": options.report_goal, "method": "in-process reference run of the built task"}
     (out / "tradeoff.json").write_text(json.dumps(result, indent=2))
-    for p in points:
-        _say(f"noise {p['noise_multiplier']:g}: epsilon {_fmt_eps(p['final_epsilon'])}, "
-             f"test accuracy {p['final_test_accuracy']:.4f}")
     _say(f"figure: {figure}")
     return result
 

@@ -48,9 +48,14 @@ def test_small_private_demo_records_accuracy_and_exact_epsilon_per_round(local_s
     assert "--skip_dp_check" not in Path(tmp_path / "out" / "task_config_private.pbtxt").read_text()
     assert "q = report_goal / population_size = 24/240" in private["build_report"]
     assert "noise_seed" not in (tmp_path / "out" / "task_config_private.pbtxt").read_text()
-    # The non-private run of the same configuration: same rounds, epsilon infinite (None).
+    # The non-private run of the same task (in-process by default): same rounds, epsilon
+    # infinite (None), its own trained weights (a different accuracy curve from the private run).
+    assert baseline["label"] == "non-private (in-process reference)" and baseline["noise_multiplier"] == 0.0
+    assert (baseline["population"], baseline["task_id"]) == (private["population"], private["task_id"])
     assert [r["round"] for r in baseline["rounds"]] == list(range(1, ROUNDS + 1))
-    assert all(r["epsilon"] is None for r in baseline["rounds"])
+    assert all(r["epsilon"] is None and 0.0 < r["test_accuracy"] <= 1.0 for r in baseline["rounds"])
+    assert all(r["noise_stddev"] == 0.0 for r in baseline["rounds"])  # really without noise
+    assert [r["test_accuracy"] for r in baseline["rounds"]] != [r["test_accuracy"] for r in private["rounds"]]
     table = (tmp_path / "out" / "table.md").read_text().splitlines()
     assert len(table) == 2 + ROUNDS and table[2].startswith("| 1 | ")
     assert Path(saved["figure"]).stat().st_size > 10_000
@@ -59,3 +64,20 @@ def test_small_private_demo_records_accuracy_and_exact_epsilon_per_round(local_s
     # Plans and checkpoints come from the origin once per worker process and round, not per device.
     assert fleet["origin_downloads"] <= 2 * (ROUNDS + 1)
     assert summary["final_test_accuracy"] == private["final_test_accuracy"]
+
+
+def test_tradeoff_trains_the_built_task_at_each_noise_and_accounts_each_epsilon(local_stack: StackHandle,
+                                                                              tmp_path: Path) -> None:
+    from fedcompute.private_demo import run_tradeoff
+
+    options = PrivateDemoOptions(devices=DEVICES, examples_per_device=6, report_goal=GOAL, rounds=2, noise=NOISE,
+                                 target_epsilon=10.0, processes=1, out_dir=tmp_path / "out")
+    result = run_tradeoff(options, (0.0, NOISE), stack=local_stack.stack)
+    saved = json.loads((tmp_path / "out" / "tradeoff.json").read_text())
+    assert saved["points"] == result["points"] and [p["noise_multiplier"] for p in saved["points"]] == [0.0, NOISE]
+    no_noise, noised = saved["points"]
+    assert no_noise["final_epsilon"] is None
+    assert abs(noised["final_epsilon"] - independent_epsilon(2, 1 / DEVICES)) <= 1e-6
+    assert all(0.0 < p["final_test_accuracy"] <= 1.0 for p in saved["points"])
+    assert no_noise["final_test_accuracy"] != noised["final_test_accuracy"]  # the noise was really added
+    assert Path(saved["figure"]).stat().st_size > 10_000

@@ -62,6 +62,7 @@ def make_clients(settings: Settings) -> Clients:
 
     try:
         storage_client = storage.Client(project=settings.project, **credentials(STORAGE_EMULATOR_HOST))
+        widen_connection_pool(storage_client)
         publisher = pubsub_v1.PublisherClient(**credentials(PUBSUB_EMULATOR_HOST))
         subscriber = pubsub_v1.SubscriberClient(**credentials(PUBSUB_EMULATOR_HOST))
         firestore_client = firestore.Client(project=settings.project, **credentials(FIRESTORE_EMULATOR_HOST))
@@ -74,6 +75,21 @@ def make_clients(settings: Settings) -> Clients:
             "for Google Cloud run `gcloud auth application-default login`",
         ) from error
     return Clients(storage=storage_client, publisher=publisher, subscriber=subscriber, firestore=firestore_client)
+
+
+# Concurrent storage readers per process (the aggregator's read-ahead, gunicorn threads):
+# requests' default pool keeps 10 connections and re-opens one per extra reader.
+STORAGE_POOL_SIZE = 32
+
+
+def widen_connection_pool(storage_client: Any, size: int = STORAGE_POOL_SIZE) -> None:
+    """Keep ``size`` HTTP connections to Cloud Storage open instead of requests' 10."""
+    import requests.adapters
+
+    session = storage_client._http  # google-cloud-storage's AuthorizedSession (a requests.Session)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=size, pool_maxsize=size)
+    for prefix in ("http://", "https://"):
+        session.mount(prefix, adapter)
 
 
 class ProcessClients:

@@ -35,8 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--devices/--report-goal/--rounds/--noise/--clip-norm/--client-lr/--epochs/--batch-size/--server-lr "
         "apply when given")
     private.add_argument("--private", action="store_true", help="run the private demo (PRIVATE=1)")
-    private.add_argument("--no-baseline", dest="baseline", action="store_false",
-                         help="skip the non-private run of the same configuration (BASELINE=0)")
+    private.add_argument("--baseline", choices=("reference", "stack", "none"), default="reference",
+                         help="the non-private run beside the private one (BASELINE=): reference = the same task "
+                         "without noise run in-process (default), stack = through the stack like the private run "
+                         "(doubles the time), none = skipped")
+    private.add_argument("--no-baseline", dest="baseline", action="store_const", const="none",
+                         help="same as --baseline none (BASELINE=0)")
     private.add_argument("--tradeoff", metavar="NOISES", default="",
                          help="comma-separated noise multipliers: train each, draw final epsilon vs accuracy "
                               "(make demo-tradeoff; e.g. 0,0.5,1.0,1.5)")

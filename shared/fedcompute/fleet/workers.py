@@ -171,9 +171,20 @@ class HttpSessionRunner:
         self.client = _TimedClient(config.assignment_url, timeout=config.timeout_s)
         self._dir = tempfile.TemporaryDirectory(prefix="fedcompute-fleet-worker-")
         self.cache = PlanCache(Path(self._dir.name))  # one directory per process, not per device
+        self._keys: dict[int, DeviceKey] = {}
 
     def close(self) -> None:
         self._dir.cleanup()
+
+    def device_key(self, device_id: int) -> DeviceKey:
+        """The device's one identity for the whole run, the same in every worker process: a
+        phone keeps its key across sessions, so the server's one-assignment-per-identity rule
+        and its rate limits see one device, not a new one each session."""
+        key = self._keys.get(device_id)
+        if key is None:
+            key = DeviceKey.from_seed(f"{self.config.population}/{self.config.spec.seed}/{device_id}".encode())
+            self._keys[device_id] = key
+        return key
 
     def run(self, job: SessionJob) -> SessionReport:
         spec = self.config.spec
@@ -181,7 +192,7 @@ class HttpSessionRunner:
         device = _TimedDevice(
             job.device_id, ArrayApp(x, y), version_code=spec.version_code,
             rng=random.Random(f"{spec.seed}/{job.device_id}/{job.session_index}"),
-            last_contribution=dict(job.last_contribution),
+            last_contribution=dict(job.last_contribution), key=self.device_key(job.device_id),
         )
         self.client.start_tally()
         wall, cpu = time.perf_counter(), time.thread_time()
