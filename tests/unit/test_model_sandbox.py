@@ -136,6 +136,31 @@ Path("probe.json").write_text(json.dumps(outcome))
 '''
 
 
+def _code_reachable_by(run_as: sandbox.RunAs) -> bool:
+    return all(sandbox._reachable_by(path, run_as) for path in sandbox._installed_code())
+
+
+def test_a_sandbox_user_that_cannot_reach_the_installation_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    private = tmp_path / "private"
+    (private / "site-packages").mkdir(parents=True)
+    private.chmod(0o700)
+    reachable = Path(tempfile.mkdtemp(prefix="fedcompute-sandbox-test-"))
+    try:
+        reachable.chmod(0o711)
+        for sub in ("home", "tmp", "out"):
+            (reachable / "job" / sub).mkdir(parents=True)
+        (reachable / "model").mkdir()
+        monkeypatch.setattr(sandbox, "_installed_code", lambda: [private / "site-packages" / "fedcompute"])
+        nobody = sandbox.RunAs(65534, 65534)
+        with caplog.at_level("WARNING", logger=sandbox.log.name):
+            assert sandbox._hand_over(reachable / "job", reachable / "model", nobody) is None
+        assert "cannot reach the Python installation" in caplog.text
+        assert (reachable / "job" / "home").stat().st_uid == os.getuid()  # nothing handed over
+    finally:
+        shutil.rmtree(reachable, ignore_errors=True)
+
+
 @pytest.fixture
 def reachable_dir() -> Iterator[Path]:
     """A directory the sandbox user can traverse (pytest's tmp_path is private to root)."""
@@ -160,6 +185,11 @@ def test_a_confined_child_cannot_write_root_files_read_secrets_or_open_sockets(r
     (job / "probe.py").write_text(PROBE)
     run_as = sandbox.sandbox_user({})
     assert run_as is not None and run_as.uid != 0
+    if not _code_reachable_by(run_as):
+        # A checkout under a 0700 directory (e.g. /root): the child could not import after the
+        # drop, so the builder keeps its own user and says why.
+        assert sandbox._hand_over(job, reachable_dir / "root-owned", run_as) is None
+        return
     assert sandbox._hand_over(job, reachable_dir / "root-owned", run_as) == run_as
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -189,9 +219,13 @@ def test_a_real_model_check_runs_confined_and_still_reads_the_model(reachable_di
                                       reachable_dir / "job")
     assert facts.num_parameters == sum(w.size for w in facts.trainable) > 0
     confinement = json.loads((reachable_dir / "job" / "confinement.json").read_text())
-    if os.geteuid() == 0:
-        assert confinement["uid"] == sandbox.sandbox_user({}).uid  # type: ignore[union-attr]
+    run_as = sandbox.sandbox_user({})
+    if run_as is not None and _code_reachable_by(run_as):
+        assert confinement["uid"] == run_as.uid
         assert (reachable_dir / "job" / "home").stat().st_uid == confinement["uid"]
+    elif run_as is not None:  # the installation is not reachable by the sandbox user: said, not hidden
+        assert confinement["uid"] == os.getuid()
+        assert "cannot reach the Python installation" in caplog.text
     else:
         assert confinement["uid"] == os.getuid()
     assert f"model sandbox ran as uid {confinement['uid']}" in caplog.text

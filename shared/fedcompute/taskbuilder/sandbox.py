@@ -378,6 +378,19 @@ def _reachable_by(path: Path, run_as: RunAs) -> bool:
     return True
 
 
+def _installed_code() -> list[Path]:
+    """Where the child's imports come from: this package and TensorFlow (located, not imported)."""
+    import importlib.util
+
+    import fedcompute
+
+    paths = [Path(fedcompute.__file__)]
+    spec = importlib.util.find_spec("tensorflow")
+    if spec is not None and spec.origin:
+        paths.append(Path(spec.origin))
+    return paths
+
+
 def _hand_over(work_dir: Path, model_dir: Path, run_as: RunAs | None) -> RunAs | None:
     """Give the job directory to the sandbox user; None (stay the same user) if it cannot reach the model."""
     if run_as is None:
@@ -385,6 +398,14 @@ def _hand_over(work_dir: Path, model_dir: Path, run_as: RunAs | None) -> RunAs |
     if not (_reachable_by(work_dir, run_as) and _reachable_by(model_dir, run_as)):
         log.warning("model sandbox runs as the builder's user: uid %d cannot reach %s or %s "
                     "(give the build directory's parents o+x)", run_as.uid, work_dir, model_dir)
+        return None
+    code = _installed_code()
+    unreachable = [path for path in code if not _reachable_by(path, run_as)]
+    if unreachable:
+        # The child imports modules after dropping the user (TensorFlow loads lazily): it must
+        # reach the installation, e.g. not a checkout under a 0700 directory such as /root.
+        log.warning("model sandbox runs as the builder's user: uid %d cannot reach the Python installation "
+                    "at %s (give its parent directories o+x)", run_as.uid, ", ".join(map(str, unreachable)))
         return None
     for path in (work_dir, work_dir / "home", work_dir / "tmp", work_dir / "out"):
         os.chown(path, run_as.uid, run_as.gid)
