@@ -117,6 +117,12 @@ class PrivateDemoOptions:
     def delta(self) -> float:
         return 1.0 / self.devices
 
+    def population_spec(self) -> Any:
+        """The fleet's data, as every worker process and the in-process reference rebuild it."""
+        from fedcompute.fleet.population import PopulationSpec
+
+        return PopulationSpec(num_devices=self.devices, examples_per_device=self.examples_per_device, seed=self.seed)
+
 
 @dataclass
 class RunResult:
@@ -159,8 +165,17 @@ class _Stack:
                  f"{self.local.urls['task_builder']}")
         os.environ.update(self.local.env())
         self.settings = Settings.from_env()
-        self.blobs = GcsBlobStore(make_clients(self.settings).storage)
+        self.clients = make_clients(self.settings)  # once per demo
+        self.blobs = GcsBlobStore(self.clients.storage)
         self.management = TaskManagementClient(self.settings.task_management_url, api_key=self.settings.api_key)
+
+    def reference_task(self, population: str, task_id: int) -> Any:
+        """A built task's record and artifacts, for fedcompute.fleet.reference."""
+        from fedcompute.adapters.firestore_store import FirestoreTaskStore
+        from fedcompute.fleet.reference import load_reference_task
+
+        return load_reference_task(FirestoreTaskStore(self.clients.firestore), self.blobs,
+                                   self.settings.model_bucket, population, task_id)
 
 
 def save_model(model_dir: Path, seed: int) -> Path:
@@ -202,12 +217,10 @@ def build_task(stack: _Stack, model_dir: Path, config: Path, population: str, *,
 
 def make_fleet(stack: _Stack, options: PrivateDemoOptions, population: str, label: str) -> Any:
     """The worker-process fleet for ``population``, started (its workers load TensorFlow meanwhile)."""
-    from fedcompute.fleet.population import PopulationSpec
     from fedcompute.fleet.runner import ProcessFleet, TrainingInterval
     from fedcompute.fleet.workers import HttpRunnerFactory
 
-    spec = PopulationSpec(num_devices=options.devices, examples_per_device=options.examples_per_device,
-                          seed=options.seed)
+    spec = options.population_spec()
     fleet = ProcessFleet(options.devices, HttpRunnerFactory(stack.settings.task_assignment_url, population, spec),
                          processes=options.processes, threads=options.threads,
                          interval=TrainingInterval(minimum_interval_s=60.0), time_scale=options.time_scale,
@@ -311,18 +324,13 @@ def evaluate_rounds(stack: _Stack, model_dir: Path, population: str, task_id: in
 def reference_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, private: RunResult) -> RunResult:
     """The private task's configuration without noise, run in-process (fedcompute.fleet.reference):
     the same plan, device step, clipping and server round; ``report_goal`` uniformly chosen devices."""
-    from fedcompute.adapters.clients import make_clients
-    from fedcompute.adapters.firestore_store import FirestoreTaskStore
-    from fedcompute.fleet.population import PopulationSpec
-    from fedcompute.fleet.reference import load_reference_task, run_reference
+    from fedcompute.fleet.reference import run_reference
     from fedcompute.learning.dp_core import METRIC_NOISE_STDDEV
 
     started = time.monotonic()
     rounds_done = len(private.rounds)
-    task = load_reference_task(FirestoreTaskStore(make_clients(stack.settings).firestore), stack.blobs,
-                               stack.settings.model_bucket, private.population, private.task_id)
-    spec = PopulationSpec(num_devices=options.devices, examples_per_device=options.examples_per_device,
-                          seed=options.seed)
+    task = stack.reference_task(private.population, private.task_id)
+    spec = options.population_spec()
     test = _TestSet(model_dir)
     rows: list[dict[str, float | None]] = []
     from tqdm import tqdm
@@ -500,10 +508,7 @@ def run_tradeoff(options: PrivateDemoOptions, noises: tuple[float, ...] = (0.0, 
     the same plan, device step, clipping and server round, noise drawn by the server's own DP
     mechanism), and its ε comes from the same accountant as the ledger's.
     """
-    from fedcompute.adapters.clients import make_clients
-    from fedcompute.adapters.firestore_store import FirestoreTaskStore
-    from fedcompute.fleet.population import PopulationSpec
-    from fedcompute.fleet.reference import load_reference_task, run_reference
+    from fedcompute.fleet.reference import run_reference
     from fedcompute.learning.server_round import epsilon_after
     from fedcompute.plans import ServerPhase
 
@@ -518,11 +523,9 @@ def run_tradeoff(options: PrivateDemoOptions, noises: tuple[float, ...] = (0.0, 
         config = write_config(options.out_dir / "task_config_tradeoff.pbtxt", options, population, options.noise)
         _say(f"== task_builder_client --task_config={config}")
         task_id, _report = build_task(stack, model_dir, config, population, skip_dp_check=False)
-        task = load_reference_task(FirestoreTaskStore(make_clients(stack.settings).firestore), stack.blobs,
-                                   stack.settings.model_bucket, population, task_id)
+        task = stack.reference_task(population, task_id)
         phase = ServerPhase.from_json(task.server_phase)
-        spec = PopulationSpec(num_devices=options.devices, examples_per_device=options.examples_per_device,
-                              seed=options.seed)
+        spec = options.population_spec()
         test = _TestSet(model_dir)
         for noise in noises:
             started = time.monotonic()
