@@ -1,35 +1,50 @@
-"""One training round of the seed's CNN at N devices/round: local stack vs TFF simulation.
+"""Rounds of the seed's CNN on the local stack vs TFF's simulation, in the same run.
 
-    .venv/bin/python benchmarks/bench_round.py [--devices 100] [--examples 100]
+    .venv/bin/python benchmarks/bench_round.py --devices 10 --examples 600 --repeats 3 \
+        --over-selection 0 0.3 [--profile DIR]
 
-Starts a private local stack (emulators + functions), builds the task with
-task_builder_client, runs N one-time devices (Fashion-MNIST, IID, EXAMPLES each, batch
-20, 1 epoch, client SGD 0.1) through check-in, training, upload, ingestion and DP-free
-aggregation, and times first check-in -> round COMPLETED. Then runs one round of TFF's
-``build_unweighted_fed_avg`` on the same clients' data in the same process and prints both
-wall times and their ratio.
+Starts a private local stack (emulators + functions), builds one task per over-selection
+rate with task_builder_client (CNN, Fashion-MNIST IID, EXAMPLES per device, batch 20,
+1 epoch, client SGD 0.1, server SGD 1, no noise), and for each repeat, interleaved, times:
+
+* one stack round per over-selection rate: from the moment the N one-time devices start
+  (the round is open) to the round COMPLETED with the next round open (the store's
+  ``completed_time``, written in the same transaction that opens the next round): check-in,
+  plan/checkpoint download, training, report-result, upload, ingestion, close, round-ready,
+  aggregation, checkpoint write;
+* one round of TFF's ``build_unweighted_fed_avg`` on the same clients' data (``next`` on a
+  warm state: TFF's equivalent of "the next round can start").
+
+Round 1 of every task and one TFF round are warm-ups (TensorFlow imports, tracing, the
+aggregator's first run), outside the medians. Prints medians, the ratio stack / TFF per
+over-selection rate, and the per-stage split of each stack round (devices done, ingestion
+closes the round, aggregation). ``--profile DIR`` records py-spy of the functions and of this
+process (the fleet) during the measured rounds and prints their top frames.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).parent))
 
 CONFIG = """
-population_name: "bench_round"
+population_name: "{population}"
 mode: TRAINING_ONLY
-policies {{ model_release_policy {{ num_max_training_rounds: 1 population_size: 100000 }}
+policies {{ model_release_policy {{ num_max_training_rounds: {rounds} population_size: 100000 }}
            dataset_policy {{ batch_size: 20 }} }}
 federated_learning {{ learning_process {{
   type: FED_AVG client_optimizer: SGD client_learning_rate: 0.1 server_optimizer: SGD server_learning_rate: 1
-  runtime_config {{ report_goal: {goal} over_selection_rate: 0 }}
+  runtime_config {{ report_goal: {goal} over_selection_rate: {over_selection} }}
   metrics {{ name: "sparse_categorical_accuracy" }} }} }}
 differential_privacy {{ type: FIXED_GAUSSIAN noise_multiplier: 0 clip_norm: 100 }}
 """
@@ -37,78 +52,147 @@ differential_privacy {{ type: FIXED_GAUSSIAN noise_multiplier: 0 clip_norm: 100 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, default=100)
-    parser.add_argument("--examples", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=10)
+    parser.add_argument("--examples", type=int, default=600)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--over-selection", type=float, nargs="+", default=[0.0, 0.3],
+                        help="over-selection rates to measure (0.3 is the config default)")
+    parser.add_argument("--workers", type=int, default=2, help="device threads in the fleet")
+    parser.add_argument("--profile", default="", help="directory for py-spy profiles of the measured rounds")
     args = parser.parse_args()
 
     import numpy as np
+    from bench_load import Profiler, function_pids
 
+    from fedcompute.adapters.clients import make_clients
+    from fedcompute.adapters.firestore_store import FirestoreTaskStore
     from fedcompute.adapters.task_management_client import TaskManagementClient
     from fedcompute.data.fashion_mnist import load_fashion_mnist
-    from fedcompute.fleet.device import ArrayApp, SimulatedDevice
+    from fedcompute.fleet.device import ArrayApp, PlanCache, SimulatedDevice
     from fedcompute.fleet.protocol import DeviceHttpClient
     from fedcompute.fleet.runner import Fleet, TrainingInterval
     from fedcompute.models.emnist_cnn import create_original_fedavg_cnn_model, input_spec_type1, loss
     from fedcompute.models.functional import load_functional_model, save_functional_model
     from fedcompute.settings import Settings
     from fedcompute.stack import LocalStack
+    from fedcompute.tasks.records import RoundKey, RoundStatus
 
     work = Path(tempfile.mkdtemp(prefix="bench-round-"))
     images, labels = load_fashion_mnist("train")
     parts = [np.arange(i * args.examples, (i + 1) * args.examples) for i in range(args.devices)]
     model_dir = work / "model"
     save_functional_model(lambda: create_original_fedavg_cnn_model(seed=0), input_spec_type1(), loss(), str(model_dir))
+    rates = list(args.over_selection)
+    rounds = args.repeats + 1
     stack = LocalStack(work / "stack", task_builder_port=0)
     stack.start()
+    profiler = Profiler(Path(args.profile) if args.profile else None)
+    stack_s: dict[float, list[float]] = {rate: [] for rate in rates}
+    stages: dict[float, list[dict[str, float]]] = {rate: [] for rate in rates}
+    tff_s: list[float] = []
     try:
         os.environ.update(stack.env())
         settings = Settings.from_env()
-        (work / "task.pbtxt").write_text(CONFIG.format(goal=args.devices))
-        subprocess.run([str(Path(sys.executable).parent / "task_builder_client"),
-                        f"--task_builder_server={stack.urls['task_builder']}", f"--saved_model={model_dir}",
-                        f"--task_config={work / 'task.pbtxt'}", "--skip_flex_ops_check", "--skip_dp_check"],
-                       check=True, capture_output=True)
+        store = FirestoreTaskStore(make_clients(settings).firestore)
         management = TaskManagementClient(settings.task_management_url)
-        task = management.list_tasks("bench_round")[0]
-        devices = [SimulatedDevice(i, ArrayApp(images[p], labels[p].reshape(-1, 1)), rng=random.Random(i))
-                   for i, p in enumerate(parts)]
-        fleet = Fleet(devices, DeviceHttpClient(settings.task_assignment_url), "bench_round", workers=args.workers,
-                      interval=TrainingInterval(scheduling_mode=1), time_scale=0.01)
-        # Warm the device side (TF import, model load, tracing) outside the timed round.
-        from fedcompute.learning import client_training
+        client = DeviceHttpClient(settings.task_assignment_url)
+        tasks: dict[float, tuple[str, int]] = {}
+        devices: dict[float, list[SimulatedDevice]] = {}
+        for i, rate in enumerate(rates):
+            population = f"bench_round_os{i}"
+            (work / f"task{i}.pbtxt").write_text(CONFIG.format(population=population, rounds=rounds,
+                                                               goal=args.devices, over_selection=rate))
+            subprocess.run([str(Path(sys.executable).parent / "task_builder_client"),
+                            f"--task_builder_server={stack.urls['task_builder']}", f"--saved_model={model_dir}",
+                            f"--task_config={work / f'task{i}.pbtxt'}", "--skip_flex_ops_check", "--skip_dp_check"],
+                           check=True, capture_output=True)
+            tasks[rate] = (population, management.list_tasks(population)[0].task_id)
+            devices[rate] = [SimulatedDevice(d, ArrayApp(images[p], labels[p].reshape(-1, 1)), rng=random.Random(d))
+                             for d, p in enumerate(parts)]
+        cache = PlanCache()
 
-        client_training.load_model(model_dir)
-        started = time.perf_counter()
-        fleet.run(lambda _: False, timeout_s=1800)
-        while management.get_task("bench_round", task.task_id).status != 2:
-            time.sleep(0.2)
-        stack_s = time.perf_counter() - started
+        def stack_round(rate: float, round_number: int) -> tuple[float, dict[str, float]]:
+            population, task_id = tasks[rate]
+            key = RoundKey(population, task_id, round_number)
+            while (record := store.get_round(key)) is None or record.status != RoundStatus.COLLECTING:
+                time.sleep(0.05)
+            done: list[float] = []
+            fleet = Fleet(devices[rate], client, population, workers=args.workers, cache=cache,
+                          interval=TrainingInterval(scheduling_mode=1), time_scale=0.01)
+            started = time.time()
+            stats = fleet.run(lambda _: False, timeout_s=1800,
+                              on_session=lambda outcome, _: done.append(time.time()), poll_s=0.05)
+            while (record := store.get_round(key)) is None or record.status != RoundStatus.COMPLETED:
+                time.sleep(0.02)
+            uploads = stats.outcomes["UPLOADED"]
+            split = {"devices_done": max(done) - started, "closed": record.aggregating_time - started,
+                     "completed": record.completed_time - started, "uploads": uploads,
+                     "sessions": stats.sessions}
+            return record.completed_time - started, split
+
+        import tensorflow as tf
+        import tensorflow_federated as tff
+
+        functional = load_functional_model(str(model_dir))
+        process = tff.learning.algorithms.build_unweighted_fed_avg(
+            functional, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
+            server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
+        datasets = [tf.data.Dataset.from_tensor_slices((images[p], labels[p].reshape(-1, 1))).batch(20)
+                    for p in parts]
+        state: Any = process.initialize()
+
+        def tff_round() -> float:
+            nonlocal state
+            started = time.perf_counter()
+            state = process.next(state, datasets).state
+            return time.perf_counter() - started
+
+        # Warm-ups: round 1 of each task, one TFF round.
+        for rate in rates:
+            stack_round(rate, 1)
+        tff_round()
+        if args.profile:
+            for name, pid in function_pids(stack).items():
+                profiler.start(name, pid)
+            profiler.start("fleet", os.getpid())
+        for repeat in range(args.repeats):
+            for rate in rates:
+                seconds, split = stack_round(rate, repeat + 2)
+                stack_s[rate].append(seconds)
+                stages[rate].append(split)
+                print(f"  repeat {repeat + 1}, over-selection {rate}: stack {seconds:.2f} s  {_fmt(split)}",
+                      flush=True)
+            tff_s.append(tff_round())
+            print(f"  repeat {repeat + 1}: TFF {tff_s[-1]:.2f} s", flush=True)
+        profiles = profiler.stop(top=15) if args.profile else {}
+        cache.close()
     finally:
         stack.stop()
+        from fedcompute.models.functional import kill_tff_worker_children
 
-    import tensorflow as tf
-    import tensorflow_federated as tff
+        kill_tff_worker_children()
 
-    functional = load_functional_model(str(model_dir))
-    process = tff.learning.algorithms.build_unweighted_fed_avg(
-        functional, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1),
-        server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0))
-    datasets = [tf.data.Dataset.from_tensor_slices((images[p], labels[p].reshape(-1, 1))).batch(20) for p in parts]
-    state = process.initialize()
-    process.next(state, datasets[:2])  # warm-up (tracing), like the stack's warmed device side
-    started = time.perf_counter()
-    process.next(state, datasets)
-    tff_s = time.perf_counter() - started
-    from fedcompute.models.functional import kill_tff_worker_children
-
-    kill_tff_worker_children()
-    print(f"one round, {args.devices} devices x {args.examples} examples, 1,663,370-parameter CNN")
-    print(f"  local stack (check-in -> upload -> ingestion -> aggregation): {stack_s:.1f} s")
-    print(f"  TFF simulation (build_unweighted_fed_avg, same clients):     {tff_s:.1f} s")
-    print(f"  ratio stack / TFF: {stack_s / tff_s:.2f}x")
-    print("rerun: .venv/bin/python benchmarks/bench_round.py --devices", args.devices)
+    tff_median = statistics.median(tff_s)
+    print(f"\nrounds of the 1,663,370-parameter CNN, {args.devices} devices x {args.examples} examples, batch 20, "
+          f"1 epoch; medians of {args.repeats} interleaved repeats")
+    print(f"  TFF simulation (build_unweighted_fed_avg, same clients): {tff_median:.2f} s  "
+          f"(all: {', '.join(f'{s:.2f}' for s in tff_s)})")
+    for rate in rates:
+        median = statistics.median(stack_s[rate])
+        split = {k: statistics.median(s[k] for s in stages[rate]) for k in stages[rate][0]}
+        print(f"  local stack, over-selection {rate}: {median:.2f} s  (all: "
+              f"{', '.join(f'{s:.2f}' for s in stack_s[rate])})  ratio stack / TFF {median / tff_median:.2f}x")
+        print(f"    median split from the devices' start: {_fmt(split)}")
+    for name, top in profiles.items():
+        print(f"\npy-spy {name}: {top}")
+    print(f"\nload average: {os.getloadavg()}")
+    print("rerun: .venv/bin/python benchmarks/bench_round.py --devices", args.devices, "--examples", args.examples,
+          "--repeats", args.repeats, "--over-selection", *rates)
     return 0
+
+
+def _fmt(split: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in split.items())
 
 
 if __name__ == "__main__":

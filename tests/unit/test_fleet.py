@@ -121,3 +121,25 @@ def test_the_fleet_removes_its_plan_cache_directory_on_exit():
         assert root.is_dir()
     assert not root.exists()
 
+
+
+def test_an_array_app_encodes_its_log_once_per_spec(monkeypatch):
+    import numpy as np
+
+    from fedcompute.data import examples
+    from fedcompute.fleet.device import ArrayApp
+
+    calls = []
+    real = examples.encode_examples
+    monkeypatch.setattr(examples, "encode_examples", lambda *a: calls.append(a[0]) or real(*a))
+    app = ArrayApp(np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0, 1, 2]))
+    app.spec = examples.ExampleSpec.type1((4,))
+    first = app.on_training_example("p", "t", None)
+    again = app.on_training_example("p", "t", None)
+    assert again.training_examples == first.training_examples and len(first.training_examples) == 3
+    assert len(calls) == 1
+    again.training_examples.clear()  # a caller's list is its own
+    assert len(app.on_training_example("p", "t", None).training_examples) == 3
+    app.spec = examples.ExampleSpec.type1((2, 2))  # another plan's layout: encoded again
+    app.on_training_example("p", "t", None)
+    assert len(calls) == 2

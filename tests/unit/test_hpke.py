@@ -13,6 +13,7 @@ from fedcompute.crypto.hpke import (
     KEEP_KEYS,
     KeyRingSource,
     PublicKeySource,
+    PublicUploadKey,
     UploadKeyRing,
     ensure_key_files,
     open_upload,
@@ -45,6 +46,18 @@ def test_a_sealed_update_opens_to_the_same_bytes_and_hides_them() -> None:
     opened = open_upload(stored, assignment_id="a-1", ring=ring, required=True, max_bytes=CAP)
     assert opened == _update()
     assert decode_client_update(opened, expected_spec=SPEC).num_examples == 5
+
+
+@pytest.mark.parametrize("key_id", ["k-1", 'odd "id" \\ é'])
+def test_the_envelope_is_the_compact_json_of_its_fields(key_id: str) -> None:
+    """Composed without json.dumps of the payload, the envelope keeps the format: compact JSON, fields in order."""
+    ring = UploadKeyRing.generate()
+    key = PublicUploadKey(key_id, ring.current.public_key)
+    envelope = seal_update(_update(), key, assignment_id="a-1")
+    fields = json.loads(envelope)
+    assert list(fields) == ["keyId", "encryptedPayload", "associatedData"] and fields["keyId"] == key_id
+    assert envelope == json.dumps(fields, separators=(",", ":")).encode()
+    assert json.loads(base64.b64decode(fields["associatedData"])) == {"assignmentId": "a-1"}
 
 
 def test_rotation_keeps_in_flight_uploads_decryptable(tmp_path: Path) -> None:

@@ -65,8 +65,10 @@ def seal_update(payload: bytes, key: PublicUploadKey, *, assignment_id: str) -> 
     """The JSON envelope of ``payload`` (already gzip'd ClientUpdate bytes) sealed to ``key``."""
     associated = json.dumps({"assignmentId": assignment_id}, separators=(",", ":")).encode()
     sealed = _SUITE.encrypt(payload, X25519PublicKey.from_public_bytes(key.public_key), info=associated)
-    envelope = {"keyId": key.key_id, "encryptedPayload": _b64(sealed), "associatedData": _b64(associated)}
-    return json.dumps(envelope, separators=(",", ":")).encode()
+    # The same bytes as json.dumps of the envelope dict, composed directly: base64 needs no
+    # JSON escaping, and json.dumps of a multi-megabyte string took 3/4 of a device's sealing.
+    return b"".join((b'{"keyId":', json.dumps(key.key_id).encode(), b',"encryptedPayload":"', base64.b64encode(sealed),
+                     b'","associatedData":"', base64.b64encode(associated), b'"}'))
 
 
 def is_envelope(data: bytes) -> bool:

@@ -49,20 +49,27 @@ class DeviceApp(Protocol):
 
 
 class ArrayApp:
-    """An app whose log holds (features, labels) arrays; encodes them as the plan's Examples."""
+    """An app whose log holds (features, labels) arrays; encodes them as the plan's Examples.
+
+    The log does not change, so its serialized Examples are kept per spec, as an app keeps its
+    example store on disk: re-encoding them took ~12 % of a device session's time.
+    """
 
     def __init__(self, features: Any, labels: np.ndarray, *, population_name: str | None = None) -> None:
         self.features = features
         self.labels = labels
         self.population_name = population_name
         self.spec: Any = None  # set from the plan by the device before the first call
+        self._encoded: tuple[Any, list[bytes]] | None = None  # (spec, its serialized Examples)
 
     def on_training_example(self, population_name, task_name, resumption_token):
         from fedcompute.data.examples import encode_examples
 
         if self.population_name is not None and population_name != self.population_name:
             return TrainingExampleOutput()  # "Check if the incoming training task is the task we want."
-        serialized = encode_examples(self.spec, self.features, self.labels)
+        if self._encoded is None or self._encoded[0] != self.spec:
+            self._encoded = (self.spec, encode_examples(self.spec, self.features, self.labels))
+        serialized = list(self._encoded[1])
         tokens = [f"token{i + 1}".encode() for i in range(len(serialized))]
         return TrainingExampleOutput(serialized, tokens)
 
