@@ -13,13 +13,16 @@ rate with task_builder_client (CNN, Fashion-MNIST IID, EXAMPLES per device, batc
   plan/checkpoint download, training, report-result, upload, ingestion, close, round-ready,
   aggregation, checkpoint write;
 * one round of TFF's ``build_unweighted_fed_avg`` on the same clients' data (``next`` on a
-  warm state: TFF's equivalent of "the next round can start").
+  warm state: TFF's equivalent of "the next round can start") before the first stack round
+  and after every stack round; each stack round's ratio is taken against the mean of the two
+  TFF rounds around it (the machine is shared and its load drifts).
 
 Round 1 of every task and one TFF round are warm-ups (TensorFlow imports, tracing, the
-aggregator's first run), outside the medians. Prints medians, the ratio stack / TFF per
-over-selection rate, and the per-stage split of each stack round (devices done, ingestion
-closes the round, aggregation). ``--profile DIR`` records py-spy of the functions and of this
-process (the fleet) during the measured rounds and prints their top frames.
+aggregator's first run), outside the medians. Prints medians, the ratios stack / TFF per
+over-selection rate (of the medians, and the median of the bracketed ratios), and the
+per-stage split of each stack round (devices done, ingestion closes the round, aggregation).
+``--profile DIR`` records py-spy of the functions and of this process (the fleet) during the
+measured rounds and prints their top frames.
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ def main() -> int:
     stack_s: dict[float, list[float]] = {rate: [] for rate in rates}
     stages: dict[float, list[dict[str, float]]] = {rate: [] for rate in rates}
     tff_s: list[float] = []
+    ratios: dict[float, list[float]] = {rate: [] for rate in rates}
     try:
         os.environ.update(stack.env())
         settings = Settings.from_env()
@@ -155,15 +159,19 @@ def main() -> int:
             for name, pid in function_pids(stack).items():
                 profiler.start(name, pid)
             profiler.start("fleet", os.getpid())
+        # Every stack round is bracketed by TFF rounds, and its ratio is taken against their mean:
+        # the machine is shared, so its load drifts within a repeat.
+        tff_s.append(tff_round())
         for repeat in range(args.repeats):
             for rate in rates:
                 seconds, split = stack_round(rate, repeat + 2)
+                tff_s.append(tff_round())
+                ratio = seconds / ((tff_s[-2] + tff_s[-1]) / 2)
                 stack_s[rate].append(seconds)
+                ratios[rate].append(ratio)
                 stages[rate].append(split)
-                print(f"  repeat {repeat + 1}, over-selection {rate}: stack {seconds:.2f} s  {_fmt(split)}",
-                      flush=True)
-            tff_s.append(tff_round())
-            print(f"  repeat {repeat + 1}: TFF {tff_s[-1]:.2f} s", flush=True)
+                print(f"  repeat {repeat + 1}, over-selection {rate}: stack {seconds:.2f} s, TFF before/after "
+                      f"{tff_s[-2]:.2f}/{tff_s[-1]:.2f} s, ratio {ratio:.2f}x  {_fmt(split)}", flush=True)
         profiles = profiler.stop(top=15) if args.profile else {}
         cache.close()
     finally:
@@ -181,7 +189,9 @@ def main() -> int:
         median = statistics.median(stack_s[rate])
         split = {k: statistics.median(s[k] for s in stages[rate]) for k in stages[rate][0]}
         print(f"  local stack, over-selection {rate}: {median:.2f} s  (all: "
-              f"{', '.join(f'{s:.2f}' for s in stack_s[rate])})  ratio stack / TFF {median / tff_median:.2f}x")
+              f"{', '.join(f'{s:.2f}' for s in stack_s[rate])})  ratio of medians {median / tff_median:.2f}x, "
+              f"median of bracketed ratios {statistics.median(ratios[rate]):.2f}x "
+              f"(all: {', '.join(f'{r:.2f}' for r in ratios[rate])})")
         print(f"    median split from the devices' start: {_fmt(split)}")
     for name, top in profiles.items():
         print(f"\npy-spy {name}: {top}")
