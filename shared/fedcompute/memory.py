@@ -201,7 +201,8 @@ class InMemoryTaskStore:
             self._assignments[k] = updated
             return updated
 
-    def accept_upload(self, key, assignment_id):
+    def accept_upload(self, key, assignment_id, *, read=None):
+        # ``read`` only saves Firestore a read; here everything is checked under the lock.
         with self._lock:
             rk = (key.population, key.task_id, key.round_number)
             it = self._rounds.get(rk)

@@ -421,6 +421,40 @@ def test_an_accept_racing_the_close_counts_only_if_in_the_frozen_set(local_stack
         management.cancel_task(task.population, task.task_id, "test over")
 
 
+def test_an_accept_from_an_earlier_read_racing_the_close_counts_only_if_in_the_frozen_set(
+        local_stack: StackHandle) -> None:
+    """Ingestion accepts from the round and assignment it read before fetching the update (no
+    second read): a close in between must not let that stale view count an upload twice or
+    outside the frozen set."""
+    management = TaskManagementClient(local_stack.settings.task_management_url)
+    for freeze, expected_outcome in ((True, "ROUND_CLOSED"), (False, "ACCEPTED")):
+        # Goal 4: the duplicate below gives its position up (void), so c's is the last one.
+        task = create_numpy_task(local_stack, unique("race-read"), report_goal=4, rounds=1)
+        key, store, now = task.key(1), task.store, time.time()
+        ids = [f"{name}-{uuid.uuid4()}" for name in ("a", "b", "c")]
+        for slot, aid in enumerate(ids):
+            store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
+                                                     AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
+        # Two deliveries of a's upload read before either accepts: one counts, one is a duplicate.
+        deliveries = [store.get_upload_context(key, ids[0])[1:] for _ in range(2)]
+        _, round_record, assignment = store.get_upload_context(key, ids[1])
+        outcomes = [store.accept_upload(key, ids[0], read=read).outcome for read in deliveries]  # type: ignore[arg-type]
+        assert outcomes == ["ACCEPTED", "DUPLICATE"]
+        assert round_record is not None and assignment is not None
+        assert store.accept_upload(key, ids[1], read=(round_record, assignment)).outcome == "ACCEPTED"
+        _, round_record, assignment = store.get_upload_context(key, ids[2])  # still COLLECTING here
+        assert round_record is not None and assignment is not None and assignment.version is not None
+        store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": time.time(),
+                                 "round_ready_published": True}, expected=[RoundStatus.COLLECTING])
+        if freeze:
+            store.accepted_ids(key)
+        assert store.accept_upload(key, ids[2], read=(round_record, assignment)).outcome == expected_outcome
+        counted = ids if expected_outcome == "ACCEPTED" else ids[:2]
+        assert store.accepted_ids(key) == sorted(counted)
+        assert task.count(1) == len(counted)
+        management.cancel_task(task.population, task.task_id, "test over")
+
+
 def test_uploads_beyond_the_goal_are_refused_without_counting_the_round(local_stack: StackHandle) -> None:
     """Exactly report_goal accepts, from the sharded counters alone (the round is never counted)."""
     task = create_numpy_task(local_stack, unique("surplus"), report_goal=3, rounds=1)

@@ -405,22 +405,36 @@ class FirestoreTaskStore:
         found = {snap.reference.path: snap for snap in self._db.get_all(refs)}
         return found[refs[0].path], found[refs[1].path]
 
-    def accept_upload(self, key, assignment_id):
-        """Count one upload exactly once, O(1): see the module docstring."""
+    def accept_upload(self, key, assignment_id, *, read=None):
+        """Count one upload exactly once, O(1): see the module docstring.
+
+        ``read``: the round and the assignment as this store read them for the same upload
+        (the assignment carrying its version), which saves reading them again. Nothing
+        depends on the round still collecting since that read: once a closed round's accepted
+        set is frozen its unfilled positions are void (the marker write below then fails),
+        and a set frozen after this write includes this upload.
+        """
         from google.api_core import exceptions
         from google.cloud import firestore
 
-        round_snapshot, snapshot = self._accept_snapshots(key, assignment_id)
-        if not snapshot.exists:
-            return AcceptResult(UNKNOWN_ASSIGNMENT)
-        status = snapshot.to_dict()["status"]
+        if read is not None and read[1].version is not None:
+            round_record, assignment = read
+            round_status, report_goal = round_record.status.value, round_record.report_goal
+            status, version = assignment.status.value, assignment.version
+        else:
+            round_snapshot, snapshot = self._accept_snapshots(key, assignment_id)
+            if not snapshot.exists:
+                return AcceptResult(UNKNOWN_ASSIGNMENT)
+            status, version = snapshot.to_dict()["status"], snapshot.update_time
+            round_data = round_snapshot.to_dict() if round_snapshot.exists else {}
+            round_status, report_goal = round_data.get("status"), int(round_data.get("report_goal", 0))
         if status == AssignmentStatus.UPLOAD_COMPLETED.value:
             return AcceptResult(DUPLICATE)
-        if not round_snapshot.exists or round_snapshot.to_dict()["status"] != RoundStatus.COLLECTING.value:
+        if round_status != RoundStatus.COLLECTING.value:
             return AcceptResult(ROUND_CLOSED)
         if status != AssignmentStatus.LOCAL_COMPLETED.value:
             return AcceptResult(NOT_UPLOADABLE)
-        quota = ShardedQuota.for_total(int(round_snapshot.to_dict()["report_goal"]))
+        quota = ShardedQuota.for_total(int(report_goal))
         position, shard, _ = self._take_position(key, "accept", quota, random.Random())
         if position is None:
             return AcceptResult(ROUND_CLOSED)  # the goal is reached: this upload is surplus
@@ -430,7 +444,7 @@ class FirestoreTaskStore:
         batch.update(self._assignment(key, assignment_id),
                      {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": t,
                       UPDATED_BUCKET_FIELD: updated_bucket(t), "accepted_position": position},
-                     option=self._db.write_option(last_update_time=snapshot.update_time))
+                     option=self._db.write_option(last_update_time=version))
         batch.set(self._counter(key, "accept", shard), {"filled": firestore.Increment(1)}, merge=True)
         try:
             results = batch.commit()
