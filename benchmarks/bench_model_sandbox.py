@@ -11,6 +11,7 @@ production). The walk alone is timed too. Child CPU time comes from ``RUSAGE_CHI
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import statistics
@@ -29,11 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-flex-ops", action="store_true", help="no TFLite conversion (model check only)")
     args = parser.parse_args(argv)
+    # The sandbox logs the child's uid and network (and why it did not drop privileges).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedcompute.taskbuilder.sandbox").setLevel(logging.INFO)
 
     from fedcompute.models.example_models import EXAMPLE_MODELS, save_example_models
     from fedcompute.taskbuilder import op_allowlist, sandbox
 
     with tempfile.TemporaryDirectory(prefix="bench-sandbox-") as tmp:
+        # As the task builder's build directory: traversable by the sandbox user, so that a
+        # builder running as root measures the child that drops to it (else it keeps root).
+        os.chmod(tmp, 0o711)
         work = Path(tmp)
         print(f"saving {args.model} ...", file=sys.stderr)
         model_dir = save_example_models(work / "models", names=[args.model], seed=0)[args.model]

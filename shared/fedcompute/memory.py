@@ -188,7 +188,8 @@ class InMemoryTaskStore:
         with self._lock:
             return self._assignments.get((key.population, key.task_id, key.round_number, assignment_id))
 
-    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason=""):
+    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason="", current=None):
+        # ``current`` only saves Firestore a read; here the check under the lock is the same.
         with self._lock:
             k = (key.population, key.task_id, key.round_number, assignment_id)
             rec = self._assignments.get(k)
@@ -200,7 +201,8 @@ class InMemoryTaskStore:
             self._assignments[k] = updated
             return updated
 
-    def accept_upload(self, key, assignment_id):
+    def accept_upload(self, key, assignment_id, *, read=None):
+        # ``read`` only saves Firestore a read; here everything is checked under the lock.
         with self._lock:
             rk = (key.population, key.task_id, key.round_number)
             it = self._rounds.get(rk)

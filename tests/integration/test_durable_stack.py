@@ -7,6 +7,7 @@ the task, its round-1 checkpoint and metrics, and a new fleet completes the rema
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def _start(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> Client:
 
 
 def test_stack_restarted_mid_task_keeps_its_state_and_the_fleet_finishes(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     import tensorflow as tf
 
     from fedcompute.models.functional import save_functional_model
@@ -86,7 +88,11 @@ def test_stack_restarted_mid_task_keeps_its_state_and_the_fleet_finishes(tmp_pat
         assert stack.leftover_processes() == []
         assert stack.latest_firestore_export() is not None
 
-        client = _start(stack, monkeypatch)  # new ports, same data
+        with caplog.at_level(logging.INFO, logger="fedcompute.stack.local"):
+            client = _start(stack, monkeypatch)  # new ports, same data
+        # The start waited until the emulator had loaded the saved documents (it loads them on
+        # the first read, which otherwise hangs the first request for as long as that takes).
+        assert any("Firestore data loaded" in r.getMessage() for r in caplog.records)
         after = client.get_task(population, task_id)
         # Uploads in flight when the fleet stopped may still close the current round before the
         # stack stops: the task resumes where it was, or one round on; never behind.

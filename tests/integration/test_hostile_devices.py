@@ -2,7 +2,8 @@
 Pub/Sub notifications and the CLI, as an attacker would use them.
 
 - two hostile devices (overflowing and inconsistent metric statistics) cannot keep a round
-  from completing, nor set its accuracy (High 3, Medium);
+  from completing, nor set its accuracy (High 3, Medium); nor can a negative count or an
+  overflowing sum stall an evaluation round (High 3);
 - one identity holds at most one assignment of a round, and cannot fill a round (High 5);
 - uploads sealed to another key, tampered or in plaintext are rejected and counted nowhere;
   honest devices' uploads are HPKE-sealed (item 4);
@@ -37,11 +38,13 @@ from support.tasks import (
     COMPLETED,
     NumpyTask,
     central_metrics,
+    create_numpy_eval_task,
     create_numpy_task,
     gradient_object,
     log_lines,
     make_update,
     random_delta,
+    random_metric_stats,
     run_device,
     seal_for_stack,
     stack_key_ring,
@@ -88,6 +91,47 @@ def test_two_hostile_devices_cannot_stall_a_round_or_set_its_accuracy(local_stac
         assert metrics[TRAIN + name] == pytest.approx(value, rel=1e-6), name
     statuses = task.statuses(1)
     assert [statuses[run.assignment_id] for run in hostile] == ["UPLOAD_REJECTED"] * 2
+
+
+def test_negative_count_or_overflowing_sum_cannot_stall_an_evaluation_round(local_stack: StackHandle) -> None:
+    """By the code, one negative count stalled an evaluation round (High 3): statistics are
+    checked at ingestion, so hostile ones are rejected and the round completes without them."""
+    training = create_numpy_task(local_stack, unique("hostile_eval"), report_goal=1, rounds=1)
+    evaluation = create_numpy_eval_task(training, report_goal=2, over_selection_rate=1.0)
+    client, rng = _client(local_stack), np.random.default_rng(31)
+    assert run_device(client, training.population, make_update(training, random_delta(training, rng))[0]
+                      ).upload_status == 200
+    training.wait_round(1, timeout_s=60)
+    # The scheduler runs on the round-completed event and opens evaluation round 1 on it.
+    opened = evaluation.wait_round(1, RoundStatus.COLLECTING, timeout_s=60)
+    assert opened.evaluated_round == 1
+    honest_count = random_metric_stats(evaluation, rng, 10)["sparse_categorical_accuracy/count"]
+    negative = {**random_metric_stats(evaluation, rng, 10),
+                "sparse_categorical_accuracy/count": -np.asarray(honest_count)}  # cancels an honest device's count
+    overflowing = {**random_metric_stats(evaluation, rng, 10), "loss/sum": np.float64(1.7e308)}
+    hostile = {what: run_device(client, evaluation.population, make_update(evaluation, [], stats=stats)[0])
+               for what, stats in (("negative count", negative), ("overflowing sum", overflowing))}
+    for run in hostile.values():
+        assert _verdict(local_stack, evaluation, run.assignment_id) == "INVALID_UPLOAD"
+    reasons = {r["object"].split("/d/")[1].split("/")[0]: r["reason"]
+               for r in evaluation.store.list_rejections(evaluation.key(1))}
+    assert "sparse_categorical_accuracy/count is a count: it must be a non-negative integer" in \
+        reasons[hostile["negative count"].assignment_id]
+    assert "exceeds count" in reasons[hostile["overflowing sum"].assignment_id]
+    assert evaluation.count(1) == 0  # counted nowhere
+    honest_stats = []
+    for seed in range(2):
+        payload, flat = make_update(evaluation, [], seed=40 + seed)
+        honest_stats.append(flat)
+        assert run_device(client, evaluation.population, payload).upload_status == 200
+    assert evaluation.wait_round(1, timeout_s=120).status == RoundStatus.COMPLETED  # not left AGGREGATING
+    metrics = evaluation.round_metrics(1)
+    assert metrics["server/aggregator/num_reports"] == 2
+    assert metrics["server/evaluation/training_round"] == 1
+    for name, value in central_metrics(evaluation, honest_stats).items():  # the honest devices' metrics alone
+        assert metrics["server/client_work/eval/" + name] == pytest.approx(value, rel=1e-6), name
+    statuses = evaluation.statuses(1)
+    assert [statuses[run.assignment_id] for run in hostile.values()] == ["UPLOAD_REJECTED"] * 2
 
 
 def test_one_identity_holds_one_assignment_per_round_and_cannot_fill_it(local_stack: StackHandle) -> None:

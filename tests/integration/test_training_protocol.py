@@ -421,6 +421,40 @@ def test_an_accept_racing_the_close_counts_only_if_in_the_frozen_set(local_stack
         management.cancel_task(task.population, task.task_id, "test over")
 
 
+def test_an_accept_from_an_earlier_read_racing_the_close_counts_only_if_in_the_frozen_set(
+        local_stack: StackHandle) -> None:
+    """Ingestion accepts from the round and assignment it read before fetching the update (no
+    second read): a close in between must not let that stale view count an upload twice or
+    outside the frozen set."""
+    management = TaskManagementClient(local_stack.settings.task_management_url)
+    for freeze, expected_outcome in ((True, "ROUND_CLOSED"), (False, "ACCEPTED")):
+        # Goal 4: the duplicate below gives its position up (void), so c's is the last one.
+        task = create_numpy_task(local_stack, unique("race-read"), report_goal=4, rounds=1)
+        key, store, now = task.key(1), task.store, time.time()
+        ids = [f"{name}-{uuid.uuid4()}" for name in ("a", "b", "c")]
+        for slot, aid in enumerate(ids):
+            store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
+                                                     AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
+        # Two deliveries of a's upload read before either accepts: one counts, one is a duplicate.
+        deliveries = [store.get_upload_context(key, ids[0])[1:] for _ in range(2)]
+        _, round_record, assignment = store.get_upload_context(key, ids[1])
+        outcomes = [store.accept_upload(key, ids[0], read=read).outcome for read in deliveries]  # type: ignore[arg-type]
+        assert outcomes == ["ACCEPTED", "DUPLICATE"]
+        assert round_record is not None and assignment is not None
+        assert store.accept_upload(key, ids[1], read=(round_record, assignment)).outcome == "ACCEPTED"
+        _, round_record, assignment = store.get_upload_context(key, ids[2])  # still COLLECTING here
+        assert round_record is not None and assignment is not None and assignment.version is not None
+        store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": time.time(),
+                                 "round_ready_published": True}, expected=[RoundStatus.COLLECTING])
+        if freeze:
+            store.accepted_ids(key)
+        assert store.accept_upload(key, ids[2], read=(round_record, assignment)).outcome == expected_outcome
+        counted = ids if expected_outcome == "ACCEPTED" else ids[:2]
+        assert store.accepted_ids(key) == sorted(counted)
+        assert task.count(1) == len(counted)
+        management.cancel_task(task.population, task.task_id, "test over")
+
+
 def test_uploads_beyond_the_goal_are_refused_without_counting_the_round(local_stack: StackHandle) -> None:
     """Exactly report_goal accepts, from the sharded counters alone (the round is never counted)."""
     task = create_numpy_task(local_stack, unique("surplus"), report_goal=3, rounds=1)
@@ -868,3 +902,54 @@ def test_task_management_requires_the_api_key_when_configured(local_stack: Stack
     created = TaskManagementClient(url, api_key=key).create_task(
         population, task_management_pb2.Task(total_iteration=1, min_aggregation_size=2))
     assert created.task_id == 1 and created.status == task_management_pb2.TaskStatus.CREATED
+
+
+class CountingFirestore:
+    """Counts the Firestore RPCs (reads and commits) made through a real client."""
+
+    def __init__(self, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rpcs: list[str] = []
+        api = client._firestore_api
+        for name in ("batch_get_documents", "commit", "run_query", "begin_transaction", "run_aggregation_query"):
+            original = getattr(api, name)
+
+            def counted(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+                self.rpcs.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(api, name, counted)
+
+
+def test_report_result_takes_two_firestore_round_trips_and_refuses_a_concurrent_move(
+        local_stack: StackHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcompute.services import assignment as assignment_service
+    from fedcompute.tasks.records import ReportedResult
+
+    task = create_numpy_task(local_stack, unique("report-rpcs"), report_goal=5, over_selection_rate=0.0)
+    client = device(local_stack)
+    first, second = check_in(client, task.population), check_in(client, task.population)
+    key = task.key(1)
+    store = FirestoreTaskStore(local_stack.clients.firestore)
+    blobs = GcsBlobStore(local_stack.clients.storage)
+    counter = CountingFirestore(local_stack.clients.firestore, monkeypatch)
+
+    owner = task.store.get_assignment(key, first.assignment_id)
+    assert owner is not None
+    counter.rpcs.clear()
+    instruction = assignment_service.report_result(store, blobs, local_stack.settings, key, first.assignment_id,
+                                                   ReportedResult.COMPLETED, device_id=owner.device_id)
+    assert isinstance(instruction, assignment_service.UploadInstruction)
+    # One read of the round and the assignment together, one conditional write.
+    assert counter.rpcs == ["batch_get_documents", "commit"]
+    assert task.statuses(1)[first.assignment_id] == AssignmentStatus.LOCAL_COMPLETED.value
+
+    # The write is conditional on the version read: a move in between (here the scheduler
+    # timing the assignment out) wins, and the device's report changes nothing.
+    _, _, read = store.get_upload_context(key, second.assignment_id)
+    assert read is not None and read.version is not None
+    store.transition_assignment(key, second.assignment_id, expected=[AssignmentStatus.ASSIGNED],
+                                new_status=AssignmentStatus.LOCAL_TIMEOUT)
+    with pytest.raises(PreconditionFailedError):
+        store.transition_assignment(key, second.assignment_id, expected=[AssignmentStatus.ASSIGNED],
+                                    new_status=AssignmentStatus.LOCAL_COMPLETED, current=read)
+    assert task.statuses(1)[second.assignment_id] != AssignmentStatus.LOCAL_COMPLETED.value

@@ -2,7 +2,8 @@
 
 :func:`create_numpy_task` creates a task through the task management function, publishes
 artifacts for a tiny numpy model (checkpoint 0, client checkpoint 0, server phase, a
-stand-in client plan) and opens it. :func:`make_update` builds what a device uploads: a
+stand-in client plan) and opens it; :func:`create_numpy_eval_task` adds an evaluation task
+of it. :func:`make_update` builds what a device uploads: a
 ``ClientUpdate`` with a known delta and the metric statistics the task expects.
 :func:`run_device` walks one device through check-in, report and upload over HTTP.
 :func:`open_task_in_memory` is the unit tier's way to open a task on the in-memory store.
@@ -11,6 +12,7 @@ Shared by the integration and e2e tiers (``from support.tasks import ...``).
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import time
@@ -206,6 +208,33 @@ def create_numpy_task(
                      initial=initial, plan_bytes=plan, store=FirestoreTaskStore(clients.firestore), blobs=blobs)
 
 
+def create_numpy_eval_task(training: NumpyTask, *, report_goal: int = 2, over_selection_rate: float = 1.0,
+                           every_k_rounds: int = 1) -> NumpyTask:
+    """Create and open an EVALUATION task of ``training`` (same model and metrics), as the
+    task builder does for an evaluation block: the scheduler opens its rounds on the training
+    task's completed checkpoints (every ``every_k_rounds``); devices upload metric statistics only.
+    """
+    stack = training.stack
+    settings = stack.settings
+    management = TaskManagementClient(settings.task_management_url, api_key=settings.api_key)
+    max_size = int(np.floor(report_goal * (1.0 + over_selection_rate) + 1e-9))
+    proto = task_management_pb2.Task(total_iteration=1, min_aggregation_size=report_goal,
+                                     max_aggregation_size=max_size)
+    info = proto.info.evaluation_info
+    info.training_population_name = training.population
+    info.training_task_id = training.task_id
+    info.check_point_selector.iteration_selector.size = every_k_rounds
+    created = management.create_task(training.population, proto)
+    phase = dataclasses.replace(training.phase, report_goal=report_goal,
+                                over_selection_rate=max_size / report_goal - 1.0, total_rounds=1,
+                                dp=DpParams(mechanism="NONE"))
+    plan = f"evaluation plan of {training.population}/{created.task_id}".encode()
+    publish_artifacts(training.blobs, settings, training.population, created.task_id,
+                      artifacts_from_weights(phase, training.initial, eval_plan=plan))
+    management.open_task(training.population, created.task_id)
+    return dataclasses.replace(training, task_id=int(created.task_id), phase=phase, plan_bytes=plan)
+
+
 def random_metric_stats(task: NumpyTask, rng: np.random.Generator, num_examples: int) -> dict[str, np.ndarray]:
     """Flat ``metric/stat`` statistics of random predictions over ``num_examples`` examples.
 
@@ -292,9 +321,9 @@ def gradient_object(task: NumpyTask, round_number: int, assignment_id: str) -> s
 
 
 __all__ = [
-    "COMPLETED", "DeviceRun", "NumpyTask", "central_metrics", "check_in", "create_numpy_task", "gradient_object",
-    "log_lines", "make_update", "model_blob_generation", "random_delta", "random_metric_stats", "run_device",
-    "wait_until",
+    "COMPLETED", "DeviceRun", "NumpyTask", "central_metrics", "check_in", "create_numpy_eval_task", "create_numpy_task",
+    "gradient_object", "log_lines", "make_update", "model_blob_generation", "random_delta", "random_metric_stats",
+    "run_device", "wait_until",
 ]
 
 

@@ -63,8 +63,8 @@ def test_the_envelope_is_the_compact_json_of_its_fields(key_id: str) -> None:
 def test_rotation_keeps_in_flight_uploads_decryptable(tmp_path: Path) -> None:
     private, public = ensure_key_files(tmp_path)
     assert oct(private.stat().st_mode & 0o777) == "0o600"
-    keys = KeyRingSource({"FEDCOMPUTE_UPLOAD_KEYS_FILE": str(private)})
-    handed_out = PublicKeySource({"FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE": str(public)})
+    keys = KeyRingSource({"FEDCOMPUTE_UPLOAD_KEYS_FILE": str(private)}, check_interval_s=0)
+    handed_out = PublicKeySource({"FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE": str(public)}, check_interval_s=0)
     before = handed_out.current()
     assert before is not None
     in_flight = gzip.compress(seal_update(_update(), before, assignment_id="a-1"))
@@ -77,6 +77,25 @@ def test_rotation_keeps_in_flight_uploads_decryptable(tmp_path: Path) -> None:
         rotate_key_files(tmp_path)
     with pytest.raises(InvalidRequestError, match="unknown key"):
         unseal(in_flight, "a-1")  # retired after KEEP_KEYS rotations
+
+
+def test_key_files_are_looked_at_once_per_interval_not_once_per_upload(tmp_path: Path) -> None:
+    private, public = ensure_key_files(tmp_path)
+    handed_out = PublicKeySource({"FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE": str(public)}, check_interval_s=3600)
+    keys = KeyRingSource({"FEDCOMPUTE_UPLOAD_KEYS_FILE": str(private)}, check_interval_s=3600)
+    before, ring = handed_out.current(), keys.ring()
+    assert before is not None and ring is not None
+    rotate_key_files(tmp_path)
+    # Within the interval the sources serve what they read (no stat, no parse per call) ...
+    assert handed_out.current() is before and keys.ring() is ring
+    # An upload sealed to the new key (handed out by another process) still opens at once.
+    newest = PublicKeySource({"FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE": str(public)}, check_interval_s=0).current()
+    assert newest is not None
+    unseal = upload_unsealer(keys, lambda: True)
+    assert unseal(gzip.compress(seal_update(_update(), newest, assignment_id="a-2")), "a-2") == _update()
+    # ... and a source that looks every time sees the rotation at once.
+    fresh = PublicKeySource({"FEDCOMPUTE_UPLOAD_PUBLIC_KEYS_FILE": str(public)}, check_interval_s=0)
+    assert fresh.current() is not None and fresh.current().key_id != before.key_id  # type: ignore[union-attr]
 
 
 def test_an_upload_sealed_to_another_servers_key_is_refused() -> None:

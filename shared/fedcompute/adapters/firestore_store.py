@@ -352,28 +352,32 @@ class FirestoreTaskStore:
             raise ConflictError(f"assignment {record.assignment_id} already exists") from error
 
     def get_assignment(self, key, assignment_id):
-        snapshot = self._assignment(key, assignment_id).get()
-        return AssignmentRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None
+        return _assignment_record(self._assignment(key, assignment_id).get())
 
-    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason=""):
+    def transition_assignment(self, key, assignment_id, *, expected, new_status, reason="", current=None):
+        """Move an assignment between statuses, conditional on the version read.
+
+        ``current`` (a record this store read, carrying its version) saves the read: one
+        round trip instead of two.
+        """
         from google.api_core import exceptions
 
         ref = self._assignment(key, assignment_id)
-        snapshot = ref.get()
-        if not snapshot.exists:
-            raise NotFoundError(f"assignment {assignment_id} does not exist in round {key.round_number}")
-        data = snapshot.to_dict()
-        if data["status"] not in {s.value for s in expected}:
-            raise PreconditionFailedError(f"assignment {assignment_id} is {data['status']}")
+        if current is None or current.version is None:
+            current = _assignment_record(ref.get())
+            if current is None:
+                raise NotFoundError(f"assignment {assignment_id} does not exist in round {key.round_number}")
+        if current.status not in set(expected):
+            raise PreconditionFailedError(f"assignment {assignment_id} is {current.status.value}")
         t = time.time()
         changes = {"status": new_status.value, "updated_time": t, UPDATED_BUCKET_FIELD: updated_bucket(t),
                    "status_reason": reason}
         try:
-            # Conditional on the version we read: a concurrent move makes this fail.
-            ref.update(changes, option=self._db.write_option(last_update_time=snapshot.update_time))
-        except exceptions.FailedPrecondition as error:
+            # Conditional on the version read: a concurrent move (or a deletion) makes this fail.
+            ref.update(changes, option=self._db.write_option(last_update_time=current.version))
+        except (exceptions.FailedPrecondition, exceptions.NotFound) as error:
             raise PreconditionFailedError(f"assignment {assignment_id} changed concurrently") from error
-        return AssignmentRecord.from_dict({**data, **changes})
+        return current.replace(status=new_status, updated_time=t, status_reason=reason, version=None)
 
     def expired_assignments(self, key, status, cutoff, limit):
         """Assignments in ``status`` last updated before ``cutoff``'s bucket: one bounded query
@@ -393,8 +397,7 @@ class FirestoreTaskStore:
         task, round_record, assignment = (found.get(ref.path) for ref in refs)
         return (TaskRecord.from_dict(task.to_dict()) if task is not None and task.exists else None,
                 RoundRecord.from_dict(round_record.to_dict()) if round_record is not None and round_record.exists else None,
-                AssignmentRecord.from_dict(assignment.to_dict()) if assignment is not None and assignment.exists
-                else None)
+                _assignment_record(assignment))
 
     def _accept_snapshots(self, key: RoundKey, assignment_id: str) -> tuple[Any, Any]:
         """The round and the assignment as they are now (one round trip)."""
@@ -402,22 +405,36 @@ class FirestoreTaskStore:
         found = {snap.reference.path: snap for snap in self._db.get_all(refs)}
         return found[refs[0].path], found[refs[1].path]
 
-    def accept_upload(self, key, assignment_id):
-        """Count one upload exactly once, O(1): see the module docstring."""
+    def accept_upload(self, key, assignment_id, *, read=None):
+        """Count one upload exactly once, O(1): see the module docstring.
+
+        ``read``: the round and the assignment as this store read them for the same upload
+        (the assignment carrying its version), which saves reading them again. Nothing
+        depends on the round still collecting since that read: once a closed round's accepted
+        set is frozen its unfilled positions are void (the marker write below then fails),
+        and a set frozen after this write includes this upload.
+        """
         from google.api_core import exceptions
         from google.cloud import firestore
 
-        round_snapshot, snapshot = self._accept_snapshots(key, assignment_id)
-        if not snapshot.exists:
-            return AcceptResult(UNKNOWN_ASSIGNMENT)
-        status = snapshot.to_dict()["status"]
+        if read is not None and read[1].version is not None:
+            round_record, assignment = read
+            round_status, report_goal = round_record.status.value, round_record.report_goal
+            status, version = assignment.status.value, assignment.version
+        else:
+            round_snapshot, snapshot = self._accept_snapshots(key, assignment_id)
+            if not snapshot.exists:
+                return AcceptResult(UNKNOWN_ASSIGNMENT)
+            status, version = snapshot.to_dict()["status"], snapshot.update_time
+            round_data = round_snapshot.to_dict() if round_snapshot.exists else {}
+            round_status, report_goal = round_data.get("status"), int(round_data.get("report_goal", 0))
         if status == AssignmentStatus.UPLOAD_COMPLETED.value:
             return AcceptResult(DUPLICATE)
-        if not round_snapshot.exists or round_snapshot.to_dict()["status"] != RoundStatus.COLLECTING.value:
+        if round_status != RoundStatus.COLLECTING.value:
             return AcceptResult(ROUND_CLOSED)
         if status != AssignmentStatus.LOCAL_COMPLETED.value:
             return AcceptResult(NOT_UPLOADABLE)
-        quota = ShardedQuota.for_total(int(round_snapshot.to_dict()["report_goal"]))
+        quota = ShardedQuota.for_total(int(report_goal))
         position, shard, _ = self._take_position(key, "accept", quota, random.Random())
         if position is None:
             return AcceptResult(ROUND_CLOSED)  # the goal is reached: this upload is surplus
@@ -427,7 +444,7 @@ class FirestoreTaskStore:
         batch.update(self._assignment(key, assignment_id),
                      {"status": AssignmentStatus.UPLOAD_COMPLETED.value, "updated_time": t,
                       UPDATED_BUCKET_FIELD: updated_bucket(t), "accepted_position": position},
-                     option=self._db.write_option(last_update_time=snapshot.update_time))
+                     option=self._db.write_option(last_update_time=version))
         batch.set(self._counter(key, "accept", shard), {"filled": firestore.Increment(1)}, merge=True)
         try:
             results = batch.commit()
@@ -567,3 +584,10 @@ class FirestoreTaskStore:
 
     def list_rejections(self, key):
         return [d.to_dict() for d in self._round(key).collection("rejections").stream()]
+
+
+def _assignment_record(snapshot: Any) -> AssignmentRecord | None:
+    """The record a snapshot holds, carrying its version (None if the document is absent)."""
+    if snapshot is None or not snapshot.exists:
+        return None
+    return AssignmentRecord.from_dict(snapshot.to_dict()).replace(version=snapshot.update_time)

@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "(make demo-tradeoff; e.g. 0,0.5,1.0,1.5)")
     private.add_argument("--processes", type=int, default=2, help="fleet worker processes (PROCESSES=)")
     private.add_argument("--threads", type=int, default=6, help="device sessions at once per worker process")
+    private.add_argument("--over-selection", dest="over_selection_rate", type=float, default=0.05,
+                         help="over_selection_rate of the private task (0.05: simulated phones do not drop out)")
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--state-dir", type=Path, default=Path(".fedcompute"))
     parser.set_defaults(func=run)
@@ -79,7 +81,7 @@ def run_private(args: argparse.Namespace) -> int:
     )
 
     out = args.out if args.out != Path("out/demo") else Path("out/demo_private")
-    options = PrivateDemoOptions(**_given(args), baseline=args.baseline,
+    options = PrivateDemoOptions(**_given(args), baseline=args.baseline, over_selection_rate=args.over_selection_rate,
                                  processes=args.processes, threads=args.threads, seed=args.seed, out_dir=out,
                                  state_dir=args.state_dir)
     if args.tradeoff:

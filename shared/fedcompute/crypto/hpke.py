@@ -145,7 +145,7 @@ class UploadKeyRing:
         except (ValueError, KeyError, TypeError, binascii.Error) as error:
             raise InvalidRequestError(f"upload is not an HPKE envelope: {error}", hint=hint) from error
         if not isinstance(key_id, str) or key_id not in self._by_id:
-            raise InvalidRequestError(f"upload is sealed to unknown key {str(key_id)[:80]!r} "
+            raise UnknownUploadKeyError(f"upload is sealed to unknown key {str(key_id)[:80]!r} "
                                       f"(this server has {', '.join(self.key_ids)})", hint=hint)
         if associated:
             try:
@@ -187,41 +187,56 @@ KEYS_FILE = "upload_keys.json"
 PUBLIC_KEYS_FILE = "upload_public_keys.json"
 
 
+class UnknownUploadKeyError(InvalidRequestError):
+    """An upload sealed to a key id this key ring does not hold."""
+
+
 class _Reloading:
     """Re-reads its source when the file changes (rotation takes effect without a restart)."""
 
-    def __init__(self, env: Mapping[str, str], value_env: str, file_env: str) -> None:
+    def __init__(self, env: Mapping[str, str], value_env: str, file_env: str, *,
+                 check_interval_s: float = 1.0) -> None:
+        # Seconds between looks at the file: a rotation takes effect within this, and a busy
+        # ingestion or aggregator does not stat the key file once per update.
+        self._check_interval_s = check_interval_s
         self._value = env.get(value_env, "")
         self._path = Path(env[file_env]) if env.get(file_env) else None
         self._lock = threading.Lock()
         self._stamp: float | None = None
+        self._checked = -float("inf")
         self._text = self._value
 
     @property
     def configured(self) -> bool:
         return bool(self._value or self._path)
 
-    def text(self) -> str:
+    def text(self, *, look: bool = False) -> str:
+        """The source's text; ``look``: check the file now, not at the next interval."""
         if self._path is None:
             return self._value
+        now = time.monotonic()
+        if not look and now - self._checked < self._check_interval_s:
+            return self._text
         stamp = self._path.stat().st_mtime_ns
         with self._lock:
             if stamp != self._stamp:
                 self._text, self._stamp = self._path.read_text(), stamp
+            self._checked = now
             return self._text
 
 
 class KeyRingSource(_Reloading):
     """The private key ring for ingestion and the aggregator."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        super().__init__(os.environ if env is None else env, KEYS_ENV, KEYS_FILE_ENV)
+    def __init__(self, env: Mapping[str, str] | None = None, *, check_interval_s: float = 1.0) -> None:
+        super().__init__(os.environ if env is None else env, KEYS_ENV, KEYS_FILE_ENV,
+                         check_interval_s=check_interval_s)
         self._ring: tuple[str, UploadKeyRing] | None = None
 
-    def ring(self) -> UploadKeyRing | None:
+    def ring(self, *, look: bool = False) -> UploadKeyRing | None:
         if not self.configured:
             return None
-        text = self.text()
+        text = self.text(look=look)
         if self._ring is None or self._ring[0] != text:
             self._ring = (text, UploadKeyRing.from_json(text))
         return self._ring[1]
@@ -230,11 +245,18 @@ class KeyRingSource(_Reloading):
 class PublicKeySource(_Reloading):
     """The current public key for check-in."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        super().__init__(os.environ if env is None else env, PUBLIC_KEYS_ENV, PUBLIC_KEYS_FILE_ENV)
+    def __init__(self, env: Mapping[str, str] | None = None, *, check_interval_s: float = 1.0) -> None:
+        super().__init__(os.environ if env is None else env, PUBLIC_KEYS_ENV, PUBLIC_KEYS_FILE_ENV,
+                         check_interval_s=check_interval_s)
+        self._parsed: tuple[str, PublicUploadKey | None] | None = None
 
     def current(self) -> PublicUploadKey | None:
-        return public_key_from_json(self.text()) if self.configured else None
+        if not self.configured:
+            return None
+        text = self.text()
+        if self._parsed is None or self._parsed[0] is not text:
+            self._parsed = (text, public_key_from_json(text))
+        return self._parsed[1]
 
 
 def write_key_files(directory: Path, ring: UploadKeyRing) -> tuple[Path, Path]:
@@ -296,7 +318,13 @@ def upload_unsealer(keys: KeyRingSource, required: Callable[[], bool], *,
     """``unseal(stored bytes, assignment id)`` for ingestion and the aggregator."""
 
     def unseal(data: bytes, assignment_id: str) -> bytes:
-        return open_upload(data, assignment_id=assignment_id, ring=keys.ring(), required=required(),
-                           max_bytes=max_bytes)
+        try:
+            return open_upload(data, assignment_id=assignment_id, ring=keys.ring(), required=required(),
+                               max_bytes=max_bytes)
+        except UnknownUploadKeyError:
+            # Sealed to a key rotated in since this process last looked at the key file:
+            # look now before refusing it.
+            return open_upload(data, assignment_id=assignment_id, ring=keys.ring(look=True), required=required(),
+                               max_bytes=max_bytes)
 
     return unseal

@@ -121,7 +121,7 @@ def ingest_upload(
         validate(unseal(data, parsed.assignment_id) if unseal else data, task)
     except InvalidRequestError as error:
         return _invalid(store, key, event, assignment.slot, str(error), now)
-    result = store.accept_upload(key, parsed.assignment_id)
+    result = store.accept_upload(key, parsed.assignment_id, read=(round_record, assignment))
     if result.outcome == ROUND_CLOSED:
         return _reject(store, key, event, OUTCOME_LATE,
                        f"round {key.round_number} reached its goal ({task.report_goal}) or closed meanwhile", now)

@@ -302,7 +302,8 @@ def confine(run_as: RunAs | None) -> dict[str, Any]:
     dropped (the child then reports an error and runs nothing).
     """
     if run_as is None:
-        return {"uid": os.getuid(), "network": "shared (the builder is not root)"}
+        # The builder is not root, or the sandbox user cannot reach the job (logged by _hand_over).
+        return {"uid": os.getuid(), "network": "shared (no privilege drop: the child runs as the builder's user)"}
     network = _unshare_network()
     os.setgroups([])
     os.setgid(run_as.gid)

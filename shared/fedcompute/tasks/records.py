@@ -268,9 +268,13 @@ class AssignmentRecord:
     # The most bytes this device may store through its upload session (the task's largest
     # honest update, sealed; 0 = the server's default cap). Set at check-in from the task.
     max_upload_bytes: int = 0
+    # Not stored: the store's version of the document this record was read from (Firestore's
+    # update time), so a transition can be conditional on it without reading it again.
+    version: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        del data["version"]
         data["status"] = self.status.value
         data[UPDATED_BUCKET_FIELD] = updated_bucket(self.updated_time)
         return data
