@@ -320,7 +320,7 @@ class InMemoryBlobStore:
     def download_url(self, bucket, name):
         return f"memory://{bucket}/{name}"
 
-    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None):
+    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None, first=False):
         url = f"memory-upload://{bucket}/{name}#{len(self.sessions)}"
         with self._lock:
             if (bucket, name) in self.objects:

@@ -77,6 +77,26 @@ def test_the_upload_session_is_limited_to_the_tasks_bound(store, blobs) -> None:
     assert blobs.list(SETTINGS.gradient_bucket, "") == []
 
 
+def test_only_a_retried_report_pays_the_emulators_existence_check(store, blobs, monkeypatch) -> None:
+    """The first report's session is for an object nothing could have written (no session for
+    it existed); a retried report's may follow an upload, so that one is checked."""
+    firsts: list[bool] = []
+    original = blobs.create_upload_session
+
+    def recording(*args: Any, first: bool = False, **kwargs: Any) -> Any:
+        firsts.append(first)
+        return original(*args, first=first, **kwargs)
+
+    monkeypatch.setattr(blobs, "create_upload_session", recording)
+    _, key, a, instruction = _reported(store, blobs)
+    retry = svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
+    assert isinstance(retry, svc.UploadInstruction)
+    assert firsts == [True, False]
+    blobs.complete_upload(instruction.upload_location, b"update")
+    with pytest.raises(PreconditionFailedError, match="already uploaded"):
+        svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
+
+
 def test_ingestion_rejects_and_deletes_an_oversized_object_before_reading_it(store, blobs, events) -> None:
     task, key, a, instruction = _reported(store, blobs)
     bound = upload_contract.max_upload_bytes(task)

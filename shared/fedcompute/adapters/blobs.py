@@ -96,7 +96,7 @@ class GcsBlobStore:
         email = getattr(credentials, "service_account_email", None)
         return {"service_account_email": email, "access_token": credentials.token} if email else {}
 
-    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None):
+    def create_upload_session(self, bucket, name, *, gzip=False, max_bytes=None, first=False):
         """A resumable upload session for exactly this object, valid for one write.
 
         ``gzip``: the device is told to gzip its update (the object is stored with
@@ -111,7 +111,9 @@ class GcsBlobStore:
         ``if_generation_match=0`` makes the session fail if the object already exists, so
         a device can write its update once and nothing else. fake-gcs-server ignores that
         precondition on resumable uploads (measured: a second session's PUT overwrites), so
-        an existing object is also refused here, before a session is handed out.
+        an existing object is also refused here, before a session is handed out — unless
+        ``first``: the caller knows no session for this object was ever handed out (the
+        assignment's first report), so nothing can have written it.
 
         Raises:
             PreconditionFailedError: the object already exists.
@@ -121,7 +123,7 @@ class GcsBlobStore:
         blob = self._blob(bucket, name)
         # Only against the emulator: real GCS enforces if_generation_match=0 on the session,
         # and the assignment function may create objects in the gradient bucket but not read them.
-        if self._public_base_url and blob.exists():
+        if self._public_base_url and not first and blob.exists():
             raise PreconditionFailedError(
                 f"gs://{bucket}/{name} was already uploaded; an update is written once",
                 hint="the upload is done: nothing to resend",

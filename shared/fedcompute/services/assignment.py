@@ -336,10 +336,12 @@ def report_result(
         return None
     if round_record is None or round_record.status != RoundStatus.COLLECTING:
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {key.round_number} is no longer collecting")
+    first = False  # this report moved the assignment: no upload session for it existed before
     if assignment.status == AssignmentStatus.ASSIGNED:
         try:
             store.transition_assignment(key, assignment_id, expected=[AssignmentStatus.ASSIGNED],
                                         new_status=AssignmentStatus.LOCAL_COMPLETED, current=assignment)
+            first = True
         except PreconditionFailedError:
             # A concurrent retry of the same report won; it is LOCAL_COMPLETED now.
             current = store.get_assignment(key, assignment_id)
@@ -350,5 +352,6 @@ def report_result(
     # The session stores at most the task's largest honest update (sealed): a device cannot
     # park arbitrary data in the gradient bucket through its upload URL.
     max_bytes = assignment.max_upload_bytes or upload_contract.DEFAULT_MAX_UPLOAD_BYTES
-    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name, gzip=gzip, max_bytes=max_bytes)
+    url, headers = blobs.create_upload_session(settings.gradient_bucket, object_name, gzip=gzip, max_bytes=max_bytes,
+                                               first=first)
     return UploadInstruction(upload_location=url, extra_request_headers=headers, object_name=object_name, gzip=gzip)
