@@ -205,6 +205,7 @@ class _Reloading:
         self._stamp: float | None = None
         self._checked = -float("inf")
         self._text = self._value
+        self._cache: tuple[str, Any] | None = None  # (text, what it parsed to)
 
     @property
     def configured(self) -> bool:
@@ -224,6 +225,13 @@ class _Reloading:
             self._checked = now
             return self._text
 
+    def _parsed(self, parse: Callable[[str], Any], *, look: bool = False) -> Any:
+        """``parse`` of the text, computed once per version of the file."""
+        text = self.text(look=look)
+        if self._cache is None or self._cache[0] is not text:
+            self._cache = (text, parse(text))
+        return self._cache[1]
+
 
 class KeyRingSource(_Reloading):
     """The private key ring for ingestion and the aggregator."""
@@ -231,15 +239,9 @@ class KeyRingSource(_Reloading):
     def __init__(self, env: Mapping[str, str] | None = None, *, check_interval_s: float = 1.0) -> None:
         super().__init__(os.environ if env is None else env, KEYS_ENV, KEYS_FILE_ENV,
                          check_interval_s=check_interval_s)
-        self._ring: tuple[str, UploadKeyRing] | None = None
 
     def ring(self, *, look: bool = False) -> UploadKeyRing | None:
-        if not self.configured:
-            return None
-        text = self.text(look=look)
-        if self._ring is None or self._ring[0] != text:
-            self._ring = (text, UploadKeyRing.from_json(text))
-        return self._ring[1]
+        return self._parsed(UploadKeyRing.from_json, look=look) if self.configured else None
 
 
 class PublicKeySource(_Reloading):
@@ -248,15 +250,9 @@ class PublicKeySource(_Reloading):
     def __init__(self, env: Mapping[str, str] | None = None, *, check_interval_s: float = 1.0) -> None:
         super().__init__(os.environ if env is None else env, PUBLIC_KEYS_ENV, PUBLIC_KEYS_FILE_ENV,
                          check_interval_s=check_interval_s)
-        self._parsed: tuple[str, PublicUploadKey | None] | None = None
 
     def current(self) -> PublicUploadKey | None:
-        if not self.configured:
-            return None
-        text = self.text()
-        if self._parsed is None or self._parsed[0] is not text:
-            self._parsed = (text, public_key_from_json(text))
-        return self._parsed[1]
+        return self._parsed(public_key_from_json) if self.configured else None
 
 
 def write_key_files(directory: Path, ring: UploadKeyRing) -> tuple[Path, Path]:
