@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -106,7 +107,12 @@ class PrivateDemoOptions:
     baseline: str = "reference"
     processes: int = 2
     threads: int = 6
-    time_scale: float = 0.25  # real seconds per simulated second (retry windows, training interval)
+    # Real seconds per simulated second (retry windows, training interval, first check-ins).
+    # At 1.0 the devices wait ODP's real retry windows (60-300 s) after a rejection, so
+    # 10,000 of them check in at ~50/s: about what the stack serves on 2 cores. A shorter
+    # scale only adds rejected check-ins while a round aggregates, at the rounds' expense.
+    time_scale: float = 1.0
+    first_check_in_within_s: float = 120.0  # the devices' first check-ins, spread over this
     seed: int = 0
     out_dir: Path = Path("out/demo_private")
     state_dir: Path = Path(".fedcompute")
@@ -183,16 +189,29 @@ class _Stack:
                                    self.settings.model_bucket, population, task_id)
 
 
+# What a saved model directory was made from: a directory of another revision or seed is
+# saved again (a model saved by an older demo, with a loss devices cannot run in TFLite,
+# would fail the flex-ops check).
+MODEL_REVISION = "logistic_regression/builtin_cross_entropy/1"
+MODEL_STAMP = "fedcompute_model.json"
+
+
 def save_model(model_dir: Path, seed: int) -> Path:
-    """The small model (logistic regression) as a SavedFunctionalModel, once."""
-    if not (model_dir / "saved_model.pb").exists():
+    """The small model (logistic regression) as a SavedFunctionalModel, once per revision and seed."""
+    stamp = {"revision": MODEL_REVISION, "seed": seed}
+    stamp_file = model_dir / MODEL_STAMP
+    current = stamp_file.read_text() if stamp_file.is_file() else ""
+    if not (model_dir / "saved_model.pb").exists() or current != json.dumps(stamp):
         from fedcompute.models.functional import kill_tff_worker_children
         from fedcompute.models.small_classifier import save_small_classifier
 
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
         try:
             save_small_classifier(str(model_dir), hidden_units=0, seed=seed)
         finally:
             kill_tff_worker_children()
+        stamp_file.write_text(json.dumps(stamp))
     return model_dir
 
 
@@ -211,7 +230,7 @@ def build_task(stack: _Stack, model_dir: Path, config: Path, population: str, *,
     """``task_builder_client`` (the demo's private task: without --skip_dp_check). Returns (task id, report)."""
     command = [str(Path(sys.executable).parent / "task_builder_client"),
                f"--task_builder_server={stack.local.urls['task_builder']}", f"--saved_model={model_dir}",
-               f"--task_config={config}", "--skip_flex_ops_check=True"]
+               f"--task_config={config}"]  # flex-ops check on: the devices run the plan's TFLite step
     if skip_dp_check:
         command.append("--skip_dp_check=True")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -230,6 +249,7 @@ def make_fleet(stack: _Stack, options: PrivateDemoOptions, population: str, labe
     fleet = ProcessFleet(options.devices, HttpRunnerFactory(stack.settings.task_assignment_url, population, spec),
                          processes=options.processes, threads=options.threads,
                          interval=TrainingInterval(minimum_interval_s=60.0), time_scale=options.time_scale,
+                         first_check_in_within_s=options.first_check_in_within_s,
                          seed=options.seed, progress=f"{label}: device sessions")
     fleet.start()
     return fleet
@@ -382,7 +402,10 @@ def one_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, noise: 
     for line in report.splitlines():
         if "dp_epsilon" in line or "privacy_assumptions" in line or "noise_multiplier" in line:
             _say(f"   report: {line.split('] ', 1)[-1].strip()}")
+    runtime = device_runtime(stack, population, task_id)
+    _say(f"   devices run the plan with {runtime['name']}: {runtime['reason']}")
     fleet_figures = train(stack, options, fleet, population, task_id, label)
+    fleet_figures["device_runtime"] = runtime
     task = stack.management.get_task(population, task_id)
     done = task.current_round if task.status != 1 else task.current_round - 1
     rows = evaluate_rounds(stack, model_dir, population, task_id, done)
@@ -390,6 +413,19 @@ def one_run(stack: _Stack, options: PrivateDemoOptions, model_dir: Path, noise: 
                      final_test_accuracy=float(rows[-1]["test_accuracy"] or math.nan) if rows else math.nan,
                      final_epsilon=rows[-1]["epsilon"] if rows else None, build_report=report,
                      wall_time_s=round(time.monotonic() - started, 1), fleet=fleet_figures)
+
+
+def device_runtime(stack: _Stack, population: str, task_id: int) -> dict[str, str]:
+    """The runtime the simulated devices pick for the built plan (``auto``, as an ODP client would)."""
+    import tempfile
+
+    from fedcompute.fleet.runtimes import choose_runtime
+    from fedcompute.plans import unpack_client_plan
+
+    task = stack.reference_task(population, task_id)
+    with tempfile.TemporaryDirectory(prefix="fedcompute-plan-") as directory:
+        choice = choose_runtime("auto", unpack_client_plan(task.plan, Path(directory)))
+    return {"name": choice.name, "reason": choice.reason}
 
 
 def format_table(private: RunResult, baseline: RunResult | None) -> str:

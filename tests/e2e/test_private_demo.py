@@ -61,6 +61,9 @@ def test_small_private_demo_records_accuracy_and_exact_epsilon_per_round(local_s
     assert Path(saved["figure"]).stat().st_size > 10_000
     fleet = private["fleet"]
     assert fleet["worker_processes"] == 2 and fleet["sessions"]["UPLOADED"] >= GOAL * ROUNDS
+    # The small model passes the flex-ops check (its loss uses builtin ops): the task is built
+    # without --skip_flex_ops_check and the devices train the plan's TFLite step, as ODP clients would.
+    assert fleet["device_runtime"]["name"] == "tflite", fleet["device_runtime"]
     # Plans and checkpoints come from the origin once per worker process and round, not per device.
     assert fleet["origin_downloads"] <= 2 * (ROUNDS + 1)
     assert summary["final_test_accuracy"] == private["final_test_accuracy"]

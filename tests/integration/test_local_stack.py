@@ -18,7 +18,7 @@ from fedcompute.errors import StackError
 from fedcompute.services.scheduler import Timeouts
 from fedcompute.settings import Topics
 from fedcompute.stack import ALL_FUNCTIONS, FUNCTION_SPECS, LocalStack, push_subscription_name
-from fedcompute.stack.local import TICKER
+from fedcompute.stack.local import PUSH_RELAY, TICKER, relayed
 from fedcompute.stack.procs import wait_for
 from fedcompute.stack.ticker import DEFAULT_INTERVAL_S
 from fedcompute.web import EVENT_TYPE_ATTRIBUTE, HEALTH_EVENT_TYPE, health_event_headers
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 def test_stack_is_healthy_fast(local_stack: StackHandle) -> None:
     status = local_stack.stack.status()
     assert status.healthy, status.table()
-    assert {c.name for c in status.components} == {"firestore", "pubsub", "gcs", *ALL_FUNCTIONS, TICKER}
+    assert {c.name for c in status.components} == {"firestore", "pubsub", "gcs", *ALL_FUNCTIONS, TICKER, PUSH_RELAY}
     assert local_stack.time_to_healthy_s < 30.0
 
 
@@ -74,6 +74,87 @@ def test_pubsub_publish_and_pull(local_stack: StackHandle) -> None:
     finally:
         subscriber.delete_subscription(subscription=subscription)
         publisher.delete_topic(topic=topic)
+
+
+def test_the_push_relay_delivers_above_the_emulators_two_loops_and_keeps_retry_and_dead_letters(
+        local_stack: StackHandle) -> None:
+    """The emulator pushes at most 2 requests at once, which capped ingestion at 2 uploads in
+    flight; the relay delivers a pull subscription at the function's concurrency with push's
+    body, and the emulator still backs off, counts attempts and dead-letters."""
+    import base64
+    import http.server
+    import socketserver
+    import threading
+
+    from fedcompute.stack.push_relay import Relay, Route
+
+    project = local_stack.settings.project
+    publisher, subscriber = local_stack.clients.publisher, local_stack.clients.subscriber
+    seen: list[dict] = []
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+            with lock:
+                state["now"] += 1
+                state["max"] = max(state["max"], state["now"])
+                seen.append(body)
+            time.sleep(0.2)
+            with lock:
+                state["now"] -= 1
+            failing = body["message"].get("attributes", {}).get("fail") == "yes"
+            self.send_response(500 if failing else 204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    topic, dead = publisher.topic_path(project, unique("relay")), publisher.topic_path(project, unique("relay-dl"))
+    sub = subscriber.subscription_path(project, unique("relay-sub"))
+    dead_sub = subscriber.subscription_path(project, unique("relay-dl-sub"))
+    publisher.create_topic(name=topic)
+    publisher.create_topic(name=dead)
+    subscriber.create_subscription(name=dead_sub, topic=dead)
+    subscriber.create_subscription(request={
+        "name": sub, "topic": topic, "ack_deadline_seconds": 30,
+        "dead_letter_policy": {"dead_letter_topic": dead, "max_delivery_attempts": 5},
+        "retry_policy": {"minimum_backoff": {"seconds": 1}, "maximum_backoff": {"seconds": 2}}})
+    stop = threading.Event()
+    relay = Relay(f"http://{local_stack.env()['PUBSUB_EMULATOR_HOST']}",
+                  Route(sub, f"http://127.0.0.1:{server.server_address[1]}/projects/{project}/topics/x", 6), stop)
+    relay.start()
+    try:
+        ids = {publisher.publish(topic, f"m{i}".encode(), n=str(i)).result(timeout=10) for i in range(30)}
+        assert wait_for(lambda: relay.delivered >= 30, timeout_s=30)
+        delivered = [b for b in seen if b["message"].get("attributes", {}).get("n")]
+        assert {b["message"]["messageId"] for b in delivered} == ids
+        assert 2 < state["max"] <= 6  # above the emulator's two loops, within the route's concurrency
+        first = delivered[0]
+        assert base64.b64decode(first["message"]["data"]).startswith(b"m")
+        assert first["subscription"] == sub and first["message"]["message_id"] == first["message"]["messageId"]
+
+        failing_id = publisher.publish(topic, b"bad", fail="yes").result(timeout=10)
+        attempts = lambda: [b.get("deliveryAttempt") for b in seen if b["message"]["messageId"] == failing_id]  # noqa: E731
+        assert wait_for(lambda: len(attempts()) >= 5, timeout_s=60)
+        assert attempts()[:5] == [1, 2, 3, 4, 5]
+        moved = subscriber.pull(subscription=dead_sub, max_messages=5, timeout=30)
+        assert [m.message.data for m in moved.received_messages] == [b"bad"]
+        time.sleep(3)  # past the backoff: no sixth delivery of a dead-lettered message
+        assert len(attempts()) == 5 and relay.failed == 5
+    finally:
+        stop.set()
+        server.shutdown()
+        subscriber.delete_subscription(subscription=sub)
+        subscriber.delete_subscription(subscription=dead_sub)
+        publisher.delete_topic(topic=topic)
+        publisher.delete_topic(topic=dead)
 
 
 def pull_until(subscriber, subscription: str, predicate, timeout_s: float = 20.0) -> list:
@@ -158,7 +239,10 @@ def test_push_subscriptions_are_configured(local_stack: StackHandle) -> None:
             subscription=subscriber.subscription_path(settings.project, push_subscription_name(topic, name))
         )
         assert sub.topic.endswith(f"/topics/{topic}")
-        assert sub.push_config.push_endpoint.startswith(local_stack.urls[name] + "/")
+        if relayed(FUNCTION_SPECS[name]):  # pulled and pushed at the function's concurrency by the relay
+            assert not sub.push_config.push_endpoint
+        else:
+            assert sub.push_config.push_endpoint.startswith(local_stack.urls[name] + "/")
         assert sub.dead_letter_policy.dead_letter_topic.endswith(f"/topics/{Topics.dead_letter(topic)}")
         assert sub.dead_letter_policy.max_delivery_attempts == 5
         assert sub.retry_policy.minimum_backoff.seconds >= 1

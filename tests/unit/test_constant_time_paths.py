@@ -222,17 +222,55 @@ def test_full_round_is_rejected_from_the_cache_without_store_calls() -> None:
 def test_stale_cache_sees_the_next_round_once_the_cached_one_closed() -> None:
     store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
     task = _open(store, report_goal=5)
-    cache = svc.CheckInCache(ttl_s=600, clock=lambda: 0.0)
+    now = [0.0]
+    cache = svc.CheckInCache(ttl_s=600, clock=lambda: now[0])
     first = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
     assert isinstance(first, svc.Assignment) and first.round_number == 1
     store.update_round(RoundKey(POP, task.task_id, 1), {"status": RoundStatus.AGGREGATING},
                            expected=[RoundStatus.COLLECTING])
     store.finish_round(RoundKey(POP, task.task_id, 1), {"status": RoundStatus.COMPLETED}, {"current_round": 2},
                        RoundRecord(POP, task.task_id, 2, RoundStatus.COLLECTING, 5, task.max_assignments))
+    now[0] = 1.0  # well inside the ttl, past the minimum interval between refreshes
     assert cache.open_rounds(store, POP)[0].round_record.round_number == 1  # the cache still says round 1
     second = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
     assert isinstance(second, svc.Assignment) and second.round_number == 2
     assert second.checkpoint_url.endswith(layout.client_checkpoint_path(POP, task.task_id, 1))
+
+
+def test_check_ins_between_rounds_refresh_the_cache_at_most_once_per_interval_across_threads() -> None:
+    import threading
+
+    inner, blobs = InMemoryTaskStore(), InMemoryBlobStore()
+    task = _open(inner, report_goal=5)
+    key = RoundKey(POP, task.task_id, 1)
+    now = [0.0]
+    cache = svc.CheckInCache(ttl_s=2, min_refresh_s=0.25, clock=lambda: now[0])
+    store = CountingStore(inner)
+    assert isinstance(svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache),  # type: ignore[arg-type]
+                      svc.Assignment)
+    inner.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
+    now[0] = 0.5
+    results: list[object] = []
+
+    def check_in(i: int) -> None:
+        for j in range(25):
+            results.append(svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"),  # type: ignore[arg-type]
+                                                      rng=random.Random(100 * i + j), cache=cache))
+
+    threads = [threading.Thread(target=check_in, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 200
+    assert all(isinstance(r, svc.Rejection) and r.reason == svc.RejectionReason.NO_TASK_AVAILABLE for r in results)
+    assert store.calls["open_rounds"] == 2  # the first check-in's read, then one refresh for all 200
+    inner.finish_round(key, {"status": RoundStatus.COMPLETED}, {"current_round": 2},
+                       RoundRecord(POP, task.task_id, 2, RoundStatus.COLLECTING, 5, task.max_assignments))
+    now[0] = 0.8  # the next round is seen as soon as the interval has passed
+    nxt = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)  # type: ignore[arg-type]
+    assert isinstance(nxt, svc.Assignment) and nxt.round_number == 2
+    assert store.calls["open_rounds"] == 3
 
 
 def test_load_cli_without_a_server_says_how_to_name_one(capsys: pytest.CaptureFixture[str],

@@ -143,3 +143,20 @@ def test_an_array_app_encodes_its_log_once_per_spec(monkeypatch):
     app.spec = examples.ExampleSpec.type1((2, 2))  # another plan's layout: encoded again
     app.on_training_example("p", "t", None)
     assert len(calls) == 2
+
+
+def test_first_check_ins_spread_uniformly_over_the_window_or_all_at_once() -> None:
+    import heapq
+    import statistics
+
+    from fedcompute.fleet.runner import first_check_ins
+
+    heap = first_check_ins(10_000, 100.0, 120.0, seed=1)
+    times = [heapq.heappop(heap) for _ in range(len(heap))]
+    assert sorted(idx for _, idx in times) == list(range(10_000))  # every device once
+    assert times[0][0] >= 100.0 and times[-1][0] <= 220.0
+    per_half = sum(1 for t, _ in times if t < 160.0)
+    assert 4_700 < per_half < 5_300 and abs(statistics.mean(t for t, _ in times) - 160.0) < 2.0
+    burst = first_check_ins(50, 7.0, 0.0, seed=1)
+    assert max(t for t, _ in burst) < 7.01 and sorted(i for _, i in burst) == list(range(50))
+    assert first_check_ins(50, 7.0, 0.0, seed=1) == burst  # seeded

@@ -181,6 +181,17 @@ class Fleet:
                 self._stop.set()
 
 
+def first_check_ins(num_devices: int, start: float, within_s: float, seed: int) -> list[tuple[float, int]]:
+    """The devices' first check-ins as a heap of ``(time, device)``: uniformly at random over
+    ``within_s`` real seconds from ``start``, or (``within_s`` 0) all due at once in a shuffled order."""
+    order = list(range(num_devices))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    heap = [(start + (rng.uniform(0.0, within_s) if within_s > 0 else i * 1e-4), idx) for i, idx in enumerate(order)]
+    heapq.heapify(heap)
+    return heap
+
+
 @dataclass
 class FleetCost:
     """Where the fleet's time went, summed over sessions (the per-device protocol cost)."""
@@ -238,6 +249,7 @@ class ProcessFleet:
         seed: int = 0,
         start_method: str = "spawn",
         progress: str | None = None,
+        first_check_in_within_s: float = 0.0,
     ) -> None:
         if num_devices < 1:
             raise FedComputeError("a fleet needs at least one device", hint="pass --devices N with N >= 1")
@@ -250,6 +262,9 @@ class ProcessFleet:
         self.seed = seed
         self.start_method = start_method
         self.progress = progress
+        # Simulated seconds over which the devices' first check-ins are spread (uniformly at
+        # random, as their job schedulers fire); 0: all at once, in a shuffled order.
+        self.first_check_in_within_s = first_check_in_within_s
         self.stats = FleetStats()
         self.cost = FleetCost()
         self.rounds_seen = 0
@@ -271,10 +286,7 @@ class ProcessFleet:
         self.start()
         jobs, results, workers = self._jobs, self._results, self._workers
         start = time.monotonic()
-        order = list(range(self.num_devices))
-        random.Random(self.seed).shuffle(order)
-        queue_ = [(start + i * 1e-4, idx) for i, idx in enumerate(order)]
-        heapq.heapify(queue_)
+        queue_ = first_check_ins(self.num_devices, start, self.first_check_in_within_s * self.time_scale, self.seed)
         bar = _ProgressBar(self.progress) if self.progress else None
         in_flight, ready = 0, 0
         last_check = 0.0

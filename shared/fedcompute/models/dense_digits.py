@@ -40,14 +40,9 @@ def input_spec() -> tuple[Any, Any]:
 
 def loss() -> Any:
     """Mean categorical cross-entropy of softmax outputs, from builtin TFLite ops only."""
-    import tensorflow as tf
+    from fedcompute.models.functional import builtin_cross_entropy
 
-    class BuiltinCrossEntropy(tf.keras.losses.Loss):
-        def call(self, y_true: Any, y_pred: Any) -> Any:
-            labels = tf.one_hot(tf.reshape(tf.cast(y_true, tf.int32), [-1]), NUM_CLASSES)
-            return -tf.reduce_sum(labels * tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0)), axis=-1)
-
-    return BuiltinCrossEntropy()
+    return builtin_cross_entropy(NUM_CLASSES)
 
 
 def save(path: str, seed: int = 1) -> str:

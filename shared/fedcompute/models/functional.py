@@ -39,6 +39,24 @@ def label_casting_loss(loss: Callable[..., Any]) -> Callable[..., Any]:
     return cast_labels_loss
 
 
+def builtin_cross_entropy(num_classes: int) -> Any:
+    """Mean categorical cross-entropy of softmax outputs (integer labels), from builtin TFLite ops.
+
+    Keras' ``SparseCategoricalCrossentropy`` lowers to ``SparseSoftmaxCrossEntropyWithLogits``,
+    a Flex op no ODP client version has; ``one_hot``, ``log`` and ``reduce_sum`` are builtins,
+    so a model trained with this loss passes the flex-ops check and devices run its plan with
+    TFLite. The value is Keras' (probabilities clipped to [1e-7, 1], mean over the batch).
+    """
+    import tensorflow as tf
+
+    class BuiltinCrossEntropy(tf.keras.losses.Loss):
+        def call(self, y_true: Any, y_pred: Any) -> Any:
+            labels = tf.one_hot(tf.reshape(tf.cast(y_true, tf.int32), [-1]), num_classes)
+            return -tf.reduce_sum(labels * tf.math.log(tf.clip_by_value(y_pred, 1e-7, 1.0)), axis=-1)
+
+    return BuiltinCrossEntropy()
+
+
 def kill_tff_worker_children() -> int:
     """Kill this process's TFF ``worker_binary`` children (they can outlive the script).
 

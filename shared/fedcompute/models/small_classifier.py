@@ -6,8 +6,9 @@ is multinomial logistic regression (7,850 parameters), the default: a device tra
 about a millisecond, so a simulated fleet spends its time on the protocol, and the DP noise
 on the averaged update (z·C / report_goal per coordinate) is small against its few weights.
 
-Same loss and input spec as the seed's CNN (:mod:`fedcompute.models.emnist_cnn`), so the
-same config fields, examples and device code serve both. TensorFlow is imported on call.
+Same input spec as the seed's CNN (:mod:`fedcompute.models.emnist_cnn`), so the same config
+fields, examples and device code serve both; the same cross-entropy, written with builtin
+TFLite ops, so an ODP client can run its plan (see :func:`loss`). TensorFlow is imported on call.
 """
 from __future__ import annotations
 
@@ -56,8 +57,16 @@ def input_spec() -> tuple[Any, Any]:
 
 
 def loss() -> Any:
-    """``SparseCategoricalCrossentropy()`` on the softmax output, as the CNN's."""
-    return emnist_cnn.loss()
+    """Cross-entropy of the softmax output from builtin ops (the CNN's value, without its Flex op).
+
+    The CNN's ``SparseCategoricalCrossentropy`` needs ``SparseSoftmaxCrossEntropyWithLogits``,
+    a Flex op no ODP client has; with this loss the small model's task passes the flex-ops
+    check, so the private demo builds it without ``--skip_flex_ops_check`` and its devices
+    train the plan's TFLite step, as ODP clients would.
+    """
+    from fedcompute.models.functional import builtin_cross_entropy
+
+    return builtin_cross_entropy(NUM_CLASSES)
 
 
 def save_small_classifier(path: Any, hidden_units: int = DEFAULT_HIDDEN_UNITS, seed: int | None = 0) -> str:

@@ -134,12 +134,18 @@ def aggregate_round(
         return _combine_shards(store, blobs, events, settings, key, task, inputs, progress.shards, now)
 
     faults = _new_faults()
+    started = time.monotonic()
     accepted = sorted(store.accepted_ids(key))  # the round's frozen accepted set, in a stable order
+    read_set = time.monotonic()
     config = _round_config(task, key, inputs, faults)
     updates = decoded_updates(blobs, settings, key, task, accepted, faults, unseal)
     new_state, result, raw_metrics = server_round.server_round(inputs.previous, updates, config)
-    return _finish_training_round(store, blobs, events, settings, key, task, inputs, new_state, result, raw_metrics,
-                                  faults, now)
+    summed = time.monotonic()
+    outcome = _finish_training_round(store, blobs, events, settings, key, task, inputs, new_state, result,
+                                     raw_metrics, faults, now)
+    log.info("round %s stages: accepted set %.2f s, %d updates read and summed %.2f s, outputs %.2f s", key,
+             read_set - started, len(accepted), summed - read_set, time.monotonic() - summed)
+    return outcome
 
 
 def aggregate_shard(

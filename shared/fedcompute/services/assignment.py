@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -72,6 +73,11 @@ class _OpenRound:
     full_until: float = 0.0  # "round full" known until then (re-checked after: slots get released)
 
 
+# How long a check-in waits for another thread's read of the open rounds (a read takes a few
+# ms) before reading itself: a hung read must not hold every check-in of the process.
+REFRESH_WAIT_S = 0.2
+
+
 @dataclass
 class _Population:
     rounds: list[_OpenRound]
@@ -81,28 +87,57 @@ class _Population:
 class CheckInCache:
     """What check-in needs to know about a population's open rounds, kept per process.
 
-    Thread-safe enough for functions-framework's threads: entries are replaced whole, and
-    the worst a race does is one extra refresh or one extra probe of an exhausted shard.
+    Thread-safe enough for functions-framework's threads: entries are replaced whole, one
+    thread at a time refreshes them (the others use its result), and the worst a race does
+    is one extra probe of an exhausted shard.
+
+    Between two rounds every check-in finds no collecting round and asks for a refresh; at
+    most one per ``min_refresh_s`` reaches the store, so a crowd of devices checking in while
+    a round aggregates costs the store a few reads a second, not two per device.
     """
 
-    def __init__(self, *, ttl_s: float = 2.0, url_max_age_s: float = 300.0,
+    def __init__(self, *, ttl_s: float = 2.0, url_max_age_s: float = 300.0, min_refresh_s: float = 0.25,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s, self.url_max_age_s, self.clock = ttl_s, url_max_age_s, clock
+        self.min_refresh_s = min(min_refresh_s, ttl_s)
         self._populations: dict[str, _Population] = {}
         self._urls: dict[tuple[str, str], tuple[str, float]] = {}
+        self._refreshing = threading.Lock()
 
     def open_rounds(self, store: TaskStore, population: str, *, refresh: bool = False) -> list[_OpenRound]:
-        t = self.clock()
+        """The population's open rounds, read again after ``ttl_s`` or on ``refresh``.
+
+        ``refresh``: the caller found the cached view out of date; it is read again unless
+        that happened less than ``min_refresh_s`` ago (by this thread or another).
+        """
+        max_age = self.min_refresh_s if refresh else self.ttl_s
         entry = self._populations.get(population)
-        if refresh or entry is None or t - entry.fetched >= self.ttl_s:
-            previous = {(r.task.task_id, r.task.current_round): r for r in (entry.rounds if entry else [])}
-            rounds = []
-            for task, round_record in store.open_rounds(population):
-                known = previous.get((task.task_id, task.current_round)) if round_record is not None else None
-                rounds.append(_OpenRound(task, round_record, known.exhausted if known else frozenset()))
-            entry = _Population(rounds, t)
-            self._populations[population] = entry
-        return entry.rounds
+        if entry is not None and self.clock() - entry.fetched < max_age:
+            return entry.rounds
+        must_wait = refresh or entry is None
+        if not self._refreshing.acquire(timeout=REFRESH_WAIT_S if must_wait else 0):
+            if not must_wait:
+                assert entry is not None
+                return entry.rounds  # merely old, and another thread is reading it already
+            # Another thread's read is slow (storage trouble?): read, rather than queue behind it.
+            return self._read(store, population, entry)
+        try:
+            entry = self._populations.get(population)
+            if entry is not None and self.clock() - entry.fetched < max_age:
+                return entry.rounds  # another thread read it while this one waited
+            return self._read(store, population, entry)
+        finally:
+            self._refreshing.release()
+
+    def _read(self, store: TaskStore, population: str, entry: _Population | None) -> list[_OpenRound]:
+        t = self.clock()
+        previous = {(r.task.task_id, r.task.current_round): r for r in (entry.rounds if entry else [])}
+        rounds = []
+        for task, round_record in store.open_rounds(population):
+            known = previous.get((task.task_id, task.current_round)) if round_record is not None else None
+            rounds.append(_OpenRound(task, round_record, known.exhausted if known else frozenset()))
+        self._populations[population] = _Population(rounds, t)
+        return rounds
 
     def url(self, blobs: BlobStore, bucket: str, name: str) -> str:
         """A download URL, signed at most once per ``url_max_age_s`` (well inside its 15-minute life)."""
@@ -240,7 +275,6 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
     task, round_record = chosen.task, chosen.round_record
     assert round_record is not None
     if cache.is_full(chosen):
-        return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
         return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
     key = RoundKey(task.population, task.task_id, round_record.round_number)
     assignment_id = _assignment_id(task, key, request.device_id, rng)

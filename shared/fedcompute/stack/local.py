@@ -14,6 +14,10 @@
    dead-letter policy (5 delivery attempts) and a retry policy, plus a pull subscription
    on each dead-letter topic (same name as the topic) for inspection, and a pull
    subscription named after every topic that has no push subscriber (``round-completed``).
+   The emulator pushes through two fixed loops (two requests in flight), so a function
+   that serves more at once (result ingestion: 8) gets a pull subscription with the same
+   policies, delivered in the push format at its concurrency by the ``push_relay``
+   process (:mod:`fedcompute.stack.push_relay`).
 
 Data is durable: fake-gcs-server keeps objects under ``state_dir/gcs-data`` (filesystem
 backend); ``stop()`` exports the Firestore emulator's documents to ``state_dir/firestore-data``
@@ -90,6 +94,11 @@ ENV_FILE = "stack.env"
 LOCK_FILE = "stack.lock"
 LOG_TAIL_LINES = 25
 TICKER = "ticker"
+PUSH_RELAY = "push_relay"
+LOCAL_AGGREGATOR_WORKERS = max(1, min(4, os.cpu_count() or 1))
+# The Pub/Sub emulator pushes a subscription through this many fixed loops (requests in
+# flight); a function that serves more at once is fed by the push relay (stack/push_relay.py).
+EMULATOR_PUSH_LOOPS = 2
 
 
 # The functions and their triggers come from the one catalogue (fedcompute.catalogue).
@@ -102,6 +111,11 @@ PRIVATE_KEY_HOLDERS = ("result_ingestion", "aggregator")
 def push_subscription_name(topic: str, function: str) -> str:
     """Name of the push subscription delivering ``topic`` to ``function``."""
     return f"{topic}-to-{function.replace('_', '-')}"
+
+
+def relayed(spec: FunctionSpec) -> bool:
+    """Whether the push relay, not the emulator's two push loops, delivers ``spec``'s topics."""
+    return spec.topic_field is not None and spec.concurrency > EMULATOR_PUSH_LOOPS
 
 
 def default_functions_dir() -> Path:
@@ -120,7 +134,7 @@ class Component:
     """One process of the stack, as recorded in ``stack.json``."""
 
     name: str
-    kind: str  # "emulator", "storage", "function" or "process" (the scheduler ticker)
+    kind: str  # "emulator", "storage", "function" or "process" (the scheduler ticker, the push relay)
     health: str  # "root", "gcs", "http", "cloudevent" or "process" (alive = healthy)
     port: int
     url: str
@@ -214,6 +228,7 @@ class LocalStack:
             )
         self._last_state: dict[str, Any] | None = None  # kept after stop, for leftover_processes()
         self._popens: list[subprocess.Popen[bytes]] = []
+        self._relay_routes: list[str] = []  # the push relay's --route values (set at start)
         self._http = requests.Session()
         self._http.trust_env = False  # loopback only: never through a proxy
 
@@ -416,6 +431,8 @@ class LocalStack:
                                    log(name)))
         if "scheduler" in self.functions:  # Cloud Scheduler's stand-in: ticks scheduler-tick
             comps.append(Component(TICKER, "process", "process", 0, "", log(TICKER)))
+        if any(relayed(FUNCTION_SPECS[name]) for name in self.functions):  # push at the function's concurrency
+            comps.append(Component(PUSH_RELAY, "process", "process", 0, "", log(PUSH_RELAY)))
         return comps
 
     def _client_env(self, comps: Mapping[str, Component]) -> dict[str, str]:
@@ -468,6 +485,9 @@ class LocalStack:
             ], None
         if comp.name == TICKER:
             return [sys.executable, "-m", "fedcompute.stack.ticker"], None
+        if comp.name == PUSH_RELAY:
+            routes = [f"--route={route}" for route in self._relay_routes]
+            return [sys.executable, "-m", "fedcompute.stack.push_relay", *routes], None
         if comp.name == "gcs":
             # Shut inside its data directory (fedcompute.stack.gcs_jail): there it is "/".
             gcs_jail.hand_over(self.gcs_data_dir)
@@ -513,6 +533,10 @@ class LocalStack:
         cmd, cwd = self._command(comp, topics)
         if comp.name in PRIVATE_KEY_HOLDERS:  # nobody else gets the private keys' location
             env = {**env, KEYS_FILE_ENV: str(self.upload_key_dir / KEYS_FILE)}
+        if comp.name == "aggregator" and "WORKERS" not in os.environ:
+            # A round's shards run on parallel instances in the cloud; here on parallel
+            # worker processes of the one functions-framework server (threads share a GIL).
+            env = {**env, "WORKERS": str(LOCAL_AGGREGATOR_WORKERS)}
         log = Path(comp.log)
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(b"")  # a fresh log per start
@@ -574,33 +598,32 @@ class LocalStack:
         self._wait_for_firestore_data(by_name["firestore"])
 
         pushed: set[str] = set()
+        self._relay_routes.clear()
         for name in self.functions:
             spec = FUNCTION_SPECS[name]
             if spec.topic_field is None:
                 continue
-            topic = getattr(topics, spec.topic_field)
-            pushed.add(topic)
-            pubsub.create_push_subscription(
-                push_subscription_name(topic, name),
-                topic,
+            for topic in (getattr(topics, field) for field in (spec.topic_field, *spec.extra_topic_fields)):
+                pushed.add(topic)
                 # The topic in the path makes functions-framework set the CloudEvent
                 # source to //pubsub.googleapis.com/projects/P/topics/T, as Eventarc does.
-                f"{by_name[name].url}/projects/{self.project}/topics/{topic}",
-                dead_letter_topic=Topics.dead_letter(topic),
-                ack_deadline_s=spec.ack_deadline_s,
-            )
-            for extra in spec.extra_topic_fields:
-                extra_topic = getattr(topics, extra)
+                endpoint = f"{by_name[name].url}/projects/{self.project}/topics/{topic}"
+                subscription = push_subscription_name(topic, name)
                 pubsub.create_push_subscription(
-                    push_subscription_name(extra_topic, name), extra_topic,
-                    f"{by_name[name].url}/projects/{self.project}/topics/{extra_topic}",
-                    dead_letter_topic=Topics.dead_letter(extra_topic), ack_deadline_s=spec.ack_deadline_s,
+                    subscription, topic, None if relayed(spec) else endpoint,
+                    dead_letter_topic=Topics.dead_letter(topic), ack_deadline_s=spec.ack_deadline_s,
                 )
+                if relayed(spec):
+                    self._relay_routes.append(
+                        f"projects/{self.project}/subscriptions/{subscription}={endpoint}:{spec.concurrency}")
         for topic in topics.all():
             pubsub.create_pull_subscription(Topics.dead_letter(topic), Topics.dead_letter(topic))
             if topic not in pushed:
                 pubsub.create_pull_subscription(topic, topic)
 
+        if PUSH_RELAY in by_name:
+            self._launch(by_name[PUSH_RELAY], topics, env)
+            self._wait_healthy([by_name[PUSH_RELAY]], t0)
         if TICKER in by_name:  # last: its first tick finds every subscription in place
             self._launch(by_name[TICKER], topics, env)
             self._wait_healthy([by_name[TICKER]], t0)
@@ -798,14 +821,16 @@ class PubSubAdmin:
         self._put("subscriptions", name, {"topic": self._topic_path(topic), "ackDeadlineSeconds": 60})
 
     def create_push_subscription(
-        self, name: str, topic: str, endpoint: str, *, dead_letter_topic: str, ack_deadline_s: int
+        self, name: str, topic: str, endpoint: str | None, *, dead_letter_topic: str, ack_deadline_s: int
     ) -> None:
+        """A subscription with push's dead-letter and retry policies; ``endpoint`` None: pulled
+        by the push relay, which delivers it at the function's concurrency."""
         self._put(
             "subscriptions",
             name,
             {
                 "topic": self._topic_path(topic),
-                "pushConfig": {"pushEndpoint": endpoint},
+                "pushConfig": {"pushEndpoint": endpoint} if endpoint else {},
                 "ackDeadlineSeconds": ack_deadline_s,
                 "deadLetterPolicy": {
                     "deadLetterTopic": self._topic_path(dead_letter_topic),
