@@ -36,7 +36,7 @@ help:
 	@echo "make demo PRIVATE=1   10,000 devices, central DP (epsilon <= 5) next to the non-private run"
 	@echo "make demo-tradeoff    privacy/utility figure: noise $(TRADEOFF) -> final epsilon and accuracy"
 	@echo "make test    lint, then run every test tier (unit, integration, e2e) against the real emulators"
-	@echo "make lint    ruff (lint + import order) and mypy (types) on shared/ and functions/"
+	@echo "make lint    ruff (lint + import order) and mypy (types) on shared/, functions/ and benchmarks/"
 	@echo "make up / down / status   start, stop, inspect the local serverless stack"
 	@echo "make clean   stop the stack and delete its data (.fedcompute/: every local task), out/ and build/functions"
 	@echo "make proto   regenerate the protobuf Python code from shared/fedcompute/proto/*.proto"

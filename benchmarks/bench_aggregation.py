@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -175,7 +176,7 @@ def _peak_rss_kib() -> int:
 
 
 def bench_rss() -> dict:
-    out = {}
+    out: dict[Any, Any] = {}
     for n in (100, 1000):
         proc = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True, text=True, check=True)
         out[n] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,11 +16,12 @@ import gzip
 import os
 import statistics
 import time
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _median_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def _median_ms(fn: Any, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         t = time.perf_counter()

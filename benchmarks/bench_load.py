@@ -48,7 +48,8 @@ def create_task(settings: Any, clients: Any, population: str, goal: int, over: f
 
     from fedcompute.adapters.blobs import GcsBlobStore
     from fedcompute.adapters.task_management_client import TaskManagementClient
-    from fedcompute.plans import DpParameters, ServerPhase
+    from fedcompute.dp import DpParams
+    from fedcompute.plans import ServerPhase
     from fedcompute.proto import task_management_pb2
     from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
 
@@ -59,7 +60,7 @@ def create_task(settings: Any, clients: Any, population: str, goal: int, over: f
     initial = [np.random.default_rng(0).normal(size=s).astype(np.float32) for s in shapes]
     phase = ServerPhase(learning_algo="FED_AVG", server_optimizer="SGD", server_learning_rate=1.0, report_goal=goal,
                         over_selection_rate=max_size / goal - 1.0, total_rounds=1, population_size=1_000_000,
-                        target_epsilon=10.0, delta=1e-6, dp=DpParameters(type="NONE"),
+                        target_epsilon=10.0, delta=1e-6, dp=DpParams(mechanism=None),
                         weights=weight_specs(initial), metrics=())
     blobs = GcsBlobStore(clients.storage, public_base_url=settings.storage_public_url or None)
     publish_artifacts(blobs, settings, population, created.task_id,

@@ -71,6 +71,12 @@ class RoutedBlobs:
     def delete(self, bucket: str, name: str) -> None:
         self._for(bucket).delete(bucket, name)
 
+    def create_upload_session(self, bucket: str, name: str, **kwargs: Any) -> tuple[str, dict[str, str]]:
+        return self._for(bucket).create_upload_session(bucket, name, **kwargs)
+
+    def download_url(self, bucket: str, name: str) -> str:
+        return self._for(bucket).download_url(bucket, name)
+
 
 def fresh_round(settings: Any, storage: Any, ids: list[str]) -> tuple[Any, Any, Any, Any]:
     """An in-memory task whose round 1 accepted ``ids`` (their updates already in storage), AGGREGATING."""

@@ -95,7 +95,6 @@ LOCK_FILE = "stack.lock"
 LOG_TAIL_LINES = 25
 TICKER = "ticker"
 PUSH_RELAY = "push_relay"
-LOCAL_AGGREGATOR_WORKERS = max(1, min(4, os.cpu_count() or 1))
 # The Pub/Sub emulator pushes a subscription through this many fixed loops (requests in
 # flight); a function that serves more at once is fed by the push relay (stack/push_relay.py).
 EMULATOR_PUSH_LOOPS = 2
@@ -533,10 +532,6 @@ class LocalStack:
         cmd, cwd = self._command(comp, topics)
         if comp.name in PRIVATE_KEY_HOLDERS:  # nobody else gets the private keys' location
             env = {**env, KEYS_FILE_ENV: str(self.upload_key_dir / KEYS_FILE)}
-        if comp.name == "aggregator" and "WORKERS" not in os.environ:
-            # A round's shards run on parallel instances in the cloud; here on parallel
-            # worker processes of the one functions-framework server (threads share a GIL).
-            env = {**env, "WORKERS": str(LOCAL_AGGREGATOR_WORKERS)}
         log = Path(comp.log)
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(b"")  # a fresh log per start
