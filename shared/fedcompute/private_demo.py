@@ -193,13 +193,18 @@ class _Stack:
 # saved again (a model saved by an older demo, with a loss devices cannot run in TFLite,
 # would fail the flex-ops check).
 MODEL_REVISION = "logistic_regression/builtin_cross_entropy/1"
-MODEL_STAMP = "fedcompute_model.json"
+
+
+def model_stamp(model_dir: Path) -> Path:
+    """Where the revision and seed of ``model_dir`` are recorded: beside it, not inside, so the
+    stamp is not zipped into the SavedModel the task builder receives."""
+    return model_dir.with_name(model_dir.name + ".stamp.json")
 
 
 def save_model(model_dir: Path, seed: int) -> Path:
     """The small model (logistic regression) as a SavedFunctionalModel, once per revision and seed."""
     stamp = {"revision": MODEL_REVISION, "seed": seed}
-    stamp_file = model_dir / MODEL_STAMP
+    stamp_file = model_stamp(model_dir)
     current = stamp_file.read_text() if stamp_file.is_file() else ""
     if not (model_dir / "saved_model.pb").exists() or current != json.dumps(stamp):
         from fedcompute.models.functional import kill_tff_worker_children

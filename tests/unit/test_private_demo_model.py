@@ -34,7 +34,7 @@ def test_a_model_saved_by_an_older_demo_or_another_seed_is_saved_again(tmp_path:
     (model_dir / "variables").mkdir()
     private_demo.save_model(model_dir, seed=0)
     assert saves == [0] and not (model_dir / "variables").exists()
-    assert json.loads((model_dir / private_demo.MODEL_STAMP).read_text())["revision"] == private_demo.MODEL_REVISION
+    assert json.loads(private_demo.model_stamp(model_dir).read_text())["revision"] == private_demo.MODEL_REVISION
     private_demo.save_model(model_dir, seed=0)  # current revision and seed: reused
     assert saves == [0]
     private_demo.save_model(model_dir, seed=3)  # another seed: other initial weights
