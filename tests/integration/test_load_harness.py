@@ -28,12 +28,14 @@ def test_load_runs_the_protocol_and_the_round_aggregates_exactly_the_goal(local_
                                  devices=40, concurrency=8))
     assert report["errors"] == {}
     assert report["endpoints"]["check_in"]["calls"] == 40
-    # 30 devices get a slot (the cap: 20 × 1.5); the other 10 are turned away at check-in. Of
-    # the 30, a device that reports after the 20th accepted upload closed the round is told so
-    # at report-result and drops its update (a race of the round's close, not a fault).
-    assert report["rejections"]["check_in:NO_TASK_AVAILABLE"] == 10
+    # At most 30 devices get a slot (the cap: 20 × 1.5); the rest are turned away at check-in,
+    # and so is a device that checks in after the 20th accepted upload closed the round. Of those
+    # with a slot, one that reports after the close is told so at report-result and drops its
+    # update (races of the round's close, not faults).
+    turned_away = report["rejections"]["check_in:NO_TASK_AVAILABLE"]
+    assert turned_away >= 10
     dropped = sum(n for reason, n in report["rejections"].items() if reason.startswith("report_result:"))
-    assert report["uploads"] + dropped == 30 and report["uploads"] >= 20
+    assert report["uploads"] + dropped == 40 - turned_away and report["uploads"] >= 20
     assert {"plan_download", "checkpoint_download", "report_result", "upload"} <= set(report["endpoints"])
     assert report["endpoints"]["upload"]["p99_ms"] >= report["endpoints"]["upload"]["p50_ms"] > 0
     task.wait_round(1, timeout_s=90)

@@ -6,6 +6,7 @@ from typing import Any
 import requests
 from google.protobuf import json_format
 
+from fedcompute.adapters.http import keep_alive_session
 from fedcompute.errors import (
     ConflictError,
     FedComputeError,
@@ -30,7 +31,7 @@ class TaskManagementClient:
         self._base = base_url.rstrip("/")
         self._headers = {"accept": PROTOBUF, **({"x-api-key": api_key} if api_key else {})}
         self._timeout = timeout
-        self._session = requests.Session()
+        self._session = keep_alive_session(resend_any_method=False)
 
     def _request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> requests.Response:
         headers = dict(self._headers)

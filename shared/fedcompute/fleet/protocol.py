@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import requests
 from google.protobuf.message import Message
 
+from fedcompute.adapters.http import keep_alive_session
 from fedcompute.crypto.hpke import PublicUploadKey, seal_update
 from fedcompute.errors import FedComputeError, InvalidRequestError, TransientError
 from fedcompute.identity import DeviceKey, sign_message
@@ -76,7 +77,7 @@ class DeviceHttpClient:
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
-            session = self._local.session = _keep_alive_session()
+            session = self._local.session = keep_alive_session(resend_any_method=True)
         return session
 
     def session_key(self, self_uri: str) -> DeviceKey | None:
@@ -203,22 +204,6 @@ def _remember(table: dict[str, Any], key: str, value: Any) -> None:
         table.pop(next(iter(table)))
 
 
-def _keep_alive_session() -> requests.Session:
-    """A keep-alive session that resends a request once when its pooled connection was closed.
-
-    Servers close idle keep-alive connections (gunicorn after 2 s); a device that reuses
-    one just then gets "connection reset" before the server saw its request. One retry on
-    a fresh connection is what an HTTP client library on a phone does too.
-    """
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
-
-    session = requests.Session()
-    retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=None, raise_on_status=False)
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
 
 
 def _rejected(info: common_pb2.RejectionInfo) -> Rejected:

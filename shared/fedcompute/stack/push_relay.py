@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import requests
 
+from fedcompute.adapters.http import keep_alive_session
+
 log = logging.getLogger("push_relay")
 
 PULL_TIMEOUT_S = 90.0  # a pull waits for messages (long poll); the emulator answers sooner
@@ -124,7 +126,7 @@ class Relay:
                 self._held.release()
 
     def _push_loop(self) -> None:
-        session = requests.Session()
+        session = keep_alive_session(resend_any_method=True)  # a push is at-least-once anyway
         while not self.stop.is_set():
             try:
                 received = self._queue.get(timeout=0.5)

@@ -1,0 +1,26 @@
+"""HTTP sessions for clients of the functions (the fleet, the management client, the push relay)."""
+from __future__ import annotations
+
+import requests
+
+
+def keep_alive_session(*, resend_any_method: bool) -> requests.Session:
+    """A keep-alive session that resends a request once when its pooled connection was closed.
+
+    Servers close idle keep-alive connections (gunicorn after 2 s); a client that reuses one
+    just then gets "connection reset" or "remote end closed connection" before the server saw
+    its request. One retry on a fresh connection is what an HTTP client library on a phone
+    does too. ``resend_any_method``: also resend a POST whose answer was lost; only for
+    requests that are safe twice (the device protocol and Pub/Sub pushes are at-least-once).
+    Otherwise only idempotent methods (GET, PUT, DELETE, ...) are resent after a lost answer.
+    """
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    session = requests.Session()
+    methods = None if resend_any_method else Retry.DEFAULT_ALLOWED_METHODS
+    retry = Retry(total=1, connect=1, read=1, status=0, other=0, allowed_methods=methods, raise_on_status=False)
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
