@@ -54,6 +54,7 @@ class InMemoryTaskStore:
         self._slots: dict[tuple[str, int, int, int], str] = {}
         self._rejections: dict[tuple[str, int, int, str], dict[str, Any]] = {}
         self._shard_plans: dict[tuple[str, int, int], ShardProgress] = {}
+        self._accept_order: dict[tuple[str, int, int], list[str]] = {}  # accepted ids, in accept order
 
     def create_task(self, population, build, *, exclusive_training=True):
         with self._lock:
@@ -218,7 +219,14 @@ class InMemoryTaskStore:
                 return AcceptResult(NOT_UPLOADABLE)
             self._assignments[(*rk, assignment_id)] = rec.replace(status=AssignmentStatus.UPLOAD_COMPLETED,
                                                                    updated_time=time.time())
-            return AcceptResult(ACCEPTED, round_full=accepted + 1 == it.report_goal)
+            # Positions in acceptance order: the accept counters fill one after another.
+            order = self._accept_order.setdefault(rk, [])
+            order.append(assignment_id)
+            quota = ShardedQuota.for_total(it.report_goal)
+            counter = quota.shard_of(accepted)
+            filled = accepted + 1 == quota.offset(counter) + quota.capacity(counter)
+            return AcceptResult(ACCEPTED, round_full=accepted + 1 == it.report_goal,
+                                filled_counter=counter if filled else None)
 
     def acceptance_state(self, key, report_goal):
         done = self.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) >= report_goal
@@ -226,13 +234,19 @@ class InMemoryTaskStore:
 
     def accepted_ids(self, key, positions=None):
         """Ids of the round's counted uploads (accepts are atomic here: the UPLOAD_COMPLETED ones);
-        position p is the p-th of them in id order (the Firestore store numbers them as accepted)."""
+        position p is the p-th accepted by :meth:`accept_upload`, then those made UPLOAD_COMPLETED
+        directly, in id order. Like the Firestore store, positions that are all filled are
+        final while the round still collects."""
         with self._lock:
-            it = self._rounds.get((key.population, key.task_id, key.round_number))
-            if it is None or it.status == RoundStatus.COLLECTING:
+            rk = (key.population, key.task_id, key.round_number)
+            it = self._rounds.get(rk)
+            collecting = it is not None and it.status == RoundStatus.COLLECTING
+            done = [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
+            order = self._accept_order.get(rk, [])
+            ids = order + sorted(set(done) - set(order))
+            if it is None or (collecting and (positions is None or any(p >= len(ids) for p in positions))):
                 raise PreconditionFailedError(f"round {key.round_number} is not closed: its accepted set "
                                               "is not final")
-            ids = [a.assignment_id for a in self.list_assignments(key, AssignmentStatus.UPLOAD_COMPLETED)]
             return ids if positions is None else [ids[p] for p in positions if 0 <= p < len(ids)]
 
     def plan_shards(self, key, shards):

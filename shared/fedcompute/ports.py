@@ -37,7 +37,9 @@ class TaskStore(Protocol):
       (round, task and next round together) runs in a transaction;
     * an upload counts exactly once: :meth:`accept_upload` accepts it while the round
       collects, and :meth:`accepted_ids` freezes the round's accepted set once it closed
-      (all of it, or the accept positions of one aggregation shard);
+      (all of it, or the accept positions of one aggregation shard); a slice whose positions
+      are all filled is final earlier and is read while the round still collects
+      (``AcceptResult.filled_counter`` says when an accept counter's slice became final);
     * a sharded aggregation records its shard count once (:meth:`plan_shards`, create-if-absent)
       and each finished shard (:meth:`finish_shard`, idempotent): exactly one caller sees the
       set become complete, unless a shard is re-delivered after it;

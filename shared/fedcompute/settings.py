@@ -64,6 +64,8 @@ class Settings:
     # Work one shard takes on (update bytes + a per-object cost) and the instance budget.
     aggregation_shard_bytes: int = 1 << 30
     max_aggregation_shards: int = 16
+    # Aggregate a round's full accept counters while it still collects (learning.sharding).
+    aggregation_streaming: bool = True
 
     @property
     def device_auth_required(self) -> bool:
@@ -92,6 +94,7 @@ class Settings:
             aggregation_shards=_int(e, "FEDCOMPUTE_AGGREGATION_SHARDS", 0, minimum=0),
             aggregation_shard_bytes=_int(e, "FEDCOMPUTE_AGGREGATION_SHARD_BYTES", 1 << 30, minimum=1),
             max_aggregation_shards=_int(e, "FEDCOMPUTE_MAX_AGGREGATION_SHARDS", 16, minimum=1),
+            aggregation_streaming=_choice(e, "FEDCOMPUTE_AGGREGATION_STREAMING", ("on", "off")) == "on",
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import numpy as np
 import pytest
@@ -15,14 +16,15 @@ from fedcompute import layout
 from fedcompute.dp import DpMechanism, DpParams
 from fedcompute.errors import InvariantError, TransientError
 from fedcompute.learning import checkpoint, upload_contract
-from fedcompute.learning.sharding import PER_OBJECT_COST_BYTES, shard_count, shard_positions
+from fedcompute.learning.sharding import PER_OBJECT_COST_BYTES, shard_count, shard_positions, streamed_shards
 from fedcompute.learning.tensor_codec import encode_client_update
 from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents, InMemoryTaskStore
 from fedcompute.plans import ServerPhase
-from fedcompute.services import aggregator
+from fedcompute.services import aggregator, ingestion
 from fedcompute.services import task_management as tm
 from fedcompute.settings import Settings
 from fedcompute.taskbuilder.artifacts import artifacts_from_weights, publish_artifacts, weight_specs
+from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundStatus, TaskKind
 
 POP = "sharded"
@@ -224,3 +226,98 @@ def test_a_shard_message_ahead_of_its_plan_is_retried():
     aggregator.aggregate_round(store, blobs, events, SHARDED, key)  # round-ready plans 4 shards
     _deliver_shards(store, blobs, events, key)  # shard 1 reuses the partial its early message wrote
     assert aggregator.aggregate_round(store, blobs, events, SHARDED, key).status == "AGGREGATED"
+
+
+STREAM_GOAL = 250  # three accept counters: positions 0-83, 84-166, 167-249
+
+
+def _collecting_round(goal: int = STREAM_GOAL):
+    """A task whose round 1 collects: ``goal`` + 3 devices ready to upload (LOCAL_COMPLETED)."""
+    store, blobs, events = InMemoryTaskStore(), InMemoryBlobStore(), InMemoryRoundEvents()
+    task = tm.create_task(store, tm.NewTask(population=POP, kind=TaskKind.TRAINING, total_rounds=3,
+                                            report_goal=goal, max_aggregation_size=goal + 3))
+    weights = [np.linspace(-1, 1, 40, dtype=np.float32).reshape(8, 5), np.zeros(5, np.float32)]
+    phase = ServerPhase("FED_AVG", "ADAM", 0.1, goal, 3 / goal, 3, 1000, 10.0, 1e-6, DP, weight_specs(weights),
+                        ("loss",))
+    publish_artifacts(blobs, UNSHARDED, POP, task.task_id, artifacts_from_weights(phase, weights))
+    tm.open_task(store, blobs, UNSHARDED, POP, task.task_id)
+    rng = np.random.default_rng(11)
+    stats_spec = upload_contract.metric_statistics_spec(("loss",))
+    ids = [f"device-{i:03d}" for i in range(goal + 3)]
+    for i, aid in enumerate(ids):
+        store.create_assignment(AssignmentRecord(aid, POP, task.task_id, 1, AssignmentStatus.LOCAL_COMPLETED, "1",
+                                                 i, 0, 0))
+        scale = 5.0 if i % 3 == 0 else 0.2
+        delta = [("trainable/0", (rng.standard_normal((8, 5)) * scale).astype(np.float32)),
+                 ("trainable/1", (rng.standard_normal(5) * scale).astype(np.float32))]
+        blobs.write(UNSHARDED.gradient_bucket, layout.gradient_path(POP, task.task_id, 1, aid),
+                    encode_client_update(delta, 10 + i, {name: np.full(shape, 1.0 + i) for name, shape, _ in stats_spec}))
+    return store, blobs, events, RoundKey(POP, task.task_id, 1), ids
+
+
+def _ingest(store, blobs, events, settings: Settings, key: RoundKey, aid: str) -> str:
+    name = layout.gradient_path(POP, key.task_id, 1, aid)
+    size = len(blobs.read(settings.gradient_bucket, name))
+    return ingestion.ingest_upload(store, blobs, events, settings,
+                                   ingestion.ObjectFinalized(f"ev-{aid}", settings.gradient_bucket, name, size),
+                                   validate=lambda data, task: None).outcome
+
+
+def test_a_streamed_round_sums_each_filled_accept_counter_while_collecting_and_equals_the_single_job():
+    streamed = Settings()  # streaming is the default
+    assert shard_count(STREAM_GOAL, 1 << 20, shard_bytes=1 << 30, max_shards=16, streaming=True) == 3
+
+    store, blobs, events, key, ids = _collecting_round()
+    outcomes = []
+    for aid in ids[:84]:  # the first counter fills: its shard is published, the round still collects
+        outcomes.append(_ingest(store, blobs, events, streamed, key, aid))
+    assert outcomes == ["ACCEPTED"] * 84 and events.shards == [(key, 0, 3)] and events.ready == []
+    assert _deliver_shards(store, blobs, events, key) == ["SHARD_DONE"]
+    assert store.get_round(key).status == RoundStatus.COLLECTING
+    assert blobs.list(streamed.aggregate_bucket, "")  # the partial is written before the close
+    # A shard whose positions are not all filled does nothing while the round collects.
+    assert aggregator.aggregate_shard(store, blobs, events, streamed, key, 1, 3).status == "NOT_READY"
+    for aid in ids[84:167]:
+        _ingest(store, blobs, events, streamed, key, aid)
+    assert [s for _, s, _ in events.shards] == [1]
+    assert _deliver_shards(store, blobs, events, key) == ["SHARD_DONE"]
+    for aid in ids[167:STREAM_GOAL]:  # the last accept closes the round; its counter is left to the close
+        _ingest(store, blobs, events, streamed, key, aid)
+    assert events.shards == [] and events.ready == [key] and store.get_round(key).status == RoundStatus.AGGREGATING
+    assert _ingest(store, blobs, events, streamed, key, ids[-1]) == "LATE_UPLOAD"  # the surplus is refused
+    # The close publishes only the shard not done yet; the last shard triggers the combine.
+    assert aggregator.aggregate_round(store, blobs, events, streamed, key).status == "SHARDS_PUBLISHED"
+    assert [s for _, s, _ in events.shards] == [2]
+    assert _deliver_shards(store, blobs, events, key) == ["SHARD_DONE_COMBINE_PUBLISHED"]
+    assert aggregator.aggregate_round(store, blobs, events, streamed, key).status == "AGGREGATED"
+
+    single = _collecting_round()
+    unstreamed = dataclasses.replace(streamed, aggregation_streaming=False)
+    for aid in single[4][:STREAM_GOAL]:
+        _ingest(*single[:3], unstreamed, single[3], aid)
+    assert single[2].shards == []
+    assert aggregator.aggregate_round(*single[:3], unstreamed, single[3]).status == "AGGREGATED"
+    expected, got = _checkpoint(single[1], single[3]), _checkpoint(blobs, key)
+    for a, b in zip(expected.weights, got.weights):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
+    assert got.dp_state.last_seed == expected.dp_state.last_seed is not None
+    assert _metrics(blobs, key)["server/aggregator/num_reports"] == STREAM_GOAL
+    assert _metrics(blobs, key) == pytest.approx(_metrics(single[1], single[3]), abs=1e-9)
+
+
+def test_accept_counters_fill_in_order_when_streamed_and_spread_otherwise():
+    quota, rng = ShardedQuota.for_total(1000), random.Random(3)
+    assert sorted(quota.probe_order(rng)) == list(range(10))
+    for _ in range(20):
+        order = quota.probe_order(rng, {0, 1, 2}, window=2)
+        assert sorted(order[:2]) == [3, 4] and order[2:] == [5, 6, 7, 8, 9]
+    assert any(quota.probe_order(rng)[:2] not in ([0, 1], [1, 0]) for _ in range(20))
+
+
+def test_streaming_is_on_by_default_and_off_when_forced_or_for_one_counter():
+    assert Settings.from_env({}).aggregation_streaming
+    assert not Settings.from_env({"FEDCOMPUTE_AGGREGATION_STREAMING": "off"}).aggregation_streaming
+    assert streamed_shards(1000, streaming=True) == 10 and streamed_shards(100, streaming=True) == 0
+    assert streamed_shards(1000, streaming=True, forced=4) == 0
+    assert streamed_shards(1000, streaming=False) == 0
+

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedError, TransientError
+from fedcompute.learning.sharding import ACCEPT_WINDOW
 from fedcompute.tasks.quota import ShardedQuota
 from fedcompute.tasks.records import (
     ACCEPTED,
@@ -51,6 +52,8 @@ from fedcompute.tasks.records import (
 )
 
 _OPTIMISTIC_ATTEMPTS = 25
+# Rounds whose exhausted accept counters this process remembers (a counter never un-fills).
+_REMEMBERED_ROUNDS = 64
 
 
 class _RoundStopped(Exception):
@@ -71,6 +74,9 @@ class FirestoreTaskStore:
     def __init__(self, client: Any, root: str = "populations") -> None:
         self._db = client
         self._root = root
+        # Per round, the accept counters this process found exhausted: later accepts skip them
+        # instead of spending an increment each to learn it again (they fill in order).
+        self._full_accept_counters: dict[RoundKey, set[int]] = {}
 
     # -- references --------------------------------------------------------------------
     def _population(self, population: str):
@@ -250,12 +256,12 @@ class FirestoreTaskStore:
         return self._round(key).collection("accepted").document(str(position))
 
     def _take_position(self, key: RoundKey, kind: str, quota: ShardedQuota, rng: random.Random,
-                       exhausted: Iterable[int] = ()) -> tuple[int | None, int, set[int]]:
+                       exhausted: Iterable[int] = (), *, window: int = 0) -> tuple[int | None, int, set[int]]:
         """(position, shard, shards found exhausted): one atomic increment per shard tried."""
         from google.cloud import firestore
 
         found: set[int] = set()
-        for shard in quota.probe_order(rng, exhausted):
+        for shard in quota.probe_order(rng, exhausted, window=window):
             result = self._counter(key, kind, shard).set({"issued": firestore.Increment(1)}, merge=True)
             ticket = int(result.transform_results[0].integer_value)
             if ticket > _CLOSED_OFFSET:
@@ -435,7 +441,12 @@ class FirestoreTaskStore:
         if status != AssignmentStatus.LOCAL_COMPLETED.value:
             return AcceptResult(NOT_UPLOADABLE)
         quota = ShardedQuota.for_total(int(report_goal))
-        position, shard, _ = self._take_position(key, "accept", quota, random.Random())
+        known_full = self._full_accept_counters.setdefault(key, set())
+        while len(self._full_accept_counters) > _REMEMBERED_ROUNDS:
+            self._full_accept_counters.pop(next(iter(self._full_accept_counters)))
+        position, shard, found = self._take_position(key, "accept", quota, random.Random(), set(known_full),
+                                                     window=ACCEPT_WINDOW)
+        known_full |= found
         if position is None:
             return AcceptResult(ROUND_CLOSED)  # the goal is reached: this upload is surplus
         t = time.time()
@@ -459,8 +470,12 @@ class FirestoreTaskStore:
                 return AcceptResult(DUPLICATE, full)
             return AcceptResult(NOT_UPLOADABLE, full)
         filled = int(results[2].transform_results[0].integer_value)
-        full = filled >= quota.capacity(shard) and self.acceptance_state(key, quota.total).full
-        return AcceptResult(ACCEPTED, full)
+        if filled < quota.capacity(shard):
+            return AcceptResult(ACCEPTED)
+        known_full.add(shard)
+        full = self.acceptance_state(key, quota.total).full
+        # Exactly one accept (or void) brings a counter to its capacity: it reports the counter.
+        return AcceptResult(ACCEPTED, full, filled_counter=shard if filled == quota.capacity(shard) else None)
 
     def _void_position(self, key: RoundKey, quota: ShardedQuota, shard: int, position: int, reason: str) -> bool:
         """Mark an accept position used-up without a report; True if that made the round full."""
@@ -491,7 +506,8 @@ class FirestoreTaskStore:
         return AcceptanceState(issued_all=quota.is_full(issued), full=quota.is_full(filled))
 
     def accepted_ids(self, key, positions=None):
-        """The round's accepted set (or its ``positions``), final once the round stopped collecting.
+        """The round's accepted set (or its ``positions``), final once the round stopped collecting,
+        or, for ``positions`` that all hold a marker, while it still collects.
 
         Reads the markers (one small document per report: no limit on the round's size; for
         ``positions``, only theirs, by key) and first voids every empty position with a
@@ -501,7 +517,8 @@ class FirestoreTaskStore:
         from google.api_core import exceptions
 
         round_record = self.get_round(key)
-        if round_record is None or round_record.status == RoundStatus.COLLECTING:
+        collecting = round_record is not None and round_record.status == RoundStatus.COLLECTING
+        if round_record is None or (collecting and positions is None):
             raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} is not "
                                           "closed: its accepted set is not final")
         wanted = range(round_record.report_goal) if positions is None else positions
@@ -510,6 +527,9 @@ class FirestoreTaskStore:
         else:
             refs = [self._marker(key, position) for position in wanted]
             markers = {int(snap.id): snap.to_dict() for snap in self._db.get_all(refs) if snap.exists}
+        if collecting and any(position not in markers for position in wanted):
+            raise PreconditionFailedError(f"round {key.round_number} of task {key.population}/{key.task_id} still "
+                                          "collects and these positions are not all filled: not final yet")
         for position in wanted:
             if position in markers:
                 continue

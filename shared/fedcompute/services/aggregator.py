@@ -14,7 +14,11 @@ that finishes the set publishes round-ready again, whose run merges the K partia
 (:func:`~fedcompute.learning.accumulator.merge_accumulators`), releases the DP mean once
 (:func:`~fedcompute.learning.server_round.finish_round`) and completes the round as the
 single job does. A round-ready for a sharded round that is not finished re-sends only the
-unfinished shards (the scheduler's stuck-round repair goes through it). Idempotent: a redelivered message for a COMPLETED round does
+unfinished shards (the scheduler's stuck-round repair goes through it). Streamed (the
+default for a round of several accept counters, :func:`~fedcompute.learning.sharding.streamed_shards`):
+K is the number of accept counters, and ingestion publishes each counter's shard as soon as
+the counter fills, so the partial sums run while the round collects and the close finds
+most shards finished. Idempotent: a redelivered message for a COMPLETED round does
 nothing, and a run killed midway re-runs to the same checkpoint (the accepted set is frozen
 once the round is AGGREGATING, updates stream in assignment-id order, the noise seed is
 derived from the task's server-side secret and the round, and outputs are create-only).
@@ -122,7 +126,8 @@ def aggregate_round(
     inputs = _round_inputs(blobs, settings, key)
     shards = sharding.shard_count(task.report_goal, spec_nbytes(inputs.previous.spec),
                                   shard_bytes=settings.aggregation_shard_bytes,
-                                  max_shards=settings.max_aggregation_shards, forced=settings.aggregation_shards)
+                                  max_shards=settings.max_aggregation_shards, forced=settings.aggregation_shards,
+                                  streaming=settings.aggregation_streaming)
     if shards > 1:
         # The first round-ready fixes the round's shard count (create-only); later ones reuse it.
         progress = store.plan_shards(key, shards)
@@ -163,23 +168,41 @@ def aggregate_shard(
     into a create-only partial aggregate, mark the shard finished, and, when that completes
     the round's shards, publish round-ready again: the combine (see :func:`aggregate_round`).
 
+    Streamed (the round still COLLECTING, the shard published by the accept that filled its
+    positions): the shard records the round's plan itself (create-if-absent, the same K the
+    close computes) and runs only if every one of its positions is filled; otherwise it does
+    nothing and the close publishes it again.
+
     Idempotent: a re-delivered (or duplicated, or killed and re-run) shard finds its partial
     written, marks itself finished again and re-publishes round-ready only if every shard is
-    finished (the combine is idempotent too); a shard of a round no longer AGGREGATING does nothing.
+    finished (the combine is idempotent too); a shard of a round no longer collecting or
+    aggregating does nothing.
     """
     round_record = store.get_round(key)
-    if round_record is None or round_record.status != RoundStatus.AGGREGATING:
+    live = (RoundStatus.AGGREGATING, RoundStatus.COLLECTING)
+    if round_record is None or round_record.status not in live:
         log.info("shard %d/%d of round %s: round is %s, nothing to do", shard, shards, key,
                  "unknown" if round_record is None else round_record.status.value)
         return AggregationOutcome("ALREADY_DONE" if round_record is not None else "UNKNOWN_ROUND")
     task = store.get_task(key.population, key.task_id)
     if task is None or task.status != TaskStatus.OPEN:
         return AggregationOutcome("TASK_NOT_OPEN", task_status=task.status.value if task else "")
+    positions = sharding.shard_positions(task.report_goal, shards, shard)
+    if round_record.status == RoundStatus.COLLECTING:
+        planned = store.plan_shards(key, shards).shards
+        if planned != shards:
+            log.warning("shard %d/%d of round %s: the round is planned in %d shards; ignored", shard, shards, key,
+                        planned)
+            return AggregationOutcome("NOT_READY")
     path = layout.partial_aggregate_path(key.population, key.task_id, key.round_number, shards, shard)
     if not blobs.exists(settings.aggregate_bucket, path):
+        try:
+            accepted = store.accepted_ids(key, positions)
+        except PreconditionFailedError:  # still collecting and not all filled: the close re-sends it
+            log.info("shard %d/%d of round %s: positions not all filled yet; left to the close", shard, shards, key)
+            return AggregationOutcome("NOT_READY")
         inputs = _round_inputs(blobs, settings, key)
         faults = _new_faults()
-        accepted = store.accepted_ids(key, sharding.shard_positions(task.report_goal, shards, shard))
         acc = inputs.dp.start(inputs.previous.spec, inputs.previous.dp_state)
         for update in decoded_updates(blobs, settings, key, task, sorted(accepted), faults, unseal):
             acc = inputs.dp.add(acc, update)

@@ -1,6 +1,8 @@
 """Result ingestion: count each device upload exactly once and close the round at its goal.
 
-Triggered by the storage object-finalize event. Light: no TensorFlow (uploads are checked
+Triggered by the storage object-finalize event. In a streamed round (see
+:mod:`fedcompute.learning.sharding`) the accept that fills an accept counter publishes that
+counter's aggregation shard, which then runs while the round still collects. Light: no TensorFlow (uploads are checked
 with the numpy/protobuf codec). O(1) per upload: one read of task, round and assignment,
 the object read and its structural check, then the store's accept (an atomic counter
 increment and one batch; see :mod:`fedcompute.adapters.firestore_store`). Exactly ``report_goal``
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from fedcompute import layout
 from fedcompute.errors import InvalidRequestError, NotFoundError, PreconditionFailedError
-from fedcompute.learning import upload_contract
+from fedcompute.learning import sharding, upload_contract
 from fedcompute.ports import BlobStore, RoundEvents, TaskStore
 from fedcompute.settings import Settings
 from fedcompute.tasks.records import (
@@ -28,6 +30,7 @@ from fedcompute.tasks.records import (
     RoundKey,
     RoundRecord,
     RoundStatus,
+    TaskKind,
     TaskRecord,
     TaskStatus,
 )
@@ -132,7 +135,25 @@ def ingest_upload(
         return IngestionResult(OUTCOME_DUPLICATE, "already counted", round_closed=closed)
     assert result.outcome == ACCEPTED
     log.info("accepted %s (goal %d)", event.name, task.report_goal)
+    if result.filled_counter is not None and not result.round_full:
+        _publish_filled_shard(events, settings, key, task, result.filled_counter)
     return IngestionResult(OUTCOME_ACCEPTED, "", round_closed=closed)
+
+
+def _publish_filled_shard(events: RoundEvents, settings: Settings, key: RoundKey, task: TaskRecord,
+                          counter: int) -> None:
+    """A streamed round's accept counter just filled: its shard is aggregated now, while the
+    round still collects (:mod:`fedcompute.learning.sharding`). Best effort: a shard not
+    published here is published by the round's close, so a failure only costs time."""
+    shards = sharding.streamed_shards(task.report_goal, streaming=settings.aggregation_streaming,
+                                      forced=settings.aggregation_shards)
+    if not shards or task.kind != TaskKind.TRAINING:
+        return
+    try:
+        events.aggregation_shard(key, counter, shards)
+    except Exception:  # noqa: BLE001 - the upload counted; the close re-sends this shard
+        log.warning("round %s: shard %d/%d not published early; the close will", key, counter, shards,
+                    exc_info=True)
 
 
 def _close_if_full(store: TaskStore, events: RoundEvents, key: RoundKey, round_record: RoundRecord,

@@ -58,12 +58,19 @@ class ShardedQuota:
                 return shard
         raise ValueError(f"position {position} is outside a quota of {self.total}")
 
-    def probe_order(self, rng: random.Random, skip: Iterable[int] = ()) -> list[int]:
-        """Shards in random order (spreads writers over counters), without known-exhausted ones."""
+    def probe_order(self, rng: random.Random, skip: Iterable[int] = (), *, window: int = 0) -> list[int]:
+        """Shards without known-exhausted ones: in random order (spreads writers over every
+        counter), or with ``window`` > 0 the lowest ``window`` of them in random order and then
+        the rest ascending, so the shards fill one after another (a filled shard's positions
+        are final while the round still collects: see :mod:`fedcompute.learning.sharding`)."""
         skipped = set(skip)
         order = [s for s in range(self.shards) if s not in skipped]
-        rng.shuffle(order)
-        return order
+        if window <= 0:
+            rng.shuffle(order)
+            return order
+        head = order[:window]
+        rng.shuffle(head)
+        return head + order[window:]
 
     def is_full(self, filled: dict[int, int]) -> bool:
         """True when every shard's ``filled`` count reached its capacity."""

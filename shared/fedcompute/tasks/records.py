@@ -342,10 +342,13 @@ def plain_changes(changes: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class AcceptResult:
-    """What ``TaskStore.accept_upload`` decided; ``round_full``: this call filled the last position."""
+    """What ``TaskStore.accept_upload`` decided; ``round_full``: this call filled the last position;
+    ``filled_counter``: the accept counter whose last position this call filled (its slice of
+    the accepted set is then final), else None."""
 
     outcome: AcceptOutcome
     round_full: bool = False
+    filled_counter: int | None = None
 
 
 @dataclass(frozen=True)
