@@ -10,7 +10,7 @@ FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # Demo knobs (see README). PRIVATE=1: the private demo at 10,000 devices (README, "Private demo").
 PRIVATE ?= 0
 ifeq ($(PRIVATE),1)
-ROUNDS ?= 30
+ROUNDS ?= 25
 DEVICES ?= 10000
 REPORT_GOAL ?= 1000
 NOISE ?= 1.0

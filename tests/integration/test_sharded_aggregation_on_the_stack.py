@@ -18,12 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from fedcompute import layout
 from fedcompute.adapters.events import encode_round_event
 from fedcompute.dp import DpParams
-from fedcompute.learning import checkpoint, server_round
-from fedcompute.learning.upload_contract import decode_upload
-from fedcompute.plans import ServerPhase
 from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundStatus
 from support.helpers import unique
 from support.stack_plugin import StackHandle, running_stack
@@ -34,7 +30,7 @@ from support.tasks import (
     make_update,
     random_delta,
     seal_for_stack,
-    stack_unsealer,
+    unsharded_reference,
     wait_until,
 )
 
@@ -108,17 +104,7 @@ def test_a_round_in_four_shards_equals_the_single_job_exactly_once_under_redeliv
     assert task.blobs.list(settings.aggregate_bucket, f"{key.population}/{key.task_id}/1/") == []
 
     # The unsharded aggregation of the same accepted updates with the same noise seed.
-    record = task.record()
-    phase = ServerPhase.from_json(task.read_model(layout.server_phase_path(task.population, task.task_id)))
-    previous = checkpoint.decode_checkpoint(task.read_model(layout.checkpoint_path(task.population, task.task_id, 0)))
-    optimizer, mechanism = server_round.build_round_machinery(phase)
-    config = server_round.RoundConfig(
-        report_goal=GOAL, optimizer=optimizer, dp=mechanism, metrics_finalizer=None,
-        noise_seed=server_round.round_noise_seed(phase, record.noise_secret, task.population, task.task_id, 1))
-    unseal = stack_unsealer(local_stack)
-    updates = (decode_upload(unseal(task.blobs.read(settings.gradient_bucket, gradient_object(task, 1, aid)), aid),
-                             record) for aid in sorted(store.accepted_ids(key)))
-    expected, result, _ = server_round.server_round(previous, updates, config)
+    expected, result = unsharded_reference(local_stack, task, 1)
     assert result.accepted == GOAL and result.clipped > 0
     for got, want in zip(task.checkpoint_weights(1), expected.weights):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

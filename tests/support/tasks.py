@@ -342,3 +342,26 @@ def stack_unsealer(stack: StackHandle) -> Callable[[bytes, str], bytes]:
     ring = stack_key_ring(stack)
     return lambda data, assignment_id: open_upload(data, assignment_id=assignment_id, ring=ring, required=True,
                                                    max_bytes=64 << 20)
+
+
+def unsharded_reference(stack: StackHandle, task: NumpyTask, round_number: int) -> tuple[Any, Any]:
+    """(ServerState, RoundResult) of round ``round_number`` aggregated in this process in one job:
+    the round's accepted updates, read back and opened, with the round's own noise seed."""
+    from fedcompute.learning import server_round
+    from fedcompute.learning.upload_contract import decode_upload
+
+    record = task.record()
+    phase = ServerPhase.from_json(task.read_model(layout.server_phase_path(task.population, task.task_id)))
+    previous = decode_checkpoint(task.read_model(layout.checkpoint_path(task.population, task.task_id,
+                                                                        round_number - 1)))
+    optimizer, mechanism = server_round.build_round_machinery(phase)
+    config = server_round.RoundConfig(
+        report_goal=task.report_goal, optimizer=optimizer, dp=mechanism, metrics_finalizer=None,
+        noise_seed=server_round.round_noise_seed(phase, record.noise_secret, task.population, task.task_id,
+                                                 round_number))
+    unseal = stack_unsealer(stack)
+    bucket = stack.settings.gradient_bucket
+    updates = (decode_upload(unseal(task.blobs.read(bucket, gradient_object(task, round_number, aid)), aid), record)
+               for aid in sorted(task.store.accepted_ids(task.key(round_number))))
+    expected, result, _ = server_round.server_round(previous, updates, config)
+    return expected, result

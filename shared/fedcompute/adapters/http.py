@@ -14,8 +14,7 @@ def keep_alive_session(*, resend_any_method: bool) -> requests.Session:
     requests that are safe twice (the device protocol and Pub/Sub pushes are at-least-once).
     Otherwise only idempotent methods (GET, PUT, DELETE, ...) are resent after a lost answer.
     """
-    from requests.adapters import HTTPAdapter
-    from urllib3.util.retry import Retry
+    from requests.adapters import HTTPAdapter, Retry  # urllib3's, as requests uses it
 
     session = requests.Session()
     methods = None if resend_any_method else Retry.DEFAULT_ALLOWED_METHODS

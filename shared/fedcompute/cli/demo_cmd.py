@@ -9,7 +9,7 @@ from typing import Any
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="local stack + task build + simulated fleet + metrics plot",
                                    description="Run the whole seed workflow locally on Fashion-MNIST.")
-    parser.add_argument("--rounds", type=int, default=None, help="training rounds (ROUNDS=; 12, private 30)")
+    parser.add_argument("--rounds", type=int, default=None, help="training rounds (ROUNDS=; 12, private 25)")
     parser.add_argument("--devices", type=int, default=None, help="simulated devices (DEVICES=; 200, private 10000)")
     parser.add_argument("--report-goal", type=int, default=None,
                         help="devices per round (REPORT_GOAL=; 50, private 1000)")
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="DP aggregator (DP=)")
     parser.add_argument("--clip-norm", type=float, default=None, help="DP clip norm (CLIP=; 10, private 1.0)")
     parser.add_argument("--client-lr", type=float, default=None, help="client SGD learning rate (0.1, private 0.3)")
-    parser.add_argument("--epochs", type=int, default=None, help="local epochs per device (2)")
+    parser.add_argument("--epochs", type=int, default=None, help="local epochs per device (2, private 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="device batch size (10, private 6)")
     parser.add_argument("--server-lr", type=float, default=None,
                         help="server learning rate (SGD 1.0; private: ADAM 0.05)")
