@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,12 +205,18 @@ def model_stamp(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name + ".stamp.json")
 
 
+def model_is_saved(model_dir: Path, seed: int) -> bool:
+    """True if ``model_dir`` holds the small model of this revision and ``seed``."""
+    stamp_file = model_stamp(model_dir)
+    current = stamp_file.read_text() if stamp_file.is_file() else ""
+    return (model_dir / "saved_model.pb").exists() and current == json.dumps({"revision": MODEL_REVISION, "seed": seed})
+
+
 def save_model(model_dir: Path, seed: int) -> Path:
     """The small model (logistic regression) as a SavedFunctionalModel, once per revision and seed."""
     stamp = {"revision": MODEL_REVISION, "seed": seed}
     stamp_file = model_stamp(model_dir)
-    current = stamp_file.read_text() if stamp_file.is_file() else ""
-    if not (model_dir / "saved_model.pb").exists() or current != json.dumps(stamp):
+    if not model_is_saved(model_dir, seed):
         from fedcompute.models.functional import kill_tff_worker_children
         from fedcompute.models.small_classifier import save_small_classifier
 
@@ -374,8 +381,6 @@ def start_reference(stack: _Stack, options: PrivateDemoOptions, model_dir: Path,
     """Start the private task's configuration without noise in-process (fedcompute.fleet.reference:
     the same plan, device step, clipping and server round; ``report_goal`` uniformly chosen
     devices) in a child process at :data:`REFERENCE_NICENESS`; :func:`finish_reference` collects it."""
-    import multiprocessing
-
     task = stack.reference_task(population, task_id)
     rows_path = options.out_dir / "non_private_reference_rounds.json"
     rows_path.unlink(missing_ok=True)
@@ -525,14 +530,18 @@ def run_private_demo(options: PrivateDemoOptions, *, stack: Any = None) -> dict[
     _say(f"== 1/5  local stack; population_size = the simulated fleet = {options.population_size:,} devices "
          f"({options.examples_per_device} Fashion-MNIST examples each), delta = 1/{options.population_size:,}")
     running = stack
-    with ThreadPoolExecutor(1, thread_name_prefix="save-model") as saving:
-        # The model is saved (TensorFlow's import and a Keras save, once per revision and seed)
-        # while the stack's emulators start: neither needs the other.
-        saved = saving.submit(save_model, out / "fashion_logreg", options.seed)
+    model_dir = out / "fashion_logreg"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as saving:
+        # A model not saved yet is saved (TensorFlow's import and a Keras save, once per revision
+        # and seed) while the stack's emulators start: neither needs the other. In a process of
+        # its own: two threads importing at once can deadlock on the import locks.
+        saved = None if model_is_saved(model_dir, options.seed) else saving.submit(save_model, model_dir,
+                                                                                    options.seed)
         stack = _Stack(options, running)
         setup_s = time.monotonic() - started
         _say("== 2/5  SavedFunctionalModel: logistic regression on Fashion-MNIST (7,850 parameters)")
-        model_dir = saved.result()
+        if saved is not None:
+            saved.result()
     try:
         _say(f"== 3/5  private run: FIXED_GAUSSIAN noise {options.noise:g}, clip {options.clip_norm:g}, "
              f"{options.report_goal:,} of {options.devices:,} devices per round, {options.rounds} rounds, "
