@@ -20,6 +20,7 @@ with "Transaction lock timeout".)
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -77,6 +78,7 @@ class FirestoreTaskStore:
         # Per round, the accept counters this process found exhausted: later accepts skip them
         # instead of spending an increment each to learn it again (they fill in order).
         self._full_accept_counters: dict[RoundKey, set[int]] = {}
+        self._full_accept_lock = threading.Lock()  # ingestion serves uploads on several threads
 
     # -- references --------------------------------------------------------------------
     def _population(self, population: str):
@@ -441,12 +443,15 @@ class FirestoreTaskStore:
         if status != AssignmentStatus.LOCAL_COMPLETED.value:
             return AcceptResult(NOT_UPLOADABLE)
         quota = ShardedQuota.for_total(int(report_goal))
-        known_full = self._full_accept_counters.setdefault(key, set())
-        while len(self._full_accept_counters) > _REMEMBERED_ROUNDS:
-            self._full_accept_counters.pop(next(iter(self._full_accept_counters)))
-        position, shard, found = self._take_position(key, "accept", quota, random.Random(), set(known_full),
+        with self._full_accept_lock:
+            known_full = self._full_accept_counters.setdefault(key, set())
+            while len(self._full_accept_counters) > _REMEMBERED_ROUNDS:
+                self._full_accept_counters.pop(next(iter(self._full_accept_counters)))
+            skip = set(known_full)
+        position, shard, found = self._take_position(key, "accept", quota, random.Random(), skip,
                                                      window=ACCEPT_WINDOW)
-        known_full |= found
+        with self._full_accept_lock:
+            known_full |= found
         if position is None:
             return AcceptResult(ROUND_CLOSED)  # the goal is reached: this upload is surplus
         t = time.time()
@@ -472,7 +477,8 @@ class FirestoreTaskStore:
         filled = int(results[2].transform_results[0].integer_value)
         if filled < quota.capacity(shard):
             return AcceptResult(ACCEPTED)
-        known_full.add(shard)
+        with self._full_accept_lock:
+            known_full.add(shard)
         full = self.acceptance_state(key, quota.total).full
         # Exactly one accept (or void) brings a counter to its capacity: it reports the counter.
         return AcceptResult(ACCEPTED, full, filled_counter=shard if filled == quota.capacity(shard) else None)
