@@ -205,17 +205,20 @@ def model_stamp(model_dir: Path) -> Path:
     return model_dir.with_name(model_dir.name + ".stamp.json")
 
 
+def _stamp_text(seed: int) -> str:
+    """What :func:`model_stamp` holds for a model of this revision saved with ``seed``."""
+    return json.dumps({"revision": MODEL_REVISION, "seed": seed})
+
+
 def model_is_saved(model_dir: Path, seed: int) -> bool:
     """True if ``model_dir`` holds the small model of this revision and ``seed``."""
     stamp_file = model_stamp(model_dir)
     current = stamp_file.read_text() if stamp_file.is_file() else ""
-    return (model_dir / "saved_model.pb").exists() and current == json.dumps({"revision": MODEL_REVISION, "seed": seed})
+    return (model_dir / "saved_model.pb").exists() and current == _stamp_text(seed)
 
 
 def save_model(model_dir: Path, seed: int) -> Path:
     """The small model (logistic regression) as a SavedFunctionalModel, once per revision and seed."""
-    stamp = {"revision": MODEL_REVISION, "seed": seed}
-    stamp_file = model_stamp(model_dir)
     if not model_is_saved(model_dir, seed):
         from fedcompute.models.functional import kill_tff_worker_children
         from fedcompute.models.small_classifier import save_small_classifier
@@ -226,7 +229,7 @@ def save_model(model_dir: Path, seed: int) -> Path:
             save_small_classifier(str(model_dir), hidden_units=0, seed=seed)
         finally:
             kill_tff_worker_children()
-        stamp_file.write_text(json.dumps(stamp))
+        model_stamp(model_dir).write_text(_stamp_text(seed))
     return model_dir
 
 
