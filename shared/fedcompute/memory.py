@@ -109,6 +109,15 @@ class InMemoryTaskStore:
             self._rounds[k] = record
             return True
 
+    def start_round(self, record):
+        with self._lock:
+            task = self._tasks.get((record.population, record.task_id))
+            if task is None or task.status != TaskStatus.OPEN or task.current_round != record.round_number - 1:
+                return False
+            self._rounds.setdefault((record.population, record.task_id, record.round_number), record)
+            self._tasks[(record.population, record.task_id)] = task.replace(current_round=record.round_number)
+            return True
+
     def get_round(self, key):
         with self._lock:
             return self._rounds.get((key.population, key.task_id, key.round_number))

@@ -41,7 +41,7 @@ from fedcompute.services import aggregator as aggregator_service
 from fedcompute.services import scheduler as scheduler_service
 from fedcompute.stack.local import default_functions_dir, functions_framework_executable
 from fedcompute.stack.procs import free_port, start_process
-from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundStatus, TaskStatus
+from fedcompute.tasks.records import AssignmentRecord, AssignmentStatus, RoundKey, RoundRecord, RoundStatus, TaskStatus
 from support.helpers import http, unique
 from support.tasks import (
     COMPLETED,
@@ -953,3 +953,25 @@ def test_report_result_takes_two_firestore_round_trips_and_refuses_a_concurrent_
         store.transition_assignment(key, second.assignment_id, expected=[AssignmentStatus.ASSIGNED],
                                     new_status=AssignmentStatus.LOCAL_COMPLETED, current=read)
     assert task.statuses(1)[second.assignment_id] != AssignmentStatus.LOCAL_COMPLETED.value
+
+
+def test_start_round_on_firestore_opens_the_next_round_exactly_once(local_stack: StackHandle) -> None:
+    """The round and the task's pointer to it in one transaction: of racing callers one wins,
+    the task never points at a missing round, and a stopped task starts nothing."""
+    task = create_numpy_task(local_stack, unique("start-round"), report_goal=50, rounds=5)
+    store = task.store
+    record = store.get_task(task.population, task.task_id)
+    assert record is not None and record.current_round == 1
+    second = RoundRecord.opening(record, 2, time.time())
+    with ThreadPoolExecutor(4) as pool:
+        started = list(pool.map(lambda _: FirestoreTaskStore(local_stack.clients.firestore).start_round(second),
+                                range(4)))
+    assert sorted(started) == [False, False, False, True]
+    assert store.get_task(task.population, task.task_id).current_round == 2  # type: ignore[union-attr]
+    assert store.get_round(task.key(2)) is not None
+    assert store.start_round(RoundRecord.opening(record, 4, time.time())) is False  # no skip
+    assert store.get_round(task.key(4)) is None
+    TaskManagementClient(local_stack.settings.task_management_url).cancel_task(task.population, task.task_id,
+                                                                              "test over")
+    assert store.start_round(RoundRecord.opening(record, 3, time.time())) is False
+    assert store.get_round(task.key(3)) is None

@@ -92,6 +92,31 @@ def test_scheduler_opens_eval_rounds_one_at_a_time_and_devices_get_that_checkpoi
         pytest.fail("no check-in was sent to evaluation")
 
 
+def test_a_tick_that_crashed_after_creating_the_eval_round_is_finished_by_the_next(store, events):
+    """The round and the task's pointer to it are one step: a round left behind by a crash
+    (created, task not yet pointing at it) is taken up by the next tick, not skipped forever."""
+    training, evaluation = _training_and_eval(store)
+    _complete_training_round(store, training, 1)
+    store.create_round(RoundRecord.opening(store.get_task("p", evaluation.task_id), 1, 5.0, evaluated_round=1))
+    assert store.get_task("p", evaluation.task_id).current_round == 0  # the crashed tick's state
+    report = scheduler.tick(store, events, now=lambda: 10.0, rng=random.Random(0))
+    assert report.evaluations_opened == [RoundKey("p", evaluation.task_id, 1)]
+    assert store.get_task("p", evaluation.task_id).current_round == 1
+    assert store.get_round(RoundKey("p", evaluation.task_id, 1)).created_time == 5.0  # the crashed tick's round
+    assert scheduler.tick(store, events, now=lambda: 11.0).evaluations_opened == []  # and only once
+
+
+def test_start_round_refuses_a_stopped_task_or_a_round_already_started(store):
+    _, evaluation = _training_and_eval(store)
+    first = RoundRecord.opening(evaluation, 1, 1.0, evaluated_round=1)
+    assert store.start_round(first) is True
+    assert store.start_round(first) is False  # a duplicate tick
+    assert store.start_round(RoundRecord.opening(evaluation, 3, 1.0, evaluated_round=1)) is False  # skips round 2
+    store.update_task("p", evaluation.task_id, {"status": TaskStatus.CANCELED})
+    assert store.start_round(RoundRecord.opening(evaluation, 2, 1.0, evaluated_round=1)) is False
+    assert store.get_round(RoundKey("p", evaluation.task_id, 2)) is None
+
+
 def test_eval_traffic_share_is_within_the_binomial_interval(store, blobs, events):
     training, evaluation = _training_and_eval(store, eval_weight=0.1)
     _complete_training_round(store, training, 1)

@@ -190,6 +190,29 @@ class FirestoreTaskStore:
         except exceptions.Conflict:
             return False
 
+    def start_round(self, record):
+        # One transaction, so a check-in never sees the task pointing at a round that does not
+        # exist yet (or a created round the task never points at, after a crash in between).
+        from google.cloud import firestore
+
+        task_ref = self._task(record.population, record.task_id)
+        round_ref = self._round_ref(record.population, record.task_id, record.round_number)
+
+        @firestore.transactional
+        def apply(transaction):
+            task = task_ref.get(transaction=transaction)
+            if not task.exists:
+                return False
+            data = task.to_dict()
+            if data["status"] != TaskStatus.OPEN.value or int(data.get("current_round", 0)) != record.round_number - 1:
+                return False
+            if not round_ref.get(transaction=transaction).exists:
+                transaction.create(round_ref, record.to_dict())
+            transaction.update(task_ref, {"current_round": record.round_number})
+            return True
+
+        return apply(self._db.transaction())
+
     def get_round(self, key):
         snapshot = self._round(key).get()
         return RoundRecord.from_dict(snapshot.to_dict()) if snapshot.exists else None

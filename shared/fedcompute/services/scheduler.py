@@ -227,12 +227,7 @@ def schedule_evaluation(store: TaskStore, task: TaskRecord, report: TickReport, 
                 pass
         return
     number = task.current_round + 1
-    created = store.create_round(RoundRecord.opening(task, number, now, evaluated_round=pick))
-    if not created:
-        return  # another tick opened it
-    try:
-        store.update_task(task.population, task.task_id, {"current_round": number}, expected=[TaskStatus.OPEN])
-    except PreconditionFailedError:
-        return
+    if not store.start_round(RoundRecord.opening(task, number, now, evaluated_round=pick)):
+        return  # another tick opened it, or the task stopped
     report.evaluations_opened.append(RoundKey(task.population, task.task_id, number))
     log.info("evaluation round %s/%s/%d opened on training round %d", task.population, task.task_id, number, pick)
