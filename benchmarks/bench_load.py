@@ -3,6 +3,7 @@
     python -m benchmarks.bench_load                      # standard scenarios, short
     python -m benchmarks.bench_load --goal 10000         # a 10,000-report round of the small model
     python -m benchmarks.bench_load --scenario checkin   # check-in only (open, full, do-nothing baseline)
+    python -m benchmarks.bench_load --scenario ingest --ingest-goal 10000   # ingestion's drain rate, 1k..10k
 
 Scenarios (every rate has its baseline from the same run; the machine may be shared):
 
@@ -13,6 +14,12 @@ Scenarios (every rate has its baseline from the same run; the machine may be sha
 * ``round``: a small-model round of ``--goal`` reports through the whole protocol; the
   round's per-stage times come from its Firestore record; exactly-once is checked
   (accepted == goal, one checkpoint, equal to the initial weights + the mean of zero deltas).
+* ``ingest``: result ingestion alone, at the rate it drains a backlog. The push relay (the
+  local stand-in for Pub/Sub push to ingestion) is paused while ``--ingest-goal`` devices run
+  the whole protocol, so every upload's notification waits in the subscription; then it is
+  resumed and ingestion's accept times (its log) give the rate per tenth of the round, from
+  the first uploads to the last (flat = O(1) per upload). Its baseline: the same relay at the
+  same concurrency draining as many messages into a do-nothing event function.
 
 Writes the JSON report to ``--out`` (default: standard output).
 """
@@ -35,6 +42,21 @@ import functions_framework
 def noop(request):
     request.get_data()
     return b"", 200, {"content-type": "application/x-protobuf"}
+'''
+
+NOOP_EVENT_SOURCE = '''
+import os
+import time
+
+import functions_framework
+
+EVENTS = os.environ["NOOP_EVENTS_FILE"]
+
+
+@functions_framework.cloud_event
+def noop_event(cloud_event):
+    with open(EVENTS, "a") as out:
+        out.write(f"{cloud_event['id']} {time.time()}\\n")
 '''
 
 SHAPES = ((64, 10), (10,))  # a small model: 650 weights
@@ -91,6 +113,167 @@ def start_noop(work: Path) -> tuple[Any, str]:
         except requests.RequestException:
             time.sleep(0.2)
     raise RuntimeError("the do-nothing function did not start")
+
+
+def start_noop_event(work: Path, events_file: Path) -> tuple[Any, str]:
+    """A do-nothing CloudEvent function that appends each event's id and time to ``events_file``."""
+    from fedcompute.stack.local import functions_framework_executable
+    from fedcompute.stack.procs import free_port, start_process
+
+    source = work / "noop_event" / "main.py"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(NOOP_EVENT_SOURCE)
+    port = free_port()
+    process = start_process([str(functions_framework_executable()), "--source", str(source), "--target",
+                             "noop_event", "--signature-type", "cloudevent", "--host", "127.0.0.1",
+                             "--port", str(port)],
+                            log_path=work / "noop_event.log", env={**os.environ, "NOOP_EVENTS_FILE": str(events_file)},
+                            cwd=source.parent)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def component_pid(stack: Any, name: str) -> int:
+    for component in stack.status().components:
+        if component.name == name and component.pid:
+            return int(component.pid)
+    raise RuntimeError(f"the local stack has no running {name}")
+
+
+def accept_times(log_path: Path, population: str) -> tuple[list[float], dict[str, int]]:
+    """Ingestion's verdicts on ``population``'s uploads from its JSON log: sorted accept times, outcomes."""
+    from collections import Counter
+    from datetime import datetime
+
+    times: list[float] = []
+    outcomes: Counter[str] = Counter()
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{") or f"/{population}/" not in line:
+            continue
+        record = json.loads(line)
+        message = record.get("message", "")
+        if not message.startswith("ingestion of gs://"):
+            continue
+        outcome = message.rsplit(": ", 1)[-1].split()[0]
+        outcomes[outcome] += 1
+        if outcome == "ACCEPTED":
+            times.append(datetime.fromisoformat(record["time"]).timestamp())
+    return sorted(times), dict(outcomes)
+
+
+def steady_rate(times: list[float]) -> float:
+    """Events per second from the first to the last of ``times`` (start-up excluded)."""
+    span = times[-1] - times[0] if len(times) > 1 else 0.0
+    return round((len(times) - 1) / span, 1) if span > 0 else 0.0
+
+
+def rates_per_tenth(times: list[float], started: float) -> list[float]:
+    """Accepts per second in each tenth of ``times`` (the first tenth measured from ``started``)."""
+    block = max(len(times) // 10, 1)
+    rates, previous = [], started
+    for end in range(block, len(times) + 1, block):
+        span = times[end - 1] - previous
+        rates.append(round(block / span, 1) if span > 0 else 0.0)
+        previous = times[end - 1]
+    return rates
+
+
+def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population: str, goal: int,
+                 devices_at_once: int, profiler: Profiler) -> dict[str, Any]:
+    """Fill a round's backlog with the relay paused (``devices_at_once`` device sessions at a
+    time), then time ingestion draining it."""
+    import signal
+
+    from fedcompute.load import LoadConfig, run_load
+    from fedcompute.stack.local import PUSH_RELAY
+
+    task_id = create_task(settings, clients, population, goal=goal, over=0.0)
+    relay = component_pid(stack, PUSH_RELAY)
+    os.kill(relay, signal.SIGSTOP)
+    try:
+        fill = run_load(LoadConfig(url=settings.task_assignment_url, population=population, devices=goal,
+                                   concurrency=devices_at_once))
+    finally:
+        profiler.start("result_ingestion", function_pids(stack)["result_ingestion"])
+        resumed = time.time()
+        os.kill(relay, signal.SIGCONT)
+    round_record = wait_round(store, population, task_id, timeout_s=max(600.0, goal / 2))
+    profile = profiler.stop()
+    ingestion_log = next(Path(c.log) for c in stack.status().components if c.name == "result_ingestion")
+    times, outcomes = accept_times(ingestion_log, population)
+    drain = times[-1] - resumed if times else 0.0
+    tenths = rates_per_tenth(times, resumed)
+    return {
+        "goal": goal, "uploads_queued": fill["uploads"], "fill_errors": fill["errors"],
+        "fill_rejections": fill["rejections"], "outcomes": outcomes, "accepted": len(times),
+        "drain_s": round(drain, 2), "accepted_per_s": steady_rate(times),
+        "accepted_per_s_by_tenth": tenths,
+        "last_tenth_vs_first": round(tenths[-1] / tenths[0], 2) if tenths and tenths[0] else None,
+        "round_status": round_record.status.value, "profile": profile,
+    }
+
+
+def noop_event_drain(work: Path, env: dict[str, str], messages: int, concurrency: int) -> dict[str, Any]:
+    """The relay at ``concurrency`` draining ``messages`` notifications into a do-nothing event
+    function; ``per_s`` from its first event to its last, as for ingestion."""
+    import base64
+    import subprocess
+
+    import requests
+
+    from fedcompute.stack.procs import terminate
+
+    events_file = work / "noop_events.txt"
+    events_file.write_text("")
+    process, url = start_noop_event(work, events_file)
+    host, project = env["PUBSUB_EMULATOR_HOST"], env.get("GOOGLE_CLOUD_PROJECT", "fedcompute-local")
+    base = f"http://{host}/v1/projects/{project}"
+    topic, subscription = f"noop-drain-{int(time.time())}", f"noop-drain-sub-{int(time.time())}"
+    http = requests.Session()
+    http.put(f"{base}/topics/{topic}", json={}, timeout=30).raise_for_status()
+    http.put(f"{base}/subscriptions/{subscription}", json={"topic": f"projects/{project}/topics/{topic}",
+                                                           "ackDeadlineSeconds": 60}, timeout=30).raise_for_status()
+    # A finalize notification's size and attributes, as fake-gcs publishes them.
+    body = base64.b64encode(json.dumps({"kind": "storage#object", "bucket": "gradients", "name": "p/1/1/d/" + "a" * 36
+                                        + "/gradient", "size": "3000", "generation": "1"}).encode()).decode()
+    for start in range(0, messages, 1000):
+        batch = [{"data": body, "attributes": {"eventType": "OBJECT_FINALIZE", "bucketId": "gradients",
+                                               "objectId": f"p/1/1/d/{i}/gradient"}}
+                 for i in range(start, min(start + 1000, messages))]
+        http.post(f"{base}/topics/{topic}:publish", json={"messages": batch}, timeout=60).raise_for_status()
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the function is up when it answers a push
+        try:
+            http.post(f"{url}/projects/{project}/topics/{topic}", json={"message": {"data": body, "messageId": "w"},
+                      "subscription": "warm"}, timeout=2)
+            break
+        except requests.RequestException:
+            time.sleep(0.2)
+    started = time.time()
+    relay = subprocess.Popen([sys.executable, "-m", "fedcompute.stack.push_relay", "--route",
+                              f"projects/{project}/subscriptions/{subscription}="
+                              f"{url}/projects/{project}/topics/{topic}:{concurrency}"],
+                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + max(300.0, messages / 5)
+        while time.time() < deadline:
+            delivered = sum(1 for line in events_file.read_text().splitlines() if not line.startswith("w "))
+            if delivered >= messages:
+                break
+            time.sleep(0.2)
+        elapsed = time.time() - started
+        first_times: dict[str, float] = {}  # a redelivered message counts once
+        for line in events_file.read_text().splitlines():
+            event_id, _, at = line.partition(" ")
+            if event_id != "w":
+                first_times.setdefault(event_id, float(at))
+    finally:
+        relay.terminate()
+        relay.wait(timeout=30)
+        import psutil
+
+        terminate([psutil.Process(process.pid)])
+    return {"messages": messages, "delivered": len(first_times), "drain_s": round(elapsed, 2),
+            "per_s": steady_rate(sorted(first_times.values())), "concurrency": concurrency}
 
 
 def function_pids(stack: Any) -> dict[str, int]:
@@ -184,10 +367,11 @@ def wait_round(store: Any, population: str, task_id: int, timeout_s: float) -> A
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=("all", "checkin", "round"), default="all")
+    parser.add_argument("--scenario", choices=("all", "checkin", "round", "ingest"), default="all")
     parser.add_argument("--checkins", type=int, default=2000, help="check-ins per check-in scenario")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--goal", type=int, default=1000, help="report goal of the round scenario")
+    parser.add_argument("--ingest-goal", type=int, default=2000, help="uploads drained by the ingest scenario")
     parser.add_argument("--model", choices=("small", "cnn"), default="small",
                         help="round scenario's model: small (650 weights) or the seed CNN's shapes (6.6 MB updates)")
     parser.add_argument("--out", default=None)
@@ -269,6 +453,15 @@ def main(argv: list[str] | None = None) -> int:
                                       .blob(f"{pop}/{task_id}/1/s/0/metrics").download_as_bytes()),
                 "accepted_per_s_over_collect": round(args.goal / max(collect_from_first_upload, 1e-9), 1),
             }
+        if args.scenario in ("all", "ingest"):
+            from fedcompute.catalogue import FUNCTIONS
+
+            concurrency = FUNCTIONS["result_ingestion"].concurrency
+            report["ingest"] = ingest_drain(stack, settings, clients, store, f"ingest_{tag}", args.ingest_goal,
+                                            args.concurrency, profiler)
+            report["ingest_noop_event"] = noop_event_drain(work, stack.env(), args.ingest_goal, concurrency)
+            report["ingest"]["vs_noop_event"] = round(
+                report["ingest"]["accepted_per_s"] / max(report["ingest_noop_event"]["per_s"], 1e-9), 3)
         report["peak_rss_mib"] = peak_rss_mib(function_pids(stack))
     finally:
         profiler.stop()

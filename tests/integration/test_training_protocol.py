@@ -455,6 +455,49 @@ def test_an_accept_from_an_earlier_read_racing_the_close_counts_only_if_in_the_f
         management.cancel_task(task.population, task.task_id, "test over")
 
 
+class SlowFirstPosition(FirestoreTaskStore):
+    """Holds the first accept between taking its position and writing it, so a second
+    delivery of the same upload overlaps it."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self.taken = threading.Event()
+
+    def _take_position(self, *args: Any, **kwargs: Any) -> Any:
+        taken = super()._take_position(*args, **kwargs)
+        if not self.taken.is_set():
+            self.taken.set()
+            time.sleep(0.5)
+        return taken
+
+
+def test_two_deliveries_of_one_upload_at_once_cost_the_round_no_report(local_stack: StackHandle) -> None:
+    """Both deliveries read the assignment before either accepts; the second must not take
+    (and then void) an accept position, or the round ends a report short and turns away the
+    last honest upload."""
+    task = create_numpy_task(local_stack, unique("twice-at-once"), report_goal=3, rounds=1)
+    key, now = task.key(1), time.time()
+    store = SlowFirstPosition(local_stack.clients.firestore)
+    ids = [f"{name}-{uuid.uuid4()}" for name in ("a", "b", "c")]
+    for slot, aid in enumerate(ids):
+        store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
+                                                 AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
+    reads = [store.get_upload_context(key, ids[0])[1:] for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(store.accept_upload, key, ids[0], read=reads[0])
+        assert store.taken.wait(10)  # the first holds its position; the second delivery arrives now
+        second = pool.submit(store.accept_upload, key, ids[0], read=reads[1])
+        outcomes = [first.result().outcome, second.result().outcome]
+    assert outcomes == ["ACCEPTED", "DUPLICATE"]
+    assert [store.accept_upload(key, aid).outcome for aid in ids[1:]] == ["ACCEPTED", "ACCEPTED"]
+    assert store.acceptance_state(key, 3).full
+    store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": time.time(),
+                             "round_ready_published": True}, expected=[RoundStatus.COLLECTING])
+    assert store.accepted_ids(key) == sorted(ids)  # no position voided
+    TaskManagementClient(local_stack.settings.task_management_url).cancel_task(task.population, task.task_id,
+                                                                              "test over")
+
+
 def test_uploads_beyond_the_goal_are_refused_without_counting_the_round(local_stack: StackHandle) -> None:
     """Exactly report_goal accepts, from the sharded counters alone (the round is never counted)."""
     task = create_numpy_task(local_stack, unique("surplus"), report_goal=3, rounds=1)

@@ -5,17 +5,18 @@ emulator) with the port's conditional-write semantics (see :class:`~fedcompute.p
 :class:`~fedcompute.memory.InMemoryTaskStore` is the fake with the same semantics
 that unit tests use.
 
-Exactly-once counting without a hot transaction (Firestore): an upload is accepted by a
-conditional write of its assignment alone (LOCAL_COMPLETED -> UPLOAD_COMPLETED), then the
-round is re-read. If the round still collects, the upload counts: whoever closes the round
-later freezes a set that includes it. If the round closed meanwhile, the round's *accepted
-set* decides: it is frozen once, create-only, from the UPLOAD_COMPLETED assignments
-visible after the close (:meth:`TaskStore.accepted_ids`, which whoever needs it first
-creates). An upload outside that set was too late and its acceptance is undone. The
-aggregator aggregates exactly the frozen set, so every accepted report is aggregated and
-nothing else is. (Reading the round inside the accept transaction did the same, but under
-~100 concurrent uploads the Firestore emulator's lock manager aborted the round's writers
-with "Transaction lock timeout".)
+Exactly-once counting without a hot transaction (Firestore): an upload takes an *accept
+position* from the round's sharded accept counters (one atomic increment; report_goal
+positions in all), then one batch creates the position's marker, moves its assignment
+LOCAL_COMPLETED -> UPLOAD_COMPLETED conditionally on the version read, and counts the
+position filled. A position whose batch cannot apply is voided (a create-only marker), so
+the round still fills. The round is full when every position is filled or void; whoever
+needs the *accepted set* first voids the positions still empty (create-only), so an upload
+in flight for one of them loses its batch and every reader sees the same set
+(:meth:`FirestoreTaskStore.accepted_ids`). The aggregator aggregates exactly that set.
+(Reading the round inside an accept transaction did the same, but under ~100 concurrent
+uploads the Firestore emulator's lock manager aborted the round's writers with
+"Transaction lock timeout".)
 """
 from __future__ import annotations
 
@@ -79,6 +80,8 @@ class FirestoreTaskStore:
         # instead of spending an increment each to learn it again (they fill in order).
         self._full_accept_counters: dict[RoundKey, set[int]] = {}
         self._full_accept_lock = threading.Lock()  # ingestion serves uploads on several threads
+        # Accepts under way in this process, by round and assignment: see accept_upload.
+        self._accepts_in_flight: dict[tuple[RoundKey, str], threading.Event] = {}
 
     # -- references --------------------------------------------------------------------
     def _population(self, population: str):
@@ -437,7 +440,34 @@ class FirestoreTaskStore:
         return found[refs[0].path], found[refs[1].path]
 
     def accept_upload(self, key, assignment_id, *, read=None):
-        """Count one upload exactly once, O(1): see the module docstring.
+        """Count one upload exactly once, O(1) (see :meth:`_accept_upload`).
+
+        Two deliveries of the same upload at once (Pub/Sub delivers at least once; a relay or
+        a restarted pull can hand one message out twice) would each take an accept position,
+        and the loser would have to void its own: the round then ends a report short while an
+        honest surplus upload is refused as late (measured: 4 duplicated notifications in a
+        10,000-upload backlog cost 4 reports). Within a process the second delivery waits for
+        the first and then reads the assignment afresh, so it finds the upload counted and
+        takes no position. Deliveries on two instances at once still void one position.
+        """
+        token = (key, assignment_id)
+        while True:
+            with self._full_accept_lock:
+                other = self._accepts_in_flight.get(token)
+                if other is None:
+                    mine = self._accepts_in_flight[token] = threading.Event()
+                    break
+            other.wait()
+            read = None  # the other delivery may have moved the assignment: read it afresh
+        try:
+            return self._accept_upload(key, assignment_id, read)
+        finally:
+            with self._full_accept_lock:
+                del self._accepts_in_flight[token]
+            mine.set()
+
+    def _accept_upload(self, key: RoundKey, assignment_id: str, read: Any) -> AcceptResult:
+        """One accept: an accept position from the sharded counters, then one batch.
 
         ``read``: the round and the assignment as this store read them for the same upload
         (the assignment carrying its version), which saves reading them again. Nothing
