@@ -353,6 +353,27 @@ def top_frames(path: Path, top: int) -> dict[str, Any]:
     return {"samples": total, "self_pct": share(own), "project_inclusive_pct": share(ours)}
 
 
+def checkpoint_drift(clients: Any, settings: Any, population: str, task_id: int) -> float:
+    """Max absolute difference between the round-1 checkpoint's weights and the initial ones.
+    The synthetic devices send zero deltas and the round scenario adds no noise, so the numpy
+    reference for round 1 is the initial weights themselves. It catches corrupted or
+    misordered weights, noise where none is configured and a wrong server step; with zero
+    deltas it cannot see a wrong count (``exactly_goal`` and ``num_reports`` do)."""
+    import numpy as np
+
+    from fedcompute import layout
+    from fedcompute.learning.checkpoint import decode_checkpoint
+
+    bucket = clients.storage.bucket(settings.model_bucket)
+    before, after = (decode_checkpoint(bucket.blob(layout.checkpoint_path(population, task_id, n)).download_as_bytes())
+                     for n in (0, 1))
+    if len(before.weights) != len(after.weights):
+        raise AssertionError(f"round 1 changed the number of weight tensors: {len(before.weights)} -> "
+                             f"{len(after.weights)}")
+    return max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+               for b, a in zip(before.weights, after.weights))
+
+
 def wait_round(store: Any, population: str, task_id: int, timeout_s: float) -> Any:
     from fedcompute.tasks.records import RoundKey
 
@@ -449,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 "goal": args.goal, "model": args.model, "devices": devices, "load": load, "stages": stages,
                 "accepted": accepted, "accepted_set": frozen,
                 "exactly_goal": accepted == frozen == args.goal,
+                "checkpoint_max_abs_diff_from_reference": checkpoint_drift(clients, settings, pop, task_id),
                 "metrics": json.loads(clients.storage.bucket(settings.model_bucket)
                                       .blob(f"{pop}/{task_id}/1/s/0/metrics").download_as_bytes()),
                 "accepted_per_s_over_collect": round(args.goal / max(collect_from_first_upload, 1e-9), 1),
