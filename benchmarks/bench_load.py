@@ -132,10 +132,11 @@ def start_noop_event(work: Path, events_file: Path) -> tuple[Any, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def component_pid(stack: Any, name: str) -> int:
-    for component in stack.status().components:
-        if component.name == name and component.pid:
-            return int(component.pid)
+def component(stack: Any, name: str) -> Any:
+    """The running stack's component ``name`` (its pid, log, url)."""
+    for found in stack.status().components:
+        if found.name == name and found.pid:
+            return found
     raise RuntimeError(f"the local stack has no running {name}")
 
 
@@ -187,7 +188,7 @@ def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population
     from fedcompute.stack.local import PUSH_RELAY
 
     task_id = create_task(settings, clients, population, goal=goal, over=0.0)
-    relay = component_pid(stack, PUSH_RELAY)
+    relay = int(component(stack, PUSH_RELAY).pid)
     os.kill(relay, signal.SIGSTOP)
     try:
         fill = run_load(LoadConfig(url=settings.task_assignment_url, population=population, devices=goal,
@@ -198,8 +199,7 @@ def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population
         os.kill(relay, signal.SIGCONT)
     round_record = wait_round(store, population, task_id, timeout_s=max(600.0, goal / 2))
     profile = profiler.stop()
-    ingestion_log = next(Path(c.log) for c in stack.status().components if c.name == "result_ingestion")
-    times, outcomes = accept_times(ingestion_log, population)
+    times, outcomes = accept_times(Path(component(stack, "result_ingestion").log), population)
     drain = times[-1] - resumed if times else 0.0
     tenths = rates_per_tenth(times, resumed)
     return {
@@ -212,7 +212,7 @@ def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population
     }
 
 
-def noop_event_drain(work: Path, env: dict[str, str], messages: int, concurrency: int) -> dict[str, Any]:
+def noop_event_drain(work: Path, stack: Any, messages: int, concurrency: int) -> dict[str, Any]:
     """The relay at ``concurrency`` draining ``messages`` notifications into a do-nothing event
     function; ``per_s`` from its first event to its last, as for ingestion."""
     import base64
@@ -220,18 +220,19 @@ def noop_event_drain(work: Path, env: dict[str, str], messages: int, concurrency
 
     import requests
 
+    from fedcompute.stack.local import PubSubAdmin
     from fedcompute.stack.procs import terminate
 
     events_file = work / "noop_events.txt"
     events_file.write_text("")
     process, url = start_noop_event(work, events_file)
-    host, project = env["PUBSUB_EMULATOR_HOST"], env.get("GOOGLE_CLOUD_PROJECT", "fedcompute-local")
-    base = f"http://{host}/v1/projects/{project}"
-    topic, subscription = f"noop-drain-{int(time.time())}", f"noop-drain-sub-{int(time.time())}"
+    project, pubsub = stack.project, component(stack, "pubsub")
+    base = f"{pubsub.url}/v1/projects/{project}"
+    topic = subscription = f"noop-drain-{int(time.time())}"
     http = requests.Session()
-    http.put(f"{base}/topics/{topic}", json={}, timeout=30).raise_for_status()
-    http.put(f"{base}/subscriptions/{subscription}", json={"topic": f"projects/{project}/topics/{topic}",
-                                                           "ackDeadlineSeconds": 60}, timeout=30).raise_for_status()
+    admin = PubSubAdmin(http, pubsub.url, project, pubsub.log)
+    admin.create_topic(topic)
+    admin.create_pull_subscription(subscription, topic)
     # A finalize notification's size and attributes, as fake-gcs publishes them.
     body = base64.b64encode(json.dumps({"kind": "storage#object", "bucket": "gradients", "name": "p/1/1/d/" + "a" * 36
                                         + "/gradient", "size": "3000", "generation": "1"}).encode()).decode()
@@ -252,7 +253,8 @@ def noop_event_drain(work: Path, env: dict[str, str], messages: int, concurrency
     relay = subprocess.Popen([sys.executable, "-m", "fedcompute.stack.push_relay", "--route",
                               f"projects/{project}/subscriptions/{subscription}="
                               f"{url}/projects/{project}/topics/{topic}:{concurrency}"],
-                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env={**os.environ, **stack.env()}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + max(300.0, messages / 5)
         while time.time() < deadline:
@@ -459,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             load = run_load(LoadConfig(url=url, population=pop, devices=devices, concurrency=args.concurrency))
             round_record = wait_round(store, pop, task_id, timeout_s=max(300.0, args.goal / 5))
             report["profile_round"] = profiler.stop()
+            from fedcompute import layout
             from fedcompute.tasks.records import AssignmentStatus, RoundKey
 
             key = RoundKey(pop, task_id, 1)
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 "exactly_goal": accepted == frozen == args.goal,
                 "checkpoint_max_abs_diff_from_reference": checkpoint_drift(clients, settings, pop, task_id),
                 "metrics": json.loads(clients.storage.bucket(settings.model_bucket)
-                                      .blob(f"{pop}/{task_id}/1/s/0/metrics").download_as_bytes()),
+                                      .blob(layout.metrics_path(pop, task_id, 1)).download_as_bytes()),
                 "accepted_per_s_over_collect": round(args.goal / max(collect_from_first_upload, 1e-9), 1),
             }
         if args.scenario in ("all", "ingest"):
@@ -481,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency = FUNCTIONS["result_ingestion"].concurrency
             report["ingest"] = ingest_drain(stack, settings, clients, store, f"ingest_{tag}", args.ingest_goal,
                                             args.concurrency, profiler)
-            report["ingest_noop_event"] = noop_event_drain(work, stack.env(), args.ingest_goal, concurrency)
+            report["ingest_noop_event"] = noop_event_drain(work, stack, args.ingest_goal, concurrency)
             report["ingest"]["vs_noop_event"] = round(
                 report["ingest"]["accepted_per_s"] / max(report["ingest_noop_event"]["per_s"], 1e-9), 3)
         report["peak_rss_mib"] = peak_rss_mib(function_pids(stack))

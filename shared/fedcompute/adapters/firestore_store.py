@@ -79,7 +79,8 @@ class FirestoreTaskStore:
         # Per round, the accept counters this process found exhausted: later accepts skip them
         # instead of spending an increment each to learn it again (they fill in order).
         self._full_accept_counters: dict[RoundKey, set[int]] = {}
-        self._full_accept_lock = threading.Lock()  # ingestion serves uploads on several threads
+        # Guards both maps below: ingestion serves uploads on several threads.
+        self._accept_lock = threading.Lock()
         # Accepts under way in this process, by round and assignment: see accept_upload.
         self._accepts_in_flight: dict[tuple[RoundKey, str], threading.Event] = {}
 
@@ -452,7 +453,7 @@ class FirestoreTaskStore:
         """
         token = (key, assignment_id)
         while True:
-            with self._full_accept_lock:
+            with self._accept_lock:
                 other = self._accepts_in_flight.get(token)
                 if other is None:
                     mine = self._accepts_in_flight[token] = threading.Event()
@@ -462,7 +463,7 @@ class FirestoreTaskStore:
         try:
             return self._accept_upload(key, assignment_id, read)
         finally:
-            with self._full_accept_lock:
+            with self._accept_lock:
                 del self._accepts_in_flight[token]
             mine.set()
 
@@ -496,14 +497,14 @@ class FirestoreTaskStore:
         if status != AssignmentStatus.LOCAL_COMPLETED.value:
             return AcceptResult(NOT_UPLOADABLE)
         quota = ShardedQuota.for_total(int(report_goal))
-        with self._full_accept_lock:
+        with self._accept_lock:
             known_full = self._full_accept_counters.setdefault(key, set())
             while len(self._full_accept_counters) > _REMEMBERED_ROUNDS:
                 self._full_accept_counters.pop(next(iter(self._full_accept_counters)))
             skip = set(known_full)
         position, shard, found = self._take_position(key, "accept", quota, random.Random(), skip,
                                                      window=ACCEPT_WINDOW)
-        with self._full_accept_lock:
+        with self._accept_lock:
             known_full |= found
         if position is None:
             return AcceptResult(ROUND_CLOSED)  # the goal is reached: this upload is surplus
@@ -530,7 +531,7 @@ class FirestoreTaskStore:
         filled = int(results[2].transform_results[0].integer_value)
         if filled < quota.capacity(shard):
             return AcceptResult(ACCEPTED)
-        with self._full_accept_lock:
+        with self._accept_lock:
             known_full.add(shard)
         full = self.acceptance_state(key, quota.total).full
         # Exactly one accept (or void) brings a counter to its capacity: it reports the counter.
