@@ -178,6 +178,9 @@ def rates_per_tenth(times: list[float], started: float) -> list[float]:
     return rates
 
 
+WARM_UP_UPLOADS = 50
+
+
 def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population: str, goal: int,
                  devices_at_once: int, profiler: Profiler) -> dict[str, Any]:
     """Fill a round's backlog with the relay paused (``devices_at_once`` device sessions at a
@@ -187,6 +190,12 @@ def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population
     from fedcompute.load import LoadConfig, run_load
     from fedcompute.stack.local import PUSH_RELAY
 
+    # Warm-up, as the do-nothing function gets one: ingestion's first uploads create its
+    # storage clients and read its keys, which is not the per-upload cost being measured.
+    warm_id = create_task(settings, clients, f"{population}_warm", goal=WARM_UP_UPLOADS, over=0.0)
+    run_load(LoadConfig(url=settings.task_assignment_url, population=f"{population}_warm", devices=WARM_UP_UPLOADS,
+                        concurrency=devices_at_once))
+    wait_round(store, f"{population}_warm", warm_id, timeout_s=300.0)
     task_id = create_task(settings, clients, population, goal=goal, over=0.0)
     relay = int(component(stack, PUSH_RELAY).pid)
     os.kill(relay, signal.SIGSTOP)
@@ -195,9 +204,11 @@ def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population
                                    concurrency=devices_at_once))
     finally:
         profiler.start("result_ingestion", function_pids(stack)["result_ingestion"])
+        cpu_before = component_cpu_s(stack)
         resumed = time.time()
         os.kill(relay, signal.SIGCONT)
     round_record = wait_round(store, population, task_id, timeout_s=max(600.0, goal / 2))
+    cpu_after = component_cpu_s(stack)
     profile = profiler.stop()
     times, outcomes = accept_times(Path(component(stack, "result_ingestion").log), population)
     drain = times[-1] - resumed if times else 0.0
@@ -209,17 +220,22 @@ def ingest_drain(stack: Any, settings: Any, clients: Any, store: Any, population
         "accepted_per_s_by_tenth": tenths,
         "last_tenth_vs_first": round(tenths[-1] / tenths[0], 2) if tenths and tenths[0] else None,
         "round_status": round_record.status.value, "profile": profile,
+        "cpu_ms_per_upload": cpu_ms_per(cpu_before, cpu_after, len(times)),
     }
 
 
-def noop_event_drain(work: Path, stack: Any, messages: int, concurrency: int) -> dict[str, Any]:
+def noop_event_drain(work: Path, stack: Any, messages: int, concurrency: int, *,
+                     like_ingestion: bool = True) -> dict[str, Any]:
     """The relay at ``concurrency`` draining ``messages`` notifications into a do-nothing event
-    function; ``per_s`` from its first event to its last, as for ingestion."""
+    function; ``per_s`` from its first event to its last, as for ingestion. ``like_ingestion``:
+    the subscription has ingestion's dead-letter and retry policies and ack deadline (the
+    emulator's bookkeeping for them costs it CPU per message), else a plain pull subscription."""
     import base64
     import subprocess
 
     import requests
 
+    from fedcompute.catalogue import FUNCTIONS
     from fedcompute.stack.local import PubSubAdmin
     from fedcompute.stack.procs import terminate
 
@@ -232,7 +248,12 @@ def noop_event_drain(work: Path, stack: Any, messages: int, concurrency: int) ->
     http = requests.Session()
     admin = PubSubAdmin(http, pubsub.url, project, pubsub.log)
     admin.create_topic(topic)
-    admin.create_pull_subscription(subscription, topic)
+    if like_ingestion:
+        admin.create_topic(f"{topic}-dead-letter")
+        admin.create_push_subscription(subscription, topic, None, dead_letter_topic=f"{topic}-dead-letter",
+                                       ack_deadline_s=FUNCTIONS["result_ingestion"].ack_deadline_s)
+    else:
+        admin.create_pull_subscription(subscription, topic)
     # A finalize notification's size and attributes, as fake-gcs publishes them.
     body = base64.b64encode(json.dumps({"kind": "storage#object", "bucket": "gradients", "name": "p/1/1/d/" + "a" * 36
                                         + "/gradient", "size": "3000", "generation": "1"}).encode()).decode()
@@ -249,6 +270,9 @@ def noop_event_drain(work: Path, stack: Any, messages: int, concurrency: int) ->
             break
         except requests.RequestException:
             time.sleep(0.2)
+    import psutil
+
+    pubsub_before, noop_before = component_cpu_s(stack)["pubsub"], tree_cpu_s(process.pid)
     started = time.time()
     relay = subprocess.Popen([sys.executable, "-m", "fedcompute.stack.push_relay", "--route",
                               f"projects/{project}/subscriptions/{subscription}="
@@ -268,14 +292,65 @@ def noop_event_drain(work: Path, stack: Any, messages: int, concurrency: int) ->
             event_id, _, at = line.partition(" ")
             if event_id != "w":
                 first_times.setdefault(event_id, float(at))
+        used = {"noop_event": tree_cpu_s(process.pid) - noop_before, "push_relay": tree_cpu_s(relay.pid),
+                "pubsub": component_cpu_s(stack)["pubsub"] - pubsub_before}
     finally:
         relay.terminate()
         relay.wait(timeout=30)
-        import psutil
-
         terminate([psutil.Process(process.pid)])
     return {"messages": messages, "delivered": len(first_times), "drain_s": round(elapsed, 2),
-            "per_s": steady_rate(sorted(first_times.values())), "concurrency": concurrency}
+            "per_s": steady_rate(sorted(first_times.values())), "concurrency": concurrency,
+            "subscription": "ingestion's policies" if like_ingestion else "plain pull",
+            "cpu_ms_per_event": cpu_ms_per({}, used, len(first_times))}
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` and its descendants have used so far."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return total
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def component_cpu_s(stack: Any) -> dict[str, float]:
+    """CPU seconds each stack component's process tree has used so far."""
+    return {comp.name: tree_cpu_s(comp.pid) for comp in stack.status().components if comp.pid}
+
+
+def settle(stack: Any, *, quiet_share: float = 0.1, window_s: float = 2.0, timeout_s: float = 180.0) -> float:
+    """Wait until the stack uses under ``quiet_share`` of one core over ``window_s`` (the
+    aggregator imports TensorFlow in the background after start: ~15 CPU-s that would
+    otherwise land in the first scenario); returns the seconds waited."""
+    started = time.time()
+    while time.time() - started < timeout_s:
+        before = sum(component_cpu_s(stack).values())
+        time.sleep(window_s)
+        if sum(component_cpu_s(stack).values()) - before < quiet_share * window_s:
+            break
+    return round(time.time() - started, 1)
+
+
+def own_cpu_s() -> float:
+    """CPU seconds this process (the load generator) has used so far."""
+    times = os.times()
+    return times.user + times.system
+
+
+def cpu_ms_per(before: dict[str, float], after: dict[str, float], events: int) -> dict[str, float]:
+    """Each component's CPU milliseconds per event between two ``component_cpu_s`` readings."""
+    per = {name: round((after[name] - before.get(name, 0.0)) * 1000 / max(events, 1), 2) for name in after}
+    return {name: ms for name, ms in sorted(per.items(), key=lambda item: -item[1]) if ms > 0}
 
 
 def function_pids(stack: Any) -> dict[str, int]:
@@ -416,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler = Profiler(Path(args.profile) if args.profile else None)
     report: dict[str, Any] = {"machine": f"{os.cpu_count()} cores, shared with other work; ratios are from one run"}
     try:
+        report["settled_after_start_s"] = settle(stack)
         os.environ.update(stack.env())
         settings = Settings.from_env()
         clients = make_clients(settings)
@@ -435,8 +511,11 @@ def main(argv: list[str] | None = None) -> int:
             create_task(settings, clients, open_pop, goal=10 * args.checkins, over=0.3)
             run_load(LoadConfig(url=url, population=open_pop, devices=100, concurrency=8, protocol="check-in"))
             profiler.start("task_assignment", function_pids(stack)["task_assignment"])
+            cpu_before = {**component_cpu_s(stack), "load generator": own_cpu_s()}
             report["checkin_open"] = run_load(LoadConfig(url=url, population=open_pop, devices=args.checkins,
                                                          concurrency=args.concurrency, protocol="check-in"))
+            report["checkin_open"]["cpu_ms_per_check_in"] = cpu_ms_per(
+                cpu_before, {**component_cpu_s(stack), "load generator": own_cpu_s()}, args.checkins)
             report["profile_checkin_open"] = profiler.stop()
             full_pop = f"full_{tag}"
             create_task(settings, clients, full_pop, goal=5, over=0.0)
@@ -485,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
             report["ingest"] = ingest_drain(stack, settings, clients, store, f"ingest_{tag}", args.ingest_goal,
                                             args.concurrency, profiler)
             report["ingest_noop_event"] = noop_event_drain(work, stack, args.ingest_goal, concurrency)
+            report["ingest_noop_event_plain_subscription"] = noop_event_drain(
+                work, stack, args.ingest_goal, concurrency, like_ingestion=False)
             report["ingest"]["vs_noop_event"] = round(
                 report["ingest"]["accepted_per_s"] / max(report["ingest_noop_event"]["per_s"], 1e-9), 3)
         report["peak_rss_mib"] = peak_rss_mib(function_pids(stack))

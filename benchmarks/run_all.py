@@ -4,6 +4,7 @@ Each scenario prints its JSON / figures; BENCHMARKS.md quotes them with these co
 
     .venv/bin/python -m benchmarks.bench_load --checkins 2000 --goal 1000
     .venv/bin/python benchmarks/bench_aggregation.py --n 200 --pool 8 --skip-noise
+    .venv/bin/python benchmarks/bench_storage_ops.py
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = [
     [sys.executable, "-m", "benchmarks.bench_load", "--checkins", "2000", "--goal", "1000"],
     [sys.executable, str(ROOT / "benchmarks" / "bench_aggregation.py"), "--n", "200", "--pool", "8", "--skip-noise"],
+    [sys.executable, str(ROOT / "benchmarks" / "bench_storage_ops.py")],
 ]
 
 

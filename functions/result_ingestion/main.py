@@ -29,6 +29,7 @@ RUNTIME = Runtime()  # settings, clients and adapters, created on first use, onc
 VALIDATE = make_upload_validator()
 # HPKE private keys: only ingestion and the aggregator hold them.
 UNSEAL = upload_unsealer(KeyRingSource(), lambda: RUNTIME.settings().upload_encryption_required)
+ROUNDS = ingestion.RoundContextCache()  # task and round records, read at most once a second per round
 
 
 def handle_event(cloud_event: Any) -> None:
@@ -42,7 +43,7 @@ def handle_event(cloud_event: Any) -> None:
         deps.store, deps.blobs, deps.events, deps.settings,
         ingestion.ObjectFinalized(event_id=str(cloud_event["id"]), bucket=obj.bucket, name=obj.name,
                                   size=obj.size, generation=obj.generation),
-        validate=VALIDATE, unseal=UNSEAL,
+        validate=VALIDATE, unseal=UNSEAL, context=ROUNDS,
     )
     logger.info("ingestion of gs://%s/%s: %s %s%s", obj.bucket, obj.name, result.outcome, result.reason,
                 " (round closed)" if result.round_closed else "")

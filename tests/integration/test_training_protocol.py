@@ -35,9 +35,10 @@ from fedcompute.errors import ConflictError, NotFoundError, PreconditionFailedEr
 from fedcompute.fleet.protocol import DeviceHttpClient, ProtocolError, Rejected
 from fedcompute.identity import DeviceKey, sign_message
 from fedcompute.learning.tensor_codec import decode_bundle, encode_client_update
-from fedcompute.memory import InMemoryRoundEvents
+from fedcompute.memory import InMemoryBlobStore, InMemoryRoundEvents
 from fedcompute.proto import task_assignment_pb2, task_management_pb2
 from fedcompute.services import aggregator as aggregator_service
+from fedcompute.services import ingestion
 from fedcompute.services import scheduler as scheduler_service
 from fedcompute.stack.local import default_functions_dir, functions_framework_executable
 from fedcompute.stack.procs import free_port, start_process
@@ -513,6 +514,107 @@ def test_uploads_beyond_the_goal_are_refused_without_counting_the_round(local_st
     assert sum(r.round_full for r in results) >= 1  # whoever filled the last position knows it
     assert store.acceptance_state(key, 3).full and task.count(1) == 3
     TaskManagementClient(local_stack.settings.task_management_url).cancel_task(task.population, task.task_id, "over")
+
+
+class SlowFirstClaimGroup(FirestoreTaskStore):
+    """Holds the first group of slot claims, so concurrent check-ins queue behind it; records group sizes."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self.groups: list[int] = []
+
+    def _claim_together(self, key: RoundKey, capacity: int, requests: Any) -> Any:
+        self.groups.append(len(requests))
+        if len(self.groups) == 1:
+            time.sleep(0.5)
+        return super()._claim_together(key, capacity, requests)
+
+
+def test_concurrent_slot_claims_share_storage_calls_and_never_exceed_the_capacity(local_stack: StackHandle) -> None:
+    """40 check-ins at once for 20 slots, plus a second check-in of one identity: grouped into a
+    few increments and batches, exactly 20 assignments on 20 distinct slots, the repeated
+    identity refused alone."""
+    task = create_numpy_task(local_stack, unique("grouped-claims"), report_goal=20, rounds=1)
+    key, now = task.key(1), time.time()
+    store = SlowFirstClaimGroup(local_stack.clients.firestore)
+    records = [AssignmentRecord(f"d{i}-{uuid.uuid4()}", task.population, task.task_id, 1,
+                                AssignmentStatus.ASSIGNED, "1", -1, now, now) for i in range(40)]
+    records.append(records[5])  # the same identity checking in twice at once
+
+    def claim(record: AssignmentRecord) -> object:
+        try:
+            return store.claim_assignment(record, 20).record
+        except ConflictError:
+            return "conflict"
+
+    with ThreadPoolExecutor(41) as pool:
+        results = list(pool.map(claim, records))
+    granted = [r for r in results if isinstance(r, AssignmentRecord)]
+    assert len(granted) == 20 and sorted(r.slot for r in granted) == list(range(20))
+    assert results.count("conflict") <= 1  # a twin that won a slot is refused and gives it back
+    assert store.claimed_slots(key) == set(range(20))
+    assert store.count_assignments(key, AssignmentStatus.ASSIGNED) == 20
+    # Grouped: each group costs one increment per counter it drew from and one batch.
+    assert sum(store.groups) == 41 and len(store.groups) < 10 and max(store.groups) > 1
+    TaskManagementClient(local_stack.settings.task_management_url).cancel_task(task.population, task.task_id,
+                                                                              "test over")
+
+
+class RecordingAccepts:
+    """A TaskStore wrapper recording which uploads reached the store's accept."""
+
+    def __init__(self, inner: FirestoreTaskStore) -> None:
+        self.inner = inner
+        self.tried: list[str] = []
+
+    def accept_upload(self, key: RoundKey, assignment_id: str, **kwargs: Any) -> Any:
+        self.tried.append(assignment_id)
+        return self.inner.accept_upload(key, assignment_id, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("closed_by", ["goal", "deadline"])
+def test_an_upload_judged_on_a_cached_collecting_round_after_the_close_is_late_and_counted_nowhere(
+        local_stack: StackHandle, closed_by: str) -> None:
+    """Ingestion reuses the round it read for a second; uploads that still see it COLLECTING
+    after it closed (at its goal, or at its deadline with positions never handed out) must be
+    refused by the store's accept, and the accepted set stay what it was at the close."""
+    task = create_numpy_task(local_stack, unique(f"stale-{closed_by}"), report_goal=2, rounds=1)
+    key, store, now = task.key(1), task.store, time.time()
+    settings, blobs, events = local_stack.settings, InMemoryBlobStore(), InMemoryRoundEvents()
+    ids = [f"{name}-{uuid.uuid4()}" for name in ("a", "b", "c")]
+    for slot, aid in enumerate(ids):
+        store.create_assignment(AssignmentRecord(aid, task.population, task.task_id, 1,
+                                                 AssignmentStatus.LOCAL_COMPLETED, "1", slot, now, now))
+        blobs.write(settings.gradient_bucket, layout.gradient_path(task.population, task.task_id, 1, aid), b"update")
+    rounds = ingestion.RoundContextCache(ttl_s=600)
+    accepts = RecordingAccepts(store)
+
+    def ingest(aid: str, context: ingestion.RoundContextCache | None) -> str:
+        name = layout.gradient_path(task.population, task.task_id, 1, aid)
+        return ingestion.ingest_upload(accepts, blobs, events, settings,  # type: ignore[arg-type]
+                                       ingestion.ObjectFinalized(f"e-{aid}", settings.gradient_bucket, name, 6),
+                                       validate=lambda data, task: None, context=context).outcome
+
+    assert ingest(ids[0], rounds) == "ACCEPTED"  # the cache now holds the round as COLLECTING
+    if closed_by == "goal":
+        assert ingest(ids[1], None) == "ACCEPTED"
+        assert len(events.ready) == 1  # the second accept filled the round and closed it
+        counted = ids[:2]
+    else:
+        store.update_round(key, {"status": RoundStatus.AGGREGATING, "aggregating_time": time.time(),
+                                 "round_ready_published": True}, expected=[RoundStatus.COLLECTING])
+        assert store.accepted_ids(key) == [ids[0]]  # frozen with one position never handed out
+        counted = ids[:1]
+    assert store.get_round(key).status == RoundStatus.AGGREGATING  # type: ignore[union-attr]
+    assert ingest(ids[2], rounds) == "LATE_UPLOAD"
+    assert accepts.tried[-1] == ids[2]  # judged COLLECTING from the cache: the store's accept refused it
+    assert store.accepted_ids(key) == sorted(counted)
+    assert task.count(1) == len(counted)
+    TaskManagementClient(local_stack.settings.task_management_url).cancel_task(task.population, task.task_id,
+                                                                              "test over")
 
 
 class RecordingBlobs:

@@ -320,3 +320,79 @@ def test_uploads_for_a_canceled_task_are_rejected_and_its_round_not_aggregated(s
     assert outcome.status == "TASK_NOT_OPEN"
     assert store.get_round(RoundKey(POP, task.task_id, 1)).status == RoundStatus.CANCELED
     assert second is not None
+
+
+class _ReadCountingStore(InMemoryTaskStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def get_upload_context(self, key, assignment_id):
+        self.reads.append("task, round and assignment")
+        reads = len(self.reads)
+        context = super().get_upload_context(key, assignment_id)
+        del self.reads[reads:]  # one round trip, however the fake composes it
+        return context
+
+    def get_assignment(self, key, assignment_id):
+        self.reads.append("assignment")
+        return super().get_assignment(key, assignment_id)
+
+
+def test_a_cached_round_costs_each_upload_one_read_of_its_assignment(blobs, events):
+    store = _ReadCountingStore()
+    task = _open_task(store, report_goal=4, over=0.0)
+    clock = [0.0]
+    rounds = ingestion.RoundContextCache(ttl_s=1.0, clock=lambda: clock[0])
+    devices = [_checkin(store, blobs, seed=i) for i in range(4)]
+    outcomes = []
+    for i, a in enumerate(devices):
+        key = RoundKey(a.population, a.task_id, a.round_number)
+        instr = svc.report_result(store, blobs, SETTINGS, key, a.assignment_id, ReportedResult.COMPLETED)
+        blobs.complete_upload(instr.upload_location, b"update")
+        clock[0] = 0.4 * i  # the fourth upload comes 1.2 s after the first: the round is read again
+        store.reads.clear()
+        outcomes.append(ingestion.ingest_upload(
+            store, blobs, events, SETTINGS,
+            ingestion.ObjectFinalized(f"ev-{i}", SETTINGS.gradient_bucket, instr.object_name, 6),
+            validate=_accept_all, context=rounds).outcome)
+        expected = ["assignment"] if i in (1, 2) else ["task, round and assignment"]
+        assert store.reads == expected, i
+    assert outcomes == ["ACCEPTED"] * 4
+    assert events.ready == [RoundKey(POP, task.task_id, 1)]
+
+
+def test_the_round_cache_holds_a_bounded_number_of_rounds_and_no_missing_ones(store):
+    rounds = ingestion.RoundContextCache(ttl_s=60)
+    rounds.MAX_ROUNDS = 2
+    keys = []
+    for population in ("p0", "p1", "p2"):
+        task = open_task_in_memory(store, population, report_goal=2, over_selection_rate=0.0, total_rounds=1)
+        keys.append(RoundKey(population, task.task_id, 1))
+        missing = RoundKey(population, task.task_id, 2)  # named by an upload, never created
+        assert rounds.upload_context(store, missing, "x")[1] is None
+        assert rounds.upload_context(store, keys[-1], "x")[1] is not None
+    assert list(rounds._rounds) == keys[1:]  # the oldest went; no entry for a missing round
+
+
+def test_a_refusal_judged_on_a_cached_round_says_late_once_the_round_closed(store, blobs, events):
+    """Without the cache the closed round's verdict comes first; with it, the round is read again
+    before any other refusal, so the verdict stays LATE_UPLOAD."""
+    task = _open_task(store, report_goal=3, over=1.0)
+    rounds = ingestion.RoundContextCache(ttl_s=600)
+    key = RoundKey(POP, task.task_id, 1)
+    devices = [_checkin(store, blobs, seed=i) for i in range(2)]
+    on_time, never_reported = devices
+
+    def ingest(a: svc.Assignment, event_id: str) -> str:
+        name = layout.gradient_path(POP, task.task_id, 1, a.assignment_id)
+        blobs.write(SETTINGS.gradient_bucket, name, b"update")
+        return ingestion.ingest_upload(store, blobs, events, SETTINGS,
+                                       ingestion.ObjectFinalized(event_id, SETTINGS.gradient_bucket, name, 6),
+                                       validate=_accept_all, context=rounds).outcome
+
+    assert ingest(never_reported, "e1") == "ASSIGNMENT_NOT_UPLOADABLE"  # the round collects: the true reason
+    store.update_round(key, {"status": RoundStatus.AGGREGATING}, expected=[RoundStatus.COLLECTING])
+    assert rounds.upload_context(store, key, on_time.assignment_id)[1].status == RoundStatus.COLLECTING  # stale
+    assert ingest(never_reported, "e2") == "LATE_UPLOAD"
+    assert store.count_assignments(key, AssignmentStatus.UPLOAD_COMPLETED) == 0

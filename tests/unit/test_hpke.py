@@ -21,6 +21,7 @@ from fedcompute.crypto.hpke import (
     seal_update,
     upload_unsealer,
 )
+from fedcompute.crypto.hpke import _read_envelope as read_envelope
 from fedcompute.errors import InvalidRequestError
 from fedcompute.learning.tensor_codec import decode_client_update, encode_client_update
 
@@ -58,6 +59,72 @@ def test_the_envelope_is_the_compact_json_of_its_fields(key_id: str) -> None:
     assert list(fields) == ["keyId", "encryptedPayload", "associatedData"] and fields["keyId"] == key_id
     assert envelope == json.dumps(fields, separators=(",", ":")).encode()
     assert json.loads(base64.b64decode(fields["associatedData"])) == {"assignmentId": "a-1"}
+
+
+def _relaid(envelope: bytes, layout: str) -> bytes:
+    """The same envelope in another JSON layout a client could send."""
+    fields = json.loads(envelope)
+    if layout == "spaced":
+        return json.dumps(fields).encode()
+    if layout == "reordered":
+        return json.dumps(dict(reversed(list(fields.items()))), separators=(",", ":")).encode()
+    if layout == "escaped slashes":
+        return envelope.replace(b"/", b"\\/")
+    if layout == "escaped key id":
+        return envelope.replace(b'{"keyId":"k', b'{"keyId":"\\u006b', 1)
+    if layout == "surrounding whitespace":
+        return b" \n" + envelope + b"\r\n\t "
+    assert layout == "compact"
+    return envelope
+
+
+@pytest.mark.parametrize("layout", ["compact", "spaced", "reordered", "escaped slashes", "escaped key id",
+                                    "surrounding whitespace"])
+def test_an_envelope_in_any_json_layout_opens_to_the_same_update(layout: str) -> None:
+    """The compact layout is read without a JSON parse of the payload; every other layout by the JSON parser."""
+    ring = UploadKeyRing.generate()
+    envelope = seal_update(_update(), ring.current, assignment_id="a-1")
+    assert ring.current.key_id.startswith("k")
+    relaid = _relaid(envelope, layout)
+    assert relaid != envelope or layout == "compact"
+    assert open_upload(relaid, assignment_id="a-1", ring=ring, required=True, max_bytes=CAP) == _update()
+
+
+def _reference_read(data: bytes) -> tuple[str, bytes, bytes]:
+    fields = json.loads(data)
+    if not isinstance(fields["keyId"], str):
+        raise TypeError("keyId")
+    return (fields["keyId"], base64.b64decode(fields["encryptedPayload"], validate=True),
+            base64.b64decode(fields.get("associatedData", ""), validate=True))
+
+
+def _malformed(envelope: bytes) -> list[bytes]:
+    payload_at = envelope.index(b'"encryptedPayload":"') + len(b'"encryptedPayload":"')
+    return [
+        envelope[:-1], envelope[:-2] + b"}", envelope + b"x", envelope[:-1] + b',"keyId":"other"}',
+        envelope[:payload_at] + b'"' + envelope[payload_at:], envelope[:payload_at] + b"*" + envelope[payload_at + 1:],
+        envelope[:payload_at] + b"\\" + envelope[payload_at + 1:], envelope[:payload_at] + b"\n" + envelope[payload_at:],
+        envelope.replace(b'{"keyId":"', b'{"keyId":"\x01', 1), envelope.replace(b'{"keyId":"', b'{"keyId":"\\"', 1),
+        envelope.replace(b'{"keyId":"', b'{"keyId":"\xff', 1), envelope.replace(b'","associatedData":"', b'"}', 1),
+        envelope[:payload_at] + envelope[payload_at + 1:], b'{"keyId":"k"}', b"[]", b"",
+        envelope.replace(b'"}', b'=="}'), envelope.replace(b'"}', b'"}\x0c'),
+    ]
+
+
+def test_the_envelope_reader_agrees_with_the_json_parser_on_malformed_envelopes() -> None:
+    """Hostile bytes: the fast reading never accepts what the JSON parser would refuse, nor reads it differently."""
+    ring = UploadKeyRing.generate()
+    envelope = seal_update(_update(), ring.current, assignment_id="a-1")
+    for data in _malformed(envelope):
+        try:
+            expected: object = _reference_read(data)
+        except (ValueError, KeyError, TypeError) as error:  # binascii.Error is a ValueError
+            expected = type(error)
+        try:
+            got: object = read_envelope(data)
+        except (ValueError, KeyError, TypeError) as error:
+            got = type(error)
+        assert (got == expected) if isinstance(expected, tuple) else not isinstance(got, tuple), data[:60]
 
 
 def test_rotation_keeps_in_flight_uploads_decryptable(tmp_path: Path) -> None:

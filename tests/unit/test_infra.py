@@ -559,7 +559,7 @@ IMPORT_TO_DISTRIBUTION = {
     "google.api_core": "google-api-core", "google.auth": "google-auth", "google.oauth2": "google-auth",
     "google.cloud.storage": "google-cloud-storage",
     "google.cloud.pubsub_v1": "google-cloud-pubsub", "google.cloud.firestore": "google-cloud-firestore",
-    "google.cloud.firestore_v1": "google-cloud-firestore", "cryptography": "cryptography",
+    "google.cloud.firestore_v1": "google-cloud-firestore", "cryptography": "cryptography", "pybase64": "pybase64",
 }
 
 

@@ -3,7 +3,8 @@
 Triggered by the storage object-finalize event. In a streamed round (see
 :mod:`fedcompute.learning.sharding`) the accept that fills an accept counter publishes that
 counter's aggregation shard, which then runs while the round still collects. Light: no TensorFlow (uploads are checked
-with the numpy/protobuf codec). O(1) per upload: one read of task, round and assignment,
+with the numpy/protobuf codec). O(1) per upload: one read of the assignment (task and round
+come from :class:`RoundContextCache`, read with it at most once a second per instance),
 the object read and its structural check, then the store's accept (an atomic counter
 increment and one batch; see :mod:`fedcompute.adapters.firestore_store`). Exactly ``report_goal``
 uploads are accepted: the surplus is rejected as LATE_UPLOAD, so the aggregator's divisor
@@ -12,6 +13,7 @@ uploads are accepted: the surplus is rejected as LATE_UPLOAD, so the aggregator'
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from fedcompute.tasks.records import (
     DUPLICATE,
     NOT_UPLOADABLE,
     ROUND_CLOSED,
+    AssignmentRecord,
     AssignmentStatus,
     RoundKey,
     RoundRecord,
@@ -65,6 +68,54 @@ class ObjectFinalized:
     generation: str = ""
 
 
+class RoundContextCache:
+    """The task and round records of the rounds an ingestion instance is receiving uploads for,
+    each reused for ``ttl_s``: a busy round costs one read per upload (its assignment), not three.
+
+    Stale records cannot miscount. A round never returns to COLLECTING, and an upload that a
+    stale COLLECTING lets through meets the closed round in the store's accept: its accept
+    counters are exhausted, or the frozen accepted set voided the empty positions, so it is
+    refused as late exactly as an upload racing the close is. A task stopped less than
+    ``ttl_s`` ago can still have an upload accepted into a round that will not be aggregated.
+    The assignment is always read fresh: it decides duplicates and carries the version the
+    accept's conditional write needs. Before refusing an upload for any other reason, ingestion
+    reads the round again (:meth:`current_round`): a closed round's uploads keep the verdict
+    LATE_UPLOAD they had without the cache.
+    """
+
+    MAX_ROUNDS = 256  # uploads name their round: a bound on what hostile names can make it hold
+
+    def __init__(self, *, ttl_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.clock = ttl_s, clock
+        self._rounds: dict[RoundKey, tuple[float, TaskRecord, RoundRecord]] = {}
+        self._lock = threading.Lock()
+
+    def upload_context(self, store: TaskStore, key: RoundKey, assignment_id: str
+                       ) -> tuple[TaskRecord | None, RoundRecord | None, AssignmentRecord | None]:
+        """Task, round and assignment of an upload: one round trip, of one document when cached."""
+        entry = self._rounds.get(key)
+        if entry is not None and self.clock() - entry[0] < self.ttl_s:
+            return entry[1], entry[2], store.get_assignment(key, assignment_id)
+        fetched = self.clock()
+        task, round_record, assignment = store.get_upload_context(key, assignment_id)
+        if task is not None and round_record is not None:
+            with self._lock:
+                self._rounds[key] = (fetched, task, round_record)
+                while len(self._rounds) > self.MAX_ROUNDS:
+                    self._rounds.pop(next(iter(self._rounds)))
+        return task, round_record, assignment
+
+    def current_round(self, store: TaskStore, key: RoundKey) -> RoundRecord | None:
+        """The round as it is now (one read), kept for the uploads after this one."""
+        fetched = self.clock()
+        round_record = store.get_round(key)
+        with self._lock:
+            entry = self._rounds.get(key)
+            if entry is not None and round_record is not None:
+                self._rounds[key] = (fetched, entry[1], round_record)
+        return round_record
+
+
 @dataclass(frozen=True)
 class IngestionResult:
     outcome: str
@@ -82,16 +133,30 @@ def ingest_upload(
     validate: Validator,
     unseal: Unsealer | None = None,
     max_upload_bytes: int = upload_contract.DEFAULT_MAX_UPLOAD_BYTES,
+    context: RoundContextCache | None = None,
     now: Callable[[], float] = time.time,
 ) -> IngestionResult:
-    """Accept, count and maybe close. Idempotent: re-delivered events change nothing."""
+    """Accept, count and maybe close. Idempotent: re-delivered events change nothing.
+
+    ``context``: the instance's cache of task and round records (None: read all three each time).
+    """
     if event.bucket != settings.gradient_bucket:
         return _ignored(OUTCOME_FOREIGN, f"bucket {event.bucket!r} is not the gradient bucket")
     parsed = layout.parse_gradient_path(event.name)
     if parsed is None:
         return _ignored(OUTCOME_FOREIGN, f"{event.name!r} is not {{pop}}/{{task}}/{{round}}/d/{{assignment}}/gradient")
     key = RoundKey(parsed.population, parsed.task_id, parsed.round_number)
-    task, round_record, assignment = store.get_upload_context(key, parsed.assignment_id)
+    if context is None:
+        task, round_record, assignment = store.get_upload_context(key, parsed.assignment_id)
+    else:
+        task, round_record, assignment = context.upload_context(store, key, parsed.assignment_id)
+
+    def closed_meanwhile() -> IngestionResult | None:
+        """Before another refusal judged on a cached round: LATE_UPLOAD if it closed since."""
+        current = context.current_round(store, key) if context is not None else None
+        if current is None or current.status == RoundStatus.COLLECTING:
+            return None
+        return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {current.status.value}", now)
     if task is None or round_record is None:
         return _ignored(OUTCOME_FOREIGN, f"no round {key.round_number} of task {key.population}/{key.task_id}")
     if assignment is None:
@@ -105,25 +170,26 @@ def ingest_upload(
         return _reject(store, key, event, OUTCOME_LATE, f"round {key.round_number} is {round_record.status.value}", now)
     # After the duplicate and late checks: a redelivery keeps its first verdict after the task ends.
     if task.status != TaskStatus.OPEN:
-        return _reject(store, key, event, OUTCOME_TASK_NOT_OPEN, f"task is {task.status.value}", now)
+        return closed_meanwhile() or _reject(store, key, event, OUTCOME_TASK_NOT_OPEN,
+                                             f"task is {task.status.value}", now)
     if assignment.status != AssignmentStatus.LOCAL_COMPLETED:
-        return _reject(store, key, event, OUTCOME_NOT_UPLOADABLE,
-                       f"assignment is {assignment.status.value}, not LOCAL_COMPLETED", now)
+        return closed_meanwhile() or _reject(store, key, event, OUTCOME_NOT_UPLOADABLE,
+                                             f"assignment is {assignment.status.value}, not LOCAL_COMPLETED", now)
     # The task's largest honest (sealed) update: judged on the event's size before any byte
     # is read; an oversized object is deleted (where the session could not bound it).
     cap = min(max_upload_bytes, upload_contract.max_upload_bytes(task))
     if event.size > cap:
-        return _oversized(store, blobs, key, event, assignment.slot, event.size, cap, now)
+        return closed_meanwhile() or _oversized(store, blobs, key, event, assignment.slot, event.size, cap, now)
     try:
         data = blobs.read(event.bucket, event.name)
     except NotFoundError:
         return _ignored(OUTCOME_MISSING, f"{event.name} was deleted before ingestion")
     if len(data) > cap:
-        return _oversized(store, blobs, key, event, assignment.slot, len(data), cap, now)
+        return closed_meanwhile() or _oversized(store, blobs, key, event, assignment.slot, len(data), cap, now)
     try:
         validate(unseal(data, parsed.assignment_id) if unseal else data, task)
     except InvalidRequestError as error:
-        return _invalid(store, key, event, assignment.slot, str(error), now)
+        return closed_meanwhile() or _invalid(store, key, event, assignment.slot, str(error), now)
     result = store.accept_upload(key, parsed.assignment_id, read=(round_record, assignment))
     if result.outcome == ROUND_CLOSED:
         return _reject(store, key, event, OUTCOME_LATE,

@@ -56,7 +56,7 @@ from typing import Any
 import psutil
 import requests
 
-from fedcompute.catalogue import ALL_FUNCTIONS, FUNCTIONS, FunctionSpec
+from fedcompute.catalogue import ALL_FUNCTIONS, FUNCTIONS, FunctionSpec, Trigger
 from fedcompute.crypto.hpke import (
     KEY_DIR_NAME,
     KEYS_FILE,
@@ -532,6 +532,13 @@ class LocalStack:
         cmd, cwd = self._command(comp, topics)
         if comp.name in PRIVATE_KEY_HOLDERS:  # nobody else gets the private keys' location
             env = {**env, KEYS_FILE_ENV: str(self.upload_key_dir / KEYS_FILE)}
+        if comp.kind == "function" and FUNCTION_SPECS[comp.name].trigger == Trigger.HTTP:
+            # At least as many requests at once as an instance serves in the cloud (the catalogue's
+            # concurrency: 80 check-ins), never fewer than functions-framework's default of 4
+            # threads per core (health probes reach the builder while it builds). Event functions
+            # get at most their concurrency from the push relay.
+            threads = max(FUNCTION_SPECS[comp.name].concurrency, 4 * (os.cpu_count() or 1))
+            env = {**env, "THREADS": str(threads)}
         log = Path(comp.log)
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(b"")  # a fresh log per start
