@@ -104,15 +104,25 @@ class CheckInCache:
         self._urls: dict[tuple[str, str], tuple[str, float]] = {}
         self._refreshing = threading.Lock()
 
-    def open_rounds(self, store: TaskStore, population: str, *, refresh: bool = False) -> list[_OpenRound]:
+    def open_rounds(self, store: TaskStore, population: str, *, refresh: bool = False,
+                    stale_at: float | None = None) -> list[_OpenRound]:
         """The population's open rounds, read again after ``ttl_s`` or on ``refresh``.
 
         ``refresh``: the caller found the cached view out of date; it is read again unless
         that happened less than ``min_refresh_s`` ago (by this thread or another).
+        ``stale_at``: when the caller learned that a cached round had closed. A view read
+        before then is read again even inside ``min_refresh_s``: it cannot hold the round that
+        opened after the close (a device checking in right after a round ended was refused).
         """
         max_age = self.min_refresh_s if refresh else self.ttl_s
+
+        def fresh(entry: _Population | None) -> bool:
+            return (entry is not None and self.clock() - entry.fetched < max_age
+                    and (stale_at is None or entry.fetched > stale_at))
+
         entry = self._populations.get(population)
-        if entry is not None and self.clock() - entry.fetched < max_age:
+        if fresh(entry):
+            assert entry is not None
             return entry.rounds
         must_wait = refresh or entry is None
         if not self._refreshing.acquire(timeout=REFRESH_WAIT_S if must_wait else 0):
@@ -123,7 +133,8 @@ class CheckInCache:
             return self._read(store, population, entry)
         try:
             entry = self._populations.get(population)
-            if entry is not None and self.clock() - entry.fetched < max_age:
+            if fresh(entry):
+                assert entry is not None
                 return entry.rounds  # another thread read it while this one waited
             return self._read(store, population, entry)
         finally:
@@ -241,18 +252,23 @@ def create_task_assignment(
     validate_version_code(request.client_version)
     result = _check_in(store, blobs, settings, request, rng, now, cache)
     if isinstance(result, _Stale):  # the round closed since the cache read it: look again, once
-        result = _check_in(store, blobs, settings, request, rng, now, cache, refresh=True)
+        result = _check_in(store, blobs, settings, request, rng, now, cache, refresh=True, stale_at=result.seen_at)
     return result if not isinstance(result, _Stale) else Rejection(RejectionReason.NO_TASK_AVAILABLE,
                                                                   "no round is collecting right now")
 
 
+@dataclass(frozen=True)
 class _Stale:
-    """The cached view of the population is out of date."""
+    """The cached view of the population is out of date; ``seen_at``: when a claim proved a
+    cached round closed (cache clock), None when the view merely showed no collecting round."""
+
+    seen_at: float | None = None
 
 
 def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: CheckIn, rng: random.Random,
-              now: Callable[[], float], cache: CheckInCache, *, refresh: bool = False) -> Assignment | Rejection | _Stale:
-    rounds = cache.open_rounds(store, request.population, refresh=refresh)
+              now: Callable[[], float], cache: CheckInCache, *, refresh: bool = False,
+              stale_at: float | None = None) -> Assignment | Rejection | _Stale:
+    rounds = cache.open_rounds(store, request.population, refresh=refresh, stale_at=stale_at)
     if not rounds:
         if not refresh and cache.ttl_s > 0:
             return _Stale()
@@ -299,7 +315,7 @@ def _check_in(store: TaskStore, blobs: BlobStore, settings: Settings, request: C
                              f"this device already holds its assignment of round {round_record.round_number}")
     else:
         if claim.round_stopped:
-            return _Stale()
+            return _Stale(seen_at=cache.clock())
         if claim.record is None:
             cache.mark_full(chosen, claim.exhausted)
             return Rejection(RejectionReason.NO_TASK_AVAILABLE, f"round {round_record.round_number} is full")
