@@ -219,27 +219,10 @@ def test_full_round_is_rejected_from_the_cache_without_store_calls() -> None:
     assert store.calls["open_rounds"] == 2 and store.calls["claim_assignment"] == 5
 
 
-def test_stale_cache_sees_the_next_round_once_the_cached_one_closed() -> None:
-    store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
-    task = _open(store, report_goal=5)
-    now = [0.0]
-    cache = svc.CheckInCache(ttl_s=600, clock=lambda: now[0])
-    first = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
-    assert isinstance(first, svc.Assignment) and first.round_number == 1
-    store.update_round(RoundKey(POP, task.task_id, 1), {"status": RoundStatus.AGGREGATING},
-                           expected=[RoundStatus.COLLECTING])
-    store.finish_round(RoundKey(POP, task.task_id, 1), {"status": RoundStatus.COMPLETED}, {"current_round": 2},
-                       RoundRecord(POP, task.task_id, 2, RoundStatus.COLLECTING, 5, task.max_assignments))
-    now[0] = 1.0  # well inside the ttl, past the minimum interval between refreshes
-    assert cache.open_rounds(store, POP)[0].round_record.round_number == 1  # the cache still says round 1
-    second = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
-    assert isinstance(second, svc.Assignment) and second.round_number == 2
-    assert second.checkpoint_url.endswith(layout.client_checkpoint_path(POP, task.task_id, 1))
-
-
-def test_a_check_in_right_after_a_round_closed_gets_the_round_that_opened_next() -> None:
-    """The cache was read less than min_refresh_s before the close: a check-in whose claim finds
-    the cached round stopped must still read again, not be refused until the interval passes."""
+@pytest.mark.parametrize("after_s", [1.0, 0.1])
+def test_stale_cache_sees_the_next_round_once_the_cached_one_closed(after_s: float) -> None:
+    """Past the minimum interval between refreshes (1.0 s), and inside it (0.1 s): a check-in
+    whose claim finds the cached round stopped reads again and gets the round that opened next."""
     store, blobs = InMemoryTaskStore(), InMemoryBlobStore()
     task = _open(store, report_goal=5)
     now = [0.0]
@@ -250,9 +233,11 @@ def test_a_check_in_right_after_a_round_closed_gets_the_round_that_opened_next()
                        expected=[RoundStatus.COLLECTING])
     store.finish_round(RoundKey(POP, task.task_id, 1), {"status": RoundStatus.COMPLETED}, {"current_round": 2},
                        RoundRecord(POP, task.task_id, 2, RoundStatus.COLLECTING, 5, task.max_assignments))
-    now[0] = 0.1  # inside the minimum interval between refreshes
+    now[0] = after_s  # well inside the ttl
+    assert cache.open_rounds(store, POP)[0].round_record.round_number == 1  # the cache still says round 1
     second = svc.create_task_assignment(store, blobs, SETTINGS, svc.CheckIn(POP, "1"), cache=cache)
     assert isinstance(second, svc.Assignment) and second.round_number == 2
+    assert second.checkpoint_url.endswith(layout.client_checkpoint_path(POP, task.task_id, 1))
 
 
 def test_check_ins_between_rounds_refresh_the_cache_at_most_once_per_interval_across_threads() -> None:
