@@ -28,21 +28,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_load import own_cpu_s, tree_cpu_s  # noqa: E402
 
 
-def _stack_cpu_s(exclude: set[int]) -> float:
-    import psutil
-
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
-        if child.pid in exclude:
-            continue
-        try:
-            times = child.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            continue
-    return total
+def _stack_cpu_s() -> float:
+    """CPU seconds of every process this one started (the stack and the fleet's workers)."""
+    return tree_cpu_s(os.getpid()) - own_cpu_s()
 
 
 def main() -> int:
@@ -69,13 +62,13 @@ def main() -> int:
         population = f"bench_fleet_{int(time.time())}"
         config = demo.write_config(work / "config.pbtxt", options, population, args.noise)
         task_id, _ = demo.build_task(stack, model_dir, config, population, skip_dp_check=True)
-        stack_before = _stack_cpu_s(set())
+        stack_before = _stack_cpu_s()
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         # Started after the build so that RUSAGE_CHILDREN holds the workers' whole life.
         fleet = demo.train(stack, options, demo.make_fleet(stack, options, population, "bench"), population, task_id,
                            "bench")
         children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        stack_cpu = _stack_cpu_s(set()) - stack_before
+        stack_cpu = _stack_cpu_s() - stack_before
     finally:
         stack.local.stop()
     workers_cpu = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime

@@ -464,8 +464,8 @@ class SlowFirstPosition(FirestoreTaskStore):
         super().__init__(client)
         self.taken = threading.Event()
 
-    def _take_position(self, *args: Any, **kwargs: Any) -> Any:
-        taken = super()._take_position(*args, **kwargs)
+    def _take_positions(self, *args: Any, **kwargs: Any) -> Any:
+        taken = super()._take_positions(*args, **kwargs)
         if not self.taken.is_set():
             self.taken.set()
             time.sleep(0.5)

@@ -300,23 +300,6 @@ class FirestoreTaskStore:
     def _marker(self, key: RoundKey, position: int):
         return self._round(key).collection("accepted").document(str(position))
 
-    def _take_position(self, key: RoundKey, kind: str, quota: ShardedQuota, rng: random.Random,
-                       exhausted: Iterable[int] = (), *, window: int = 0) -> tuple[int | None, int, set[int]]:
-        """(position, shard, shards found exhausted): one atomic increment per shard tried."""
-        from google.cloud import firestore
-
-        found: set[int] = set()
-        for shard in quota.probe_order(rng, exhausted, window=window):
-            result = self._counter(key, kind, shard).set({"issued": firestore.Increment(1)}, merge=True)
-            ticket = int(result.transform_results[0].integer_value)
-            if ticket > _CLOSED_OFFSET:
-                raise _RoundStopped()
-            position = quota.position(shard, ticket)
-            if position is not None:
-                return position, shard, found
-            found.add(shard)
-        return None, -1, found
-
     def _stop_slot_claims(self, key: RoundKey, capacity: int) -> None:
         """Push every slot counter of the round past ``_CLOSED_OFFSET`` (one batch): a check-in
         working from a stale view of the round learns from its first increment that it closed."""
@@ -413,14 +396,15 @@ class FirestoreTaskStore:
                               "colliding", hint="retry")
 
     def _take_positions(self, key: RoundKey, kind: str, quota: ShardedQuota, rng: random.Random,
-                        exhausted: Iterable[int], count: int) -> tuple[list[int], set[int]]:
+                        exhausted: Iterable[int], count: int, *, window: int = 0) -> tuple[list[int], set[int]]:
         """Up to ``count`` positions (fewer once every counter is exhausted) and the counters
-        found exhausted: one atomic increment by the number still wanted per counter tried."""
+        found exhausted: one atomic increment by the number still wanted per counter tried, in
+        ``quota.probe_order`` (``window``: see there)."""
         from google.cloud import firestore
 
         positions: list[int] = []
         found: set[int] = set()
-        for shard in quota.probe_order(rng, exhausted):
+        for shard in quota.probe_order(rng, exhausted, window=window):
             wanted = count - len(positions)
             result = self._counter(key, kind, shard).set({"issued": firestore.Increment(wanted)}, merge=True)
             last = int(result.transform_results[0].integer_value)
@@ -590,12 +574,13 @@ class FirestoreTaskStore:
             while len(self._full_accept_counters) > _REMEMBERED_ROUNDS:
                 self._full_accept_counters.pop(next(iter(self._full_accept_counters)))
             skip = set(known_full)
-        position, shard, found = self._take_position(key, "accept", quota, random.Random(), skip,
-                                                     window=ACCEPT_WINDOW)
+        positions, found = self._take_positions(key, "accept", quota, random.Random(), skip, 1, window=ACCEPT_WINDOW)
         with self._accept_lock:
             known_full |= found
-        if position is None:
+        if not positions:
             return AcceptResult(ROUND_CLOSED)  # the goal is reached: this upload is surplus
+        position = positions[0]
+        shard = quota.shard_of(position)
         t = time.time()
         batch = self._db.batch()
         batch.create(self._marker(key, position), {"assignment_id": assignment_id, "time": t})
