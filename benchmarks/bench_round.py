@@ -1,7 +1,7 @@
 """Rounds of the seed's CNN on the local stack vs TFF's simulation, in the same run.
 
     .venv/bin/python benchmarks/bench_round.py --devices 10 --examples 600 --repeats 3 \
-        --over-selection 0 0.3 [--profile DIR]
+        --over-selection 0 0.3 [--profile DIR] [--phases]
 
 Starts a private local stack (emulators + functions), builds one task per over-selection
 rate with task_builder_client (CNN, Fashion-MNIST IID, EXAMPLES per device, batch 20,
@@ -22,7 +22,9 @@ aggregator's first run), outside the medians. Prints medians, the ratios stack /
 over-selection rate (of the medians, and the median of the bracketed ratios), and the
 per-stage split of each stack round (devices done, ingestion closes the round, aggregation).
 ``--profile DIR`` records py-spy of the functions and of this process (the fleet) during the
-measured rounds and prints their top frames.
+measured rounds and prints their top frames. ``--phases`` times the devices' sessions by phase
+(check-in, downloads, training, update encoding, report, upload and its sealing), summed over
+the device threads, and prints the medians per measured stack round.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,8 @@ def main() -> int:
                         help="over-selection rates to measure (0.3 is the config default)")
     parser.add_argument("--workers", type=int, default=2, help="device threads in the fleet")
     parser.add_argument("--profile", default="", help="directory for py-spy profiles of the measured rounds")
+    parser.add_argument("--phases", action="store_true",
+                        help="time the device sessions by phase (thread-seconds per round)")
     args = parser.parse_args()
 
     import numpy as np
@@ -90,6 +95,8 @@ def main() -> int:
     stack = LocalStack(work / "stack", task_builder_port=0)
     stack.start()
     profiler = Profiler(Path(args.profile) if args.profile else None)
+    phases = DevicePhases() if args.phases else None
+    phase_rounds: list[dict[str, float]] = []
     stack_s: dict[float, list[float]] = {rate: [] for rate in rates}
     stages: dict[float, list[dict[str, float]]] = {rate: [] for rate in rates}
     tff_s: list[float] = []
@@ -121,6 +128,8 @@ def main() -> int:
             while (record := store.get_round(key)) is None or record.status != RoundStatus.COLLECTING:
                 time.sleep(0.05)
             done: list[float] = []
+            if phases is not None:
+                phases.reset()
             fleet = Fleet(devices[rate], client, population, workers=args.workers, cache=cache,
                           interval=TrainingInterval(scheduling_mode=1), time_scale=0.01)
             started = time.time()
@@ -129,6 +138,8 @@ def main() -> int:
             while (record := store.get_round(key)) is None or record.status != RoundStatus.COMPLETED:
                 time.sleep(0.02)
             uploads = stats.outcomes["UPLOADED"]
+            if phases is not None and round_number > 1:
+                phase_rounds.append(phases.snapshot())
             split = {"devices_done": max(done) - started, "closed": record.aggregating_time - started,
                      "completed": record.completed_time - started, "uploads": uploads,
                      "sessions": stats.sessions}
@@ -193,12 +204,59 @@ def main() -> int:
               f"median of bracketed ratios {statistics.median(ratios[rate]):.2f}x "
               f"(all: {', '.join(f'{r:.2f}' for r in ratios[rate])})")
         print(f"    median split from the devices' start: {_fmt(split)}")
+    if phase_rounds:
+        medians = {name: statistics.median(r.get(name, 0.0) for r in phase_rounds) for name in phase_rounds[0]}
+        print(f"\ndevice sessions by phase, thread-seconds per round summed over {args.workers} device threads "
+              f"(medians of {len(phase_rounds)} measured rounds): "
+              + ", ".join(f"{name} {seconds:.2f}" for name, seconds in medians.items()))
     for name, top in profiles.items():
         print(f"\npy-spy {name}: {top}")
     print(f"\nload average: {os.getloadavg()}")
     print("rerun: .venv/bin/python benchmarks/bench_round.py --devices", args.devices, "--examples", args.examples,
           "--repeats", args.repeats, "--over-selection", *rates)
     return 0
+
+
+class DevicePhases:
+    """Wall time of the simulated devices' session phases, summed over threads: wraps the
+    fleet's protocol client, runtime and encoders in place for the rest of the process."""
+
+    def __init__(self) -> None:
+        from fedcompute.fleet import protocol, runtimes
+        from fedcompute.fleet.device import SimulatedDevice
+        from fedcompute.learning import tensor_codec
+
+        self._lock = threading.Lock()
+        self._seconds: dict[str, float] = {}
+        targets = [(SimulatedDevice, "run_session", "session"),
+                   (protocol.DeviceHttpClient, "create_task_assignment", "check-in"),
+                   (protocol.DeviceHttpClient, "download", "downloads"),
+                   (runtimes.TensorflowRuntime, "train", "training"),
+                   (tensor_codec, "encode_client_update", "update encoding"),
+                   (protocol.DeviceHttpClient, "report_result", "report"),
+                   (protocol.DeviceHttpClient, "upload", "upload"),
+                   (protocol, "seal_update", "of which sealing")]
+        for owner, attribute, name in targets:
+            self._seconds[name] = 0.0
+            setattr(owner, attribute, self._timed(getattr(owner, attribute), name))
+
+    def _timed(self, fn: Any, name: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._seconds[name] += time.perf_counter() - started
+        return timed
+
+    def reset(self) -> None:
+        with self._lock:
+            self._seconds = dict.fromkeys(self._seconds, 0.0)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seconds)
 
 
 def _fmt(split: dict[str, float]) -> str:

@@ -8,7 +8,9 @@ document, a batched read of three) and a small object read from fake-gcs-server,
 per call: wall time, this process's CPU (the client) and the emulator's CPU (its process
 tree, read before and after). With ``--grow N`` the Firestore calls are timed again after N
 more documents are written, to see whether a bigger database costs more per call. Then
-``--calls`` creates at concurrency 8 give the emulator's throughput.
+``--calls`` creates at concurrency 8 give the emulator's throughput. Last, the wall time to read
+10 objects of 8.8 MB (a round of sealed CNN updates) through the storage library and through
+``GcsBlobStore.read``, one at a time and on 16 threads.
 
 Counting round trips per request (``tests/unit/test_constant_time_paths.py``) and multiplying
 by these figures tells what a function's storage costs on this machine.
@@ -67,6 +69,30 @@ def firestore_calls(db: Any, tag: str) -> dict[str, Callable[[int], Any]]:
     }
 
 
+def big_reads(client: Any, blobs: Any, bucket: str, repeats: int = 5) -> dict[str, float]:
+    """Wall ms to read 10 objects of 8.8 MB (a round of sealed CNN updates), one after another
+    and on 16 threads (the aggregator's read-ahead), by the storage library and by
+    ``GcsBlobStore.read``; medians of ``repeats``."""
+    import statistics
+
+    names = [f"big-{i}" for i in range(10)]
+    for name in names:
+        client.bucket(bucket).blob(name).upload_from_string(os.urandom(8_800_000))
+    readers = {"Blob.download_as_bytes": lambda n: client.bucket(bucket).blob(n).download_as_bytes(raw_download=True),
+               "GcsBlobStore.read": lambda n: blobs.read(bucket, n)}
+    result = {}
+    for label, read in readers.items():
+        for threads in (1, 16):
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                with ThreadPoolExecutor(threads) as pool:
+                    assert sum(len(b) for b in pool.map(read, names)) == 88_000_000
+                runs.append((time.perf_counter() - started) * 1000)
+            result[f"{label}, {threads} thread{'s' if threads > 1 else ''}"] = round(statistics.median(runs), 1)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=400)
@@ -78,6 +104,7 @@ def main() -> int:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
+    from fedcompute.adapters.blobs import GcsBlobStore
     from fedcompute.adapters.clients import make_clients
     from fedcompute.settings import Settings
     from fedcompute.stack import LocalStack
@@ -114,12 +141,15 @@ def main() -> int:
         client.bucket(bucket).blob("small").upload_from_string(os.urandom(3000))
         session = requests.Session()
         gcs_pid = int(gcs.pid)
+        blobs = GcsBlobStore(client)
         report["gcs_read_3_kb"] = {
             "storage client": timed(lambda i: client.bucket(bucket).blob("small").download_as_bytes(raw_download=True),
                                     args.calls, gcs_pid),
             "plain HTTP GET": timed(lambda i: session.get(f"{gcs.url}/storage/v1/b/{bucket}/o/small?alt=media",
                                                           timeout=30).content, args.calls, gcs_pid),
+            "GcsBlobStore.read": timed(lambda i: blobs.read(bucket, "small"), args.calls, gcs_pid),
         }
+        report["gcs_read_10_objects_of_8_8_mb"] = big_reads(client, blobs, bucket)
     finally:
         stack.stop()
     text = json.dumps(report, indent=2)

@@ -560,6 +560,7 @@ IMPORT_TO_DISTRIBUTION = {
     "google.cloud.storage": "google-cloud-storage",
     "google.cloud.pubsub_v1": "google-cloud-pubsub", "google.cloud.firestore": "google-cloud-firestore",
     "google.cloud.firestore_v1": "google-cloud-firestore", "cryptography": "cryptography", "pybase64": "pybase64",
+    "google_crc32c": "google-crc32c", "urllib3": "urllib3",
 }
 
 

@@ -7,15 +7,41 @@ never overwrites a checkpoint or an upload.
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import os
+import time
 import urllib.parse
 from typing import Any
 
+from fedcompute.adapters.http import read_whole_body
 from fedcompute.errors import NotFoundError, PreconditionFailedError, TransientError
 
 UPLOAD_HEADERS = {"content-type": "application/octet-stream"}
 XML_API_ENDPOINT = "https://storage.googleapis.com"
+# Reads: attempts per object, the first back-off (doubling, at most 2 s) and the statuses retried.
+READ_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.25
+RETRIED_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+READ_TIMEOUT_S = 60.0
+
+
+def _crc32c(data: bytes) -> int:
+    import google_crc32c
+
+    return int(google_crc32c.value(data))
+
+
+def _crc32c_of(x_goog_hash: str) -> int | None:
+    """The CRC32C in an ``x-goog-hash`` header (``crc32c=<base64>,md5=<base64>``), if any."""
+    for part in x_goog_hash.split(","):
+        kind, _, value = part.strip().partition("=")
+        if kind == "crc32c" and value:
+            try:
+                return int.from_bytes(base64.b64decode(value + "=" * (-len(value) % 4), validate=True), "big")
+            except ValueError:
+                return None
+    return None
 
 
 class GcsBlobStore:
@@ -34,14 +60,46 @@ class GcsBlobStore:
         return self._client.bucket(bucket).blob(name)
 
     def read(self, bucket, name):
-        from google.api_core import exceptions
+        """The object's stored bytes (a gzip'd object stays gzip'd), checked against its CRC32C.
 
-        try:
-            return self._blob(bucket, name).download_as_bytes(raw_download=True)
-        except exceptions.NotFound as error:
-            raise NotFoundError(f"gs://{bucket}/{name} does not exist") from error
-        except (exceptions.ServiceUnavailable, exceptions.InternalServerError, exceptions.TooManyRequests) as error:
-            raise TransientError(f"could not read gs://{bucket}/{name}: {error}") from error
+        One GET over the client's authorized session, read in one piece (see
+        :func:`~fedcompute.adapters.http.read_whole_body`): on fake-gcs-server, 10 sealed CNN
+        updates of 8.8 MB read on the aggregator's 16 read-ahead threads took 228-276 ms
+        through ``Blob.download_as_bytes`` and 51 ms this way. A broken connection, a checksum
+        mismatch or HTTP 408/429/5xx is retried :data:`READ_ATTEMPTS` times, as the library
+        would, then raised as :class:`TransientError`.
+        """
+        import requests
+
+        url = self._blob(bucket, name)._get_download_url(self._client)
+        failure: Exception | None = None
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), 2.0))
+            try:
+                response = self._client._http.get(url, stream=True, timeout=READ_TIMEOUT_S)
+                if response.status_code in RETRIED_STATUSES:
+                    response.close()
+                    failure = TransientError(f"HTTP {response.status_code}")
+                    continue
+                if response.status_code == 404:
+                    response.close()
+                    raise NotFoundError(f"gs://{bucket}/{name} does not exist")
+                if response.status_code != 200:
+                    from google.api_core import exceptions
+
+                    raise exceptions.from_http_response(response)
+                data = read_whole_body(response, decode_content=False)
+            except requests.RequestException as error:
+                failure = error
+                continue
+            stored = _crc32c_of(response.headers.get("x-goog-hash", ""))
+            if stored is not None and stored != _crc32c(data):
+                failure = TransientError(f"{len(data)} bytes read do not match the stored CRC32C")
+                continue
+            return data
+        raise TransientError(f"could not read gs://{bucket}/{name} after {READ_ATTEMPTS} attempts: {failure}",
+                             hint="storage is unavailable or the read was corrupted; retry later") from failure
 
     def write(self, bucket, name, data, *, create_only=False, content_type="application/octet-stream"):
         from google.api_core import exceptions

@@ -23,3 +23,26 @@ def keep_alive_session(*, resend_any_method: bool) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def read_whole_body(response: requests.Response, *, decode_content: bool = True) -> bytes:
+    """The body of a ``stream=True`` response, in one read; the response is closed after.
+
+    ``response.content`` (and google-cloud-storage's downloads) assemble a body from small
+    chunks. With a few threads downloading multi-megabyte objects at once that loop fights
+    for the GIL: on fake-gcs-server, 10 objects of 8.8 MB took 98 ms one after another and
+    213 ms on 16 threads through ``.content``, 51 ms either way through one read.
+    ``decode_content=False`` keeps a ``Content-Encoding: gzip`` body as stored.
+
+    Raises:
+        requests.ConnectionError: the connection broke before the whole body arrived
+            (urllib3 checks it against Content-Length).
+    """
+    import urllib3
+
+    try:
+        return response.raw.read(decode_content=decode_content)
+    except urllib3.exceptions.HTTPError as error:
+        raise requests.ConnectionError(f"reading the body of {response.url} failed: {error}") from error
+    finally:
+        response.close()

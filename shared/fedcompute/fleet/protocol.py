@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import requests
 from google.protobuf.message import Message
 
-from fedcompute.adapters.http import keep_alive_session
+from fedcompute.adapters.http import keep_alive_session, read_whole_body
 from fedcompute.crypto.hpke import PublicUploadKey, seal_update
 from fedcompute.errors import FedComputeError, InvalidRequestError, TransientError
 from fedcompute.identity import DeviceKey, sign_message
@@ -159,12 +159,13 @@ class DeviceHttpClient:
 
     def download(self, url: str) -> bytes:
         try:
-            response = self._session.get(url, timeout=self._timeout)
+            response = self._session.get(url, timeout=self._timeout, stream=True)
+            if response.status_code != 200:
+                response.close()
+                raise ProtocolError(f"GET {url}: HTTP {response.status_code}")
+            return read_whole_body(response)
         except requests.RequestException as error:
             raise TransientError(f"GET {url} failed: {error}") from error
-        if response.status_code != 200:
-            raise ProtocolError(f"GET {url}: HTTP {response.status_code}")
-        return response.content
 
     def upload(self, instruction: task_assignment_pb2.UploadInstruction, payload: bytes,
                assignment: task_assignment_pb2.TaskAssignment | None = None) -> int:

