@@ -8,6 +8,7 @@ never overwrites a checkpoint or an upload.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import os
 import time
@@ -64,8 +65,9 @@ class GcsBlobStore:
 
         One GET over the client's authorized session, read in one piece (see
         :func:`~fedcompute.adapters.http.read_whole_body`): on fake-gcs-server, 10 sealed CNN
-        updates of 8.8 MB read on the aggregator's 16 read-ahead threads took 228-276 ms
-        through ``Blob.download_as_bytes`` and 51 ms this way. A broken connection, a checksum
+        updates of 8.8 MB read on the aggregator's 16 read-ahead threads took 248 ms through
+        ``Blob.download_as_bytes`` and 53 ms this way (``benchmarks/bench_storage_ops.py``).
+        A broken connection, a checksum
         mismatch or HTTP 408/429/5xx is retried :data:`READ_ATTEMPTS` times, as the library
         would, then raised as :class:`TransientError`.
         """
@@ -88,7 +90,8 @@ class GcsBlobStore:
                 if response.status_code != 200:
                     from google.api_core import exceptions
 
-                    raise exceptions.from_http_response(response)
+                    with contextlib.closing(response):
+                        raise exceptions.from_http_response(response)
                 data = read_whole_body(response, decode_content=False)
             except requests.RequestException as error:
                 failure = error

@@ -30,8 +30,9 @@ def read_whole_body(response: requests.Response, *, decode_content: bool = True)
 
     ``response.content`` (and google-cloud-storage's downloads) assemble a body from small
     chunks. With a few threads downloading multi-megabyte objects at once that loop fights
-    for the GIL: on fake-gcs-server, 10 objects of 8.8 MB took 98 ms one after another and
-    213 ms on 16 threads through ``.content``, 51 ms either way through one read.
+    for the GIL: on fake-gcs-server, 10 objects of 8.8 MB took 173 ms one after another and
+    248 ms on 16 threads through ``Blob.download_as_bytes``, 53-60 ms either way through one
+    read (``benchmarks/bench_storage_ops.py``).
     ``decode_content=False`` keeps a ``Content-Encoding: gzip`` body as stored.
 
     Raises:
