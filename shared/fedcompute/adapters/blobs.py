@@ -67,11 +67,11 @@ class GcsBlobStore:
         :func:`~fedcompute.adapters.http.read_whole_body`): on fake-gcs-server, 10 sealed CNN
         updates of 8.8 MB read on the aggregator's 16 read-ahead threads took 248 ms through
         ``Blob.download_as_bytes`` and 53 ms this way (``benchmarks/bench_storage_ops.py``).
-        A broken connection, a checksum
-        mismatch or HTTP 408/429/5xx is retried :data:`READ_ATTEMPTS` times, as the library
-        would, then raised as :class:`TransientError`.
+        A broken connection, a checksum mismatch or HTTP 408/429/5xx is retried
+        :data:`READ_ATTEMPTS` times, as the library would, then raised as :class:`TransientError`.
         """
         import requests
+        from google.api_core import exceptions
 
         url = self._blob(bucket, name)._get_download_url(self._client)
         failure: Exception | None = None
@@ -80,17 +80,13 @@ class GcsBlobStore:
                 time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), 2.0))
             try:
                 response = self._client._http.get(url, stream=True, timeout=READ_TIMEOUT_S)
-                if response.status_code in RETRIED_STATUSES:
-                    response.close()
-                    failure = TransientError(f"HTTP {response.status_code}")
-                    continue
-                if response.status_code == 404:
-                    response.close()
-                    raise NotFoundError(f"gs://{bucket}/{name} does not exist")
                 if response.status_code != 200:
-                    from google.api_core import exceptions
-
                     with contextlib.closing(response):
+                        if response.status_code in RETRIED_STATUSES:
+                            failure = TransientError(f"HTTP {response.status_code}")
+                            continue
+                        if response.status_code == 404:
+                            raise NotFoundError(f"gs://{bucket}/{name} does not exist")
                         raise exceptions.from_http_response(response)
                 data = read_whole_body(response, decode_content=False)
             except requests.RequestException as error:
