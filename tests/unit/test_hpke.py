@@ -84,7 +84,7 @@ def test_an_envelope_in_any_json_layout_opens_to_the_same_update(layout: str) ->
     """The compact layout is read without a JSON parse of the payload; every other layout by the JSON parser."""
     ring = UploadKeyRing.generate()
     envelope = seal_update(_update(), ring.current, assignment_id="a-1")
-    # The ciphertext is fresh on every seal; about one short payload in ten has no "/" to escape.
+    # The ciphertext is fresh on every seal; about one payload in eight of this size has no "/" to escape.
     while layout == "escaped slashes" and b"/" not in envelope:
         envelope = seal_update(_update(), ring.current, assignment_id="a-1")
     assert ring.current.key_id.startswith("k")
